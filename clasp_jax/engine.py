@@ -1,0 +1,263 @@
+"""The round loop: prefill, then draft/verify rounds until EOS or the token budget.
+
+Every shape is static for a given (prompt bucket, max_new_tokens, strategy), so after the first
+generation nothing recompiles: drafts are padded to K, the verify pass always has K+1 tokens,
+and rejection only moves the cache length back. The host loop reads one boolean per round
+(whether to stop) and calls the strategy's `refresh` every LOI rounds; per-round statistics
+stay on device and are read once per generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clasp_jax import model as model_lib
+from clasp_jax import sampling as sampling_lib
+from clasp_jax.cache import KVCache, init_cache
+from clasp_jax.config import LlamaConfig
+from clasp_jax.model import Params
+from clasp_jax.sampling import SamplingConfig
+from clasp_jax.strategies.base import Strategy
+
+_MIN_BUCKET = 32
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Everything a generation carries between rounds (donated to each round).
+
+  Invariant at a round's start: `cache.length == num_tokens - 1`, i.e. every committed token
+  but the last is in the cache, and the last is the next round's first verify input.
+
+  Attributes:
+    cache: the KV cache.
+    tokens_N: int32[N] prompt and committed tokens (entries past `num_tokens` are scratch).
+    num_tokens: int32 scalar, committed tokens including the prompt.
+    prompt_len: int32 scalar.
+    skip_L: bool[L] the skip set the draft uses.
+    target_hidden_LD: [L+1, D] pre-norm hidden states of the last accepted token (input of
+      the CLaSp DP); zeros for strategies that do not need them.
+    rng: PRNG key.
+    done: bool scalar, EOS seen or the token budget reached.
+    num_rounds: int32 scalar.
+    accepted_R: int32[R] tokens committed per round (accepted drafts + 1).
+    drafted_R: int32[R] drafts proposed per round.
+    skip_RL: bool[R, L] the skip set in force in each round.
+  """
+
+  cache: KVCache
+  tokens_N: jax.Array
+  num_tokens: jax.Array
+  prompt_len: jax.Array
+  skip_L: jax.Array
+  target_hidden_LD: jax.Array
+  rng: jax.Array
+  done: jax.Array
+  num_rounds: jax.Array
+  accepted_R: jax.Array
+  drafted_R: jax.Array
+  skip_RL: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """One generation's result and statistics.
+
+  Attributes:
+    token_ids: the new tokens (an EOS that ended the generation included).
+    text: the decoded new tokens, special tokens removed.
+    prompt_tokens: the prompt's length in tokens.
+    wall_time: seconds from the prompt's ids to the last token, prefill included.
+    accept_lengths: tokens committed per round (tau's samples; the prefill's token excluded).
+    draft_lengths: drafts proposed per round.
+    skip_sets: bool[rounds, L] the skip set in force in each round.
+    refresh_times: seconds spent in each skip-set refresh (the CLaSp DP).
+  """
+
+  token_ids: list[int]
+  text: str
+  prompt_tokens: int
+  wall_time: float
+  accept_lengths: list[int]
+  draft_lengths: list[int]
+  skip_sets: np.ndarray
+  refresh_times: list[float]
+
+  @property
+  def new_tokens(self) -> int:
+    return len(self.token_ids)
+
+  @property
+  def tokens_per_second(self) -> float:
+    return self.new_tokens / self.wall_time if self.wall_time > 0 else 0.0
+
+  @property
+  def mean_accepted(self) -> float:
+    """tau: mean tokens committed per round (1.0 for plain decoding)."""
+    return float(np.mean(self.accept_lengths)) if self.accept_lengths else 0.0
+
+
+def prompt_bucket(num_tokens: int, max_len: int) -> int:
+  """The padded prefill length: the next power of two (at least 32), capped at `max_len`."""
+  bucket = max(_MIN_BUCKET, 1 << (num_tokens - 1).bit_length())
+  return min(bucket, max_len)
+
+
+def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  if sampling.greedy:
+    return jnp.argmax(logits_V).astype(jnp.int32)
+  return sampling_lib.sample(key, sampling_lib.probabilities(logits_V, sampling))
+
+
+def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: jax.Array, *,
+             config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig,
+             max_len: int, max_rounds: int) -> DecodeState:
+  """Runs the padded prompt, picks the first new token and builds the decode state."""
+  dtype = params['embed'].dtype
+  cache = init_cache(config, max_len, dtype=dtype)
+  out = model_lib.forward(params, config, tokens_P[None], cache,
+                          out_idx_BP=(prompt_len - 1).reshape(1, 1),
+                          return_hiddens=strategy.needs_hiddens)
+  rng, key = jax.random.split(rng)
+  first = _first_token(key, out.logits_BPV[0, 0], sampling)
+  tokens_N = jnp.zeros((max_len + 1,), jnp.int32)
+  tokens_N = jax.lax.dynamic_update_slice(tokens_N, tokens_P, (0,))
+  tokens_N = tokens_N.at[prompt_len].set(first)
+  L, D = config.num_layers, config.hidden_size
+  hidden_LD = (out.hiddens_LBPD[:, 0, 0] if strategy.needs_hiddens
+               else jnp.zeros((L + 1, D), dtype))
+  return DecodeState(
+      cache=out.cache.rollback(prompt_len), tokens_N=tokens_N, num_tokens=prompt_len + 1,
+      prompt_len=prompt_len, skip_L=strategy.initial_skip(config), target_hidden_LD=hidden_LD,
+      rng=rng, done=jnp.isin(first, jnp.asarray(config.eos_token_ids or (-1,))),
+      num_rounds=jnp.zeros((), jnp.int32), accepted_R=jnp.zeros((max_rounds,), jnp.int32),
+      drafted_R=jnp.zeros((max_rounds,), jnp.int32),
+      skip_RL=jnp.zeros((max_rounds, L), bool))
+
+
+def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
+           config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig) -> DecodeState:
+  """One draft/verify round: propose, verify `[last] + drafts` in one pass, commit, roll back."""
+  K = strategy.num_draft_tokens
+  rng, key_draft, key_accept = jax.random.split(state.rng, 3)
+  length = state.cache.length
+  if K:
+    drafts, state = strategy.propose(params, config, state, sampling, key_draft)
+    tokens_K, count = drafts.tokens_K, drafts.count
+  else:
+    tokens_K, count = jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.int32)
+  last = state.tokens_N[state.num_tokens - 1]
+  chunk_T = jnp.concatenate([last[None], tokens_K])  # [K+1]
+  out = model_lib.forward(params, config, chunk_T[None], state.cache.rollback(length),
+                          return_hiddens=strategy.needs_hiddens)
+  logits_TV = out.logits_BPV[0]
+  if sampling.greedy:
+    n, next_token = sampling_lib.accept_greedy(tokens_K, count, logits_TV)
+  else:
+    q_KV = drafts.q_KV if K else jnp.zeros((0, config.vocab_size), jnp.float32)
+    n, next_token = sampling_lib.accept_sampled(key_accept, tokens_K, count, q_KV, logits_TV,
+                                                sampling)
+  committed_T = jnp.where(jnp.arange(K + 1) < n, jnp.concatenate([tokens_K, next_token[None]]),
+                          next_token)  # [K+1]: accepted drafts, then the next token
+  tokens_N = jax.lax.dynamic_update_slice(state.tokens_N, committed_T, (state.num_tokens,))
+  num_tokens = state.num_tokens + n + 1
+  is_eos_T = jnp.isin(committed_T, jnp.asarray(config.eos_token_ids or (-1,)))
+  done = (jnp.any(is_eos_T & (jnp.arange(K + 1) <= n))
+          | (num_tokens - state.prompt_len >= max_new_tokens))
+  hidden_LD = out.hiddens_LBPD[:, 0, n] if strategy.needs_hiddens else state.target_hidden_LD
+  r = state.num_rounds
+  return state.replace(
+      cache=out.cache.rollback(length + n + 1), tokens_N=tokens_N, num_tokens=num_tokens,
+      target_hidden_LD=hidden_LD, rng=rng, done=done, num_rounds=r + 1,
+      accepted_R=state.accepted_R.at[r].set(n + 1), drafted_R=state.drafted_R.at[r].set(count),
+      skip_RL=state.skip_RL.at[r].set(state.skip_L))
+
+
+def _refresh(params: Params, state: DecodeState, *, config: LlamaConfig,
+             strategy: Strategy) -> DecodeState:
+  return state.replace(skip_L=strategy.refresh(params, config, state))
+
+
+class Decoder:
+  """Generates with one strategy on one model, compiling each shape once.
+
+  Args:
+    params: the params pytree.
+    config: the model config.
+    strategy: the decoding method.
+    sampling: greedy (default) or sampling settings.
+    tokenizer: optional; used to decode the text of each generation.
+  """
+
+  def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
+               sampling: SamplingConfig = SamplingConfig(), tokenizer=None):
+    strategy.validate(config)
+    self.params, self.config, self.strategy = params, config, strategy
+    self.sampling, self.tokenizer = sampling, tokenizer
+    static = dict(config=config, strategy=strategy, sampling=sampling)
+    self._prefill = jax.jit(functools.partial(_prefill, **static),
+                            static_argnames=('max_len', 'max_rounds'))
+    self._round = jax.jit(functools.partial(_round, **static), donate_argnums=(1,))
+    self._refresh = jax.jit(functools.partial(_refresh, config=config, strategy=strategy),
+                            donate_argnums=(1,))
+
+  def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+    """Raises ValueError for a request the model cannot serve (before any compilation)."""
+    if not prompt_ids:
+      raise ValueError('the prompt is empty: give at least one token')
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+    context = self.config.max_position_embeddings
+    if len(prompt_ids) + max_new_tokens > context:
+      raise ValueError(f'the prompt ({len(prompt_ids)} tokens) plus max_new_tokens '
+                       f'({max_new_tokens}) exceeds the model context ({context} tokens)')
+    if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
+      raise ValueError(f'prompt token ids must be in [0, {self.config.vocab_size})')
+
+  def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Generation:
+    """Generates up to `max_new_tokens` tokens after `prompt_ids`."""
+    self.check_request(prompt_ids, max_new_tokens)
+    start = time.perf_counter()
+    n = len(prompt_ids)
+    bucket = prompt_bucket(n, self.config.max_position_embeddings)
+    max_len = bucket + max_new_tokens + self.strategy.num_draft_tokens + 1
+    tokens_P = np.zeros((bucket,), np.int32)
+    tokens_P[:n] = prompt_ids
+    state = self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed),
+                          max_len=max_len, max_rounds=max_new_tokens)
+    refresh_times = []
+    budget = np.int32(max_new_tokens)
+    loi = self.strategy.loi
+    rounds = 0
+    while not bool(state.done):
+      if loi and rounds % loi == 0:
+        t0 = time.perf_counter()
+        state = self._refresh(self.params, state)
+        state.skip_L.block_until_ready()
+        refresh_times.append(time.perf_counter() - t0)
+      state = self._round(self.params, state, budget)
+      rounds += 1
+    tokens = self._truncate(np.asarray(state.tokens_N)[n:int(state.num_tokens)].tolist(),
+                            max_new_tokens)
+    wall_time = time.perf_counter() - start
+    text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ''
+    return Generation(
+        token_ids=tokens, text=text, prompt_tokens=n, wall_time=wall_time,
+        accept_lengths=np.asarray(state.accepted_R[:rounds]).tolist(),
+        draft_lengths=np.asarray(state.drafted_R[:rounds]).tolist(),
+        skip_sets=np.asarray(state.skip_RL[:rounds]), refresh_times=refresh_times)
+
+  def _truncate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
+    """Cuts the committed tokens after the first EOS and at the token budget."""
+    tokens = tokens[:max_new_tokens]
+    for i, t in enumerate(tokens):
+      if t in self.config.eos_token_ids:
+        return tokens[:i + 1]
+    return tokens

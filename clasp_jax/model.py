@@ -1,0 +1,294 @@
+"""A functional LLaMA decoder over a stacked params pytree.
+
+Params (every matrix stored (in, out) so the model computes `x @ W`; layer weights stacked
+on a leading axis L):
+
+  embed [V, D]; final_norm [D]; lm_head [D, V] (absent when embeddings are tied);
+  layers: attn_norm [L, D], wq [L, D, H*hd], wk/wv [L, D, KV*hd], wo [L, H*hd, D],
+          optional bq [L, H*hd], bk/bv [L, KV*hd], mlp_norm [L, D],
+          w_gate/w_up [L, D, F], w_down [L, F, D].
+
+`forward` runs a chunk of T tokens at positions [cache.length, cache.length + T), writes their
+keys/values and advances the cache. A bool[L] `skip` vector turns layers into identities
+(the reference `lax.scan` + `lax.cond` path). `pseudo_token_layer` runs one layer on M
+independent pseudo-tokens sharing one position, for the CLaSp dynamic programme.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clasp_jax.cache import KVCache
+from clasp_jax.config import LlamaConfig
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOutput:
+  """What `forward` returns.
+
+  Attributes:
+    logits_BPV: float32 logits at the requested chunk positions.
+    cache: the cache with the chunk written and `length` advanced by T.
+    hiddens_LBPD: [L+1, B, P, D] pre-final-norm hidden states (embedding output, then each
+      layer's output) at the requested positions, or None when not asked for.
+  """
+
+  logits_BPV: jax.Array
+  cache: KVCache
+  hiddens_LBPD: jax.Array | None
+
+
+jax.tree_util.register_dataclass(
+    ForwardOutput, data_fields=['logits_BPV', 'cache', 'hiddens_LBPD'], meta_fields=[])
+
+
+def rms_norm(x_XD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in float32, returned in the input's dtype (as HF LLaMA does)."""
+  x32_XD = x_XD.astype(jnp.float32)
+  x32_XD = x32_XD * jax.lax.rsqrt(jnp.mean(x32_XD * x32_XD, axis=-1, keepdims=True) + eps)
+  return w_D * x32_XD.astype(x_XD.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Per-pair inverse frequencies [head_dim / 2], with LLaMA-3 scaling when configured."""
+  hd = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+  rs = config.rope_scaling
+  if rs is None:
+    return inv_freq
+  old_ctx = rs.original_max_position_embeddings
+  low_wavelen = old_ctx / rs.low_freq_factor
+  high_wavelen = old_ctx / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+  smooth = (old_ctx / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(config: LlamaConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos and sin tables [B, T, head_dim] in float32 for the given positions."""
+  freqs_BTd = positions_BT.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+  emb_BTh = jnp.concatenate([freqs_BTd, freqs_BTd], axis=-1)
+  return jnp.cos(emb_BTh), jnp.sin(emb_BTh)
+
+
+def _apply_rope(x_BTNh: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
+  """Rotates q or k (HF's rotate_half convention), in float32."""
+  x32_BTNh = x_BTNh.astype(jnp.float32)
+  x1, x2 = jnp.split(x32_BTNh, 2, axis=-1)
+  rotated_BTNh = jnp.concatenate([-x2, x1], axis=-1)
+  out_BTNh = x32_BTNh * cos_BTh[:, :, None] + rotated_BTNh * sin_BTh[:, :, None]
+  return out_BTNh.astype(x_BTNh.dtype)
+
+
+def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
+         sin_BTh: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Pre-attention norm and projections: roped q [B,T,H,hd], k and v [B,T,KV,hd], and h."""
+  B, T, _ = x_BTD.shape
+  h_BTD = rms_norm(x_BTD, lp['attn_norm'], config.rms_norm_eps)
+  q_BTq = h_BTD @ lp['wq']
+  k_BTk = h_BTD @ lp['wk']
+  v_BTk = h_BTD @ lp['wv']
+  if config.attention_bias:
+    q_BTq, k_BTk, v_BTk = q_BTq + lp['bq'], k_BTk + lp['bk'], v_BTk + lp['bv']
+  q_BTHh = q_BTq.reshape(B, T, config.num_heads, config.head_dim)
+  k_BTKh = k_BTk.reshape(B, T, config.num_kv_heads, config.head_dim)
+  v_BTKh = v_BTk.reshape(B, T, config.num_kv_heads, config.head_dim)
+  return (_apply_rope(q_BTHh, cos_BTh, sin_BTh), _apply_rope(k_BTKh, cos_BTh, sin_BTh),
+          v_BTKh)
+
+
+def _attend(config: LlamaConfig, q_BTHh: jax.Array, k_BSKh: jax.Array, v_BSKh: jax.Array,
+            mask_BTS: jax.Array) -> jax.Array:
+  """Grouped-query attention of T queries over S keys; softmax in float32. -> [B, T, H*hd]."""
+  B, T, H, hd = q_BTHh.shape
+  kv = config.num_kv_heads
+  q_BTKGh = q_BTHh.reshape(B, T, kv, H // kv, hd)
+  scores_BKGTS = jnp.einsum('btkgh,bskh->bkgts', q_BTKGh, k_BSKh,
+                            preferred_element_type=jnp.float32) / math.sqrt(hd)
+  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, -jnp.inf)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKh.dtype)
+  out_BTKGh = jnp.einsum('bkgts,bskh->btkgh', probs_BKGTS, v_BSKh)
+  return out_BTKGh.reshape(B, T, H * hd)
+
+
+def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
+                  attn_BTq: jax.Array) -> jax.Array:
+  """Output projection, residual, and the SwiGLU MLP with its residual."""
+  x_BTD = x_BTD + attn_BTq @ lp['wo']
+  h_BTD = rms_norm(x_BTD, lp['mlp_norm'], config.rms_norm_eps)
+  mlp_BTF = jax.nn.silu(h_BTD @ lp['w_gate']) * (h_BTD @ lp['w_up'])
+  return x_BTD + mlp_BTF @ lp['w_down']
+
+
+def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
+                  sin_BTh: jax.Array, k_BSKh: jax.Array, v_BSKh: jax.Array,
+                  length: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One decoder layer on a chunk at positions [length, length + T).
+
+  Args:
+    lp: this layer's params (no leading L axis).
+    config: the model config.
+    x_BTD: the residual stream entering the layer.
+    cos_BTh: RoPE cos table of the chunk's positions.
+    sin_BTh: RoPE sin table of the chunk's positions.
+    k_BSKh: this layer's cached keys (rows >= length are ignored).
+    v_BSKh: this layer's cached values.
+    length: int32 scalar, the number of valid cache rows before the chunk.
+
+  Returns:
+    The layer output [B, T, D] and the chunk's new keys and values [B, T, KV, hd].
+  """
+  T = x_BTD.shape[1]
+  q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+  k_BSKh = jax.lax.dynamic_update_slice(k_BSKh, k_BTKh.astype(k_BSKh.dtype), (0, length, 0, 0))
+  v_BSKh = jax.lax.dynamic_update_slice(v_BSKh, v_BTKh.astype(v_BSKh.dtype), (0, length, 0, 0))
+  S = k_BSKh.shape[1]
+  mask_1TS = (jnp.arange(S)[None, None, :] <= length + jnp.arange(T)[None, :, None])
+  attn_BTq = _attend(config, q_BTHh, k_BSKh, v_BSKh, mask_1TS)
+  return _finish_layer(lp, config, x_BTD, attn_BTq), k_BTKh, v_BTKh
+
+
+def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: jax.Array,
+                       k_SKh: jax.Array, v_SKh: jax.Array) -> jax.Array:
+  """One layer on M independent pseudo-tokens that all sit at position `pos`.
+
+  Each pseudo-token attends to the cached prefix [0, pos) and to itself only, never to the
+  other pseudo-tokens nor to the cached row at `pos`; nothing is written to the cache. This
+  is how the CLaSp DP pushes all its candidate states through a layer in one call.
+
+  Args:
+    lp: this layer's params.
+    config: the model config.
+    x_MD: the M candidate hidden states.
+    pos: int32 scalar, the target token's position.
+    k_SKh: this layer's cached keys of batch row 0.
+    v_SKh: this layer's cached values of batch row 0.
+
+  Returns:
+    The M layer outputs [M, D].
+  """
+  M = x_MD.shape[0]
+  S = k_SKh.shape[0]
+  positions_1M = jnp.full((1, M), pos, jnp.int32)
+  cos_1Mh, sin_1Mh = rope_tables(config, positions_1M)
+  q_1MHh, k_1MKh, v_1MKh = _qkv(lp, config, x_MD[None], cos_1Mh, sin_1Mh)
+  keys_1XKh = jnp.concatenate([k_SKh[None], k_1MKh.astype(k_SKh.dtype)], axis=1)
+  values_1XKh = jnp.concatenate([v_SKh[None], v_1MKh.astype(v_SKh.dtype)], axis=1)
+  prefix_MS = jnp.broadcast_to(jnp.arange(S)[None, :] < pos, (M, S))
+  mask_1MX = jnp.concatenate([prefix_MS, jnp.eye(M, dtype=bool)], axis=1)[None]
+  attn_1Mq = _attend(config, q_1MHh, keys_1XKh, values_1XKh, mask_1MX)
+  return _finish_layer(lp, config, x_MD[None], attn_1Mq)[0]
+
+
+def layer_params(params: Params, i: int | jax.Array) -> Params:
+  """The params of layer i (no leading L axis)."""
+  return jax.tree.map(lambda w: w[i], params['layers'])
+
+
+def lm_head(params: Params, config: LlamaConfig, x_XD: jax.Array) -> jax.Array:
+  """Final norm and output projection; float32 logits [..., V]."""
+  h_XD = rms_norm(x_XD, params['final_norm'], config.rms_norm_eps)
+  w_DV = params['embed'].T if config.tie_embeddings else params['lm_head']
+  return jnp.einsum('...d,dv->...v', h_XD, w_DV, preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KVCache, *,
+            skip_L: jax.Array | None = None, out_idx_BP: jax.Array | None = None,
+            return_hiddens: bool = False) -> ForwardOutput:
+  """Runs a chunk of T tokens through the model, reading and writing the cache.
+
+  Args:
+    params: the params pytree.
+    config: the model config.
+    tokens_BT: int32 token ids at positions [cache.length, cache.length + T).
+    cache: the KV cache; it must have room for T more rows.
+    skip_L: optional bool[L]; True layers act as identities and leave the cache untouched
+      (reference path: one `lax.cond` per layer inside the scan).
+    out_idx_BP: optional int32 chunk indices at which to return logits and hidden states;
+      None means every position (P = T).
+    return_hiddens: whether to return the L+1 pre-norm hidden states at those positions.
+
+  Returns:
+    A `ForwardOutput`.
+  """
+  B, T = tokens_BT.shape
+  length = cache.length
+  positions_BT = length + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  cos_BTh, sin_BTh = rope_tables(config, positions_BT)
+  x_BTD = params['embed'][tokens_BT]
+  L = config.num_layers
+
+  def select(x_BTD):
+    if out_idx_BP is None:
+      return x_BTD
+    return jnp.take_along_axis(x_BTD, out_idx_BP[..., None], axis=1)
+
+  def body(carry, xs):
+    x_BTD, k_LBSKh, v_LBSKh = carry
+    lp, i, skip = xs
+    k_BSKh, v_BSKh = k_LBSKh[i], v_LBSKh[i]
+
+    def run(x_BTD):
+      return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, k_BSKh, v_BSKh, length)
+
+    def keep(x_BTD):
+      size = (B, T) + k_BSKh.shape[2:]
+      return (x_BTD, jax.lax.dynamic_slice(k_BSKh, (0, length, 0, 0), size),
+              jax.lax.dynamic_slice(v_BSKh, (0, length, 0, 0), size))
+
+    if skip is None:
+      x_BTD, k_BTKh, v_BTKh = run(x_BTD)
+    else:
+      x_BTD, k_BTKh, v_BTKh = jax.lax.cond(skip, keep, run, x_BTD)
+    start = (i, 0, length, 0, 0)
+    k_LBSKh = jax.lax.dynamic_update_slice(k_LBSKh, k_BTKh[None].astype(k_LBSKh.dtype), start)
+    v_LBSKh = jax.lax.dynamic_update_slice(v_LBSKh, v_BTKh[None].astype(v_LBSKh.dtype), start)
+    return (x_BTD, k_LBSKh, v_LBSKh), (select(x_BTD) if return_hiddens else None)
+
+  xs = (params['layers'], jnp.arange(L), skip_L)
+  (x_BTD, k_LBSKh, v_LBSKh), hiddens = jax.lax.scan(
+      body, (x_BTD, cache.k_LBSKh, cache.v_LBSKh), xs)
+  x_BPD = select(x_BTD)
+  if return_hiddens:
+    embed_BPD = select(params['embed'][tokens_BT])
+    hiddens = jnp.concatenate([embed_BPD[None], hiddens], axis=0)  # [L+1, B, P, D]
+  new_cache = KVCache(k_LBSKh=k_LBSKh, v_LBSKh=v_LBSKh, length=length + T)
+  return ForwardOutput(logits_BPV=lm_head(params, config, x_BPD), cache=new_cache,
+                       hiddens_LBPD=hiddens)
+
+
+def init_params(config: LlamaConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32,
+                scale: float = 0.02) -> Params:
+  """Random params of the right shapes (normal(0, scale) matrices, unit norms).
+
+  For tests and for benchmarks of a preset's shape without its weights.
+  """
+  L, D, F, V = (config.num_layers, config.hidden_size, config.intermediate_size,
+                config.vocab_size)
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  shapes = {'wq': (L, D, q), 'wk': (L, D, kv), 'wv': (L, D, kv), 'wo': (L, q, D),
+            'w_gate': (L, D, F), 'w_up': (L, D, F), 'w_down': (L, F, D)}
+  if config.attention_bias:
+    shapes.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
+  if not config.tie_embeddings:
+    shapes['lm_head'] = (D, V)
+  shapes['embed'] = (V, D)
+  keys = dict(zip(shapes, jax.random.split(key, len(shapes))))
+  rand = {name: (scale * jax.random.normal(keys[name], shape, jnp.float32)).astype(dtype)
+          for name, shape in shapes.items()}
+  layers = {name: rand.pop(name) for name in list(rand) if rand[name].ndim == 3
+            or name in ('bq', 'bk', 'bv')}
+  layers['attn_norm'] = jnp.ones((L, D), dtype)
+  layers['mlp_norm'] = jnp.ones((L, D), dtype)
+  return dict(rand, layers=layers, final_norm=jnp.ones((D,), dtype))

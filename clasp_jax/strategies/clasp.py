@@ -1,0 +1,114 @@
+"""CLaSp: in-context layer skipping chosen by a dynamic programme (Chen et al., ACL 2025).
+
+After a verify pass, the L+1 pre-norm hidden states h_0..h_L of the last accepted token say
+what the full model computed there. The DP (Algorithm 1) looks for the M layers whose
+skipping keeps the hidden state closest to h_L: g(i, j) is the best state after the first i
+layers with j of them skipped, D(i, j) its cosine to h_i. For every j in parallel it keeps the
+better of running layer i-1 on g(i-1, j) and skipping it from g(i-1, j-1). All M candidates
+go through a layer in one call, as pseudo-tokens at the target's position that attend to the
+cached prefix and to themselves only (`model.pseudo_token_layer`); nothing is written to the
+cache. The choices are backtracked from (L, M) into a skip set of exactly M layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from clasp_jax import model as model_lib
+from clasp_jax.strategies import layer_skip
+from clasp_jax.strategies.base import Strategy
+
+
+def _cosine(a_MD: jax.Array, b_D: jax.Array) -> jax.Array:
+  """Cosine similarity of each row of a to b, in float32. [M]."""
+  a_MD, b_D = a_MD.astype(jnp.float32), b_D.astype(jnp.float32)
+  num_M = a_MD @ b_D
+  return num_M / (jnp.linalg.norm(a_MD, axis=-1) * jnp.linalg.norm(b_D) + 1e-30)
+
+
+def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int) -> jax.Array:
+  """Algorithm 1: the skip set of exactly `num_skip` layers that best preserves h_L.
+
+  Args:
+    params: the params pytree.
+    config: the model config.
+    cache: the KV cache; its last valid row is the target token's, whose prefix
+      [0, length - 1) the pseudo-tokens attend to.
+    hidden_LD: [L+1, D] the target token's pre-norm hidden states (h_0 = embedding output).
+    num_skip: M, static.
+
+  Returns:
+    bool[L], True for the M skipped layers.
+  """
+  L, M = config.num_layers, num_skip
+  if M == 0:
+    return jnp.zeros((L,), bool)
+  pos = cache.length - 1
+  j_M = jnp.arange(1, M + 1)
+
+  def layer_step(i, carry):
+    g_JD, choice_LJ = carry  # g_JD[j] = g(i, j) for j = 0..M; choice_LJ[l, j]: layer l skipped
+    lp = model_lib.layer_params(params, i)
+    run_MD = model_lib.pseudo_token_layer(lp, config, g_JD[1:], pos, cache.k_LBSKh[i, 0],
+                                          cache.v_LBSKh[i, 0])
+    skip_MD = g_JD[:-1]
+    h_D = hidden_LD[i + 1]
+    # j == i + 1 means every layer so far is skipped: the only way there is to skip.
+    take_skip_M = (_cosine(skip_MD, h_D) >= _cosine(run_MD, h_D)) | (j_M >= i + 1)
+    g_MD = jnp.where(take_skip_M[:, None], skip_MD, run_MD.astype(g_JD.dtype))
+    g_JD = jnp.concatenate([hidden_LD[i + 1][None], g_MD], axis=0)
+    return g_JD, choice_LJ.at[i, 1:].set(take_skip_M)
+
+  g_JD = jnp.broadcast_to(hidden_LD[0], (M + 1, hidden_LD.shape[-1]))
+  choice_LJ = jnp.zeros((L, M + 1), bool)
+  _, choice_LJ = jax.lax.fori_loop(0, L, layer_step, (g_JD, choice_LJ))
+
+  def backtrack(step, carry):
+    j, skip_L = carry
+    i = L - 1 - step
+    skipped = choice_LJ[i, j]
+    return j - skipped.astype(jnp.int32), skip_L.at[i].set(skipped)
+
+  _, skip_L = jax.lax.fori_loop(0, L, backtrack, (jnp.int32(M), jnp.zeros((L,), bool)))
+  return skip_L
+
+
+@dataclasses.dataclass(frozen=True)
+class Clasp(Strategy):
+  """Self-speculative decoding whose skip set the DP re-chooses every `loi` rounds.
+
+  Attributes:
+    num_skip: M, the number of skipped layers (0 <= M < L).
+    num_draft_tokens: K, the most drafts per round.
+    draft_exit_threshold: DET, stop drafting below this top-1 probability.
+    loi: layer-optimisation interval, in verify rounds.
+  """
+
+  num_skip: int = 4
+  num_draft_tokens: int = 8
+  draft_exit_threshold: float = 0.7
+  loi: int = 1
+  needs_hiddens = True
+
+  @property
+  def name(self) -> str:
+    return 'clasp'
+
+  def validate(self, config):
+    layer_skip.validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
+    if not 0 <= self.num_skip < config.num_layers:
+      raise ValueError(f'skip_layers (M) must be in [0, L) = [0, {config.num_layers}), '
+                       f'got {self.num_skip}')
+    if self.loi < 1:
+      raise ValueError(f'loi must be >= 1, got {self.loi}')
+
+  def propose(self, params, config, state, sampling, key):
+    return layer_skip.draft_with_skip(
+        params, config, state, sampling, key, num_draft_tokens=self.num_draft_tokens,
+        draft_exit_threshold=self.draft_exit_threshold)
+
+  def refresh(self, params, config, state):
+    return clasp_dp(params, config, state.cache, state.target_hidden_LD, self.num_skip)

@@ -1,0 +1,71 @@
+"""Drafting with the model itself, some of its layers skipped (Self-SD, CLaSp).
+
+The draft runs the skip set in `state.skip_L` for up to K tokens and stops early, on device,
+once a drafted token's top-1 probability falls below the draft-exit threshold (DET). That
+last, uncertain token is still verified: the verify pass has K+1 slots either way.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clasp_jax import model as model_lib
+from clasp_jax import sampling as sampling_lib
+from clasp_jax.strategies.base import Drafts
+
+
+def validate_draft_settings(num_draft_tokens: int, draft_exit_threshold: float) -> None:
+  """Raises ValueError for K < 1 or a threshold outside [0, 1]."""
+  if num_draft_tokens < 1:
+    raise ValueError(f'num_draft_tokens (K) must be >= 1, got {num_draft_tokens}')
+  if not 0.0 <= draft_exit_threshold <= 1.0:
+    raise ValueError(f'draft_exit_threshold must be in [0, 1], got {draft_exit_threshold}')
+
+
+def draft_with_skip(params, config, state, sampling, key, *, num_draft_tokens: int,
+                    draft_exit_threshold: float):
+  """Drafts up to K tokens with the layers in `state.skip_L` skipped.
+
+  Returns:
+    (Drafts, state) where the state's cache holds the drafts' rows of the layers that ran;
+    its length is unchanged.
+  """
+  K, V = num_draft_tokens, config.vocab_size
+  length = state.cache.length
+  last = state.tokens_N[state.num_tokens - 1]
+  q_KV = None if sampling.greedy else jnp.zeros((K, V), jnp.float32)
+
+  def step(carry):
+    k, token, cache, _, tokens_K, q_KV, key = carry
+    out = model_lib.forward(params, config, token.reshape(1, 1), cache, skip_L=state.skip_L)
+    logits_V = out.logits_BPV[0, 0]
+    if sampling.greedy:
+      draft = jnp.argmax(logits_V).astype(jnp.int32)
+      confidence = jnp.max(jax.nn.softmax(logits_V))
+    else:
+      key, sub = jax.random.split(key)
+      probs_V = sampling_lib.probabilities(logits_V, sampling)
+      draft = sampling_lib.sample(sub, probs_V)
+      confidence = jnp.max(probs_V)
+      q_KV = q_KV.at[k].set(probs_V)
+    stop = confidence < draft_exit_threshold
+    return k + 1, draft, out.cache, stop, tokens_K.at[k].set(draft), q_KV, key
+
+  def more(carry):
+    k, stop = carry[0], carry[3]
+    return (k < K) & ~stop
+
+  init = (jnp.zeros((), jnp.int32), last, state.cache, jnp.zeros((), bool),
+          jnp.zeros((K,), jnp.int32), q_KV, key)
+  count, _, cache, _, tokens_K, q_KV, _ = jax.lax.while_loop(more, step, init)
+  return (Drafts(tokens_K=tokens_K, count=count, q_KV=q_KV),
+          state.replace(cache=cache.rollback(length)))
+
+
+def skip_vector(config, layers) -> jax.Array:
+  """bool[L] with True at the given layer indices."""
+  skip_L = np.zeros((config.num_layers,), bool)
+  skip_L[list(layers)] = True
+  return jnp.asarray(skip_L)
