@@ -1,0 +1,22 @@
+"""clasp_jax: lossless, training-free self-speculative decoding (CLaSp) for LLaMA in JAX.
+
+Typical use:
+
+  import clasp_jax
+  model = clasp_jax.load()              # the embedded SmolLM2-135M-Instruct
+  out = clasp_jax.generate(model, 'Why is the sky blue?', chat=True, method='clasp')
+  print(out.text, out.mean_accepted)
+"""
+
+from clasp_jax.config import LlamaConfig, RopeScaling
+from clasp_jax.engine import Decoder, Generation
+from clasp_jax.generation import encode_prompt, generate, make_decoder
+from clasp_jax.sampling import SamplingConfig
+from clasp_jax.strategies import METHODS, Clasp, PromptLookup, StaticSkip, Strategy, Vanilla
+from clasp_jax.weights import LoadedModel, load
+
+__all__ = [
+    'METHODS', 'Clasp', 'Decoder', 'Generation', 'LlamaConfig', 'LoadedModel', 'PromptLookup',
+    'RopeScaling', 'SamplingConfig', 'StaticSkip', 'Strategy', 'Vanilla', 'encode_prompt',
+    'generate', 'load', 'make_decoder',
+]

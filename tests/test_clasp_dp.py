@@ -1,0 +1,129 @@
+"""The CLaSp dynamic programme (Algorithm 1) on tiny random models."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clasp_jax import model as model_lib
+from clasp_jax.cache import init_cache
+from clasp_jax.strategies import clasp_dp
+import tiny
+
+PROMPT_LEN = 24
+
+
+def _prefill_target(config, params, seed=0):
+  """Cache and hidden states [L+1, D] of the last prompt token, as the engine has them."""
+  tokens_1T = jax.random.randint(jax.random.key(seed), (1, PROMPT_LEN), 4, config.vocab_size)
+  out = model_lib.forward(params, config, tokens_1T, init_cache(config, 64),
+                          out_idx_BP=jnp.array([[PROMPT_LEN - 1]]), return_hiddens=True)
+  return out.cache, out.hiddens_LBPD[:, 0, 0]
+
+
+def _naive_dp(config, params, cache, hidden_LD, num_skip):
+  """Algorithm 1 cell by cell, each candidate state run alone as a real token at `pos`.
+
+  A single token written at row `pos` of a cache rolled back to `pos` attends to the prefix
+  and to itself: exactly the pseudo-token semantics, through the ordinary decoder layer.
+  """
+  L, M = config.num_layers, num_skip
+  pos = int(cache.length) - 1
+  h = np.asarray(hidden_LD, np.float64)
+  cos_tab = model_lib.rope_tables(config, jnp.full((1, 1), pos, jnp.int32))
+
+  def run_layer(i, x_D):
+    out_11D, _, _ = model_lib.decoder_layer(
+        model_lib.layer_params(params, i), config, jnp.asarray(x_D, jnp.float32)[None, None],
+        *cos_tab, cache.k_LBSKh[i], cache.v_LBSKh[i], jnp.int32(pos))
+    return np.asarray(out_11D[0, 0], np.float64)
+
+  def cos(a, b):
+    return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+  g = {(0, 0): h[0]}
+  choice = {}
+  for i in range(1, L + 1):
+    g[(i, 0)] = h[i]
+    for j in range(1, min(i, M) + 1):
+      if j == i:
+        g[(i, j)], choice[(i, j)] = g[(i - 1, j - 1)], True
+        continue
+      run, skip = run_layer(i - 1, g[(i - 1, j)]), g[(i - 1, j - 1)]
+      choice[(i, j)] = cos(skip, h[i]) >= cos(run, h[i])
+      g[(i, j)] = skip if choice[(i, j)] else run
+  skip_set, j = [], M
+  for i in range(L, 0, -1):
+    if j and choice[(i, j)]:
+      skip_set.append(i - 1)
+      j -= 1
+  return sorted(skip_set)
+
+
+@pytest.mark.parametrize('num_skip', [1, 2, 3, 5])
+def test_skips_exactly_m_layers(num_skip):
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config)
+  cache, hidden_LD = _prefill_target(config, params)
+  skip_L = jax.jit(clasp_dp, static_argnums=(1, 4))(params, config, cache, hidden_LD, num_skip)
+  chex.assert_shape(skip_L, (config.num_layers,))
+  assert int(skip_L.sum()) == num_skip
+
+
+def test_zero_skip_is_empty():
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config)
+  cache, hidden_LD = _prefill_target(config, params)
+  assert not clasp_dp(params, config, cache, hidden_LD, 0).any()
+
+
+@pytest.mark.parametrize('identity_layers', [(2,), (1, 4), (0, 3, 5)])
+def test_identity_layers_are_the_ones_skipped(identity_layers):
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config, seed=3)
+  layers = dict(params['layers'])
+  for name in ('wo', 'w_down'):  # zero output projections: the layer adds nothing
+    layers[name] = layers[name].at[np.array(identity_layers)].set(0.0)
+  params = dict(params, layers=layers)
+  cache, hidden_LD = _prefill_target(config, params)
+  skip_L = clasp_dp(params, config, cache, hidden_LD, len(identity_layers))
+  assert np.flatnonzero(np.asarray(skip_L)).tolist() == list(identity_layers)
+
+
+@pytest.mark.parametrize('seed,num_skip', [(0, 2), (1, 3), (2, 4), (5, 5)])
+def test_batched_dp_equals_per_state_loop(seed, num_skip):
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config, seed=seed)
+  cache, hidden_LD = _prefill_target(config, params, seed=seed)
+  fast = np.flatnonzero(np.asarray(clasp_dp(params, config, cache, hidden_LD, num_skip)))
+  assert fast.tolist() == _naive_dp(config, params, cache, hidden_LD, num_skip)
+
+
+def test_pseudo_tokens_leave_the_cache_untouched():
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config)
+  cache, hidden_LD = _prefill_target(config, params)
+  k_before, v_before = np.asarray(cache.k_LBSKh), np.asarray(cache.v_LBSKh)
+  dp = jax.jit(clasp_dp, static_argnums=(1, 4))
+  dp(params, config, cache, hidden_LD, 3).block_until_ready()
+  np.testing.assert_array_equal(np.asarray(cache.k_LBSKh), k_before)
+  np.testing.assert_array_equal(np.asarray(cache.v_LBSKh), v_before)
+  assert int(cache.length) == PROMPT_LEN
+
+
+def test_pseudo_token_ignores_other_candidates_and_target_row():
+  """Each pseudo-token's output depends only on itself and the prefix [0, pos)."""
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config)
+  cache, hidden_LD = _prefill_target(config, params)
+  pos = cache.length - 1
+  lp = model_lib.layer_params(params, 2)
+  x_MD = jax.random.normal(jax.random.key(7), (4, config.hidden_size))
+  together = model_lib.pseudo_token_layer(lp, config, x_MD, pos, cache.k_LBSKh[2, 0],
+                                          cache.v_LBSKh[2, 0])
+  k_poisoned = cache.k_LBSKh[2, 0].at[pos:].set(100.0)
+  alone = jnp.stack([
+      model_lib.pseudo_token_layer(lp, config, x_MD[m:m + 1], pos, k_poisoned,
+                                   cache.v_LBSKh[2, 0])[0] for m in range(4)])
+  np.testing.assert_allclose(np.asarray(together), np.asarray(alone), atol=1e-5)

@@ -1,0 +1,138 @@
+"""The round loop on tiny random models: losslessness, statistics, no retracing, errors."""
+
+import chex
+import numpy as np
+import pytest
+
+from clasp_jax import engine
+from clasp_jax import strategies
+from clasp_jax.engine import Decoder
+from clasp_jax.sampling import SamplingConfig
+import tiny
+
+MAX_NEW = 40
+
+
+@pytest.fixture(scope='module')
+def model():
+  config = tiny.tiny_config()
+  return config, tiny.tiny_params(config)
+
+
+def _prompts(config, count=3, length=20):
+  rng = np.random.RandomState(1)
+  return [rng.randint(4, config.vocab_size, length).tolist() for _ in range(count)]
+
+
+@pytest.fixture(scope='module')
+def vanilla_outputs(model):
+  config, params = model
+  decoder = Decoder(params, config, strategies.Vanilla())
+  return [decoder.generate(p, MAX_NEW).token_ids for p in _prompts(config)]
+
+
+@pytest.mark.parametrize('method,settings', [
+    ('clasp', dict(skip_layers=0, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
+    ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
+    ('clasp', dict(skip_layers=3, num_draft_tokens=8, draft_exit_threshold=0.3, loi=3)),
+    ('clasp', dict(skip_layers=5, num_draft_tokens=1, draft_exit_threshold=0.7, loi=2)),
+    ('static', dict(skip_set=(1, 4), num_draft_tokens=6, draft_exit_threshold=0.1)),
+    ('pld', dict(num_draft_tokens=5)),
+])
+def test_greedy_is_identical_to_vanilla(model, vanilla_outputs, method, settings):
+  config, params = model
+  decoder = Decoder(params, config, strategies.build(method, config, **settings))
+  for prompt, expected in zip(_prompts(config), vanilla_outputs):
+    out = decoder.generate(prompt, MAX_NEW)
+    assert out.token_ids == expected
+    assert sum(out.accept_lengths) + 1 >= len(out.token_ids)
+    assert all(1 <= a <= decoder.strategy.num_draft_tokens + 1 for a in out.accept_lengths)
+
+
+def test_full_model_draft_accepts_everything(model):
+  """With M = 0 the draft is the verify model: every draft is accepted (tau = K + 1)."""
+  config, params = model
+  decoder = Decoder(params, config, strategies.build(
+      'clasp', config, skip_layers=0, num_draft_tokens=4, draft_exit_threshold=0.0))
+  out = decoder.generate(_prompts(config)[0], 41)
+  assert out.accept_lengths[:-1] == [5] * (len(out.accept_lengths) - 1)
+  assert out.draft_lengths[0] == 4
+
+
+def test_statistics_shapes(model):
+  config, params = model
+  decoder = Decoder(params, config, strategies.build(
+      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=2))
+  out = decoder.generate(_prompts(config)[0], MAX_NEW)
+  rounds = len(out.accept_lengths)
+  chex.assert_shape(out.skip_sets, (rounds, config.num_layers))
+  assert (out.skip_sets.sum(axis=1) == 2).all()
+  assert len(out.draft_lengths) == rounds
+  assert len(out.refresh_times) == (rounds + 1) // 2
+  assert 1.0 <= out.mean_accepted <= 5.0
+
+
+def test_stops_at_eos(model):
+  config, params = model
+  decoder = Decoder(params, config, strategies.Vanilla())
+  free = decoder.generate(_prompts(config)[0], MAX_NEW).token_ids
+  eos = free[5]
+  stopping = Decoder(params, config.__class__(**{**config.__dict__, 'eos_token_ids': (eos,)}),
+                     strategies.build('clasp', config, skip_layers=2, num_draft_tokens=4,
+                                      draft_exit_threshold=0.0))
+  out = stopping.generate(_prompts(config)[0], MAX_NEW).token_ids
+  assert out == free[:free.index(eos) + 1]
+
+
+def test_no_retrace_across_prompts_and_skip_sets(model, monkeypatch):
+  """After warm-up, new skip sets and acceptance counts reuse the compiled round."""
+  config, params = model
+  for name in ('_prefill', '_round', '_refresh'):
+    monkeypatch.setattr(engine, name, chex.assert_max_traces(getattr(engine, name), n=1))
+  decoder = Decoder(params, config, strategies.build(
+      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.2, loi=1))
+  outs = [decoder.generate(p, MAX_NEW) for p in _prompts(config, count=3)]
+  skip_sets = {tuple(s) for o in outs for s in o.skip_sets.tolist()}
+  assert len(skip_sets) > 1  # the DP really moved the skip set
+  assert len({a for o in outs for a in o.accept_lengths}) > 1
+  chex.clear_trace_counter()
+
+
+@pytest.mark.parametrize('prompt,max_new,match', [
+    ([], 10, 'empty'),
+    ([5] * 500, 100, 'exceeds the model context'),
+    ([5, 6], 0, 'max_new_tokens'),
+    ([5, 1000], 4, 'token ids'),
+])
+def test_bad_requests(model, prompt, max_new, match):
+  config, params = model
+  with pytest.raises(ValueError, match=match):
+    Decoder(params, config, strategies.Vanilla()).generate(prompt, max_new)
+
+
+@pytest.mark.parametrize('method,settings,match', [
+    ('clasp', dict(skip_layers=6), r'\[0, L\)'),
+    ('clasp', dict(skip_layers=-1), r'\[0, L\)'),
+    ('clasp', dict(num_draft_tokens=0), 'num_draft_tokens'),
+    ('clasp', dict(draft_exit_threshold=1.5), 'draft_exit_threshold'),
+    ('clasp', dict(loi=0), 'loi'),
+    ('clasp', dict(skip_set=(1,)), 'static'),
+    ('clasp', dict(skip_layers=2, skip_ratio=0.5), 'not both'),
+    ('static', dict(skip_set=(0, 9)), 'outside'),
+    ('nope', {}, 'unknown method'),
+])
+def test_bad_strategy_settings(model, method, settings, match):
+  config, _ = model
+  with pytest.raises(ValueError, match=match):
+    strategies.build(method, config, **settings)
+
+
+@pytest.mark.parametrize('settings,match', [
+    (dict(temperature=-1.0), 'temperature'),
+    (dict(temperature=1.0, top_p=0.0), 'top_p'),
+    (dict(temperature=1.0, top_p=1.5), 'top_p'),
+    (dict(temperature=0.0, top_k=5), 'greedy'),
+])
+def test_bad_sampling_settings(settings, match):
+  with pytest.raises(ValueError, match=match):
+    SamplingConfig(**settings)

@@ -1,0 +1,21 @@
+"""Tiny random models shared by the tests (no checkpoint on disk)."""
+
+import jax
+
+from clasp_jax import model as model_lib
+from clasp_jax.config import LlamaConfig, RopeScaling
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+  """A 6-layer GQA model with LLaMA-3 RoPE scaling and a 97-token vocabulary."""
+  settings = dict(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                  intermediate_size=128, vocab_size=97, max_position_embeddings=512,
+                  rope_theta=10000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64),
+                  eos_token_ids=(3,))
+  settings.update(overrides)
+  return LlamaConfig(**settings)
+
+
+def tiny_params(config: LlamaConfig, seed: int = 0, scale: float = 0.2):
+  """Random params whose layers matter (scale 0.2 keeps skipping a layer visible)."""
+  return model_lib.init_params(config, jax.random.key(seed), scale=scale)
