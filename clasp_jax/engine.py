@@ -50,6 +50,9 @@ class DecodeState:
     accepted_R: int32[R] tokens committed per round (accepted drafts + 1).
     drafted_R: int32[R] drafts proposed per round.
     skip_RL: bool[R, L] the skip set in force in each round.
+    draft_layers: the L - M active layers' params, gathered from the stack whenever the skip
+      set changes (accelerator draft path), or None (reference path).
+    draft_ids_A: int32[L - M] the active layers' indices, or None.
   """
 
   cache: KVCache
@@ -64,6 +67,8 @@ class DecodeState:
   accepted_R: jax.Array
   drafted_R: jax.Array
   skip_RL: jax.Array
+  draft_layers: Params | None = None
+  draft_ids_A: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +115,21 @@ def prompt_bucket(num_tokens: int, max_len: int) -> int:
   return min(bucket, max_len)
 
 
+def gather_active_layers(params: Params, skip_L: jax.Array,
+                         num_active: int) -> tuple[Params, jax.Array]:
+  """The active layers' params stacked in order, and their indices int32[A]."""
+  ids_A = jnp.nonzero(~skip_L, size=num_active)[0].astype(jnp.int32)
+  return jax.tree.map(lambda w: w[ids_A], params['layers']), ids_A
+
+
+def _with_skip(state: DecodeState, skip_L: jax.Array, params: Params) -> DecodeState:
+  """Puts a new skip set in force, regathering the active layers when the state keeps them."""
+  if state.draft_ids_A is None:
+    return state.replace(skip_L=skip_L)
+  layers, ids_A = gather_active_layers(params, skip_L, state.draft_ids_A.shape[0])
+  return state.replace(skip_L=skip_L, draft_layers=layers, draft_ids_A=ids_A)
+
+
 def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) -> jax.Array:
   if sampling.greedy:
     return jnp.argmax(logits_V).astype(jnp.int32)
@@ -118,13 +138,13 @@ def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) 
 
 def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: jax.Array, *,
              config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig,
-             max_len: int, max_rounds: int) -> DecodeState:
+             fast_path: bool, max_len: int, max_rounds: int) -> DecodeState:
   """Runs the padded prompt, picks the first new token and builds the decode state."""
   dtype = params['embed'].dtype
   cache = init_cache(config, max_len, dtype=dtype)
   out = model_lib.forward(params, config, tokens_P[None], cache,
                           out_idx_BP=(prompt_len - 1).reshape(1, 1),
-                          return_hiddens=strategy.needs_hiddens)
+                          return_hiddens=strategy.needs_hiddens, unroll=fast_path)
   rng, key = jax.random.split(rng)
   first = _first_token(key, out.logits_BPV[0, 0], sampling)
   tokens_N = jnp.zeros((max_len + 1,), jnp.int32)
@@ -133,17 +153,23 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: ja
   L, D = config.num_layers, config.hidden_size
   hidden_LD = (out.hiddens_LBPD[:, 0, 0] if strategy.needs_hiddens
                else jnp.zeros((L + 1, D), dtype))
-  return DecodeState(
+  skip_L = strategy.initial_skip(config)
+  state = DecodeState(
       cache=out.cache.rollback(prompt_len), tokens_N=tokens_N, num_tokens=prompt_len + 1,
-      prompt_len=prompt_len, skip_L=strategy.initial_skip(config), target_hidden_LD=hidden_LD,
+      prompt_len=prompt_len, skip_L=skip_L, target_hidden_LD=hidden_LD,
       rng=rng, done=jnp.isin(first, jnp.asarray(config.eos_token_ids or (-1,))),
       num_rounds=jnp.zeros((), jnp.int32), accepted_R=jnp.zeros((max_rounds,), jnp.int32),
       drafted_R=jnp.zeros((max_rounds,), jnp.int32),
       skip_RL=jnp.zeros((max_rounds, L), bool))
+  if fast_path and strategy.num_skip is not None:
+    layers, ids_A = gather_active_layers(params, skip_L, L - strategy.num_skip)
+    state = state.replace(draft_layers=layers, draft_ids_A=ids_A)
+  return state
 
 
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
-           config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig) -> DecodeState:
+           config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig,
+           fast_path: bool) -> DecodeState:
   """One draft/verify round: propose, verify `[last] + drafts` in one pass, commit, roll back."""
   K = strategy.num_draft_tokens
   rng, key_draft, key_accept = jax.random.split(state.rng, 3)
@@ -156,7 +182,7 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   last = state.tokens_N[state.num_tokens - 1]
   chunk_T = jnp.concatenate([last[None], tokens_K])  # [K+1]
   out = model_lib.forward(params, config, chunk_T[None], state.cache.rollback(length),
-                          return_hiddens=strategy.needs_hiddens)
+                          return_hiddens=strategy.needs_hiddens, unroll=fast_path)
   logits_TV = out.logits_BPV[0]
   if sampling.greedy:
     n, next_token = sampling_lib.accept_greedy(tokens_K, count, logits_TV)
@@ -182,7 +208,7 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
 
 def _refresh(params: Params, state: DecodeState, *, config: LlamaConfig,
              strategy: Strategy) -> DecodeState:
-  return state.replace(skip_L=strategy.refresh(params, config, state))
+  return _with_skip(state, strategy.refresh(params, config, state), params)
 
 
 class Decoder:
@@ -194,14 +220,21 @@ class Decoder:
     strategy: the decoding method.
     sampling: greedy (default) or sampling settings.
     tokenizer: optional; used to decode the text of each generation.
+    fast_path: unrolled layer loops and a draft over gathered active layers (what pays on
+      GPU and TPU) instead of the rolled scan with a `lax.cond` per layer (the reference,
+      and faster on CPU). None picks by backend. Both give identical tokens.
   """
 
   def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
-               sampling: SamplingConfig = SamplingConfig(), tokenizer=None):
+               sampling: SamplingConfig = SamplingConfig(), tokenizer=None,
+               fast_path: bool | None = None):
     strategy.validate(config)
     self.params, self.config, self.strategy = params, config, strategy
     self.sampling, self.tokenizer = sampling, tokenizer
-    static = dict(config=config, strategy=strategy, sampling=sampling)
+    if fast_path is None:
+      fast_path = jax.default_backend() != 'cpu'
+    self.fast_path = fast_path
+    static = dict(config=config, strategy=strategy, sampling=sampling, fast_path=fast_path)
     self._prefill = jax.jit(functools.partial(_prefill, **static),
                             static_argnames=('max_len', 'max_rounds'))
     self._round = jax.jit(functools.partial(_round, **static), donate_argnums=(1,))

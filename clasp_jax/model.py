@@ -204,8 +204,9 @@ def lm_head(params: Params, config: LlamaConfig, x_XD: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KVCache, *,
-            skip_L: jax.Array | None = None, out_idx_BP: jax.Array | None = None,
-            return_hiddens: bool = False) -> ForwardOutput:
+            skip_L: jax.Array | None = None, layer_ids_A: jax.Array | None = None,
+            out_idx_BP: jax.Array | None = None, return_hiddens: bool = False,
+            unroll: bool = False) -> ForwardOutput:
   """Runs a chunk of T tokens through the model, reading and writing the cache.
 
   Args:
@@ -215,9 +216,14 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     cache: the KV cache; it must have room for T more rows.
     skip_L: optional bool[L]; True layers act as identities and leave the cache untouched
       (reference path: one `lax.cond` per layer inside the scan).
+    layer_ids_A: optional int32[A]: `params['layers']` then holds only these A layers,
+      stacked in this order (the accelerator draft path: the active layers' weights gathered
+      once per skip-set change, so a draft step reads only what it runs).
     out_idx_BP: optional int32 chunk indices at which to return logits and hidden states;
       None means every position (P = T).
-    return_hiddens: whether to return the L+1 pre-norm hidden states at those positions.
+    return_hiddens: whether to return the pre-norm hidden states at those positions.
+    unroll: unroll the layer loop, so that on GPU no layer's weights are copied out of the
+      stack each step (a rolled loop over stacked weights slices them: about 2x the bytes).
 
   Returns:
     A `ForwardOutput`.
@@ -227,7 +233,8 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
   positions_BT = length + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   cos_BTh, sin_BTh = rope_tables(config, positions_BT)
   x_BTD = params['embed'][tokens_BT]
-  L = config.num_layers
+  if layer_ids_A is None:
+    layer_ids_A = jnp.arange(config.num_layers)
 
   def select(x_BTD):
     if out_idx_BP is None:
@@ -256,13 +263,13 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     v_LBSKh = jax.lax.dynamic_update_slice(v_LBSKh, v_BTKh[None].astype(v_LBSKh.dtype), start)
     return (x_BTD, k_LBSKh, v_LBSKh), (select(x_BTD) if return_hiddens else None)
 
-  xs = (params['layers'], jnp.arange(L), skip_L)
+  xs = (params['layers'], layer_ids_A, skip_L)
   (x_BTD, k_LBSKh, v_LBSKh), hiddens = jax.lax.scan(
-      body, (x_BTD, cache.k_LBSKh, cache.v_LBSKh), xs)
+      body, (x_BTD, cache.k_LBSKh, cache.v_LBSKh), xs, unroll=unroll)
   x_BPD = select(x_BTD)
   if return_hiddens:
     embed_BPD = select(params['embed'][tokens_BT])
-    hiddens = jnp.concatenate([embed_BPD[None], hiddens], axis=0)  # [L+1, B, P, D]
+    hiddens = jnp.concatenate([embed_BPD[None], hiddens], axis=0)  # [A+1, B, P, D]
   new_cache = KVCache(k_LBSKh=k_LBSKh, v_LBSKh=v_LBSKh, length=length + T)
   return ForwardOutput(logits_BPV=lm_head(params, config, x_BPD), cache=new_cache,
                        hiddens_LBPD=hiddens)

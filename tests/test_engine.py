@@ -136,3 +136,23 @@ def test_bad_strategy_settings(model, method, settings, match):
 def test_bad_sampling_settings(settings, match):
   with pytest.raises(ValueError, match=match):
     SamplingConfig(**settings)
+
+
+@pytest.mark.parametrize('method,settings', [
+    ('vanilla', {}),
+    ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
+    ('clasp', dict(skip_layers=3, num_draft_tokens=6, draft_exit_threshold=0.5, loi=2)),
+    ('static', dict(skip_set=(2, 3, 5), num_draft_tokens=4, draft_exit_threshold=0.0)),
+])
+def test_fast_path_equals_reference_path(model, vanilla_outputs, method, settings):
+  """The accelerator path (gathered active layers, unrolled) gives the reference's tokens,
+  accepted lengths and skip sets."""
+  config, params = model
+  strategy = strategies.build(method, config, **settings)
+  reference = Decoder(params, config, strategy, fast_path=False)
+  fast = Decoder(params, config, strategy, fast_path=True)
+  for prompt, expected in zip(_prompts(config), vanilla_outputs):
+    ref_out, fast_out = reference.generate(prompt, MAX_NEW), fast.generate(prompt, MAX_NEW)
+    assert fast_out.token_ids == ref_out.token_ids == expected
+    assert fast_out.accept_lengths == ref_out.accept_lengths
+    np.testing.assert_array_equal(fast_out.skip_sets, ref_out.skip_sets)

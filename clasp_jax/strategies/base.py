@@ -49,6 +49,9 @@ class Strategy(abc.ABC):
   needs_hiddens: bool = False
   #: Refresh the skip set every `loi` rounds (None: never).
   loi: int | None = None
+  #: M for strategies that draft by skipping a fixed number of layers (None: they do not),
+  #: which lets accelerators gather the L - M active layers once per skip-set change.
+  num_skip: int | None = None
 
   @property
   def name(self) -> str:

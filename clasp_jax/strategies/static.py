@@ -26,6 +26,10 @@ class StaticSkip(Strategy):
   def name(self) -> str:
     return 'static'
 
+  @property
+  def num_skip(self) -> int:
+    return len(set(self.skip_layers))
+
   def validate(self, config):
     layer_skip.validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
     bad = [i for i in self.skip_layers if not 0 <= i < config.num_layers]
