@@ -108,17 +108,33 @@ def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
           v_BTKh)
 
 
-def _attend(config: LlamaConfig, q_BTHh: jax.Array, k_BSKh: jax.Array, v_BSKh: jax.Array,
-            mask_BTS: jax.Array) -> jax.Array:
-  """Grouped-query attention of T queries over S keys; softmax in float32. -> [B, T, H*hd]."""
+def _attend(config: LlamaConfig, q_BTHh: jax.Array,
+            segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+  """Grouped-query attention of T queries over several key/value segments at once.
+
+  One softmax (float32) spans every segment, so the cache and the chunk's own keys can be
+  attended to without concatenating (copying) the cache.
+
+  Args:
+    config: the model config.
+    q_BTHh: roped queries.
+    segments: (k_BSKh, v_BSKh, mask_BTS) triples; mask broadcasts over B and T.
+
+  Returns:
+    The attention output [B, T, H*hd].
+  """
   B, T, H, hd = q_BTHh.shape
   kv = config.num_kv_heads
   q_BTKGh = q_BTHh.reshape(B, T, kv, H // kv, hd)
-  scores_BKGTS = jnp.einsum('btkgh,bskh->bkgts', q_BTKGh, k_BSKh,
-                            preferred_element_type=jnp.float32) / math.sqrt(hd)
-  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, -jnp.inf)
-  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKh.dtype)
-  out_BTKGh = jnp.einsum('bkgts,bskh->btkgh', probs_BKGTS, v_BSKh)
+  scores = [jnp.where(mask_BTS[:, None, None],
+                      jnp.einsum('btkgh,bskh->bkgts', q_BTKGh, k_BSKh,
+                                 preferred_element_type=jnp.float32) / math.sqrt(hd), -jnp.inf)
+            for k_BSKh, _, mask_BTS in segments]
+  probs_BKGTX = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+  splits = np.cumsum([sc.shape[-1] for sc in scores])[:-1]
+  out_BTKGh = sum(jnp.einsum('bkgts,bskh->btkgh', p_BKGTS.astype(v_BSKh.dtype), v_BSKh)
+                  for p_BKGTS, (_, v_BSKh, _) in zip(jnp.split(probs_BKGTX, splits, -1),
+                                                     segments))
   return out_BTKGh.reshape(B, T, H * hd)
 
 
@@ -132,9 +148,13 @@ def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
 
 
 def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
-                  sin_BTh: jax.Array, k_BSKh: jax.Array, v_BSKh: jax.Array,
-                  length: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One decoder layer on a chunk at positions [length, length + T).
+                  sin_BTh: jax.Array, k_BSKh: jax.Array, v_BSKh: jax.Array, length: jax.Array,
+                  chunk_mask_TT: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One decoder layer on a chunk of T tokens that follows `length` cached rows.
+
+  The cache is only read: the chunk attends to cached rows [0, length) and to its own keys
+  (causally, or as `chunk_mask_TT` says); the caller writes the returned rows.
 
   Args:
     lp: this layer's params (no leading L axis).
@@ -144,18 +164,20 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
     sin_BTh: RoPE sin table of the chunk's positions.
     k_BSKh: this layer's cached keys (rows >= length are ignored).
     v_BSKh: this layer's cached values.
-    length: int32 scalar, the number of valid cache rows before the chunk.
+    length: int32 scalar, the number of cached rows the chunk may see.
+    chunk_mask_TT: which chunk tokens see which (default causal).
 
   Returns:
-    The layer output [B, T, D] and the chunk's new keys and values [B, T, KV, hd].
+    The layer output [B, T, D] and the chunk's keys and values [B, T, KV, hd].
   """
   T = x_BTD.shape[1]
   q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
-  k_BSKh = jax.lax.dynamic_update_slice(k_BSKh, k_BTKh.astype(k_BSKh.dtype), (0, length, 0, 0))
-  v_BSKh = jax.lax.dynamic_update_slice(v_BSKh, v_BTKh.astype(v_BSKh.dtype), (0, length, 0, 0))
-  S = k_BSKh.shape[1]
-  mask_1TS = (jnp.arange(S)[None, None, :] <= length + jnp.arange(T)[None, :, None])
-  attn_BTq = _attend(config, q_BTHh, k_BSKh, v_BSKh, mask_1TS)
+  cache_mask_1TS = (jnp.arange(k_BSKh.shape[1]) < length)[None, None, :]
+  if chunk_mask_TT is None:
+    chunk_mask_TT = jnp.tril(jnp.ones((T, T), bool))
+  attn_BTq = _attend(config, q_BTHh, [
+      (k_BSKh, v_BSKh, cache_mask_1TS),
+      (k_BTKh.astype(k_BSKh.dtype), v_BTKh.astype(v_BSKh.dtype), chunk_mask_TT[None])])
   return _finish_layer(lp, config, x_BTD, attn_BTq), k_BTKh, v_BTKh
 
 
@@ -179,16 +201,10 @@ def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: ja
     The M layer outputs [M, D].
   """
   M = x_MD.shape[0]
-  S = k_SKh.shape[0]
-  positions_1M = jnp.full((1, M), pos, jnp.int32)
-  cos_1Mh, sin_1Mh = rope_tables(config, positions_1M)
-  q_1MHh, k_1MKh, v_1MKh = _qkv(lp, config, x_MD[None], cos_1Mh, sin_1Mh)
-  keys_1XKh = jnp.concatenate([k_SKh[None], k_1MKh.astype(k_SKh.dtype)], axis=1)
-  values_1XKh = jnp.concatenate([v_SKh[None], v_1MKh.astype(v_SKh.dtype)], axis=1)
-  prefix_MS = jnp.broadcast_to(jnp.arange(S)[None, :] < pos, (M, S))
-  mask_1MX = jnp.concatenate([prefix_MS, jnp.eye(M, dtype=bool)], axis=1)[None]
-  attn_1Mq = _attend(config, q_1MHh, keys_1XKh, values_1XKh, mask_1MX)
-  return _finish_layer(lp, config, x_MD[None], attn_1Mq)[0]
+  cos_1Mh, sin_1Mh = rope_tables(config, jnp.full((1, M), pos, jnp.int32))
+  out_1MD, _, _ = decoder_layer(lp, config, x_MD[None], cos_1Mh, sin_1Mh, k_SKh[None],
+                                v_SKh[None], pos, chunk_mask_TT=jnp.eye(M, dtype=bool))
+  return out_1MD[0]
 
 
 def layer_params(params: Params, i: int | jax.Array) -> Params:
@@ -241,31 +257,31 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
       return x_BTD
     return jnp.take_along_axis(x_BTD, out_idx_BP[..., None], axis=1)
 
-  def body(carry, xs):
-    x_BTD, k_LBSKh, v_LBSKh = carry
+  def body(x_BTD, xs):
     lp, i, skip = xs
-    k_BSKh, v_BSKh = k_LBSKh[i], v_LBSKh[i]
+    k_BSKh, v_BSKh = cache.k_LBSKh[i], cache.v_LBSKh[i]  # read-only inside the loop
 
     def run(x_BTD):
       return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, k_BSKh, v_BSKh, length)
 
-    def keep(x_BTD):
-      size = (B, T) + k_BSKh.shape[2:]
-      return (x_BTD, jax.lax.dynamic_slice(k_BSKh, (0, length, 0, 0), size),
-              jax.lax.dynamic_slice(v_BSKh, (0, length, 0, 0), size))
+    def keep(x_BTD):  # a skipped layer leaves its cache rows as they were
+      rows = (B, T) + k_BSKh.shape[2:]
+      return (x_BTD, jax.lax.dynamic_slice(k_BSKh, (0, length, 0, 0), rows),
+              jax.lax.dynamic_slice(v_BSKh, (0, length, 0, 0), rows))
 
-    if skip is None:
-      x_BTD, k_BTKh, v_BTKh = run(x_BTD)
-    else:
-      x_BTD, k_BTKh, v_BTKh = jax.lax.cond(skip, keep, run, x_BTD)
-    start = (i, 0, length, 0, 0)
-    k_LBSKh = jax.lax.dynamic_update_slice(k_LBSKh, k_BTKh[None].astype(k_LBSKh.dtype), start)
-    v_LBSKh = jax.lax.dynamic_update_slice(v_LBSKh, v_BTKh[None].astype(v_LBSKh.dtype), start)
-    return (x_BTD, k_LBSKh, v_LBSKh), (select(x_BTD) if return_hiddens else None)
+    x_BTD, k_BTKh, v_BTKh = run(x_BTD) if skip is None else jax.lax.cond(skip, keep, run, x_BTD)
+    return x_BTD, (k_BTKh, v_BTKh, select(x_BTD) if return_hiddens else None)
 
   xs = (params['layers'], layer_ids_A, skip_L)
-  (x_BTD, k_LBSKh, v_LBSKh), hiddens = jax.lax.scan(
-      body, (x_BTD, cache.k_LBSKh, cache.v_LBSKh), xs, unroll=unroll)
+  x_BTD, (k_ABTKh, v_ABTKh, hiddens) = jax.lax.scan(body, x_BTD, xs, unroll=unroll)
+
+  def write(a, kv):  # one in-place write of each layer's new rows, after the loop
+    start = (layer_ids_A[a], 0, length, 0, 0)
+    return tuple(jax.lax.dynamic_update_slice(c, rows[a][None].astype(c.dtype), start)
+                 for c, rows in zip(kv, (k_ABTKh, v_ABTKh)))
+
+  k_LBSKh, v_LBSKh = jax.lax.fori_loop(0, layer_ids_A.shape[0], write,
+                                       (cache.k_LBSKh, cache.v_LBSKh))
   x_BPD = select(x_BTD)
   if return_hiddens:
     embed_BPD = select(params['embed'][tokens_BT])

@@ -1,0 +1,327 @@
+"""Spec-Bench (Xia et al., 2024): question selection, timed answering, and the summary.
+
+The protocol: batch 1, chat-formatted prompts, warm-up generations before timing, each turn
+timed from its prompt ids to its last token (prefill included). MT-Bench questions have two
+turns; the second turn's prompt is the chat so far, the first answer included. Each method's
+answers go to one JSON line per question, written as soon as the question is done, so a killed
+run can resume. Speedup is Spec-Bench's: the mean over questions of a method's tokens/s divided
+by the same mean for vanilla decoding.
+
+A jitted decoder compiles once per padded prompt length (its "bucket"), so besides the warm-ups
+on the first question, a prompt whose bucket is new gets one untimed generation first: no timed
+turn includes compilation.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+import dataclasses
+import json
+import os
+from pathlib import Path
+import statistics
+import time
+from typing import Any, Protocol
+
+import tqdm
+
+from clasp_jax.engine import Generation, prompt_bucket
+from clasp_jax.generation import encode_prompt
+from clasp_jax.weights import LoadedModel
+
+MT_BENCH_CATEGORIES = ('writing', 'roleplay', 'reasoning', 'math', 'coding', 'extraction', 'stem',
+                       'humanities')
+GROUPS = ('mt_bench', 'translation', 'summarization', 'qa', 'math_reasoning', 'rag')
+OVERALL = 'overall'
+BASELINE = 'vanilla'
+
+
+class Generator(Protocol):
+  """What `run_method` times: a `Decoder`, or the transformers reference."""
+
+  def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Generation:
+    ...
+
+
+def group_of(category: str) -> str:
+  """The Spec-Bench group of a question category (the MT-Bench categories form one group)."""
+  return 'mt_bench' if category in MT_BENCH_CATEGORIES else category
+
+
+def load_questions(path: str | os.PathLike, num_questions_per_group: int | None = None,
+                   groups: Sequence[str] | None = None) -> list[dict]:
+  """Reads a Spec-Bench question file and picks a balanced subset.
+
+  Args:
+    path: a JSON-lines file of {"question_id", "category", "turns"[, "reference"]}.
+    num_questions_per_group: keep the first N questions of each group (file order); None: all.
+    groups: keep only these groups (see `group_of`); None: every group in the file.
+
+  Returns:
+    The selected questions, in file order.
+
+  Raises:
+    ValueError: for a missing or malformed file, an unknown group, or N < 1.
+  """
+  if num_questions_per_group is not None and num_questions_per_group < 1:
+    raise ValueError(f'the number of questions per group must be >= 1, got '
+                     f'{num_questions_per_group}')
+  questions = _read_questions(Path(path))
+  present = list(dict.fromkeys(group_of(q['category']) for q in questions))
+  wanted = list(groups) if groups else present
+  unknown = [g for g in wanted if g not in present]
+  if unknown:
+    raise ValueError(f'unknown group(s) {", ".join(unknown)}; {path} has {", ".join(present)}')
+  taken = collections.Counter()
+  selected = []
+  for question in questions:
+    group = group_of(question['category'])
+    if group in wanted and (num_questions_per_group is None
+                            or taken[group] < num_questions_per_group):
+      taken[group] += 1
+      selected.append(question)
+  return selected
+
+
+def _read_questions(path: Path) -> list[dict]:
+  """Every question of a question file, checked for the fields the benchmark uses."""
+  if not path.is_file():
+    raise ValueError(f'questions file {path} does not exist')
+  questions = []
+  for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      question = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{lineno}: not valid JSON ({e})') from None
+    if not _is_question(question):
+      raise ValueError(f'{path}:{lineno}: a question needs question_id, category and a '
+                       f'non-empty list of turns')
+    questions.append(question)
+  ids = [q['question_id'] for q in questions]
+  if len(set(ids)) != len(ids):
+    raise ValueError(f'{path}: question ids are not unique')
+  if not questions:
+    raise ValueError(f'{path} holds no questions')
+  return questions
+
+
+def _is_question(question: Any) -> bool:
+  if not isinstance(question, dict) or not {'question_id', 'category'} <= question.keys():
+    return False
+  turns = question.get('turns')
+  return bool(turns) and isinstance(turns, list) and all(isinstance(t, str) for t in turns)
+
+
+@dataclasses.dataclass
+class _WarmGenerator:
+  """Times generations, first warming up (untimed) each prompt bucket not compiled yet."""
+
+  generator: Generator
+  max_new_tokens: int
+  context: int
+  seed: int
+  warm: bool
+  buckets: set[int] = dataclasses.field(default_factory=set)
+
+  def warm_up(self, prompt_ids: list[int], times: int) -> None:
+    for _ in range(times):
+      self.generator.generate(prompt_ids, self.max_new_tokens, seed=self.seed)
+    if times:
+      self.buckets.add(prompt_bucket(len(prompt_ids), self.context))
+
+  def generate(self, prompt_ids: list[int]) -> Generation:
+    if self.warm and prompt_bucket(len(prompt_ids), self.context) not in self.buckets:
+      self.warm_up(prompt_ids, 1)
+    return self.generator.generate(prompt_ids, self.max_new_tokens, seed=self.seed)
+
+
+def run_method(model: LoadedModel, decoder: Generator, questions: Sequence[dict], *,
+               max_new_tokens: int, answer_file: str | os.PathLike, resume: bool,
+               warmup: int = 3, progress: bool = True, method: str | None = None,
+               seed: int = 0) -> None:
+  """Answers every question with one method, appending one JSON line per question.
+
+  Args:
+    model: the loaded model (its tokenizer builds the chat prompts).
+    decoder: generates the answers (a `Decoder`, or `hf_reference.HFReference`).
+    questions: from `load_questions`.
+    max_new_tokens: the token budget of each turn.
+    answer_file: the JSON-lines answer file (Spec-Bench's answer format).
+    resume: keep the answers already in `answer_file` and answer only the other questions;
+      otherwise the file is overwritten.
+    warmup: untimed generations on the first question before timing (0: no warm-up at all;
+      otherwise new prompt buckets are warmed up too, see the module docstring).
+    progress: show a progress bar.
+    method: the method's name in the answers; default: the answer file's name, less its
+      extension.
+    seed: the PRNG seed of every generation (used only when sampling).
+
+  Raises:
+    ValueError: for an answer file that cannot be resumed.
+  """
+  answer_file = Path(answer_file)
+  method = method or answer_file.stem
+  done = _prepare_answer_file(answer_file, resume, method)
+  todo = [q for q in questions if q['question_id'] not in done]
+  if not todo:
+    return
+  timed = _WarmGenerator(decoder, max_new_tokens, model.config.max_position_embeddings, seed,
+                         warm=warmup > 0)
+  timed.warm_up(encode_prompt(model, todo[0]['turns'][0], chat=True), warmup)
+  with answer_file.open('a') as f:
+    for question in tqdm.tqdm(todo, desc=method, disable=not progress):
+      generations = _answer(model, timed, question)
+      f.write(json.dumps(_record(question, generations, _model_id(model), method)) + '\n')
+      f.flush()
+
+
+def _answer(model: LoadedModel, timed: _WarmGenerator, question: dict) -> list[Generation]:
+  """Generates each turn; a later turn's prompt is the chat so far."""
+  history, generations = [], []
+  for turn in question['turns']:
+    generation = timed.generate(encode_prompt(model, turn, chat=True, history=history))
+    generations.append(generation)
+    history += [{'role': 'user', 'content': turn},
+                {'role': 'assistant', 'content': generation.text}]
+  return generations
+
+
+def _record(question: dict, generations: Sequence[Generation], model_id: str,
+            method: str) -> dict:
+  """One answer line in Spec-Bench's format (plus per-turn token ids)."""
+  return {
+      'question_id': question['question_id'],
+      'category': question['category'],
+      'model_id': model_id,
+      'method': method,
+      'choices': [{
+          'index': 0,
+          'turns': [g.text for g in generations],
+          'decoding_steps': [len(g.accept_lengths) + 1 for g in generations],
+          'new_tokens': [g.new_tokens for g in generations],
+          'wall_time': [g.wall_time for g in generations],
+          'accept_lengths': [list(g.accept_lengths) for g in generations],
+          'token_ids': [list(g.token_ids) for g in generations],
+      }],
+      'tstamp': time.time(),
+  }
+
+
+def _model_id(model: LoadedModel) -> str:
+  """The checkpoint's file or folder name, as Spec-Bench's model_id."""
+  return Path(str(model.source)).name.removesuffix('.gguf')
+
+
+def _prepare_answer_file(path: Path, resume: bool, method: str) -> set:
+  """Creates or cleans the answer file; returns the question ids already answered."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  records = read_answers(path) if resume and path.exists() else []
+  stray = {r.get('method') for r in records} - {method}
+  if stray:
+    raise ValueError(f'cannot resume {path}: it holds answers of method {stray.pop()}, '
+                     f'not {method}')
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  return {r['question_id'] for r in records}
+
+
+def read_answers(path: str | os.PathLike) -> list[dict]:
+  """The answer records of a JSON-lines answer file.
+
+  A truncated last line (the run was killed while writing it) is dropped.
+
+  Raises:
+    ValueError: for a malformed line anywhere else.
+  """
+  lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise ValueError(f'{path}: answer {i + 1} is not valid JSON') from None
+  return records
+
+
+def summarize(answer_dir: str | os.PathLike, methods: Sequence[str]) -> dict[str, Any]:
+  """Per-group and overall statistics of each method; writes summary.json and summary.md.
+
+  Reads `<answer_dir>/<method>.jsonl` and uses the questions every method answered.
+
+  Returns:
+    {method: {group: {'tokens_per_second', 'speedup', 'tau', 'identical_to_vanilla',
+    'total'}}}, groups in Spec-Bench's order, then 'overall'. tokens_per_second is the mean over
+    questions of sum(new_tokens) / sum(wall_time); speedup divides it by vanilla's; tau is the
+    mean tokens committed per round over all rounds; identical_to_vanilla counts the questions
+    whose every turn has vanilla's token ids, out of `total`.
+
+  Raises:
+    ValueError: without vanilla among the methods, or with no question answered by all.
+  """
+  if BASELINE not in methods:
+    raise ValueError(f'the summary compares with {BASELINE}: include it in the methods')
+  answer_dir = Path(answer_dir)
+  answers = {m: {r['question_id']: r for r in read_answers(answer_dir / f'{m}.jsonl')}
+             for m in methods}
+  common = [q for q in answers[BASELINE] if all(q in a for a in answers.values())]
+  if not common:
+    raise ValueError(f'no question in {answer_dir} was answered by every method')
+  baseline = answers[BASELINE]
+  groups = _group_questions(baseline, common)
+  summary = {m: {g: _stats([answers[m][q] for q in ids], [baseline[q] for q in ids])
+                 for g, ids in groups.items()}
+             for m in methods}
+  (answer_dir / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+  (answer_dir / 'summary.md').write_text(format_table(summary))
+  return summary
+
+
+def _group_questions(records: dict, question_ids: Sequence) -> dict[str, list]:
+  """Question ids by group (Spec-Bench's order, then any others), then all under 'overall'."""
+  by_group = collections.defaultdict(list)
+  for q in question_ids:
+    by_group[group_of(records[q]['category'])].append(q)
+  order = [g for g in GROUPS if g in by_group] + [g for g in by_group if g not in GROUPS]
+  return {g: by_group[g] for g in order} | {OVERALL: list(question_ids)}
+
+
+def _stats(records: Sequence[dict], baseline: Sequence[dict]) -> dict[str, Any]:
+  tokens_per_second = statistics.fmean(_speed(r) for r in records)
+  return {
+      'tokens_per_second': tokens_per_second,
+      'speedup': tokens_per_second / statistics.fmean(_speed(r) for r in baseline),
+      'tau': _tau(records),
+      'identical_to_vanilla': sum(_choice(r)['token_ids'] == _choice(b)['token_ids']
+                                  for r, b in zip(records, baseline)),
+      'total': len(records),
+  }
+
+
+def _choice(record: dict) -> dict:
+  return record['choices'][0]
+
+
+def _speed(record: dict) -> float:
+  """A question's tokens/s: its new tokens over its wall time, all turns together."""
+  return sum(_choice(record)['new_tokens']) / sum(_choice(record)['wall_time'])
+
+
+def _tau(records: Sequence[dict]) -> float:
+  """Mean tokens committed per round, over every round of every turn."""
+  rounds = [n for r in records for turn in _choice(r)['accept_lengths'] for n in turn]
+  return statistics.fmean(rounds) if rounds else 0.0
+
+
+def format_table(summary: dict[str, Any]) -> str:
+  """The summary as a markdown table, one row per method and group."""
+  rows = ['| method | group | questions | tokens/s | speedup | tau | identical to vanilla |',
+          '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+  for method, groups in summary.items():
+    for group, s in groups.items():
+      rows.append(f'| {method} | {group} | {s["total"]} | {s["tokens_per_second"]:.1f} | '
+                  f'{s["speedup"]:.2f}x | {s["tau"]:.2f} | '
+                  f'{s["identical_to_vanilla"]}/{s["total"]} |')
+  return '\n'.join(rows) + '\n'

@@ -1,0 +1,109 @@
+"""clasp-bench: Spec-Bench speed and losslessness of several decoding methods on one model.
+
+  clasp-bench --methods=vanilla,clasp,static,pld,hf --num_questions=10 --out_dir=runs/specbench
+
+Answers the questions with each method in turn (vanilla first: the speedups are relative to it),
+one answer file per method in --out_dir, then writes and prints the summary table. Every
+setting is checked, and every decoder built, before the first compile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from absl import app
+from absl import flags
+
+from clasp_jax import strategies
+from clasp_jax import weights
+from clasp_jax.bench import hf_reference
+from clasp_jax.bench import specbench
+from clasp_jax.cli import flags as flags_lib
+from clasp_jax.generation import make_decoder
+from clasp_jax.sampling import SamplingConfig
+
+HF = 'hf'
+BENCH_METHODS = (*strategies.METHODS, HF)
+_SPEC_BENCH = Path(__file__).resolve().parents[2].parent / 'shared/data/spec_bench/question.jsonl'
+
+flags.DEFINE_list('methods', 'vanilla,clasp,static,pld', 'Methods to compare, from '
+                  f'{",".join(BENCH_METHODS)} (vanilla is always run).')
+flags.DEFINE_string('questions', str(_SPEC_BENCH) if _SPEC_BENCH.exists() else None,
+                    'Spec-Bench question file (JSON lines).')
+flags.DEFINE_integer('num_questions', None, 'Questions per group (the first N in file order); '
+                     'unset: all.', lower_bound=1)
+flags.DEFINE_list('groups', None, f'Groups to run, from {",".join(specbench.GROUPS)}; unset: '
+                  'all.')
+flags.DEFINE_string('out_dir', 'runs/specbench', 'Folder of the answer files and the summary.')
+flags.DEFINE_bool('resume', False, 'Keep the answers already in --out_dir; answer the rest.')
+flags.DEFINE_integer('warmup', 3, 'Untimed warm-up generations per method (0: none).',
+                     lower_bound=0)
+flags.adopt_module_key_flags(flags_lib)
+
+FLAGS = flags.FLAGS
+
+_DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+def methods_to_run(methods: Sequence[str]) -> list[str]:
+  """The methods in order, vanilla first and added if missing, without repeats.
+
+  Raises:
+    ValueError: for an unknown method.
+  """
+  unknown = [m for m in methods if m not in BENCH_METHODS]
+  if unknown:
+    raise ValueError(f'unknown method(s) {", ".join(unknown)}; choose from '
+                     f'{", ".join(BENCH_METHODS)}')
+  return list(dict.fromkeys([specbench.BASELINE, *methods]))
+
+
+def make_generator(model: weights.LoadedModel, method: str, sampling: SamplingConfig,
+                   strategy_kwargs: dict[str, Any]) -> specbench.Generator:
+  """The decoder of one method (validated; nothing is compiled yet)."""
+  if method == HF:
+    if not sampling.greedy:
+      raise ValueError('method hf decodes greedily: drop it or use --temperature=0')
+    return hf_reference.load_reference(model)
+  return make_decoder(model, method, **dataclasses.asdict(sampling), **strategy_kwargs)
+
+
+def bench_from_flags() -> str:
+  """Runs the benchmark as the flags say; returns the summary table (markdown).
+
+  Raises:
+    ValueError: for bad settings, found before anything compiles.
+  """
+  methods = methods_to_run(FLAGS.methods)
+  if FLAGS.questions is None:
+    raise ValueError(f'--questions is required (no Spec-Bench file at {_SPEC_BENCH})')
+  questions = specbench.load_questions(FLAGS.questions, FLAGS.num_questions, FLAGS.groups)
+  sampling = flags_lib.sampling_config()
+  strategy_kwargs = flags_lib.strategy_kwargs()
+  model = weights.load(**flags_lib.load_kwargs())
+  generators = {m: make_generator(model, m, sampling, strategy_kwargs) for m in methods}
+  out_dir = Path(FLAGS.out_dir)
+  for method, generator in generators.items():
+    specbench.run_method(model, generator, questions, max_new_tokens=FLAGS.max_new_tokens,
+                         answer_file=out_dir / f'{method}.jsonl', resume=FLAGS.resume,
+                         warmup=FLAGS.warmup, method=method, seed=FLAGS.seed)
+  return specbench.format_table(specbench.summarize(out_dir, methods))
+
+
+def main(argv: Sequence[str]) -> None:
+  with flags_lib.usage_errors(argv):
+    table = bench_from_flags()
+  print(table, end='')
+
+
+def run() -> None:
+  """The `clasp-bench` console script."""
+  FLAGS.set_default('max_new_tokens', _DEFAULT_MAX_NEW_TOKENS)
+  app.run(main, flags_parser=flags_lib.parse_flags)
+
+
+if __name__ == '__main__':
+  run()

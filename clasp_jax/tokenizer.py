@@ -1,0 +1,229 @@
+"""Text <-> token ids for a loaded model, built from a GGUF file or a Hugging Face folder.
+
+`Tokenizer` wraps a transformers `PreTrainedTokenizerFast` (the Rust `tokenizers` backend; no
+torch). A GGUF file carries no `tokenizer.json`, only llama.cpp metadata (vocabulary, merges, token
+types, pre-tokenizer name, chat template), so `Tokenizer.from_gguf_metadata` rebuilds the byte-level
+BPE tokenizer from those fields. transformers can do the same (`gguf_file=`), but its GGUF reader
+imports torch, which this library must not need at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+import json
+import os
+from typing import Any
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
+import transformers
+
+# llama.cpp token types (`tokenizer.ggml.token_type`).
+_CONTROL = 3
+_USER_DEFINED = 4
+
+# End-of-turn markers of common chat formats. When the chat template writes one and the vocabulary
+# has it, generation must stop on it even if the checkpoint's eos id is a different token.
+_END_OF_TURN_TOKENS = ('<|im_end|>', '<|eot_id|>', '<|eom_id|>', '<|end|>', '<end_of_turn>')
+
+# The splitting regexes llama.cpp applies before byte-level BPE, keyed by `tokenizer.ggml.pre`.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT2_PRE = ('default', 'gpt2')
+_DIGITS_THEN_GPT2_PRE = ('smollm', 'starcoder', 'refact')
+_LLAMA3_PRE = ('llama-bpe', 'llama3', 'llama-v3', 'smaug-bpe')
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible map from each byte to a printable character (the byte-level alphabet)."""
+  printable = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) +
+               list(range(ord('®'), ord('ÿ') + 1)))
+  extra = [b for b in range(256) if b not in printable]
+  return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
+def _byte_level_spelling(token: str, alphabet: dict[int, str]) -> str:
+  """The token as byte-level BPE spells it; llama.cpp stores a few tokens as raw text instead."""
+  if set(token) <= set(alphabet.values()):
+    return token
+  return ''.join(alphabet[b] for b in token.encode('utf-8'))
+
+
+def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+  """The pre-tokenizer matching llama.cpp's `tokenizer.ggml.pre` name."""
+  if pre in _GPT2_PRE:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre in _DIGITS_THEN_GPT2_PRE:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+  if pre in _LLAMA3_PRE:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior='isolated'),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+  supported = _GPT2_PRE + _DIGITS_THEN_GPT2_PRE + _LLAMA3_PRE
+  raise ValueError(f'GGUF pre-tokenizer {pre!r} is not supported '
+                   f'(supported: {", ".join(supported)})')
+
+
+def _post_processor(bos: str | None, eos: str | None, vocab: Mapping[str, int]
+                    ) -> processors.TemplateProcessing:
+  """Adds BOS and/or EOS around every encoded text (either may be None: not added)."""
+  specials = [t for t in (bos, eos) if t is not None]
+  single = ' '.join(([f'{bos}:0'] if bos else []) + ['$A:0'] + ([f'{eos}:0'] if eos else []))
+  return processors.TemplateProcessing(single=single,
+                                       special_tokens=[(t, vocab[t]) for t in specials])
+
+
+def _unique(ids: Iterable[int | None]) -> tuple[int, ...]:
+  """The ids in first-seen order, without None and duplicates."""
+  return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _end_of_turn_ids(chat_template: str | None, vocab: Mapping[str, int]) -> list[int]:
+  """Ids of the known end-of-turn markers that the chat template writes."""
+  if not chat_template:
+    return []
+  return [vocab[t] for t in _END_OF_TURN_TOKENS if t in chat_template and t in vocab]
+
+
+def _as_list(value: int | Sequence[int] | None) -> list[int]:
+  """A config's `eos_token_id` (an int, a list, or missing) as a list."""
+  if value is None:
+    return []
+  return [value] if isinstance(value, int) else list(value)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  """A JSON file's object, or {} when the file does not exist."""
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+class Tokenizer:
+  """Encodes text and chat messages to token ids and decodes ids back to text.
+
+  Attributes:
+    hf_tokenizer: the wrapped transformers tokenizer.
+    bos_token_id: the model's beginning-of-sequence id, or None.
+    eos_token_ids: every id that ends a generation (eos and the chat end-of-turn token).
+  """
+
+  def __init__(self, hf_tokenizer: transformers.PreTrainedTokenizerFast,
+               bos_token_id: int | None, eos_token_ids: Sequence[int]):
+    self.hf_tokenizer = hf_tokenizer
+    self.bos_token_id = bos_token_id
+    self.eos_token_ids = tuple(eos_token_ids)
+
+  @classmethod
+  def from_gguf(cls, path: str) -> Tokenizer:
+    """The tokenizer described by a GGUF file's metadata."""
+    # Deferred: clasp_jax.weights imports this module.
+    from clasp_jax.weights import gguf as gguf_weights  # pylint: disable=g-import-not-at-top
+    return cls.from_gguf_metadata(gguf_weights.read_metadata(gguf_weights.open_gguf(path)))
+
+  @classmethod
+  def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+    """Rebuilds the byte-level BPE tokenizer that llama.cpp metadata describes.
+
+    Args:
+      metadata: a GGUF file's key/value metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
+
+    Returns:
+      The tokenizer; encoding adds BOS/EOS only when `tokenizer.ggml.add_bos_token` /
+      `add_eos_token` say so, as llama.cpp does.
+
+    Raises:
+      ValueError: the metadata has no vocabulary, or describes a tokenizer other than byte-level
+        BPE ('gpt2'), or a pre-tokenizer this module does not know.
+    """
+    model = metadata.get('tokenizer.ggml.model')
+    if model != 'gpt2' or 'tokenizer.ggml.tokens' not in metadata:
+      raise ValueError(f'GGUF tokenizer model {model!r} is not supported: only byte-level BPE '
+                       "('gpt2', as in SmolLM2 and LLaMA 3) can be rebuilt from GGUF metadata")
+    alphabet = _bytes_to_unicode()
+    tokens = [_byte_level_spelling(t, alphabet) for t in metadata['tokenizer.ggml.tokens']]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(' ', 1)) for m in metadata.get('tokenizer.ggml.merges', [])]
+    pre = metadata.get('tokenizer.ggml.pre', 'default')
+    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in _LLAMA3_PRE))
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    types = metadata.get('tokenizer.ggml.token_type', [])
+    backend.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True)
+                                for t, kind in zip(tokens, types) if kind == _CONTROL])
+    backend.add_tokens([tokenizers.AddedToken(t, normalized=False, special=False)
+                        for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+
+    def token(key: str) -> str | None:
+      index = metadata.get(f'tokenizer.ggml.{key}')
+      return None if index is None else tokens[index]
+
+    bos, eos = token('bos_token_id'), token('eos_token_id')
+    backend.post_processor = _post_processor(
+        bos if metadata.get('tokenizer.ggml.add_bos_token') else None,
+        eos if metadata.get('tokenizer.ggml.add_eos_token') else None, vocab)
+    chat_template = metadata.get('tokenizer.chat_template')
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=token('unknown_token_id'),
+        pad_token=token('padding_token_id'), chat_template=chat_template)
+    eos_ids = _unique([metadata.get('tokenizer.ggml.eos_token_id'),
+                       metadata.get('tokenizer.ggml.eot_token_id'),
+                       metadata.get('tokenizer.ggml.eom_token_id'),
+                       *_end_of_turn_ids(chat_template, vocab)])
+    return cls(hf_tokenizer, metadata.get('tokenizer.ggml.bos_token_id'), eos_ids)
+
+  @classmethod
+  def from_hf(cls, folder: str) -> Tokenizer:
+    """The tokenizer of a Hugging Face checkpoint folder (tokenizer.json and friends).
+
+    Eos ids are the union of config.json's and generation_config.json's `eos_token_id` (LLaMA-3
+    instruct lists `<|eot_id|>` only in the latter), the tokenizer's eos token, and the chat
+    template's end-of-turn token.
+    """
+    try:
+      hf_tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(
+          folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'cannot read the tokenizer (need tokenizer.json): {e}') from e
+    config = _read_json(os.path.join(folder, 'config.json'))
+    generation = _read_json(os.path.join(folder, 'generation_config.json'))
+    eos_ids = _unique([*_as_list(config.get('eos_token_id')),
+                       *_as_list(generation.get('eos_token_id')),
+                       hf_tokenizer.eos_token_id,
+                       *_end_of_turn_ids(hf_tokenizer.chat_template, hf_tokenizer.get_vocab())])
+    bos_id = config.get('bos_token_id', hf_tokenizer.bos_token_id)
+    return cls(hf_tokenizer, bos_id, eos_ids)
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of token ids, added special tokens included."""
+    return len(self.hf_tokenizer)
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, with BOS only when the model's tokenizer adds it by default."""
+    return self.hf_tokenizer.encode(text)
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    """The text of `ids` (special tokens kept unless `skip_special_tokens`)."""
+    return self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat rendered by the model's template, ending with the assistant prompt.
+
+    Args:
+      messages: `[{'role': 'user', 'content': '...'}, ...]`.
+
+    Raises:
+      ValueError: the model has no chat template.
+    """
+    if not self.hf_tokenizer.chat_template:
+      raise ValueError('this model has no chat template; use encode() on plain text instead')
+    text = self.hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+    # The template writes any BOS itself, so the tokenizer must not add another.
+    return self.hf_tokenizer.encode(text, add_special_tokens=False)

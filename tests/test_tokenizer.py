@@ -1,0 +1,119 @@
+"""Tests of clasp_jax.tokenizer against transformers' own GGUF tokenizer and a tiny HF one."""
+
+import gguf
+import pytest
+import transformers
+
+from clasp_jax.tokenizer import Tokenizer
+
+# No run of 2+ whitespace characters before a digit: there transformers' GGUF tokenizer is the
+# one that differs from llama.cpp (see test_whitespace_run_before_digits_splits_like_llama_cpp).
+TEXTS = (
+    'Hello, world!',
+    'The year 2024 had 366 days; 3.14159 is pi.',
+    '  leading spaces,\ttabs,\r\nCRLF and trailing   ',
+    '\n\n\nblank lines\n',
+    'héllo wörld — naïve café, 日本語のテキスト, emoji 🙂👍🏽',
+    "it's they're we've I'm you'll he'd",
+    'def f(x):\n    return x ** 2  # code',
+    '<|im_start|>user\nspecial tokens inline<|im_end|>',
+    '',
+)
+
+
+@pytest.fixture(scope='module')
+def smollm2_tokenizer(smollm2) -> Tokenizer:
+  """Built by Tokenizer.from_gguf_metadata while loading the embedded GGUF."""
+  return smollm2.tokenizer
+
+
+@pytest.fixture(scope='module')
+def transformers_gguf_tokenizer(smollm2_folder_and_name):
+  folder, name = smollm2_folder_and_name
+  return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+
+
+@pytest.mark.parametrize('text', TEXTS)
+def test_ids_match_transformers_gguf_tokenizer(smollm2_tokenizer, transformers_gguf_tokenizer,
+                                               text):
+  assert smollm2_tokenizer.encode(text) == transformers_gguf_tokenizer.encode(text)
+
+
+def test_whitespace_run_before_digits_splits_like_llama_cpp(smollm2_tokenizer):
+  """llama.cpp's 'smollm' pre-tokenizer (as HF's Digits + ByteLevel) isolates digits first.
+
+  transformers' GGUF rebuild lacks that step (it uses plain GPT-2 splitting), so it alone cuts a
+  whitespace run before a digit into single characters, e.g. 'a', 'Ċ', 'Ċ', '1'.
+  """
+  tokens = smollm2_tokenizer.hf_tokenizer.convert_ids_to_tokens(
+      smollm2_tokenizer.encode('a\n\n1  2'))
+  assert tokens == ['a', 'ĊĊ', '1', 'ĠĠ', '2']
+
+
+@pytest.mark.parametrize('text', TEXTS)
+def test_round_trip(smollm2_tokenizer, text):
+  assert smollm2_tokenizer.decode(smollm2_tokenizer.encode(text)) == text
+
+
+def test_special_tokens_and_sizes(smollm2_tokenizer):
+  assert smollm2_tokenizer.vocab_size == 49152
+  assert smollm2_tokenizer.bos_token_id == 1  # <|im_start|>
+  assert smollm2_tokenizer.eos_token_ids == (2,)  # <|im_end|>, also the template's end of turn
+  assert smollm2_tokenizer.encode('<|im_end|>') == [2]
+  assert smollm2_tokenizer.decode([1, 2], skip_special_tokens=True) == ''
+
+
+def test_chat_template(smollm2_tokenizer, transformers_gguf_tokenizer):
+  messages = [{'role': 'user', 'content': 'What is 2+2?'}]
+  ids = smollm2_tokenizer.apply_chat_template(messages)
+
+  text = smollm2_tokenizer.decode(ids)
+  assert text.startswith('<|im_start|>system\n')
+  assert text.endswith('<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n')
+  expected = transformers_gguf_tokenizer.apply_chat_template(
+      messages, add_generation_prompt=True, tokenize=False)
+  assert ids == transformers_gguf_tokenizer.encode(expected, add_special_tokens=False)
+
+
+def test_from_gguf_file(tiny_hf_checkpoint, tmp_path):
+  """Tokenizer.from_gguf reads a file's tokenizer metadata (here a GGUF of the tiny vocab)."""
+  tokens = transformers.PreTrainedTokenizerFast.from_pretrained(
+      tiny_hf_checkpoint).convert_ids_to_tokens(list(range(256)))
+  path = str(tmp_path / 'tokenizer_only.gguf')
+  writer = gguf.GGUFWriter(path, 'llama')
+  writer.add_tokenizer_model('gpt2')
+  writer.add_token_list(tokens)
+  writer.add_token_types([3] * 3 + [1] * 253)
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  writer.add_add_bos_token(True)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.close()
+
+  tokenizer = Tokenizer.from_gguf(path)
+
+  assert tokenizer.encode('héllo') == Tokenizer.from_hf(tiny_hf_checkpoint).encode('héllo')
+  assert tokenizer.decode(tokenizer.encode('héllo'), skip_special_tokens=True) == 'héllo'
+  assert (tokenizer.bos_token_id, tokenizer.eos_token_ids) == (1, (2,))
+
+
+def test_hf_tokenizer(tiny_hf_checkpoint):
+  tokenizer = Tokenizer.from_hf(tiny_hf_checkpoint)
+  ids = tokenizer.encode('héllo')
+
+  assert ids[0] == tokenizer.bos_token_id == 1  # this tokenizer prepends <s>, like LLaMA's
+  assert tokenizer.decode(ids[1:]) == 'héllo'
+  assert tokenizer.eos_token_ids == (2,)
+  assert tokenizer.vocab_size == 256
+
+
+def test_no_chat_template(tiny_hf_checkpoint):
+  with pytest.raises(ValueError, match='no chat template'):
+    Tokenizer.from_hf(tiny_hf_checkpoint).apply_chat_template([{'role': 'user', 'content': 'x'}])
+
+
+def test_unsupported_gguf_tokenizer_model():
+  with pytest.raises(ValueError, match="tokenizer model 'llama' is not supported"):
+    Tokenizer.from_gguf_metadata({'tokenizer.ggml.model': 'llama',
+                                  'tokenizer.ggml.tokens': ['<unk>']})
