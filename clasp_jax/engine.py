@@ -26,7 +26,8 @@ from clasp_jax.model import Params
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.strategies.base import Strategy
 
-_MIN_BUCKET = 32
+_MIN_PROMPT_BUCKET = 32
+_MIN_CACHE_BUCKET = 256
 
 
 @flax.struct.dataclass
@@ -109,17 +110,35 @@ class Generation:
     return float(np.mean(self.accept_lengths)) if self.accept_lengths else 0.0
 
 
+def _next_power_of_two(n: int) -> int:
+  return 1 << (n - 1).bit_length()
+
+
 def prompt_bucket(num_tokens: int, max_len: int) -> int:
   """The padded prefill length: the next power of two (at least 32), capped at `max_len`."""
-  bucket = max(_MIN_BUCKET, 1 << (num_tokens - 1).bit_length())
-  return min(bucket, max_len)
+  return min(max(_MIN_PROMPT_BUCKET, _next_power_of_two(num_tokens)), max_len)
+
+
+def cache_bucket(num_tokens: int, max_new_tokens: int, num_draft_tokens: int) -> int:
+  """The KV cache capacity: room for the prompt, the budget and one round's scratch rows,
+  rounded up to a power of two (at least 256) so that the round, whose shapes depend on it,
+  compiles once per bucket rather than once per prompt length."""
+  return max(_MIN_CACHE_BUCKET,
+             _next_power_of_two(num_tokens + max_new_tokens + num_draft_tokens + 1))
 
 
 def gather_active_layers(params: Params, skip_L: jax.Array,
                          num_active: int) -> tuple[Params, jax.Array]:
-  """The active layers' params stacked in order, and their indices int32[A]."""
+  """Copies of the active layers' params in order, and their indices int32[A].
+
+  Per-layer params give a tuple of A per-layer trees (each slot picks its layer with a
+  `lax.switch`, copying one layer); stacked params give one stacked tree.
+  """
   ids_A = jnp.nonzero(~skip_L, size=num_active)[0].astype(jnp.int32)
-  return jax.tree.map(lambda w: w[ids_A], params['layers']), ids_A
+  if not model_lib.is_per_layer(params):
+    return jax.tree.map(lambda w: w[ids_A], params['layers']), ids_A
+  branches = [lambda lp=lp: lp for lp in params['layers']]
+  return tuple(jax.lax.switch(ids_A[a], branches) for a in range(num_active)), ids_A
 
 
 def _with_skip(state: DecodeState, skip_L: jax.Array, params: Params) -> DecodeState:
@@ -138,13 +157,13 @@ def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) 
 
 def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: jax.Array, *,
              config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig,
-             fast_path: bool, max_len: int, max_rounds: int) -> DecodeState:
+             max_len: int, max_rounds: int) -> DecodeState:
   """Runs the padded prompt, picks the first new token and builds the decode state."""
   dtype = params['embed'].dtype
   cache = init_cache(config, max_len, dtype=dtype)
   out = model_lib.forward(params, config, tokens_P[None], cache,
                           out_idx_BP=(prompt_len - 1).reshape(1, 1),
-                          return_hiddens=strategy.needs_hiddens, unroll=fast_path)
+                          return_hiddens=strategy.needs_hiddens)
   rng, key = jax.random.split(rng)
   first = _first_token(key, out.logits_BPV[0, 0], sampling)
   tokens_N = jnp.zeros((max_len + 1,), jnp.int32)
@@ -161,15 +180,14 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: ja
       num_rounds=jnp.zeros((), jnp.int32), accepted_R=jnp.zeros((max_rounds,), jnp.int32),
       drafted_R=jnp.zeros((max_rounds,), jnp.int32),
       skip_RL=jnp.zeros((max_rounds, L), bool))
-  if fast_path and strategy.num_skip is not None:
+  if model_lib.is_per_layer(params) and strategy.num_skip is not None:
     layers, ids_A = gather_active_layers(params, skip_L, L - strategy.num_skip)
     state = state.replace(draft_layers=layers, draft_ids_A=ids_A)
   return state
 
 
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
-           config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig,
-           fast_path: bool) -> DecodeState:
+           config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig) -> DecodeState:
   """One draft/verify round: propose, verify `[last] + drafts` in one pass, commit, roll back."""
   K = strategy.num_draft_tokens
   rng, key_draft, key_accept = jax.random.split(state.rng, 3)
@@ -182,7 +200,7 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   last = state.tokens_N[state.num_tokens - 1]
   chunk_T = jnp.concatenate([last[None], tokens_K])  # [K+1]
   out = model_lib.forward(params, config, chunk_T[None], state.cache.rollback(length),
-                          return_hiddens=strategy.needs_hiddens, unroll=fast_path)
+                          return_hiddens=strategy.needs_hiddens)
   logits_TV = out.logits_BPV[0]
   if sampling.greedy:
     n, next_token = sampling_lib.accept_greedy(tokens_K, count, logits_TV)
@@ -220,9 +238,10 @@ class Decoder:
     strategy: the decoding method.
     sampling: greedy (default) or sampling settings.
     tokenizer: optional; used to decode the text of each generation.
-    fast_path: unrolled layer loops and a draft over gathered active layers (what pays on
-      GPU and TPU) instead of the rolled scan with a `lax.cond` per layer (the reference,
-      and faster on CPU). None picks by backend. Both give identical tokens.
+    fast_path: per-layer weight buffers looped over in Python, and a draft over the active
+      layers gathered once per skip-set change (what pays on GPU and TPU), instead of a
+      `fori_loop` over stacked weights with a `lax.cond` per layer (the reference, and
+      faster on CPU). None picks by backend. Both give identical tokens.
   """
 
   def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
@@ -234,7 +253,9 @@ class Decoder:
     if fast_path is None:
       fast_path = jax.default_backend() != 'cpu'
     self.fast_path = fast_path
-    static = dict(config=config, strategy=strategy, sampling=sampling, fast_path=fast_path)
+    if fast_path:
+      self.params = model_lib.unstack_layers(params)
+    static = dict(config=config, strategy=strategy, sampling=sampling)
     self._prefill = jax.jit(functools.partial(_prefill, **static),
                             static_argnames=('max_len', 'max_rounds'))
     self._round = jax.jit(functools.partial(_round, **static), donate_argnums=(1,))
@@ -260,7 +281,7 @@ class Decoder:
     start = time.perf_counter()
     n = len(prompt_ids)
     bucket = prompt_bucket(n, self.config.max_position_embeddings)
-    max_len = bucket + max_new_tokens + self.strategy.num_draft_tokens + 1
+    max_len = max(bucket, cache_bucket(n, max_new_tokens, self.strategy.num_draft_tokens))
     tokens_P = np.zeros((bucket,), np.int32)
     tokens_P[:n] = prompt_ids
     state = self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed),

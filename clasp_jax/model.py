@@ -207,9 +207,49 @@ def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: ja
   return out_1MD[0]
 
 
+def is_per_layer(params: Params) -> bool:
+  """Whether `params['layers']` is a tuple of per-layer trees rather than one stacked tree."""
+  return isinstance(params['layers'], (tuple, list))
+
+
+def num_layers_in(params: Params) -> int:
+  """How many layers `params['layers']` holds."""
+  layers = params['layers']
+  return len(layers) if is_per_layer(params) else jax.tree.leaves(layers)[0].shape[0]
+
+
 def layer_params(params: Params, i: int | jax.Array) -> Params:
-  """The params of layer i (no leading L axis)."""
+  """The params of layer i (no leading L axis); i must be static for per-layer params."""
+  if is_per_layer(params):
+    return params['layers'][i]
   return jax.tree.map(lambda w: w[i], params['layers'])
+
+
+def unstack_layers(params: Params) -> Params:
+  """Params whose layers are a tuple of L separate trees.
+
+  On accelerators a layer loop over one stacked tree slices (copies) each layer's weights
+  every step, about twice the bytes of the step itself; separate buffers per layer, looped
+  over in Python (unrolled), are read in place. Done once, when a decoder is built.
+  """
+  if is_per_layer(params):
+    return params
+  L = num_layers_in(params)
+  return dict(params, layers=tuple(layer_params(params, i) for i in range(L)))
+
+
+def fold_layers(params: Params, fn, carry):
+  """carry = fn(a, layer_a_params, carry) for every layer a of `params['layers']` in order.
+
+  A `fori_loop` over a stacked tree (the compact reference path), a Python loop (unrolled)
+  over per-layer trees (the accelerator path).
+  """
+  if is_per_layer(params):
+    for a, lp in enumerate(params['layers']):
+      carry = fn(a, lp, carry)
+    return carry
+  return jax.lax.fori_loop(0, num_layers_in(params),
+                           lambda a, c: fn(a, layer_params(params, a), c), carry)
 
 
 def lm_head(params: Params, config: LlamaConfig, x_XD: jax.Array) -> jax.Array:
@@ -221,25 +261,24 @@ def lm_head(params: Params, config: LlamaConfig, x_XD: jax.Array) -> jax.Array:
 
 def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KVCache, *,
             skip_L: jax.Array | None = None, layer_ids_A: jax.Array | None = None,
-            out_idx_BP: jax.Array | None = None, return_hiddens: bool = False,
-            unroll: bool = False) -> ForwardOutput:
+            out_idx_BP: jax.Array | None = None,
+            return_hiddens: bool = False) -> ForwardOutput:
   """Runs a chunk of T tokens through the model, reading and writing the cache.
 
   Args:
-    params: the params pytree.
+    params: the params pytree; its layers stacked (reference) or per layer (accelerators,
+      see `unstack_layers`).
     config: the model config.
     tokens_BT: int32 token ids at positions [cache.length, cache.length + T).
     cache: the KV cache; it must have room for T more rows.
     skip_L: optional bool[L]; True layers act as identities and leave the cache untouched
-      (reference path: one `lax.cond` per layer inside the scan).
-    layer_ids_A: optional int32[A]: `params['layers']` then holds only these A layers,
-      stacked in this order (the accelerator draft path: the active layers' weights gathered
-      once per skip-set change, so a draft step reads only what it runs).
+      (reference path: one `lax.cond` per layer).
+    layer_ids_A: optional int32[A]: `params['layers']` then holds only these A layers, in
+      this order (the accelerator draft path: the active layers gathered once per skip-set
+      change, so a draft step reads only what it runs).
     out_idx_BP: optional int32 chunk indices at which to return logits and hidden states;
       None means every position (P = T).
     return_hiddens: whether to return the pre-norm hidden states at those positions.
-    unroll: unroll the layer loop, so that on GPU no layer's weights are copied out of the
-      stack each step (a rolled loop over stacked weights slices them: about 2x the bytes).
 
   Returns:
     A `ForwardOutput`.
@@ -249,17 +288,19 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
   positions_BT = length + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   cos_BTh, sin_BTh = rope_tables(config, positions_BT)
   x_BTD = params['embed'][tokens_BT]
+  A = num_layers_in(params)
   if layer_ids_A is None:
-    layer_ids_A = jnp.arange(config.num_layers)
+    layer_ids_A = jnp.arange(A, dtype=jnp.int32)
 
   def select(x_BTD):
     if out_idx_BP is None:
       return x_BTD
     return jnp.take_along_axis(x_BTD, out_idx_BP[..., None], axis=1)
 
-  def body(x_BTD, xs):
-    lp, i, skip = xs
-    k_BSKh, v_BSKh = cache.k_LBSKh[i], cache.v_LBSKh[i]  # read-only inside the loop
+  def step(a, lp, carry):
+    x_BTD, k_ABTKh, v_ABTKh, hiddens_ABPD = carry
+    i = layer_ids_A[a]
+    k_BSKh, v_BSKh = cache.k_LBSKh[i], cache.v_LBSKh[i]  # the cache is only read in the loop
 
     def run(x_BTD):
       return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, k_BSKh, v_BSKh, length)
@@ -269,25 +310,26 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
       return (x_BTD, jax.lax.dynamic_slice(k_BSKh, (0, length, 0, 0), rows),
               jax.lax.dynamic_slice(v_BSKh, (0, length, 0, 0), rows))
 
-    x_BTD, k_BTKh, v_BTKh = run(x_BTD) if skip is None else jax.lax.cond(skip, keep, run, x_BTD)
-    return x_BTD, (k_BTKh, v_BTKh, select(x_BTD) if return_hiddens else None)
+    x_BTD, k_BTKh, v_BTKh = (run(x_BTD) if skip_L is None
+                             else jax.lax.cond(skip_L[a], keep, run, x_BTD))
+    if return_hiddens:
+      hiddens_ABPD = hiddens_ABPD.at[a + 1].set(select(x_BTD))
+    return (x_BTD, k_ABTKh.at[a].set(k_BTKh.astype(k_ABTKh.dtype)),
+            v_ABTKh.at[a].set(v_BTKh.astype(v_ABTKh.dtype)), hiddens_ABPD)
 
-  xs = (params['layers'], layer_ids_A, skip_L)
-  x_BTD, (k_ABTKh, v_ABTKh, hiddens) = jax.lax.scan(body, x_BTD, xs, unroll=unroll)
+  rows_ABTKh = jnp.zeros((A, B, T) + cache.k_LBSKh.shape[3:], cache.k_LBSKh.dtype)
+  hiddens = select(x_BTD)[None].repeat(A + 1, axis=0) if return_hiddens else None
+  x_BTD, k_ABTKh, v_ABTKh, hiddens = fold_layers(
+      params, step, (x_BTD, rows_ABTKh, rows_ABTKh, hiddens))
 
   def write(a, kv):  # one in-place write of each layer's new rows, after the loop
     start = (layer_ids_A[a], 0, length, 0, 0)
-    return tuple(jax.lax.dynamic_update_slice(c, rows[a][None].astype(c.dtype), start)
+    return tuple(jax.lax.dynamic_update_slice(c, rows[a][None], start)
                  for c, rows in zip(kv, (k_ABTKh, v_ABTKh)))
 
-  k_LBSKh, v_LBSKh = jax.lax.fori_loop(0, layer_ids_A.shape[0], write,
-                                       (cache.k_LBSKh, cache.v_LBSKh))
-  x_BPD = select(x_BTD)
-  if return_hiddens:
-    embed_BPD = select(params['embed'][tokens_BT])
-    hiddens = jnp.concatenate([embed_BPD[None], hiddens], axis=0)  # [A+1, B, P, D]
+  k_LBSKh, v_LBSKh = jax.lax.fori_loop(0, A, write, (cache.k_LBSKh, cache.v_LBSKh))
   new_cache = KVCache(k_LBSKh=k_LBSKh, v_LBSKh=v_LBSKh, length=length + T)
-  return ForwardOutput(logits_BPV=lm_head(params, config, x_BPD), cache=new_cache,
+  return ForwardOutput(logits_BPV=lm_head(params, config, select(x_BTD)), cache=new_cache,
                        hiddens_LBPD=hiddens)
 
 

@@ -85,21 +85,40 @@ def decode_bytes(config: LlamaConfig, itemsize: int) -> int:
 
 
 def tensor_parallel(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Megatron-style shardings over mesh axis 'tp' for a params tree (or a KV cache): column-
-  parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embedding and head, KV heads
-  split in the cache, norms replicated."""
+  """Megatron-style shardings over mesh axis 'tp' for params (stacked or per layer) or a
+  KV cache: column-parallel q/k/v/gate/up and LM head, row-parallel o/down, vocab-parallel
+  embedding, KV heads split in the cache, norms replicated."""
   P = jax.sharding.PartitionSpec
-  rules = {'wq': P(None, None, 'tp'), 'wk': P(None, None, 'tp'), 'wv': P(None, None, 'tp'),
-           'w_gate': P(None, None, 'tp'), 'w_up': P(None, None, 'tp'),
-           'wo': P(None, 'tp', None), 'w_down': P(None, 'tp', None), 'embed': P('tp', None),
-           'lm_head': P(None, 'tp'), 'k_LBSKh': P(None, None, None, 'tp', None),
-           'v_LBSKh': P(None, None, None, 'tp', None)}
+  columns = {'wq', 'wk', 'wv', 'w_gate', 'w_up', 'lm_head'}
+  rows = {'wo', 'w_down', 'embed', 'k_LBSKh', 'v_LBSKh'}
 
-  def spec(path, _):
+  def spec(path, leaf):
     name = getattr(path[-1], 'key', getattr(path[-1], 'name', None))
-    return jax.sharding.NamedSharding(mesh, rules.get(name, P()))
+    axes = [None] * leaf.ndim
+    if name in columns:
+      axes[-1] = 'tp'
+    elif name in rows:
+      axes[-2] = 'tp'
+    return jax.sharding.NamedSharding(mesh, P(*axes))
 
   return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def random_params(config: LlamaConfig, dtype, mesh: jax.sharding.Mesh) -> dict:
+  """Random per-layer params (see `model.unstack_layers`), built one layer at a time so that
+  the largest shapes never need two copies of the weights."""
+  one = dataclasses.replace(config, num_layers=1)
+
+  def init(key):
+    params = model_lib.init_params(one, key, dtype)
+    return dict(params, layers=jax.tree.map(lambda w: w[0], params['layers']))
+
+  make = jax.jit(init, out_shardings=tensor_parallel(jax.eval_shape(init, jax.random.key(0)),
+                                                     mesh))
+  params = make(jax.random.key(0))
+  layers = [params['layers']] + [make(jax.random.key(i))['layers']
+                                 for i in range(1, config.num_layers)]
+  return dict(params, layers=tuple(layers))
 
 
 def fits(config: LlamaConfig, context: int, itemsize: int, skip_fraction: float) -> bool:
@@ -123,9 +142,7 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
   """
   L = config.num_layers
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('tp',))
-  init = functools.partial(model_lib.init_params, config, dtype=dtype)
-  params = jax.jit(init, out_shardings=tensor_parallel(
-      jax.eval_shape(init, jax.random.key(0)), mesh))(jax.random.key(0))
+  params = random_params(config, dtype, mesh)
   start = context - 64  # the cache is nearly full: attention reads a full context
   make_cache = functools.partial(init_cache, config, context, dtype=dtype)
   cache_sharding = tensor_parallel(jax.eval_shape(make_cache), mesh)
@@ -140,24 +157,24 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
   token = jnp.ones((1, 1), jnp.int32)
   advance = feed_cache(1)
 
-  full = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c, unroll=True),
-                 donate_argnums=(1,))
+  full = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c), donate_argnums=(1,))
   t_full = time_fn(full, params, cache, token, reps=reps, feed=advance)
   cache = fresh_cache()
   bandwidth, bw_source = hbm_bandwidth()
   bandwidth *= jax.device_count()
   roofline_ms = decode_bytes(config, jnp.dtype(dtype).itemsize) / bandwidth * 1e3
   row = dict(preset=name, context=context, num_layers=L, params_b=config.num_params / 1e9,
-             device=jax.devices()[0].device_kind, num_devices=jax.device_count(), hbm_bandwidth=bandwidth,
-             bandwidth_source=bw_source, full_ms=t_full.ms, full_compile_s=t_full.compile_s,
+             device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
+             hbm_bandwidth=bandwidth, bandwidth_source=bw_source, full_ms=t_full.ms, full_compile_s=t_full.compile_s,
              roofline_ms=roofline_ms, roofline_fraction=roofline_ms / t_full.ms, drafts=[],
              verify=[])
 
   draft = jax.jit(lambda p, layers, ids, c, t: model_lib.forward(
-      dict(p, layers=layers), config, t, c, layer_ids_A=ids, unroll=True), donate_argnums=(3,))
+      dict(p, layers=layers), config, t, c, layer_ids_A=ids), donate_argnums=(3,))
   gather = jax.jit(engine.gather_active_layers, static_argnums=(2,))
   cond_draft = jax.jit(lambda p, skip, c, t: model_lib.forward(p, config, t, c, skip_L=skip),
                        donate_argnums=(2,))
+  stack = jax.jit(lambda p: dict(p, layers=jax.tree.map(lambda *w: jnp.stack(w), *p['layers'])))
   rng = np.random.default_rng(0)
   for frac in skip_fractions:
     M = round(frac * L)
@@ -170,17 +187,20 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
     entry = dict(M=M, draft_ms=t_draft.ms, ratio_to_full=t_draft.ms / t_full.ms,
                  ideal_ratio=(L - M) / L, gather_ms=t_gather.ms,
                  draft_compile_s=t_draft.compile_s)
-    if frac == 0.5:
-      t_cond = time_fn(cond_draft, params, skip_L, cache, token, reps=reps, feed=feed_cache(2))
+    if frac == 0.5 and fits(config, context, 2 * jnp.dtype(dtype).itemsize, 1.0):
+      stacked = stack(params)  # the reference path's layout
+      t_cond = time_fn(cond_draft, stacked, skip_L, cache, token, reps=reps, feed=feed_cache(2))
+      del stacked
       cache = fresh_cache()
       entry.update(cond_draft_ms=t_cond.ms, cond_ratio_to_full=t_cond.ms / t_full.ms)
+    if frac == 0.5:
       t_dp = time_fn(jax.jit(clasp_dp, static_argnums=(1, 4)), params, config, cache,
                      jnp.ones((L + 1, config.hidden_size), dtype), M, reps=5)
       row.update(dp_M=M, dp_ms=t_dp.ms, dp_compile_s=t_dp.compile_s)
     row['drafts'].append(entry)
 
-  verify = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c, return_hiddens=True,
-                                                     unroll=True), donate_argnums=(1,))
+  verify = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c, return_hiddens=True),
+                   donate_argnums=(1,))
   for size in verify_sizes:
     t_verify = time_fn(verify, params, cache, jnp.ones((1, size), jnp.int32), reps=reps,
                        feed=advance)

@@ -49,9 +49,8 @@ def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int) -> jax.
   pos = cache.length - 1
   j_M = jnp.arange(1, M + 1)
 
-  def layer_step(i, carry):
+  def layer_step(i, lp, carry):
     g_JD, choice_LJ = carry  # g_JD[j] = g(i, j) for j = 0..M; choice_LJ[l, j]: layer l skipped
-    lp = model_lib.layer_params(params, i)
     run_MD = model_lib.pseudo_token_layer(lp, config, g_JD[1:], pos, cache.k_LBSKh[i, 0],
                                           cache.v_LBSKh[i, 0])
     skip_MD = g_JD[:-1]
@@ -64,7 +63,7 @@ def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int) -> jax.
 
   g_JD = jnp.broadcast_to(hidden_LD[0], (M + 1, hidden_LD.shape[-1]))
   choice_LJ = jnp.zeros((L, M + 1), bool)
-  _, choice_LJ = jax.lax.fori_loop(0, L, layer_step, (g_JD, choice_LJ))
+  _, choice_LJ = model_lib.fold_layers(params, layer_step, (g_JD, choice_LJ))
 
   def backtrack(step, carry):
     j, skip_L = carry

@@ -42,9 +42,8 @@ def draft_with_skip(params, config, state, sampling, key, *, num_draft_tokens: i
 
   if state.draft_ids_A is None:  # reference path: one lax.cond per layer
     run = dict(params=params, skip_L=state.skip_L)
-  else:  # accelerator path: only the gathered active layers, unrolled
-    run = dict(params=dict(params, layers=state.draft_layers), layer_ids_A=state.draft_ids_A,
-               unroll=True)
+  else:  # accelerator path: only the gathered active layers
+    run = dict(params=dict(params, layers=state.draft_layers), layer_ids_A=state.draft_ids_A)
 
   def step(carry):
     k, token, cache, _, tokens_K, q_KV, key = carry
