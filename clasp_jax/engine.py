@@ -105,6 +105,11 @@ class Generation:
     return self.new_tokens / self.wall_time if self.wall_time > 0 else 0.0
 
   @property
+  def skip_layers_per_round(self) -> list[int | None]:
+    """M in force in each round, None for plain (non-drafting) rounds."""
+    return [int(s.sum()) if d else None for s, d in zip(self.skip_sets, self.draft_lengths)]
+
+  @property
   def mean_accepted(self) -> float:
     """tau: mean tokens committed per round (1.0 for plain decoding)."""
     return float(np.mean(self.accept_lengths)) if self.accept_lengths else 0.0
@@ -127,25 +132,14 @@ def cache_bucket(num_tokens: int, max_new_tokens: int, num_draft_tokens: int) ->
              _next_power_of_two(num_tokens + max_new_tokens + num_draft_tokens + 1))
 
 
-def gather_active_layers(params: Params, skip_L: jax.Array,
-                         num_active: int) -> tuple[Params, jax.Array]:
-  """Copies of the active layers' params in order, and their indices int32[A].
-
-  Per-layer params give a tuple of A per-layer trees (each slot picks its layer with a
-  `lax.switch`, copying one layer); stacked params give one stacked tree.
-  """
-  ids_A = jnp.nonzero(~skip_L, size=num_active)[0].astype(jnp.int32)
+def _with_skip(state: DecodeState, skip_L: jax.Array, params: Params,
+               num_skip: int) -> DecodeState:
+  """Puts a skip set of `num_skip` layers in force, gathering the active layers on the
+  accelerator path (per-layer params)."""
   if not model_lib.is_per_layer(params):
-    return jax.tree.map(lambda w: w[ids_A], params['layers']), ids_A
-  branches = [lambda lp=lp: lp for lp in params['layers']]
-  return tuple(jax.lax.switch(ids_A[a], branches) for a in range(num_active)), ids_A
-
-
-def _with_skip(state: DecodeState, skip_L: jax.Array, params: Params) -> DecodeState:
-  """Puts a new skip set in force, regathering the active layers when the state keeps them."""
-  if state.draft_ids_A is None:
     return state.replace(skip_L=skip_L)
-  layers, ids_A = gather_active_layers(params, skip_L, state.draft_ids_A.shape[0])
+  layers, ids_A = model_lib.gather_active_layers(params, skip_L,
+                                                 len(params['layers']) - num_skip)
   return state.replace(skip_L=skip_L, draft_layers=layers, draft_ids_A=ids_A)
 
 
@@ -155,12 +149,16 @@ def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) 
   return sampling_lib.sample(key, sampling_lib.probabilities(logits_V, sampling))
 
 
-def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: jax.Array, *,
-             config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig,
-             max_len: int, max_rounds: int) -> DecodeState:
-  """Runs the padded prompt, picks the first new token and builds the decode state."""
+def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: jax.Array,
+             cache: KVCache, *, config: LlamaConfig, strategy: Strategy,
+             sampling: SamplingConfig, max_rounds: int) -> DecodeState:
+  """Runs the padded prompt, picks the first new token and builds the decode state.
+
+  The empty cache comes in as an argument: built inside, it would be a constant that XLA
+  spends minutes constant-folding attention over.
+  """
   dtype = params['embed'].dtype
-  cache = init_cache(config, max_len, dtype=dtype)
+  max_len = cache.max_len
   out = model_lib.forward(params, config, tokens_P[None], cache,
                           out_idx_BP=(prompt_len - 1).reshape(1, 1),
                           return_hiddens=strategy.needs_hiddens)
@@ -180,16 +178,19 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: ja
       num_rounds=jnp.zeros((), jnp.int32), accepted_R=jnp.zeros((max_rounds,), jnp.int32),
       drafted_R=jnp.zeros((max_rounds,), jnp.int32),
       skip_RL=jnp.zeros((max_rounds, L), bool))
-  if model_lib.is_per_layer(params) and strategy.num_skip is not None:
-    layers, ids_A = gather_active_layers(params, skip_L, L - strategy.num_skip)
-    state = state.replace(draft_layers=layers, draft_ids_A=ids_A)
+  if strategy.num_skip is not None:
+    state = _with_skip(state, skip_L, params, strategy.num_skip)
   return state
 
 
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
-           config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig) -> DecodeState:
-  """One draft/verify round: propose, verify `[last] + drafts` in one pass, commit, roll back."""
-  K = strategy.num_draft_tokens
+           config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig,
+           draft: bool) -> DecodeState:
+  """One round: propose, verify `[last] + drafts` in one pass, commit, roll back.
+
+  With `draft` False (or a strategy that never drafts) the round is one plain decoding step.
+  """
+  K = strategy.num_draft_tokens if draft else 0
   rng, key_draft, key_accept = jax.random.split(state.rng, 3)
   length = state.cache.length
   if K:
@@ -224,9 +225,10 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
       skip_RL=state.skip_RL.at[r].set(state.skip_L))
 
 
-def _refresh(params: Params, state: DecodeState, *, config: LlamaConfig,
-             strategy: Strategy) -> DecodeState:
-  return _with_skip(state, strategy.refresh(params, config, state), params)
+def _refresh(params: Params, state: DecodeState, num_skip: int | jax.Array, *,
+             config: LlamaConfig, strategy: Strategy) -> DecodeState:
+  skip_L = strategy.refresh(params, config, state, num_skip)
+  return _with_skip(state, skip_L, params, num_skip)
 
 
 class Decoder:
@@ -257,10 +259,22 @@ class Decoder:
       self.params = model_lib.unstack_layers(params)
     static = dict(config=config, strategy=strategy, sampling=sampling)
     self._prefill = jax.jit(functools.partial(_prefill, **static),
-                            static_argnames=('max_len', 'max_rounds'))
-    self._round = jax.jit(functools.partial(_round, **static), donate_argnums=(1,))
+                            static_argnames=('max_rounds',), donate_argnums=(4,))
+    self._rounds = {draft: jax.jit(functools.partial(_round, draft=draft, **static),
+                                   donate_argnums=(1,)) for draft in (True, False)}
+    # The gathered accelerator draft needs M static; the reference path takes any M at once.
     self._refresh = jax.jit(functools.partial(_refresh, config=config, strategy=strategy),
+                            static_argnames=('num_skip',) if fast_path else (),
                             donate_argnums=(1,))
+    self.refresh_seconds = []
+
+  def refresh(self, state: DecodeState, num_skip: int) -> DecodeState:
+    """Re-chooses the skip set (the strategy's `refresh`, e.g. the CLaSp DP), timed."""
+    t0 = time.perf_counter()
+    state = self._refresh(self.params, state, num_skip=num_skip)
+    state.skip_L.block_until_ready()
+    self.refresh_seconds.append(time.perf_counter() - t0)
+    return state
 
   def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
     """Raises ValueError for a request the model cannot serve (before any compilation)."""
@@ -284,20 +298,27 @@ class Decoder:
     max_len = max(bucket, cache_bucket(n, max_new_tokens, self.strategy.num_draft_tokens))
     tokens_P = np.zeros((bucket,), np.int32)
     tokens_P[:n] = prompt_ids
-    state = self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed),
-                          max_len=max_len, max_rounds=max_new_tokens)
-    refresh_times = []
+    cache = init_cache(self.config, max_len, dtype=self.params['embed'].dtype)
+    state = self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed), cache,
+                          max_rounds=max_new_tokens)
+    self.refresh_seconds = []
     budget = np.int32(max_new_tokens)
-    loi = self.strategy.loi
+    policy = self.strategy.make_policy(self)
     rounds = 0
     while not bool(state.done):
-      if loi and rounds % loi == 0:
-        t0 = time.perf_counter()
-        state = self._refresh(self.params, state)
-        state.skip_L.block_until_ready()
-        refresh_times.append(time.perf_counter() - t0)
-      state = self._round(self.params, state, budget)
+      if policy is not None:
+        state, draft = policy.before_round(self, state)
+      else:
+        draft = True
+        if self.strategy.loi and rounds % self.strategy.loi == 0:
+          state = self.refresh(state, self.strategy.num_skip)
+      t0 = time.perf_counter()
+      state = self._rounds[draft](self.params, state, budget)
       rounds += 1
+      if policy is not None:
+        accepted_R, drafted_R = jax.device_get((state.accepted_R, state.drafted_R))
+        policy.after_round(int(accepted_R[rounds - 1]), int(drafted_R[rounds - 1]),
+                           time.perf_counter() - t0)
     tokens = self._truncate(np.asarray(state.tokens_N)[n:int(state.num_tokens)].tolist(),
                             max_new_tokens)
     wall_time = time.perf_counter() - start
@@ -306,7 +327,7 @@ class Decoder:
         token_ids=tokens, text=text, prompt_tokens=n, wall_time=wall_time,
         accept_lengths=np.asarray(state.accepted_R[:rounds]).tolist(),
         draft_lengths=np.asarray(state.drafted_R[:rounds]).tolist(),
-        skip_sets=np.asarray(state.skip_RL[:rounds]), refresh_times=refresh_times)
+        skip_sets=np.asarray(state.skip_RL[:rounds]), refresh_times=self.refresh_seconds)
 
   def _truncate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
     """Cuts the committed tokens after the first EOS and at the token budget."""

@@ -238,6 +238,20 @@ def unstack_layers(params: Params) -> Params:
   return dict(params, layers=tuple(layer_params(params, i) for i in range(L)))
 
 
+def gather_active_layers(params: Params, skip_L: jax.Array,
+                         num_active: int) -> tuple[Params, jax.Array]:
+  """Copies of the active layers' params in order, and their indices int32[A].
+
+  Per-layer params give a tuple of A per-layer trees (each slot picks its layer with a
+  `lax.switch`, copying one layer); stacked params give one stacked tree.
+  """
+  ids_A = jnp.nonzero(~skip_L, size=num_active)[0].astype(jnp.int32)
+  if not is_per_layer(params):
+    return jax.tree.map(lambda w: w[ids_A], params['layers']), ids_A
+  branches = [lambda lp=lp: lp for lp in params['layers']]
+  return tuple(jax.lax.switch(ids_A[a], branches) for a in range(num_active)), ids_A
+
+
 def fold_layers(params: Params, fn, carry):
   """carry = fn(a, layer_a_params, carry) for every layer a of `params['layers']` in order.
 

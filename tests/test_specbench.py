@@ -133,9 +133,14 @@ def test_answer_file_has_spec_bench_fields(tiny_model, decoders, question_file, 
   assert len(choice['turns']) == len(choice['token_ids']) == 2
   assert choice['new_tokens'] == [MAX_NEW_TOKENS] * 2  # The tiny vocabulary has no EOS.
   assert all(t > 0 for t in choice['wall_time'])
-  for steps, accepted in zip(choice['decoding_steps'], choice['accept_lengths']):
-    assert steps == len(accepted) + 1
-    assert sum(accepted) == MAX_NEW_TOKENS - 1  # The prefill makes the first token.
+  # Spec-Bench's speed.py takes np.mean of one flat list of every round of every turn.
+  assert all(isinstance(n, int) for n in choice['accept_lengths'])
+  assert len(choice['accept_lengths']) == sum(s - 1 for s in choice['decoding_steps'])
+  turns = specbench.turn_accept_lengths(first)
+  assert [sum(accepted) for accepted in turns] == [MAX_NEW_TOKENS - 1] * 2  # Prefill: 1 token.
+  for accepted, skip_sets in zip(turns, choice['skip_sets']):
+    assert len(skip_sets) == len(accepted)
+    assert all(len(layers) == 1 and 0 <= layers[0] < 4 for layers in skip_sets)  # M = 1.
   assert choice['turns'][0] == TinyTokenizer().decode(choice['token_ids'][0])
 
 
@@ -173,14 +178,19 @@ def test_clasp_matches_vanilla_on_the_tiny_model(tiny_model, decoders, question_
   summary = specbench.summarize(tmp_path, ['vanilla', 'clasp'])
   assert summary['clasp']['overall']['identical_to_vanilla'] == 3
   assert summary['vanilla']['overall']['tau'] == 1.0
+  vanilla = specbench.read_answers(tmp_path / 'vanilla.jsonl')
+  assert all(r['choices'][0]['skip_sets'] == [[]] * len(r['choices'][0]['turns'])
+             for r in vanilla)  # Nothing skipped, nothing recorded.
 
 
 def _answer(question_id, category, new_tokens, wall_time, accept_lengths, token_ids):
+  """An answer record; `accept_lengths` is given per turn and stored flat, as the writer does."""
   return {'question_id': question_id, 'category': category, 'model_id': 'm', 'method': 'x',
           'choices': [{'index': 0, 'turns': ['t'] * len(new_tokens), 'new_tokens': new_tokens,
-                       'wall_time': wall_time, 'accept_lengths': accept_lengths,
+                       'wall_time': wall_time,
+                       'accept_lengths': [n for turn in accept_lengths for n in turn],
                        'decoding_steps': [len(a) + 1 for a in accept_lengths],
-                       'token_ids': token_ids}],
+                       'token_ids': token_ids, 'skip_sets': [[] for _ in accept_lengths]}],
           'tstamp': 0.0}
 
 
@@ -200,7 +210,7 @@ def test_summarize_by_hand(tmp_path):
       _answer(3, 'qa', [30], [1.5], [[2] * 14 + [1]], [[5]]),  # 20 tok/s, differs
       _answer(4, 'rag', [5], [1.0], [[5]], [[6]]),  # Vanilla has no answer: left out.
   ])
-  summary = specbench.summarize(tmp_path, ['vanilla', 'clasp'])
+  summary = specbench.summarize(tmp_path, ['vanilla', 'clasp'], header='# settings\n\n')
   clasp = summary['clasp']
   assert list(clasp) == ['mt_bench', 'qa', 'overall']
   assert clasp['overall']['tokens_per_second'] == pytest.approx(90 / 3)
@@ -212,10 +222,13 @@ def test_summarize_by_hand(tmp_path):
   assert clasp['mt_bench']['tau'] == pytest.approx(18 / 6)
   assert (clasp['overall']['identical_to_vanilla'], clasp['overall']['total']) == (2, 3)
   assert (clasp['qa']['identical_to_vanilla'], clasp['qa']['total']) == (1, 2)
+  first = specbench.read_answers(tmp_path / 'clasp.jsonl')[0]
+  assert specbench.turn_accept_lengths(first) == [[3, 3, 3], [4, 4, 1]]
   vanilla = summary['vanilla']['overall']
   assert (vanilla['speedup'], vanilla['tau'], vanilla['identical_to_vanilla']) == (1.0, 1.0, 3)
   assert json.loads((tmp_path / 'summary.json').read_text()) == summary
   table = (tmp_path / 'summary.md').read_text()
+  assert table.startswith('# settings\n\n| method |')
   assert '| clasp | overall | 3 | 30.0 | 2.00x | 2.64 | 2/3 |' in table.splitlines()
 
 

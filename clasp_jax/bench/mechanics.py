@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clasp_jax import engine
 from clasp_jax import model as model_lib
 from clasp_jax.cache import init_cache
 from clasp_jax.config import LlamaConfig
@@ -171,7 +170,7 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
 
   draft = jax.jit(lambda p, layers, ids, c, t: model_lib.forward(
       dict(p, layers=layers), config, t, c, layer_ids_A=ids), donate_argnums=(3,))
-  gather = jax.jit(engine.gather_active_layers, static_argnums=(2,))
+  gather = jax.jit(model_lib.gather_active_layers, static_argnums=(2,))
   cond_draft = jax.jit(lambda p, skip, c, t: model_lib.forward(p, config, t, c, skip_L=skip),
                        donate_argnums=(2,))
   stack = jax.jit(lambda p: dict(p, layers=jax.tree.map(lambda *w: jnp.stack(w), *p['layers'])))

@@ -7,6 +7,11 @@ answers go to one JSON line per question, written as soon as the question is don
 run can resume. Speedup is Spec-Bench's: the mean over questions of a method's tokens/s divided
 by the same mean for vanilla decoding.
 
+An answer's `accept_lengths` is one flat list, every round of every turn in order, as Spec-Bench's
+`evaluation/speed.py` reads it; turn t holds `decoding_steps[t] - 1` of its rounds (see
+`turn_accept_lengths`). Besides Spec-Bench's fields, each turn keeps its token ids (to check
+losslessness) and the skip set in force in each of its rounds (for the skip-set heatmap).
+
 A jitted decoder compiles once per padded prompt length (its "bucket"), so besides the warm-ups
 on the first question, a prompt whose bucket is new gets one untimed generation first: no timed
 turn includes compilation.
@@ -24,6 +29,7 @@ import statistics
 import time
 from typing import Any, Protocol
 
+import numpy as np
 import tqdm
 
 from clasp_jax.engine import Generation, prompt_bucket
@@ -174,7 +180,7 @@ def run_method(model: LoadedModel, decoder: Generator, questions: Sequence[dict]
   with answer_file.open('a') as f:
     for question in tqdm.tqdm(todo, desc=method, disable=not progress):
       generations = _answer(model, timed, question)
-      f.write(json.dumps(_record(question, generations, _model_id(model), method)) + '\n')
+      f.write(_json_line(_record(question, generations, _model_id(model), method)))
       f.flush()
 
 
@@ -191,7 +197,7 @@ def _answer(model: LoadedModel, timed: _WarmGenerator, question: dict) -> list[G
 
 def _record(question: dict, generations: Sequence[Generation], model_id: str,
             method: str) -> dict:
-  """One answer line in Spec-Bench's format (plus per-turn token ids)."""
+  """One answer line in Spec-Bench's format (plus per-turn token ids and skip sets)."""
   return {
       'question_id': question['question_id'],
       'category': question['category'],
@@ -203,11 +209,28 @@ def _record(question: dict, generations: Sequence[Generation], model_id: str,
           'decoding_steps': [len(g.accept_lengths) + 1 for g in generations],
           'new_tokens': [g.new_tokens for g in generations],
           'wall_time': [g.wall_time for g in generations],
-          'accept_lengths': [list(g.accept_lengths) for g in generations],
+          'accept_lengths': [n for g in generations for n in g.accept_lengths],
           'token_ids': [list(g.token_ids) for g in generations],
+          'skip_sets': [_skipped_layers(g.skip_sets) for g in generations],
       }],
       'tstamp': time.time(),
   }
+
+
+def _skipped_layers(skip_RL: np.ndarray) -> list[list[int]]:
+  """The skipped layers' indices in each round; [] for a turn whose draft skipped none.
+
+  Index lists rather than L booleans per round keep the answer files small; a method that
+  never skips (vanilla, pld, hf) records no rounds at all.
+  """
+  if not skip_RL.any():
+    return []
+  return [np.flatnonzero(skip_L).tolist() for skip_L in skip_RL]
+
+
+def _json_line(record: dict) -> str:
+  """An answer record as one compact JSON line (the skip sets and token ids make it long)."""
+  return json.dumps(record, separators=(',', ':')) + '\n'
 
 
 def _model_id(model: LoadedModel) -> str:
@@ -223,7 +246,7 @@ def _prepare_answer_file(path: Path, resume: bool, method: str) -> set:
   if stray:
     raise ValueError(f'cannot resume {path}: it holds answers of method {stray.pop()}, '
                      f'not {method}')
-  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  path.write_text(''.join(_json_line(r) for r in records))
   return {r['question_id'] for r in records}
 
 
@@ -246,10 +269,26 @@ def read_answers(path: str | os.PathLike) -> list[dict]:
   return records
 
 
-def summarize(answer_dir: str | os.PathLike, methods: Sequence[str]) -> dict[str, Any]:
+def turn_accept_lengths(record: dict) -> list[list[int]]:
+  """An answer's flat `accept_lengths` split into turns (turn t has decoding_steps[t] - 1)."""
+  choice = _choice(record)
+  flat, turns, start = choice['accept_lengths'], [], 0
+  for steps in choice['decoding_steps']:
+    turns.append(flat[start:start + steps - 1])
+    start += steps - 1
+  return turns
+
+
+def summarize(answer_dir: str | os.PathLike, methods: Sequence[str],
+              header: str = '') -> dict[str, Any]:
   """Per-group and overall statistics of each method; writes summary.json and summary.md.
 
   Reads `<answer_dir>/<method>.jsonl` and uses the questions every method answered.
+
+  Args:
+    answer_dir: the folder of the answer files, where the summary goes too.
+    methods: the methods to summarize, vanilla among them.
+    header: markdown put before the table in summary.md (the run's settings).
 
   Returns:
     {method: {group: {'tokens_per_second', 'speedup', 'tau', 'identical_to_vanilla',
@@ -275,7 +314,7 @@ def summarize(answer_dir: str | os.PathLike, methods: Sequence[str]) -> dict[str
                  for g, ids in groups.items()}
              for m in methods}
   (answer_dir / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
-  (answer_dir / 'summary.md').write_text(format_table(summary))
+  (answer_dir / 'summary.md').write_text(header + format_table(summary))
   return summary
 
 
@@ -311,7 +350,7 @@ def _speed(record: dict) -> float:
 
 def _tau(records: Sequence[dict]) -> float:
   """Mean tokens committed per round, over every round of every turn."""
-  rounds = [n for r in records for turn in _choice(r)['accept_lengths'] for n in turn]
+  rounds = [n for r in records for n in _choice(r)['accept_lengths']]
   return statistics.fmean(rounds) if rounds else 0.0
 
 

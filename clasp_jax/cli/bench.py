@@ -3,23 +3,28 @@
   clasp-bench --methods=vanilla,clasp,static,pld,hf --num_questions=10 --out_dir=runs/specbench
 
 Answers the questions with each method in turn (vanilla first: the speedups are relative to it),
-one answer file per method in --out_dir, then writes and prints the summary table. Every
-setting is checked, and every decoder built, before the first compile.
+one answer file per method in --out_dir, then writes the summary (summary.json; summary.md, the
+table under the run's settings and command line; speedup.png, tau.png and skip_heatmap.png) and
+prints the table. Every setting is checked, and every decoder built, before the first compile.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import datetime
 from pathlib import Path
+import sys
 from typing import Any
 
 from absl import app
 from absl import flags
+import jax
 
 from clasp_jax import strategies
 from clasp_jax import weights
 from clasp_jax.bench import hf_reference
+from clasp_jax.bench import plots
 from clasp_jax.bench import specbench
 from clasp_jax.cli import flags as flags_lib
 from clasp_jax.generation import make_decoder
@@ -71,6 +76,35 @@ def make_generator(model: weights.LoadedModel, method: str, sampling: SamplingCo
   return make_decoder(model, method, **dataclasses.asdict(sampling), **strategy_kwargs)
 
 
+def _method_settings(generator: specbench.Generator) -> str:
+  """How a method decodes: its strategy's settings, or the transformers reference."""
+  if isinstance(generator, hf_reference.HFReference):
+    return 'transformers `generate`, greedy, float32 (PyTorch)'
+  return f'`{generator.strategy}`'
+
+
+def run_header(model: weights.LoadedModel, generators: dict[str, specbench.Generator],
+               questions: Sequence[dict], sampling: SamplingConfig) -> str:
+  """The run's settings as markdown, put above the table so a summary says how it was made."""
+  dtype = jax.tree.leaves(model.params)[0].dtype
+  groups = ', '.join(FLAGS.groups) if FLAGS.groups else 'all'
+  per_group = f'first {FLAGS.num_questions} per group' if FLAGS.num_questions else 'all'
+  lines = [
+      '# Spec-Bench summary',
+      '',
+      f'- command: `{" ".join(sys.argv)}`',
+      f'- date: {datetime.datetime.now().astimezone().isoformat(timespec="seconds")}',
+      f'- model: `{model.source}` ({model.config.num_layers} layers, {dtype})',
+      f'- device: {jax.devices()[0].device_kind}, jax {jax.__version__}',
+      f'- questions: {len(questions)} ({per_group}; groups: {groups}), max_new_tokens '
+      f'{FLAGS.max_new_tokens} per turn, warm-up {FLAGS.warmup}',
+      f'- sampling: `{sampling}`, seed {FLAGS.seed}',
+      '- methods:',
+      *(f'  - {method}: {_method_settings(g)}' for method, g in generators.items()),
+  ]
+  return '\n'.join(lines) + '\n\n'
+
+
 def bench_from_flags() -> str:
   """Runs the benchmark as the flags say; returns the summary table (markdown).
 
@@ -90,7 +124,10 @@ def bench_from_flags() -> str:
     specbench.run_method(model, generator, questions, max_new_tokens=FLAGS.max_new_tokens,
                          answer_file=out_dir / f'{method}.jsonl', resume=FLAGS.resume,
                          warmup=FLAGS.warmup, method=method, seed=FLAGS.seed)
-  return specbench.format_table(specbench.summarize(out_dir, methods))
+  header = run_header(model, generators, questions, sampling)
+  summary = specbench.summarize(out_dir, methods, header=header)
+  plots.write_plots(out_dir, summary, methods, model.config.num_layers)
+  return specbench.format_table(summary)
 
 
 def main(argv: Sequence[str]) -> None:

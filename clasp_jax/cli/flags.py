@@ -35,8 +35,10 @@ flags.DEFINE_float('temperature', 0.0, '0: greedy; otherwise the sampling temper
 flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens (0: all).')
 flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1: all tokens).')
 flags.DEFINE_integer('seed', 0, 'PRNG seed of sampling.')
-flags.DEFINE_integer('skip_layers', None, 'M, the number of layers the draft skips (clasp, '
-                     'static); unset: --skip_ratio.', lower_bound=0)
+flags.DEFINE_string('skip_layers', None, "M, the number of layers the draft skips, or 'auto' "
+                    '(clasp: M chosen online to maximise tokens/s, falling back to plain '
+                    'decoding when drafting does not pay; the default when --skip_ratio is '
+                    'unset too).')
 flags.DEFINE_float('skip_ratio', None, 'M as a fraction of the layers, when --skip_layers is '
                    f'unset (default {strategies.DEFAULT_SKIP_RATIO}).')
 flags.DEFINE_list('skip_set', None, 'Comma-separated layer indices the static draft skips; '
@@ -101,10 +103,20 @@ def strategy_kwargs() -> dict[str, Any]:
   Raises:
     ValueError: when --skip_set holds something other than integers.
   """
-  return dict(skip_layers=FLAGS.skip_layers, skip_ratio=FLAGS.skip_ratio,
+  return dict(skip_layers=_skip_layers(FLAGS.skip_layers), skip_ratio=FLAGS.skip_ratio,
               skip_set=_layer_indices(FLAGS.skip_set),
               num_draft_tokens=FLAGS.num_draft_tokens,
-              draft_exit_threshold=FLAGS.draft_exit_threshold, loi=FLAGS.loi)
+              draft_exit_threshold=FLAGS.draft_exit_threshold, loi=FLAGS.loi,
+              cost_cache_dir=os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None)
+
+
+def _skip_layers(value: str | None) -> int | str | None:
+  if value is None or value == 'auto':
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"--skip_layers must be an integer or 'auto', got {value!r}") from None
 
 
 def _layer_indices(items: list[str] | None) -> tuple[int, ...] | None:

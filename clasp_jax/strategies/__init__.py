@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from clasp_jax.config import LlamaConfig
-from clasp_jax.strategies.base import Drafts, Strategy
+from clasp_jax.strategies.adaptive import AdaptiveClasp, choose_num_skip
+from clasp_jax.strategies.base import Drafts, Policy, Strategy
 from clasp_jax.strategies.clasp import Clasp, clasp_dp
 from clasp_jax.strategies.pld import PromptLookup
 from clasp_jax.strategies.static import StaticSkip
@@ -17,14 +18,20 @@ METHODS = ('vanilla', 'clasp', 'static', 'pld')
 # Defaults measured on SmolLM2-135M (docs/results/): see README "Choosing M, K, DET, LOI".
 DEFAULT_NUM_DRAFT_TOKENS = 8
 DEFAULT_DRAFT_EXIT_THRESHOLD = 0.7
-DEFAULT_LOI = 1
+DEFAULT_LOI = 4
 DEFAULT_SKIP_RATIO = 0.1
+# --skip_layers=auto: M is searched in [1, 0.6 L], starting from 0.2 L.
+AUTO_MAX_SKIP_RATIO = 0.6
+AUTO_INITIAL_SKIP_RATIO = 0.2
 
 
-def num_skip_for(config: LlamaConfig, skip_layers: int | None, skip_ratio: float | None) -> int:
+def num_skip_for(config: LlamaConfig, skip_layers: int | str | None,
+                 skip_ratio: float | None) -> int:
   """M from an explicit count or a ratio of L (rounded), validated against the model."""
   if skip_layers is not None and skip_ratio is not None:
     raise ValueError('give skip_layers or skip_ratio, not both')
+  if skip_layers == 'auto':
+    skip_layers = None
   L = config.num_layers
   if skip_layers is None:
     ratio = DEFAULT_SKIP_RATIO if skip_ratio is None else skip_ratio
@@ -45,21 +52,47 @@ def evenly_spaced_skip_set(config: LlamaConfig, num_skip: int) -> tuple[int, ...
   return tuple(inner[int(i * step + step / 2)] for i in range(num_skip))
 
 
-def build(method: str, config: LlamaConfig, *, skip_layers: int | None = None,
+def auto_clasp(config: LlamaConfig, *, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+             draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD, loi: int = DEFAULT_LOI,
+             cost_cache_dir: str | None = None) -> AdaptiveClasp:
+  """CLaSp with M chosen online (`--skip_layers=auto`), its search range scaled to L."""
+  L = config.num_layers
+  max_skip = max(1, min(L - 1, round(AUTO_MAX_SKIP_RATIO * L)))
+  return AdaptiveClasp(
+      max_skip_layers=max_skip, initial_skip_layers=min(max_skip, max(1, round(
+          AUTO_INITIAL_SKIP_RATIO * L))), explore_step=max(1, L // 16),
+      num_draft_tokens=num_draft_tokens, draft_exit_threshold=draft_exit_threshold, loi=loi,
+      cost_cache_dir=cost_cache_dir)
+
+
+def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = None,
           skip_ratio: float | None = None, skip_set: tuple[int, ...] | None = None,
           num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
           draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD,
-          loi: int = DEFAULT_LOI) -> Strategy:
+          loi: int = DEFAULT_LOI, cost_cache_dir: str | None = None) -> Strategy:
   """The strategy `method` with the given settings, validated against `config`.
+
+  For clasp, `skip_layers='auto'` (the default when neither skip_layers nor skip_ratio is
+  given) chooses M online; an integer or a ratio fixes it.
 
   Raises:
     ValueError: for an unknown method or settings that do not fit the model.
   """
+  if isinstance(skip_layers, str) and skip_layers != 'auto':
+    raise ValueError(f"skip_layers must be an integer or 'auto', got {skip_layers!r}")
   if method == 'vanilla':
     strategy = Vanilla()
   elif method == 'clasp':
     if skip_set is not None:
       raise ValueError('--skip_set fixes the skip set: use it with method static, not clasp')
+    if skip_layers == 'auto' or (skip_layers is None and skip_ratio is None):
+      if skip_ratio is not None:
+        raise ValueError("skip_layers='auto' chooses M itself: drop skip_ratio")
+      strategy = auto_clasp(config, num_draft_tokens=num_draft_tokens,
+                          draft_exit_threshold=draft_exit_threshold, loi=loi,
+                          cost_cache_dir=cost_cache_dir)
+      strategy.validate(config)
+      return strategy
     strategy = Clasp(num_skip=num_skip_for(config, skip_layers, skip_ratio),
                      num_draft_tokens=num_draft_tokens,
                      draft_exit_threshold=draft_exit_threshold, loi=loi)
@@ -76,5 +109,6 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | None = None,
   return strategy
 
 
-__all__ = ['METHODS', 'Clasp', 'Drafts', 'PromptLookup', 'StaticSkip', 'Strategy', 'Vanilla',
-           'build', 'clasp_dp', 'evenly_spaced_skip_set', 'num_skip_for']
+__all__ = ['METHODS', 'AdaptiveClasp', 'Clasp', 'Drafts', 'Policy', 'PromptLookup', 'StaticSkip',
+           'Strategy', 'Vanilla', 'auto_clasp', 'build', 'choose_num_skip', 'clasp_dp',
+           'evenly_spaced_skip_set', 'num_skip_for']

@@ -73,6 +73,28 @@ class Strategy(abc.ABC):
     verifying, so only `state.cache` contents past the committed length may change.
     """
 
-  def refresh(self, params: Params, config: LlamaConfig, state: DecodeState) -> jax.Array:
-    """A new skip set bool[L] from `state.target_hidden_LD` (jittable)."""
+  def refresh(self, params: Params, config: LlamaConfig, state: DecodeState,
+              num_skip: int) -> jax.Array:
+    """A new skip set bool[L] of `num_skip` layers from `state.target_hidden_LD` (jittable;
+    `num_skip` is static on the accelerator path, possibly traced on the reference path)."""
     return state.skip_L
+
+  def make_policy(self, decoder) -> Policy | None:
+    """A host-side controller for one generation (None: refresh every `loi` rounds)."""
+    return None
+
+
+class Policy(abc.ABC):
+  """Decides, between rounds, whether the next round drafts and with which skip set.
+
+  For strategies whose choices depend on what a generation observes (the adaptive skip
+  budget, ConfLayers' search). Runs on the host; reads one round's statistics at a time.
+  """
+
+  @abc.abstractmethod
+  def before_round(self, decoder, state: DecodeState) -> tuple[DecodeState, bool]:
+    """Returns the (possibly re-skipped) state and whether the next round drafts."""
+
+  @abc.abstractmethod
+  def after_round(self, accepted: int, drafted: int, seconds: float) -> None:
+    """Observes the round just run: tokens committed, drafts proposed, wall time."""

@@ -29,23 +29,21 @@ def _cosine(a_MD: jax.Array, b_D: jax.Array) -> jax.Array:
   return num_M / (jnp.linalg.norm(a_MD, axis=-1) * jnp.linalg.norm(b_D) + 1e-30)
 
 
-def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int) -> jax.Array:
-  """Algorithm 1: the skip set of exactly `num_skip` layers that best preserves h_L.
+def clasp_dp_table(params, config, cache, hidden_LD: jax.Array, max_skip: int) -> jax.Array:
+  """The DP's choice table: bool[L, max_skip + 1], True where cell (layer l, j) skipped l.
+
+  Cell j of the table does not depend on how many layers are finally skipped, so one table
+  answers every M <= max_skip (see `backtrack`).
 
   Args:
-    params: the params pytree.
+    params: the params pytree (stacked or per layer).
     config: the model config.
     cache: the KV cache; its last valid row is the target token's, whose prefix
       [0, length - 1) the pseudo-tokens attend to.
     hidden_LD: [L+1, D] the target token's pre-norm hidden states (h_0 = embedding output).
-    num_skip: M, static.
-
-  Returns:
-    bool[L], True for the M skipped layers.
+    max_skip: the largest M asked for, static.
   """
-  L, M = config.num_layers, num_skip
-  if M == 0:
-    return jnp.zeros((L,), bool)
+  L, M = config.num_layers, max_skip
   pos = cache.length - 1
   j_M = jnp.arange(1, M + 1)
 
@@ -64,15 +62,30 @@ def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int) -> jax.
   g_JD = jnp.broadcast_to(hidden_LD[0], (M + 1, hidden_LD.shape[-1]))
   choice_LJ = jnp.zeros((L, M + 1), bool)
   _, choice_LJ = model_lib.fold_layers(params, layer_step, (g_JD, choice_LJ))
+  return choice_LJ
 
-  def backtrack(step, carry):
+
+def backtrack(choice_LJ: jax.Array, num_skip: jax.Array | int) -> jax.Array:
+  """The skip set bool[L] of exactly `num_skip` layers, read back from cell (L, num_skip)."""
+  L = choice_LJ.shape[0]
+
+  def step(t, carry):
     j, skip_L = carry
-    i = L - 1 - step
+    i = L - 1 - t
     skipped = choice_LJ[i, j]
     return j - skipped.astype(jnp.int32), skip_L.at[i].set(skipped)
 
-  _, skip_L = jax.lax.fori_loop(0, L, backtrack, (jnp.int32(M), jnp.zeros((L,), bool)))
+  _, skip_L = jax.lax.fori_loop(0, L, step, (jnp.asarray(num_skip, jnp.int32),
+                                             jnp.zeros((L,), bool)))
   return skip_L
+
+
+def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int) -> jax.Array:
+  """Algorithm 1: the skip set bool[L] of exactly `num_skip` (static) layers that best
+  preserves h_L. See `clasp_dp_table` for the arguments."""
+  if num_skip == 0:
+    return jnp.zeros((config.num_layers,), bool)
+  return backtrack(clasp_dp_table(params, config, cache, hidden_LD, num_skip), num_skip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,5 +122,6 @@ class Clasp(Strategy):
         params, config, state, sampling, key, num_draft_tokens=self.num_draft_tokens,
         draft_exit_threshold=self.draft_exit_threshold)
 
-  def refresh(self, params, config, state):
+  def refresh(self, params, config, state, num_skip):
+    del num_skip  # always self.num_skip
     return clasp_dp(params, config, state.cache, state.target_hidden_LD, self.num_skip)

@@ -1,0 +1,106 @@
+"""The adaptive skip budget: the M-selection rule, the policy, and losslessness."""
+
+import numpy as np
+import pytest
+
+from clasp_jax import strategies
+from clasp_jax.engine import Decoder
+from clasp_jax.strategies import adaptive
+from clasp_jax.strategies.adaptive import Costs
+import tiny
+
+L = 30
+# A device where a verify pass costs about one step and a draft step its share of layers.
+GPU_LIKE = Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.95 / L, verify=1.05, dp=0.3)
+# A device where a verify pass of K+1 tokens costs several steps (as on a CPU).
+CPU_LIKE = Costs(full_step=1.0, draft_base=0.1, draft_per_layer=0.9 / L, verify=3.0, dp=1.5)
+
+
+def test_expected_tokens():
+  assert adaptive.expected_tokens(0.0, 8) == 1.0
+  assert adaptive.expected_tokens(1.0, 8) == 9.0
+  assert adaptive.expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_picks_the_m_with_the_highest_expected_rate():
+  # Acceptance falls as more layers are skipped; drafts per round observed per M.
+  observed = {8: (0.95, 8.0), 15: (0.9, 8.0), 20: (0.7, 4.0)}
+  # By hand for M = 15: (1 - 0.9^9) / 0.1 tokens over 8 drafts of 15 layers, a verify pass
+  # and an eighth of a DP.
+  rate_15 = ((1 - 0.9 ** 9) / 0.1) / (8 * (0.05 + 15 * 0.95 / L) + 1.05 + 0.3 / 8)
+  assert adaptive.expected_rate(0.9, 8.0, 15, L, GPU_LIKE, 8) == pytest.approx(rate_15)
+  assert rate_15 == pytest.approx(1.159, abs=1e-3)
+  rates = {m: adaptive.expected_rate(a, d, m, L, GPU_LIKE, 8) for m, (a, d) in observed.items()}
+  assert max(rates, key=rates.get) == 15 and rates[8] < rate_15 and rates[20] < rate_15
+  assert adaptive.choose_num_skip(observed, GPU_LIKE, L, loi=8) == 15
+  # The same acceptance with a 3x verify pass (a CPU): no M beats plain decoding.
+  assert adaptive.choose_num_skip(observed, CPU_LIKE, L, loi=8) is None
+
+
+def test_picks_plain_decoding_when_drafting_cannot_pay():
+  observed = {2: (0.7, 3.0), 6: (0.5, 2.0)}
+  assert adaptive.choose_num_skip(observed, CPU_LIKE, L, loi=4) is None
+  assert adaptive.choose_num_skip({}, GPU_LIKE, L, loi=4) is None
+
+
+class _FakeDecoder:
+  """Stands in for `Decoder.refresh` so the policy can be driven by synthetic rounds."""
+
+  def __init__(self):
+    self.refreshed = []
+
+  def refresh(self, state, num_skip):
+    self.refreshed.append(num_skip)
+    return state
+
+
+def _policy(costs, **settings):
+  settings = dict(dict(max_skip_layers=12, initial_skip_layers=4), **settings)
+  return adaptive.AdaptivePolicy(strategies.AdaptiveClasp(**settings), costs, L)
+
+
+def test_policy_goes_plain_when_drafts_are_rejected_and_probes_later():
+  policy, decoder = _policy(GPU_LIKE, backoff_rounds=8, optimistic_alpha=0.95), _FakeDecoder()
+  kinds = []
+  for _ in range(40):
+    _, draft = policy.before_round(decoder, None)
+    kinds.append(draft)
+    policy.after_round(accepted=1, drafted=4 if draft else 0, seconds=0.0)  # all rejected
+  assert kinds[:2] == [True, True]  # warm-up rounds draft
+  assert kinds[2:10] == [False] * 8  # then plain decoding for the back-off
+  assert True in kinds[10:]  # and drafting is probed again
+
+
+def test_policy_never_drafts_when_even_perfect_acceptance_cannot_pay():
+  hopeless = Costs(full_step=1.0, draft_base=0.9, draft_per_layer=0.01, verify=5.0, dp=5.0)
+  policy, decoder = _policy(hopeless), _FakeDecoder()
+  assert not any(policy.before_round(decoder, None)[1] for _ in range(50))
+  assert not decoder.refreshed
+
+
+def test_policy_keeps_drafting_when_it_pays_and_explores_neighbours():
+  policy, decoder = _policy(GPU_LIKE, max_skip_layers=15, initial_skip_layers=12,
+                            explore_every=8, explore_rounds=1), _FakeDecoder()
+  for _ in range(40):
+    _, draft = policy.before_round(decoder, None)
+    assert draft
+    policy.after_round(accepted=8, drafted=7, seconds=0.0)  # every draft accepted
+  assert len(set(decoder.refreshed)) > 1  # neighbouring M values were tried
+
+
+def test_auto_is_lossless_and_reports_m_per_round():
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config)
+  prompt = np.random.RandomState(1).randint(4, config.vocab_size, 20).tolist()
+  expected = Decoder(params, config, strategies.Vanilla()).generate(prompt, 40).token_ids
+  strategy = strategies.build('clasp', config, skip_layers='auto', num_draft_tokens=4,
+                              draft_exit_threshold=0.0)
+  assert isinstance(strategy, strategies.AdaptiveClasp)
+  decoder = Decoder(params, config, strategy)
+  decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, GPU_LIKE, config.num_layers)
+  out = decoder.generate(prompt, 40)
+  assert out.token_ids == expected
+  per_round = out.skip_layers_per_round
+  assert len(per_round) == len(out.accept_lengths)
+  assert all(m is None or 1 <= m <= strategy.max_skip_layers for m in per_round)
+  assert any(m is not None for m in per_round)

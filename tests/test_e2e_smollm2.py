@@ -1,0 +1,109 @@
+"""CLaSp is lossless on the real model: greedy self-speculative output equals plain greedy.
+
+SmolLM2-135M-Instruct (the embedded GGUF, float32), 12 Spec-Bench prompts: the first two
+questions of each of the six groups in file order, first turn only, chat-templated. Every
+drafting method must reproduce vanilla greedy decoding token for token (EOS handling included).
+"""
+
+import numpy as np
+import pytest
+
+from clasp_jax import strategies
+from clasp_jax.bench.specbench import GROUPS
+from clasp_jax.bench.specbench import group_of
+from clasp_jax.bench.specbench import load_questions
+from clasp_jax.cache import init_cache
+from clasp_jax.engine import Decoder
+from clasp_jax.generation import encode_prompt
+from clasp_jax import model as model_lib
+
+QUESTIONS = '/work/shared/data/spec_bench/question.jsonl'
+MAX_NEW = 48
+
+SETTINGS = {
+    'clasp_M4_K8_LOI1_DET0.7': ('clasp', dict(skip_layers=4, num_draft_tokens=8, loi=1,
+                                              draft_exit_threshold=0.7)),
+    'clasp_M0_K4_LOI1_DET0.0': ('clasp', dict(skip_layers=0, num_draft_tokens=4, loi=1,
+                                              draft_exit_threshold=0.0)),
+    'clasp_M8_K6_LOI4_DET0.3': ('clasp', dict(skip_layers=8, num_draft_tokens=6, loi=4,
+                                              draft_exit_threshold=0.3)),
+    'static_5_10_15_20': ('static', dict(skip_set=(5, 10, 15, 20))),
+    'pld': ('pld', {}),
+}
+
+
+@pytest.fixture(scope='module')
+def questions():
+  selected = load_questions(QUESTIONS, num_questions_per_group=2)
+  assert [group_of(q['category']) for q in selected] == [g for g in GROUPS for _ in range(2)]
+  return selected
+
+
+@pytest.fixture(scope='module')
+def prompts(smollm2, questions):
+  return [encode_prompt(smollm2, q['turns'][0], chat=True) for q in questions]
+
+
+@pytest.fixture(scope='module')
+def vanilla(smollm2, prompts):
+  """Plain greedy decoding of every prompt (computed once)."""
+  decoder = Decoder(smollm2.params, smollm2.config, strategies.Vanilla())
+  return [decoder.generate(p, MAX_NEW).token_ids for p in prompts]
+
+
+@pytest.fixture(scope='module')
+def generate_all(smollm2, prompts):
+  """`generate_all(setting) -> [Generation]` over every prompt, computed once per setting."""
+  done = {}
+
+  def run(setting):
+    if setting not in done:
+      method, settings = SETTINGS[setting]
+      strategy = strategies.build(method, smollm2.config, **settings)
+      decoder = Decoder(smollm2.params, smollm2.config, strategy)
+      done[setting] = [decoder.generate(p, MAX_NEW) for p in prompts]
+    return done[setting]
+
+  return run
+
+
+def _diagnose(smollm2, prompt, expected, actual) -> str:
+  """Where two generations first differ, and how close the full model's top two logits are
+  there (a float32 near-tie between a 1-token and a (K+1)-token pass would show a tiny gap)."""
+  i = next((i for i, (a, e) in enumerate(zip(actual, expected)) if a != e),
+           min(len(actual), len(expected)))
+  tokens = np.asarray([prompt + expected[:i]], np.int32)
+  cache = init_cache(smollm2.config, tokens.shape[1])
+  logits_V = np.asarray(model_lib.forward(smollm2.params, smollm2.config, tokens, cache,
+                                          out_idx_BP=np.asarray([[tokens.shape[1] - 1]]))
+                        .logits_BPV[0, 0])
+  top2 = np.argsort(logits_V)[::-1][:2]
+  got = actual[i] if i < len(actual) else 'end'
+  want = expected[i] if i < len(expected) else 'end'
+  return (f'first difference at new token {i}: vanilla {want}, speculative {got}; '
+          f'full-model top-2 {top2.tolist()} logits {logits_V[top2].tolist()} '
+          f'gap {logits_V[top2[0]] - logits_V[top2[1]]:.3g}')
+
+
+@pytest.mark.parametrize('setting', list(SETTINGS))
+def test_greedy_output_is_identical_to_vanilla(smollm2, questions, prompts, vanilla,
+                                               generate_all, setting):
+  """Each method's greedy tokens equal vanilla's on all 12 prompts (every group)."""
+  mismatches = []
+  for question, prompt, expected, out in zip(questions, prompts, vanilla,
+                                             generate_all(setting)):
+    assert sum(out.accept_lengths) + 1 >= len(out.token_ids)
+    if out.token_ids != expected:
+      mismatches.append(f'question {question["question_id"]} ({question["category"]}, '
+                        f'{len(prompt)} prompt tokens): '
+                        + _diagnose(smollm2, prompt, expected, out.token_ids))
+  assert not mismatches, f'{setting}:\n' + '\n'.join(mismatches)
+
+
+def test_full_model_draft_is_verified(generate_all):
+  """With M = 0 the draft is the full model, so drafts must be accepted: more than one token
+  per round on average (plain decoding commits exactly one)."""
+  gens = generate_all('clasp_M0_K4_LOI1_DET0.0')
+  accepts = [a for g in gens for a in g.accept_lengths]
+  assert np.mean(accepts) > 1.0, np.mean(accepts)
+  print(f'M=0 mean tokens per round: {np.mean(accepts):.3f}')
