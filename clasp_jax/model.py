@@ -303,7 +303,8 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
   cos_BTh, sin_BTh = rope_tables(config, positions_BT)
   x_BTD = params['embed'][tokens_BT]
   A = num_layers_in(params)
-  if layer_ids_A is None:
+  ids_given = layer_ids_A is not None
+  if not ids_given:
     layer_ids_A = jnp.arange(A, dtype=jnp.int32)
 
   def select(x_BTD):
@@ -336,12 +337,15 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
   x_BTD, k_ABTKh, v_ABTKh, hiddens = fold_layers(
       params, step, (x_BTD, rows_ABTKh, rows_ABTKh, hiddens))
 
-  def write(a, kv):  # one in-place write of each layer's new rows, after the loop
-    start = (layer_ids_A[a], 0, length, 0, 0)
-    return tuple(jax.lax.dynamic_update_slice(c, rows[a][None], start)
-                 for c, rows in zip(kv, (k_ABTKh, v_ABTKh)))
-
-  k_LBSKh, v_LBSKh = jax.lax.fori_loop(0, A, write, (cache.k_LBSKh, cache.v_LBSKh))
+  if ids_given:  # each layer's new rows to its own place (A static: no device loop)
+    k_LBSKh, v_LBSKh = cache.k_LBSKh, cache.v_LBSKh
+    for a in range(A):
+      start = (layer_ids_A[a], 0, length, 0, 0)
+      k_LBSKh = jax.lax.dynamic_update_slice(k_LBSKh, k_ABTKh[a][None], start)
+      v_LBSKh = jax.lax.dynamic_update_slice(v_LBSKh, v_ABTKh[a][None], start)
+  else:  # every layer's rows at once
+    k_LBSKh = jax.lax.dynamic_update_slice(cache.k_LBSKh, k_ABTKh, (0, 0, length, 0, 0))
+    v_LBSKh = jax.lax.dynamic_update_slice(cache.v_LBSKh, v_ABTKh, (0, 0, length, 0, 0))
   new_cache = KVCache(k_LBSKh=k_LBSKh, v_LBSKh=v_LBSKh, length=length + T)
   return ForwardOutput(logits_BPV=lm_head(params, config, select(x_BTD)), cache=new_cache,
                        hiddens_LBPD=hiddens)
