@@ -183,32 +183,58 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: ja
   return state
 
 
+def _verify(params: Params, state: DecodeState, tokens_K: jax.Array, count: jax.Array,
+            q_KV: jax.Array | None, key: jax.Array, *, config: LlamaConfig,
+            sampling: SamplingConfig, hiddens: bool):
+  """Runs `[last] + drafts` through the full model in one pass and accepts a prefix.
+
+  Returns:
+    (n, next_token, cache, hidden_LD): drafts accepted, the token after them, the cache with
+    the chunk written (length not yet rolled back), and the last accepted token's hidden
+    states (the state's own when `hiddens` is False).
+  """
+  K = tokens_K.shape[0]
+  last = state.tokens_N[state.num_tokens - 1]
+  chunk_T = jnp.concatenate([last[None], tokens_K])  # [K+1]
+  out = model_lib.forward(params, config, chunk_T[None], state.cache, return_hiddens=hiddens)
+  logits_TV = out.logits_BPV[0]
+  if sampling.greedy:
+    n, next_token = sampling_lib.accept_greedy(tokens_K, count, logits_TV)
+  else:
+    if q_KV is None:
+      q_KV = jnp.zeros((K, config.vocab_size), jnp.float32)
+    n, next_token = sampling_lib.accept_sampled(key, tokens_K, count, q_KV, logits_TV, sampling)
+  hidden_LD = out.hiddens_LBPD[:, 0, n] if hiddens else state.target_hidden_LD
+  return n, next_token, out.cache, hidden_LD
+
+
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
            config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig,
            draft: bool) -> DecodeState:
   """One round: propose, verify `[last] + drafts` in one pass, commit, roll back.
 
-  With `draft` False (or a strategy that never drafts) the round is one plain decoding step.
+  With `draft` False (or a strategy that never drafts) the round is one plain decoding step,
+  without the hidden states a refresh would read. A strategy that may propose nothing (prompt
+  lookup without a match) takes a one-token step in that case instead of a K+1 verify pass.
   """
   K = strategy.num_draft_tokens if draft else 0
   rng, key_draft, key_accept = jax.random.split(state.rng, 3)
   length = state.cache.length
+  verify = functools.partial(_verify, config=config, sampling=sampling,
+                             hiddens=strategy.needs_hiddens and draft)
   if K:
     drafts, state = strategy.propose(params, config, state, sampling, key_draft)
     tokens_K, count = drafts.tokens_K, drafts.count
+    state = state.replace(cache=state.cache.rollback(length))
+    n, next_token, cache, hidden_LD = verify(params, state, tokens_K, count, drafts.q_KV,
+                                             key_accept)
+    if strategy.may_propose_nothing:
+      n, next_token, cache, hidden_LD = jax.lax.cond(
+          count > 0, lambda: (n, next_token, cache, hidden_LD),
+          lambda: verify(params, state, tokens_K[:0], count, None, key_accept))
   else:
     tokens_K, count = jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.int32)
-  last = state.tokens_N[state.num_tokens - 1]
-  chunk_T = jnp.concatenate([last[None], tokens_K])  # [K+1]
-  out = model_lib.forward(params, config, chunk_T[None], state.cache.rollback(length),
-                          return_hiddens=strategy.needs_hiddens)
-  logits_TV = out.logits_BPV[0]
-  if sampling.greedy:
-    n, next_token = sampling_lib.accept_greedy(tokens_K, count, logits_TV)
-  else:
-    q_KV = drafts.q_KV if K else jnp.zeros((0, config.vocab_size), jnp.float32)
-    n, next_token = sampling_lib.accept_sampled(key_accept, tokens_K, count, q_KV, logits_TV,
-                                                sampling)
+    n, next_token, cache, hidden_LD = verify(params, state, tokens_K, count, None, key_accept)
   committed_T = jnp.where(jnp.arange(K + 1) < n, jnp.concatenate([tokens_K, next_token[None]]),
                           next_token)  # [K+1]: accepted drafts, then the next token
   tokens_N = jax.lax.dynamic_update_slice(state.tokens_N, committed_T, (state.num_tokens,))
@@ -216,10 +242,9 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   is_eos_T = jnp.isin(committed_T, jnp.asarray(config.eos_token_ids or (-1,)))
   done = (jnp.any(is_eos_T & (jnp.arange(K + 1) <= n))
           | (num_tokens - state.prompt_len >= max_new_tokens))
-  hidden_LD = out.hiddens_LBPD[:, 0, n] if strategy.needs_hiddens else state.target_hidden_LD
   r = state.num_rounds
   return state.replace(
-      cache=out.cache.rollback(length + n + 1), tokens_N=tokens_N, num_tokens=num_tokens,
+      cache=cache.rollback(length + n + 1), tokens_N=tokens_N, num_tokens=num_tokens,
       target_hidden_LD=hidden_LD, rng=rng, done=done, num_rounds=r + 1,
       accepted_R=state.accepted_R.at[r].set(n + 1), drafted_R=state.drafted_R.at[r].set(count),
       skip_RL=state.skip_RL.at[r].set(state.skip_L))
@@ -315,7 +340,7 @@ class Decoder:
       t0 = time.perf_counter()
       state = self._rounds[draft](self.params, state, budget)
       rounds += 1
-      if policy is not None:
+      if policy is not None and draft:  # plain rounds teach the policy nothing: no reads
         accepted_R, drafted_R = jax.device_get((state.accepted_R, state.drafted_R))
         policy.after_round(int(accepted_R[rounds - 1]), int(drafted_R[rounds - 1]),
                            time.perf_counter() - t0)

@@ -375,3 +375,55 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype: jnp.dtype = jnp.floa
   layers['attn_norm'] = jnp.ones((L, D), dtype)
   layers['mlp_norm'] = jnp.ones((L, D), dtype)
   return dict(rand, layers=layers, final_norm=jnp.ones((D,), dtype))
+
+
+def sublayer_stats(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KVCache,
+                   start: jax.Array, stat_fn) -> jax.Array:
+  """Per-layer statistics of the two sub-layer outputs over a chunk; the cache is only read.
+
+  The chunk's T tokens sit at positions [start, start + T); they attend to the cached rows
+  [0, start) and causally to one another, every layer running (no skip set). For each layer,
+  `stat_fn(attn_BTD, mlp_BTD)` sees the attention output (after the output projection) and
+  the MLP output, both before their residual adds, in float32. Reducing inside the layer loop
+  means the [L, B, T, D] outputs never exist at once; nothing is written to the cache, so a
+  summary of the context (ConfLayers' layer confidence) can be taken between rounds.
+
+  The MLP output is read back as the layer output minus the residual stream after attention,
+  so the layer itself is computed by `_finish_layer`, exactly as `forward` computes it.
+
+  Args:
+    params: the params pytree (stacked or per layer).
+    config: the model config.
+    tokens_BT: int32 token ids.
+    cache: the KV cache; rows [0, start) must hold every layer's keys and values.
+    start: int32 scalar, the chunk's first position.
+    stat_fn: (attn_BTD, mlp_BTD) -> array of a fixed shape X (jittable).
+
+  Returns:
+    The statistics of every layer stacked, [L, *X].
+  """
+  B, T = tokens_BT.shape
+  positions_BT = start + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  cos_BTh, sin_BTh = rope_tables(config, positions_BT)
+  cache_mask_1TS = (jnp.arange(cache.max_len) < start)[None, None, :]
+  chunk_mask_1TT = jnp.tril(jnp.ones((T, T), bool))[None]
+  x_BTD = params['embed'][tokens_BT]
+
+  def step(a, lp, carry):
+    x_BTD, stats_LX = carry
+    q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+    k_BSKh, v_BSKh = cache.k_LBSKh[a], cache.v_LBSKh[a]
+    attn_BTq = _attend(config, q_BTHh, [
+        (k_BSKh, v_BSKh, cache_mask_1TS),
+        (k_BTKh.astype(k_BSKh.dtype), v_BTKh.astype(v_BSKh.dtype), chunk_mask_1TT)])
+    attn_BTD = attn_BTq @ lp['wo']
+    mid_BTD = x_BTD + attn_BTD
+    out_BTD = _finish_layer(lp, config, x_BTD, attn_BTq)
+    mlp_BTD = out_BTD.astype(jnp.float32) - mid_BTD.astype(jnp.float32)
+    return out_BTD, stats_LX.at[a].set(stat_fn(attn_BTD.astype(jnp.float32), mlp_BTD))
+
+  f32_BTD = jax.ShapeDtypeStruct(x_BTD.shape, jnp.float32)
+  stat = jax.eval_shape(stat_fn, f32_BTD, f32_BTD)
+  stats_LX = jnp.zeros((num_layers_in(params),) + stat.shape, stat.dtype)
+  _, stats_LX = fold_layers(params, step, (x_BTD, stats_LX))
+  return stats_LX

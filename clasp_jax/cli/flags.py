@@ -50,6 +50,40 @@ flags.DEFINE_float('draft_exit_threshold', strategies.DEFAULT_DRAFT_EXIT_THRESHO
 flags.DEFINE_integer('loi', strategies.DEFAULT_LOI, 'CLaSp re-optimises its skip set every LOI '
                      'rounds.')
 
+# ConfLayers' search (--method=conflayers); defaults are the published ones (`ConfLayers`).
+_CONFLAYERS = strategies.ConfLayers()
+flags.DEFINE_integer('conflayers_window', _CONFLAYERS.window, 'ConfLayers: W, the last generated '
+                     'tokens its confidence forward runs over.', lower_bound=1)
+flags.DEFINE_float('conflayers_skip_ratio', _CONFLAYERS.skip_ratio, 'ConfLayers: r, the least '
+                   'skip ratio (skipped / (L - 2)) a selection aims for.')
+flags.DEFINE_float('conflayers_ratio_band', _CONFLAYERS.ratio_band, 'ConfLayers: a selection '
+                   'aims for a skip ratio in [r, r + this].')
+flags.DEFINE_float('conflayers_initial_lambda', _CONFLAYERS.initial_lambda, 'ConfLayers: lambda '
+                   'of the first selection (skip a layer below mean - lambda * std of its '
+                   'window).')
+flags.DEFINE_float('conflayers_lambda_step', _CONFLAYERS.lambda_step, 'ConfLayers: how far '
+                   'lambda moves per step towards the skip-ratio band.')
+flags.DEFINE_integer('conflayers_lambda_max_steps', _CONFLAYERS.lambda_max_steps, 'ConfLayers: '
+                     'the most lambda steps per selection.', lower_bound=0)
+flags.DEFINE_integer('conflayers_eval_rounds', _CONFLAYERS.eval_rounds, 'ConfLayers: drafting '
+                     'rounds that evaluate one skip set.', lower_bound=1)
+flags.DEFINE_integer('conflayers_early_rounds', _CONFLAYERS.early_rounds, 'ConfLayers: rounds '
+                     'after which a poor skip set is replaced early.', lower_bound=1)
+flags.DEFINE_float('conflayers_early_min_accepted', _CONFLAYERS.early_min_accepted, 'ConfLayers: '
+                   'mean accepted drafts per round (bonus token excluded) below which it is.')
+flags.DEFINE_float('conflayers_stop_accepted', _CONFLAYERS.stop_accepted, 'ConfLayers: the '
+                   'search keeps a set whose mean accepted drafts per round (bonus token '
+                   'excluded) exceed this, if its acceptance rate also passes its threshold.')
+flags.DEFINE_float('conflayers_stop_acceptance', _CONFLAYERS.stop_acceptance, 'ConfLayers: the '
+                   'search keeps a set whose mean acceptance rate (accepted drafts / drafted) '
+                   'exceeds this, if its accepted drafts also pass their threshold.')
+flags.DEFINE_integer('conflayers_max_iterations', _CONFLAYERS.max_iterations, 'ConfLayers: the '
+                     'most skip sets tried before settling on the best.', lower_bound=1)
+# The `ConfLayers` fields that the flags above set, each as --conflayers_<field>.
+_CONFLAYERS_SETTINGS = ('window', 'skip_ratio', 'ratio_band', 'initial_lambda', 'lambda_step',
+                        'lambda_max_steps', 'eval_rounds', 'early_rounds', 'early_min_accepted',
+                        'stop_accepted', 'stop_acceptance', 'max_iterations')
+
 FLAGS = flags.FLAGS
 
 
@@ -107,7 +141,9 @@ def strategy_kwargs() -> dict[str, Any]:
               skip_set=_layer_indices(FLAGS.skip_set),
               num_draft_tokens=FLAGS.num_draft_tokens,
               draft_exit_threshold=FLAGS.draft_exit_threshold, loi=FLAGS.loi,
-              cost_cache_dir=os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None)
+              cost_cache_dir=os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None,
+              conflayers_settings={name: FLAGS[f'conflayers_{name}'].value
+                                   for name in _CONFLAYERS_SETTINGS})
 
 
 def _skip_layers(value: str | None) -> int | str | None:

@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from clasp_jax.config import LlamaConfig
 from clasp_jax.strategies.adaptive import AdaptiveClasp, choose_num_skip
 from clasp_jax.strategies.base import Drafts, Policy, Strategy
 from clasp_jax.strategies.clasp import Clasp, clasp_dp
+from clasp_jax.strategies.conflayers import ConfLayers
 from clasp_jax.strategies.pld import PromptLookup
 from clasp_jax.strategies.static import StaticSkip
 from clasp_jax.strategies.vanilla import Vanilla
 
-METHODS = ('vanilla', 'clasp', 'static', 'pld')
+METHODS = ('vanilla', 'clasp', 'static', 'pld', 'conflayers')
 
 # Defaults measured on SmolLM2-135M (docs/results/): see README "Choosing M, K, DET, LOI".
 DEFAULT_NUM_DRAFT_TOKENS = 8
@@ -69,11 +73,14 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
           skip_ratio: float | None = None, skip_set: tuple[int, ...] | None = None,
           num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
           draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD,
-          loi: int = DEFAULT_LOI, cost_cache_dir: str | None = None) -> Strategy:
+          loi: int = DEFAULT_LOI, cost_cache_dir: str | None = None,
+          conflayers_settings: Mapping[str, Any] | None = None) -> Strategy:
   """The strategy `method` with the given settings, validated against `config`.
 
   For clasp, `skip_layers='auto'` (the default when neither skip_layers nor skip_ratio is
-  given) chooses M online; an integer or a ratio fixes it.
+  given) chooses M online; an integer or a ratio fixes it. conflayers searches its own skip
+  sets (the M settings do not apply); `conflayers_settings` overrides `ConfLayers` fields
+  besides K and DET.
 
   Raises:
     ValueError: for an unknown method or settings that do not fit the model.
@@ -103,12 +110,16 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
                           draft_exit_threshold=draft_exit_threshold)
   elif method == 'pld':
     strategy = PromptLookup(num_draft_tokens=num_draft_tokens)
+  elif method == 'conflayers':
+    strategy = ConfLayers(num_draft_tokens=num_draft_tokens,
+                          draft_exit_threshold=draft_exit_threshold,
+                          **(conflayers_settings or {}))
   else:
     raise ValueError(f'unknown method {method!r}; choose from {", ".join(METHODS)}')
   strategy.validate(config)
   return strategy
 
 
-__all__ = ['METHODS', 'AdaptiveClasp', 'Clasp', 'Drafts', 'Policy', 'PromptLookup', 'StaticSkip',
-           'Strategy', 'Vanilla', 'auto_clasp', 'build', 'choose_num_skip', 'clasp_dp',
+__all__ = ['METHODS', 'AdaptiveClasp', 'Clasp', 'ConfLayers', 'Drafts', 'Policy', 'PromptLookup',
+           'StaticSkip', 'Strategy', 'Vanilla', 'auto_clasp', 'build', 'choose_num_skip', 'clasp_dp',
            'evenly_spaced_skip_set', 'num_skip_for']

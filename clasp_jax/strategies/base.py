@@ -45,6 +45,8 @@ class Strategy(abc.ABC):
 
   #: K, the number of draft slots per round (0: plain decoding).
   num_draft_tokens: int = 0
+  #: Whether a round may propose no draft at all (then it takes a plain one-token step).
+  may_propose_nothing: bool = False
   #: Whether the verify pass must return hidden states for `refresh`.
   needs_hiddens: bool = False
   #: Refresh the skip set every `loi` rounds (None: never).

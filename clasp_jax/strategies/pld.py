@@ -46,6 +46,7 @@ class PromptLookup(Strategy):
   num_draft_tokens: int = 10
   max_ngram: int = 3
   min_ngram: int = 1
+  may_propose_nothing = True
 
   @property
   def name(self) -> str:
