@@ -161,7 +161,7 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: ja
   max_len = cache.max_len
   out = model_lib.forward(params, config, tokens_P[None], cache,
                           out_idx_BP=(prompt_len - 1).reshape(1, 1),
-                          return_hiddens=strategy.needs_hiddens)
+                          return_hiddens=strategy.needs_hiddens, empty_cache=True)
   rng, key = jax.random.split(rng)
   first = _first_token(key, out.logits_BPV[0, 0], sampling)
   tokens_N = jnp.zeros((max_len + 1,), jnp.int32)

@@ -162,8 +162,9 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
     x_BTD: the residual stream entering the layer.
     cos_BTh: RoPE cos table of the chunk's positions.
     sin_BTh: RoPE sin table of the chunk's positions.
-    k_BSKh: this layer's cached keys (rows >= length are ignored).
-    v_BSKh: this layer's cached values.
+    k_BSKh: this layer's cached keys (rows >= length are ignored), or None when the chunk
+      sees no cache (a prefill into an empty cache).
+    v_BSKh: this layer's cached values, or None.
     length: int32 scalar, the number of cached rows the chunk may see.
     chunk_mask_TT: which chunk tokens see which (default causal).
 
@@ -172,12 +173,13 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
   """
   T = x_BTD.shape[1]
   q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
-  cache_mask_1TS = (jnp.arange(k_BSKh.shape[1]) < length)[None, None, :]
   if chunk_mask_TT is None:
     chunk_mask_TT = jnp.tril(jnp.ones((T, T), bool))
-  attn_BTq = _attend(config, q_BTHh, [
-      (k_BSKh, v_BSKh, cache_mask_1TS),
-      (k_BTKh.astype(k_BSKh.dtype), v_BTKh.astype(v_BSKh.dtype), chunk_mask_TT[None])])
+  segments = [(k_BTKh.astype(x_BTD.dtype), v_BTKh.astype(x_BTD.dtype), chunk_mask_TT[None])]
+  if k_BSKh is not None:
+    cache_mask_1TS = (jnp.arange(k_BSKh.shape[1]) < length)[None, None, :]
+    segments.insert(0, (k_BSKh, v_BSKh, cache_mask_1TS))
+  attn_BTq = _attend(config, q_BTHh, segments)
   return _finish_layer(lp, config, x_BTD, attn_BTq), k_BTKh, v_BTKh
 
 
@@ -275,8 +277,8 @@ def lm_head(params: Params, config: LlamaConfig, x_XD: jax.Array) -> jax.Array:
 
 def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KVCache, *,
             skip_L: jax.Array | None = None, layer_ids_A: jax.Array | None = None,
-            out_idx_BP: jax.Array | None = None,
-            return_hiddens: bool = False) -> ForwardOutput:
+            out_idx_BP: jax.Array | None = None, return_hiddens: bool = False,
+            empty_cache: bool = False) -> ForwardOutput:
   """Runs a chunk of T tokens through the model, reading and writing the cache.
 
   Args:
@@ -293,6 +295,8 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     out_idx_BP: optional int32 chunk indices at which to return logits and hidden states;
       None means every position (P = T).
     return_hiddens: whether to return the pre-norm hidden states at those positions.
+    empty_cache: the cache holds nothing yet (a prefill): attend within the chunk only,
+      instead of over S masked-out cache rows as well.
 
   Returns:
     A `ForwardOutput`.
@@ -318,6 +322,8 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     k_BSKh, v_BSKh = cache.k_LBSKh[i], cache.v_LBSKh[i]  # the cache is only read in the loop
 
     def run(x_BTD):
+      if empty_cache:
+        return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, None, None, length)
       return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, k_BSKh, v_BSKh, length)
 
     def keep(x_BTD):  # a skipped layer leaves its cache rows as they were
