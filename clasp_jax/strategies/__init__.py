@@ -121,5 +121,5 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
 
 
 __all__ = ['METHODS', 'AdaptiveClasp', 'Clasp', 'ConfLayers', 'Drafts', 'Policy', 'PromptLookup',
-           'StaticSkip', 'Strategy', 'Vanilla', 'auto_clasp', 'build', 'choose_num_skip', 'clasp_dp',
-           'evenly_spaced_skip_set', 'num_skip_for']
+           'StaticSkip', 'Strategy', 'Vanilla', 'auto_clasp', 'build', 'choose_num_skip',
+           'clasp_dp', 'evenly_spaced_skip_set', 'num_skip_for']

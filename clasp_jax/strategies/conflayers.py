@@ -32,6 +32,8 @@ skip set is chosen differently, by a host-side search:
    drafts are below `early_min_accepted` after `early_rounds` rounds is replaced at once. After
    `max_iterations` sets the search stops with the best one. As in the published code, the
    search lives as long as the decoder: later generations continue it or use its result.
+   Each selection's time (confidence forward and rule) is reported as CLaSp's DP time is, in
+   `Generation.refresh_times`.
 
 The skip set changes from the host between rounds. On the reference path (stacked params) it
 is just a new bool[L] value, so nothing retraces; on the accelerator path (per-layer params) the
@@ -198,18 +200,18 @@ class ConfLayersPolicy(Policy):
 
   Args:
     strategy: the `ConfLayers` settings.
-    decoder: the `Decoder` it serves (its params and config).
+    config: the model config.
   """
 
-  def __init__(self, strategy: ConfLayers, decoder):
+  def __init__(self, strategy: ConfLayers, config):
     self.s = strategy
-    self.current_L = every_other_layer(decoder.config.num_layers)
+    self.current_L = every_other_layer(config.num_layers)
     self.best_L, self.best_accepted = self.current_L, -np.inf
     self.lam = strategy.initial_lambda
     self.iterations = 1  # sets tried, the current one included
     self.searching, self.reselect = True, False
     self.accepted_drafts, self.rates = [], []
-    self._confidence = jax.jit(functools.partial(layer_confidence, config=decoder.config,
+    self._confidence = jax.jit(functools.partial(layer_confidence, config=config,
                                                  window=strategy.window))
     # The engine's own way of putting a skip set in force (read here, not at import time: the
     # engine imports the strategies). Plain on the reference path, where it only replaces
@@ -244,11 +246,11 @@ class ConfLayersPolicy(Policy):
     return self._with_skip(state, skip_L, decoder.params, num_skip)
 
   def after_round(self, accepted, drafted, seconds):
-    del seconds
+    del seconds  # the search judges sets by acceptance alone, as published
     if not self.searching:
       return
     self.accepted_drafts.append(accepted - 1)
-    self.rates.append((accepted - 1) / max(drafted, 1))
+    self.rates.append((accepted - 1) / drafted)  # every round drafts at least one token
     verdict = judge(self.accepted_drafts, self.rates, self.s)
     if verdict == KEEP_EVALUATING:
       return
@@ -308,18 +310,20 @@ class ConfLayers(Strategy):
     if config.num_layers < 4:
       raise ValueError(f'conflayers compares inner layers: it needs L >= 4, got '
                        f'{config.num_layers}')
-    checks = [(self.window >= 1, f'window must be >= 1, got {self.window}'),
-              (0.0 <= self.skip_ratio < 1.0, f'skip_ratio must be in [0, 1), got '
+    checks = [(self.window >= 1, f'window (W) must be >= 1, got {self.window}'),
+              (0.0 <= self.skip_ratio < 1.0, f'skip_ratio (r) must be in [0, 1), got '
                f'{self.skip_ratio}'),
               (self.ratio_band >= 0.0, f'ratio_band must be >= 0, got {self.ratio_band}'),
               (self.lambda_step > 0.0, f'lambda_step must be > 0, got {self.lambda_step}'),
-              (self.lambda_max_steps >= 0, 'lambda_max_steps must be >= 0'),
-              (1 <= self.early_rounds, f'early_rounds must be >= 1, got {self.early_rounds}'),
-              (1 <= self.eval_rounds, f'eval_rounds must be >= 1, got {self.eval_rounds}'),
-              (self.max_iterations >= 1, 'max_iterations must be >= 1')]
+              (self.lambda_max_steps >= 0, f'lambda_max_steps must be >= 0, got '
+               f'{self.lambda_max_steps}'),
+              (self.eval_rounds >= 1, f'eval_rounds must be >= 1, got {self.eval_rounds}'),
+              (self.early_rounds >= 1, f'early_rounds must be >= 1, got {self.early_rounds}'),
+              (self.max_iterations >= 1, f'max_iterations must be >= 1, got '
+               f'{self.max_iterations}')]
     for ok, message in checks:
       if not ok:
-        raise ValueError(message)
+        raise ValueError(f'conflayers {message}')
 
   def initial_skip(self, config):
     return jnp.asarray(every_other_layer(config.num_layers))
@@ -332,6 +336,6 @@ class ConfLayers(Strategy):
   def make_policy(self, decoder):
     policy = getattr(decoder, 'conflayers_policy', None)
     if policy is None:
-      policy = decoder.conflayers_policy = ConfLayersPolicy(self, decoder)
+      policy = decoder.conflayers_policy = ConfLayersPolicy(self, decoder.config)
     policy.start_generation()
     return policy
