@@ -8,6 +8,7 @@ drafting method must reproduce vanilla greedy decoding token for token (EOS hand
 import numpy as np
 import pytest
 
+from clasp_jax import model as model_lib
 from clasp_jax import strategies
 from clasp_jax.bench.specbench import GROUPS
 from clasp_jax.bench.specbench import group_of
@@ -15,11 +16,10 @@ from clasp_jax.bench.specbench import load_questions
 from clasp_jax.cache import init_cache
 from clasp_jax.engine import Decoder
 from clasp_jax.generation import encode_prompt
-from clasp_jax import model as model_lib
 
 QUESTIONS = '/work/shared/data/spec_bench/question.jsonl'
-# 48 new tokens took 13.5 CPU-minutes for this file (2 cores; the four ~700-token prompts'
-# prefills dominate), past its ~5-minute share of the suite: 32 keeps every group.
+# 48 new tokens took 13.5 CPU-minutes for this file (2 cores; the four ~700-token prompts
+# dominate), past its ~5-minute share of the suite: 32 keeps every group.
 MAX_NEW = 32
 
 SETTINGS = {
