@@ -132,17 +132,6 @@ def cache_bucket(num_tokens: int, max_new_tokens: int, num_draft_tokens: int) ->
              _next_power_of_two(num_tokens + max_new_tokens + num_draft_tokens + 1))
 
 
-def _with_skip(state: DecodeState, skip_L: jax.Array, params: Params,
-               num_skip: int) -> DecodeState:
-  """Puts a skip set of `num_skip` layers in force, gathering the active layers on the
-  accelerator path (per-layer params)."""
-  if not model_lib.is_per_layer(params):
-    return state.replace(skip_L=skip_L)
-  layers, ids_A = model_lib.gather_active_layers(params, skip_L,
-                                                 len(params['layers']) - num_skip)
-  return state.replace(skip_L=skip_L, draft_layers=layers, draft_ids_A=ids_A)
-
-
 def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) -> jax.Array:
   if sampling.greedy:
     return jnp.argmax(logits_V).astype(jnp.int32)
@@ -178,8 +167,6 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: ja
       num_rounds=jnp.zeros((), jnp.int32), accepted_R=jnp.zeros((max_rounds,), jnp.int32),
       drafted_R=jnp.zeros((max_rounds,), jnp.int32),
       skip_RL=jnp.zeros((max_rounds, L), bool))
-  if strategy.num_skip is not None:
-    state = _with_skip(state, skip_L, params, strategy.num_skip)
   return state
 
 
@@ -250,10 +237,9 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
       skip_RL=state.skip_RL.at[r].set(state.skip_L))
 
 
-def _refresh(params: Params, state: DecodeState, num_skip: int | jax.Array, *,
-             config: LlamaConfig, strategy: Strategy) -> DecodeState:
-  skip_L = strategy.refresh(params, config, state, num_skip)
-  return _with_skip(state, skip_L, params, num_skip)
+def _choose_skip_set(params: Params, state: DecodeState, num_skip: jax.Array, *,
+                     config: LlamaConfig, strategy: Strategy) -> jax.Array:
+  return strategy.refresh(params, config, state, num_skip)
 
 
 class Decoder:
@@ -265,9 +251,9 @@ class Decoder:
     strategy: the decoding method.
     sampling: greedy (default) or sampling settings.
     tokenizer: optional; used to decode the text of each generation.
-    fast_path: per-layer weight buffers looped over in Python, and a draft over the active
-      layers gathered once per skip-set change (what pays on GPU and TPU), instead of a
-      `fori_loop` over stacked weights with a `lax.cond` per layer (the reference, and
+    fast_path: layers looped over in Python (`model.UnrolledLayers`), and a draft over the
+      active layers gathered once per skip-set change (what pays on GPU and TPU), instead of
+      a `fori_loop` over stacked weights with a `lax.cond` per layer (the reference, and
       faster on CPU). None picks by backend. Both give identical tokens.
   """
 
@@ -281,25 +267,44 @@ class Decoder:
       fast_path = jax.default_backend() != 'cpu'
     self.fast_path = fast_path
     if fast_path:
-      self.params = model_lib.unstack_layers(params)
+      self.params = model_lib.unroll_layers(params)
     static = dict(config=config, strategy=strategy, sampling=sampling)
     self._prefill = jax.jit(functools.partial(_prefill, **static),
                             static_argnames=('max_rounds',), donate_argnums=(4,))
     self._rounds = {draft: jax.jit(functools.partial(_round, draft=draft, **static),
                                    donate_argnums=(1,)) for draft in (True, False)}
-    # The gathered accelerator draft needs M static; the reference path takes any M at once.
-    self._refresh = jax.jit(functools.partial(_refresh, config=config, strategy=strategy),
-                            static_argnames=('num_skip',) if fast_path else (),
-                            donate_argnums=(1,))
+    # M is traced in the choice (one compile serves every M) and static in the gather.
+    self._choose_skip_set = jax.jit(functools.partial(_choose_skip_set, config=config,
+                                                      strategy=strategy))
+    self._gather = jax.jit(model_lib.gather_active_layers, static_argnames=('num_active',))
     self.refresh_seconds = []
 
   def refresh(self, state: DecodeState, num_skip: int) -> DecodeState:
-    """Re-chooses the skip set (the strategy's `refresh`, e.g. the CLaSp DP), timed."""
+    """Re-chooses the skip set (the strategy's `refresh`, e.g. the CLaSp DP) and puts it in
+    force; timed into `refresh_seconds`."""
     t0 = time.perf_counter()
-    state = self._refresh(self.params, state, num_skip=num_skip)
+    # Without the gathered layers, whose presence and shape vary: one compile serves all.
+    bare = state.replace(draft_layers=None, draft_ids_A=None)
+    skip_L = self._choose_skip_set(self.params, bare, np.int32(num_skip))
+    state = self.put_skip_set(state, skip_L)
     state.skip_L.block_until_ready()
     self.refresh_seconds.append(time.perf_counter() - t0)
     return state
+
+  def put_skip_set(self, state: DecodeState, skip_L: jax.Array) -> DecodeState:
+    """Makes `skip_L` the skip set the draft uses.
+
+    On the accelerator path the active layers are gathered, unless this very set is already
+    in force (the DP often re-chooses it): a gather reads (L-M)/L of the weights.
+    """
+    if not self.fast_path:
+      return state.replace(skip_L=jnp.asarray(skip_L))
+    skip_np = np.asarray(skip_L)
+    if state.draft_ids_A is not None and np.array_equal(skip_np, np.asarray(state.skip_L)):
+      return state
+    layers, ids_A = self._gather(self.params, jnp.asarray(skip_L),
+                                 num_active=self.config.num_layers - int(skip_np.sum()))
+    return state.replace(skip_L=jnp.asarray(skip_L), draft_layers=layers, draft_ids_A=ids_A)
 
   def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
     """Raises ValueError for a request the model cannot serve (before any compilation)."""
@@ -329,6 +334,8 @@ class Decoder:
     self.refresh_seconds = []
     budget = np.int32(max_new_tokens)
     policy = self.strategy.make_policy(self)
+    if policy is None and self.strategy.num_skip is not None and not self.strategy.loi:
+      state = self.put_skip_set(state, state.skip_L)  # a fixed set: in force from the start
     rounds = 0
     while not bool(state.done):
       if policy is not None:

@@ -20,6 +20,7 @@ import dataclasses
 import math
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,60 +210,66 @@ def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: ja
   return out_1MD[0]
 
 
-def is_per_layer(params: Params) -> bool:
-  """Whether `params['layers']` is a tuple of per-layer trees rather than one stacked tree."""
-  return isinstance(params['layers'], (tuple, list))
+@flax.struct.dataclass
+class UnrolledLayers:
+  """Stacked layer params that `fold_layers` loops over in Python (unrolled).
+
+  On accelerators a `fori_loop` over stacked weights slices (copies) each layer's weights
+  every step, about twice the bytes of the step itself; in an unrolled loop every slice is
+  static and the weights are read in place. (On CPU the opposite holds, so the reference path
+  keeps the `fori_loop`.)
+
+  Attributes:
+    stacked: the layer params, each with a leading layer axis.
+  """
+
+  stacked: Params
+
+
+def unroll_layers(params: Params) -> Params:
+  """The same params, their layers marked to be unrolled (the accelerator path)."""
+  if is_unrolled(params):
+    return params
+  return dict(params, layers=UnrolledLayers(params['layers']))
+
+
+def is_unrolled(params: Params) -> bool:
+  """Whether `params['layers']` is to be looped over in Python (see `UnrolledLayers`)."""
+  return isinstance(params['layers'], UnrolledLayers)
+
+
+def _stacked(params: Params) -> Params:
+  layers = params['layers']
+  return layers.stacked if isinstance(layers, UnrolledLayers) else layers
 
 
 def num_layers_in(params: Params) -> int:
   """How many layers `params['layers']` holds."""
-  layers = params['layers']
-  return len(layers) if is_per_layer(params) else jax.tree.leaves(layers)[0].shape[0]
+  return jax.tree.leaves(_stacked(params))[0].shape[0]
 
 
 def layer_params(params: Params, i: int | jax.Array) -> Params:
-  """The params of layer i (no leading L axis); i must be static for per-layer params."""
-  if is_per_layer(params):
-    return params['layers'][i]
-  return jax.tree.map(lambda w: w[i], params['layers'])
-
-
-def unstack_layers(params: Params) -> Params:
-  """Params whose layers are a tuple of L separate trees.
-
-  On accelerators a layer loop over one stacked tree slices (copies) each layer's weights
-  every step, about twice the bytes of the step itself; separate buffers per layer, looped
-  over in Python (unrolled), are read in place. Done once, when a decoder is built.
-  """
-  if is_per_layer(params):
-    return params
-  L = num_layers_in(params)
-  return dict(params, layers=tuple(layer_params(params, i) for i in range(L)))
+  """The params of layer i (no leading layer axis)."""
+  return jax.tree.map(lambda w: w[i], _stacked(params))
 
 
 def gather_active_layers(params: Params, skip_L: jax.Array,
-                         num_active: int) -> tuple[Params, jax.Array]:
-  """Copies of the active layers' params in order, and their indices int32[A].
-
-  Per-layer params give a tuple of A per-layer trees (each slot picks its layer with a
-  `lax.switch`, copying one layer); stacked params give one stacked tree.
-  """
+                         num_active: int) -> tuple[UnrolledLayers, jax.Array]:
+  """The active layers' params gathered in order into their own stack, and their indices
+  int32[A]: done once per skip-set change, so that a draft step reads only what it runs."""
   ids_A = jnp.nonzero(~skip_L, size=num_active)[0].astype(jnp.int32)
-  if not is_per_layer(params):
-    return jax.tree.map(lambda w: w[ids_A], params['layers']), ids_A
-  branches = [lambda lp=lp: lp for lp in params['layers']]
-  return tuple(jax.lax.switch(ids_A[a], branches) for a in range(num_active)), ids_A
+  return UnrolledLayers(jax.tree.map(lambda w_L: w_L[ids_A], _stacked(params))), ids_A
 
 
 def fold_layers(params: Params, fn, carry):
   """carry = fn(a, layer_a_params, carry) for every layer a of `params['layers']` in order.
 
-  A `fori_loop` over a stacked tree (the compact reference path), a Python loop (unrolled)
-  over per-layer trees (the accelerator path).
+  A `fori_loop` over a stacked tree (the compact reference path), a Python loop with static
+  slices over `UnrolledLayers` (the accelerator path).
   """
-  if is_per_layer(params):
-    for a, lp in enumerate(params['layers']):
-      carry = fn(a, lp, carry)
+  if is_unrolled(params):
+    for a in range(num_layers_in(params)):
+      carry = fn(a, layer_params(params, a), carry)
     return carry
   return jax.lax.fori_loop(0, num_layers_in(params),
                            lambda a, c: fn(a, layer_params(params, a), c), carry)
@@ -282,8 +289,8 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
   """Runs a chunk of T tokens through the model, reading and writing the cache.
 
   Args:
-    params: the params pytree; its layers stacked (reference) or per layer (accelerators,
-      see `unstack_layers`).
+    params: the params pytree; its layers stacked (reference) or `UnrolledLayers`
+      (accelerators).
     config: the model config.
     tokens_BT: int32 token ids at positions [cache.length, cache.length + T).
     cache: the KV cache; it must have room for T more rows.
@@ -398,7 +405,7 @@ def sublayer_stats(params: Params, config: LlamaConfig, tokens_BT: jax.Array, ca
   so the layer itself is computed by `_finish_layer`, exactly as `forward` computes it.
 
   Args:
-    params: the params pytree (stacked or per layer).
+    params: the params pytree (stacked or unrolled layers).
     config: the model config.
     tokens_BT: int32 token ids.
     cache: the KV cache; rows [0, start) must hold every layer's keys and values.

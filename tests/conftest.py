@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random LLaMA checkpoint in HF format, and the embedded SmolLM2 GGUF."""
+"""Shared fixtures: a tiny random model and its plain-decoding outputs, a tiny LLaMA checkpoint
+in HF format, and the embedded SmolLM2 GGUF."""
 
 import os
 
@@ -9,9 +10,27 @@ import torch
 import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from clasp_jax import strategies
 from clasp_jax import weights
+from clasp_jax.engine import Decoder
+import tiny
 
 _TINY_SPECIALS = ('<unk>', '<s>', '</s>')
+
+
+@pytest.fixture(scope='session')
+def tiny_model():
+  """(config, params) of the tiny random model of tests/tiny.py."""
+  config = tiny.tiny_config()
+  return config, tiny.tiny_params(config)
+
+
+@pytest.fixture(scope='session')
+def tiny_vanilla_outputs(tiny_model):
+  """Plain greedy decoding of `tiny.prompts`: the oracle of the losslessness tests."""
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.Vanilla())
+  return [decoder.generate(p, tiny.MAX_NEW).token_ids for p in tiny.prompts(config)]
 
 
 def _tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:

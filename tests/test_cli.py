@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from clasp_jax.cli import bench
+
 # JAX logs every compilation, so the tests can tell that none happened.
 _ENV = dict(os.environ, JAX_LOG_COMPILES='1', JAX_PLATFORMS='cpu')
 
@@ -45,7 +47,10 @@ def test_generate_rejects_too_many_skipped_layers_before_compiling():
 
 
 @pytest.mark.parametrize('args, reason', [
-    (['--methods=vanilla,beam'], 'unknown method(s) beam'),
+    (['--methods=vanilla,beam'], "unknown method 'beam'"),
+    (['--methods=clasp:depth=3'], "method 'clasp:depth=3': expected setting=value"),
+    (['--methods=clasp:skip_layers=x'], "skip_layers must be an integer or 'auto'"),
+    (['--methods=vanilla:loi=2'], 'vanilla takes no settings'),
     (['--questions=/nope.jsonl'], 'questions file /nope.jsonl does not exist'),
     (['--num_questions=0'], '--num_questions=0'),
 ])
@@ -53,3 +58,10 @@ def test_bench_rejects_before_loading(args, reason):
   result = _run_cli('clasp_jax.cli.bench', *args)
   _assert_usage_error(result, reason)
   assert 'Compiling' not in result.stderr
+
+
+def test_method_variants_override_flags_for_one_method():
+  assert bench.parse_method('clasp:skip_layers=4:loi=1') == ('clasp', dict(skip_layers=4, loi=1))
+  assert bench.parse_method('clasp:skip_layers=auto') == ('clasp', dict(skip_layers='auto'))
+  assert bench.methods_to_run(['clasp:skip_layers=2', 'pld', 'pld']) == [
+      'vanilla', 'clasp:skip_layers=2', 'pld']

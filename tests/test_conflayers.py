@@ -19,7 +19,6 @@ from clasp_jax.strategies import conflayers
 import tiny
 
 QUESTIONS = '/work/shared/data/spec_bench/question.jsonl'
-MAX_NEW = 40
 # A short evaluation, so that the search replaces sets within one short generation.
 QUICK = dict(eval_rounds=4, early_rounds=2)
 BAND = dict(ratio=0.4, band=0.25, step=0.05, max_steps=40)
@@ -155,16 +154,10 @@ def test_sublayer_confidence():
   assert float(conflayers.sublayer_confidence(peaked_BTD, valid_BT)) == pytest.approx(0.5)
 
 
-@pytest.fixture(scope='module')
-def model():
-  config = tiny.tiny_config()
-  return config, tiny.tiny_params(config)
-
-
-def test_sublayer_outputs_rebuild_the_hidden_states(model):
+def test_sublayer_outputs_rebuild_the_hidden_states(tiny_model):
   """attention + MLP outputs summed over layers give `forward`'s residual stream; the chunk
   sees the cached prefix."""
-  config, params = model
+  config, params = tiny_model
   tokens_BT = jnp.asarray(np.random.RandomState(0).randint(4, config.vocab_size, (1, 24)))
   out = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c, return_hiddens=True))(
       params, tokens_BT, init_cache(config, 64))
@@ -181,9 +174,9 @@ def test_sublayer_outputs_rebuild_the_hidden_states(model):
 _State = collections.namedtuple('_State', 'tokens_N num_tokens prompt_len cache')
 
 
-def test_confidence_window_pads_and_masks(model):
+def test_confidence_window_pads_and_masks(tiny_model):
   """Fewer generated tokens than W: the padded forward gives the unpadded confidences."""
-  config, params = model
+  config, params = tiny_model
   tokens = np.random.RandomState(2).randint(4, config.vocab_size, 30)
   cache = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c).cache)(
       params, jnp.asarray(tokens[None, :29]), init_cache(config, 64))
@@ -229,8 +222,8 @@ def test_build_validates_settings(settings, match):
     strategies.build('conflayers', tiny.tiny_config(num_layers=3))
 
 
-def test_policy_keeps_the_best_set_and_stops(model):
-  config, _ = model
+def test_policy_keeps_the_best_set_and_stops(tiny_model):
+  config, _ = tiny_model
   policy = conflayers.ConfLayersPolicy(strategies.ConfLayers(**QUICK), config)
   initial_L = conflayers.every_other_layer(config.num_layers)
   for _ in range(4):
@@ -248,8 +241,8 @@ def test_policy_keeps_the_best_set_and_stops(model):
   assert _layers(policy.current_L) == [2]
 
 
-def test_policy_settles_on_the_best_after_max_iterations(model):
-  config, _ = model
+def test_policy_settles_on_the_best_after_max_iterations(tiny_model):
+  config, _ = tiny_model
   policy = conflayers.ConfLayersPolicy(strategies.ConfLayers(**QUICK, max_iterations=1),
                                        config)
   for _ in range(4):
@@ -258,22 +251,10 @@ def test_policy_settles_on_the_best_after_max_iterations(model):
   assert _layers(policy.current_L) == [1, 3]
 
 
-def _prompts(config, count=2, length=20):
-  rng = np.random.RandomState(1)
-  return [rng.randint(4, config.vocab_size, length).tolist() for _ in range(count)]
-
-
-@pytest.fixture(scope='module')
-def vanilla_outputs(model):
-  config, params = model
-  decoder = Decoder(params, config, strategies.Vanilla())
-  return [decoder.generate(prompt, MAX_NEW).token_ids for prompt in _prompts(config)]
-
-
 @pytest.mark.parametrize('fast_path', [False, True])
-def test_greedy_is_identical_to_vanilla_and_the_search_moves(model, vanilla_outputs,
+def test_greedy_is_identical_to_vanilla_and_the_search_moves(tiny_model, tiny_vanilla_outputs,
                                                              monkeypatch, fast_path):
-  config, params = model
+  config, params = tiny_model
   if not fast_path:  # the reference path takes any skip set without retracing
     for module, name in ((engine, '_round'), (conflayers, 'layer_confidence')):
       monkeypatch.setattr(module, name, chex.assert_max_traces(getattr(module, name), n=1))
@@ -281,8 +262,8 @@ def test_greedy_is_identical_to_vanilla_and_the_search_moves(model, vanilla_outp
                               conflayers_settings=dict(QUICK, window=16))
   decoder = Decoder(params, config, strategy, fast_path=fast_path)
   skip_sets = set()
-  for prompt, tokens in zip(_prompts(config), vanilla_outputs):
-    out = decoder.generate(prompt, MAX_NEW)
+  for prompt, tokens in zip(tiny.prompts(config, count=2), tiny_vanilla_outputs):
+    out = decoder.generate(prompt, tiny.MAX_NEW)
     assert out.token_ids == tokens
     assert not out.skip_sets[:, 0].any() and not out.skip_sets[:, -1].any()
     skip_sets |= {tuple(s) for s in out.skip_sets.tolist()}

@@ -5,30 +5,12 @@ import numpy as np
 import pytest
 
 from clasp_jax import engine
+from clasp_jax import model as model_lib
 from clasp_jax import strategies
 from clasp_jax.engine import Decoder
 from clasp_jax.sampling import SamplingConfig
 import tiny
 
-MAX_NEW = 40
-
-
-@pytest.fixture(scope='module')
-def model():
-  config = tiny.tiny_config()
-  return config, tiny.tiny_params(config)
-
-
-def _prompts(config, count=3, length=20):
-  rng = np.random.RandomState(1)
-  return [rng.randint(4, config.vocab_size, length).tolist() for _ in range(count)]
-
-
-@pytest.fixture(scope='module')
-def vanilla_outputs(model):
-  config, params = model
-  decoder = Decoder(params, config, strategies.Vanilla())
-  return [decoder.generate(p, MAX_NEW).token_ids for p in _prompts(config)]
 
 
 @pytest.mark.parametrize('method,settings', [
@@ -39,31 +21,31 @@ def vanilla_outputs(model):
     ('static', dict(skip_set=(1, 4), num_draft_tokens=6, draft_exit_threshold=0.1)),
     ('pld', dict(num_draft_tokens=5)),
 ])
-def test_greedy_is_identical_to_vanilla(model, vanilla_outputs, method, settings):
-  config, params = model
+def test_greedy_is_identical_to_vanilla(tiny_model, tiny_vanilla_outputs, method, settings):
+  config, params = tiny_model
   decoder = Decoder(params, config, strategies.build(method, config, **settings))
-  for prompt, expected in zip(_prompts(config), vanilla_outputs):
-    out = decoder.generate(prompt, MAX_NEW)
+  for prompt, expected in zip(tiny.prompts(config), tiny_vanilla_outputs):
+    out = decoder.generate(prompt, tiny.MAX_NEW)
     assert out.token_ids == expected
     assert sum(out.accept_lengths) + 1 >= len(out.token_ids)
     assert all(1 <= a <= decoder.strategy.num_draft_tokens + 1 for a in out.accept_lengths)
 
 
-def test_full_model_draft_accepts_everything(model):
+def test_full_model_draft_accepts_everything(tiny_model):
   """With M = 0 the draft is the verify model: every draft is accepted (tau = K + 1)."""
-  config, params = model
+  config, params = tiny_model
   decoder = Decoder(params, config, strategies.build(
       'clasp', config, skip_layers=0, num_draft_tokens=4, draft_exit_threshold=0.0))
-  out = decoder.generate(_prompts(config)[0], 41)
+  out = decoder.generate(tiny.prompts(config)[0], 41)
   assert out.accept_lengths[:-1] == [5] * (len(out.accept_lengths) - 1)
   assert out.draft_lengths[0] == 4
 
 
-def test_statistics_shapes(model):
-  config, params = model
+def test_statistics_shapes(tiny_model):
+  config, params = tiny_model
   decoder = Decoder(params, config, strategies.build(
       'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=2))
-  out = decoder.generate(_prompts(config)[0], MAX_NEW)
+  out = decoder.generate(tiny.prompts(config)[0], tiny.MAX_NEW)
   rounds = len(out.accept_lengths)
   chex.assert_shape(out.skip_sets, (rounds, config.num_layers))
   assert (out.skip_sets.sum(axis=1) == 2).all()
@@ -72,26 +54,29 @@ def test_statistics_shapes(model):
   assert 1.0 <= out.mean_accepted <= 5.0
 
 
-def test_stops_at_eos(model):
-  config, params = model
+def test_stops_at_eos(tiny_model):
+  config, params = tiny_model
   decoder = Decoder(params, config, strategies.Vanilla())
-  free = decoder.generate(_prompts(config)[0], MAX_NEW).token_ids
+  free = decoder.generate(tiny.prompts(config)[0], tiny.MAX_NEW).token_ids
   eos = free[5]
   stopping = Decoder(params, config.__class__(**{**config.__dict__, 'eos_token_ids': (eos,)}),
                      strategies.build('clasp', config, skip_layers=2, num_draft_tokens=4,
                                       draft_exit_threshold=0.0))
-  out = stopping.generate(_prompts(config)[0], MAX_NEW).token_ids
+  out = stopping.generate(tiny.prompts(config)[0], tiny.MAX_NEW).token_ids
   assert out == free[:free.index(eos) + 1]
 
 
-def test_no_retrace_across_prompts_and_skip_sets(model, monkeypatch):
-  """After warm-up, new skip sets and acceptance counts reuse the compiled round."""
-  config, params = model
-  for name in ('_prefill', '_round', '_refresh'):
-    monkeypatch.setattr(engine, name, chex.assert_max_traces(getattr(engine, name), n=1))
+@pytest.mark.parametrize('fast_path', [False, True])
+def test_no_retrace_across_prompts_and_skip_sets(tiny_model, monkeypatch, fast_path):
+  """After warm-up, new skip sets and acceptance counts reuse the compiled functions."""
+  config, params = tiny_model
+  for module, name in ((engine, '_prefill'), (engine, '_round'), (engine, '_choose_skip_set'),
+                       (model_lib, 'gather_active_layers')):
+    monkeypatch.setattr(module, name, chex.assert_max_traces(getattr(module, name), n=1))
   decoder = Decoder(params, config, strategies.build(
-      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.2, loi=1))
-  outs = [decoder.generate(p, MAX_NEW) for p in _prompts(config, count=3)]
+      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.2, loi=1),
+                    fast_path=fast_path)
+  outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config, count=3)]
   skip_sets = {tuple(s) for o in outs for s in o.skip_sets.tolist()}
   assert len(skip_sets) > 1  # the DP really moved the skip set
   assert len({a for o in outs for a in o.accept_lengths}) > 1
@@ -104,8 +89,8 @@ def test_no_retrace_across_prompts_and_skip_sets(model, monkeypatch):
     ([5, 6], 0, 'max_new_tokens'),
     ([5, 1000], 4, 'token ids'),
 ])
-def test_bad_requests(model, prompt, max_new, match):
-  config, params = model
+def test_bad_requests(tiny_model, prompt, max_new, match):
+  config, params = tiny_model
   with pytest.raises(ValueError, match=match):
     Decoder(params, config, strategies.Vanilla()).generate(prompt, max_new)
 
@@ -121,8 +106,8 @@ def test_bad_requests(model, prompt, max_new, match):
     ('static', dict(skip_set=(0, 9)), 'outside'),
     ('nope', {}, 'unknown method'),
 ])
-def test_bad_strategy_settings(model, method, settings, match):
-  config, _ = model
+def test_bad_strategy_settings(tiny_model, method, settings, match):
+  config, _ = tiny_model
   with pytest.raises(ValueError, match=match):
     strategies.build(method, config, **settings)
 
@@ -144,15 +129,17 @@ def test_bad_sampling_settings(settings, match):
     ('clasp', dict(skip_layers=3, num_draft_tokens=6, draft_exit_threshold=0.5, loi=2)),
     ('static', dict(skip_set=(2, 3, 5), num_draft_tokens=4, draft_exit_threshold=0.0)),
 ])
-def test_fast_path_equals_reference_path(model, vanilla_outputs, method, settings):
+def test_fast_path_equals_reference_path(tiny_model, tiny_vanilla_outputs, method,
+                                         settings):
   """The accelerator path (gathered active layers, unrolled) gives the reference's tokens,
   accepted lengths and skip sets."""
-  config, params = model
+  config, params = tiny_model
   strategy = strategies.build(method, config, **settings)
   reference = Decoder(params, config, strategy, fast_path=False)
   fast = Decoder(params, config, strategy, fast_path=True)
-  for prompt, expected in zip(_prompts(config), vanilla_outputs):
-    ref_out, fast_out = reference.generate(prompt, MAX_NEW), fast.generate(prompt, MAX_NEW)
+  for prompt, expected in zip(tiny.prompts(config), tiny_vanilla_outputs):
+    ref_out = reference.generate(prompt, tiny.MAX_NEW)
+    fast_out = fast.generate(prompt, tiny.MAX_NEW)
     assert fast_out.token_ids == ref_out.token_ids == expected
     assert fast_out.accept_lengths == ref_out.accept_lengths
     np.testing.assert_array_equal(fast_out.skip_sets, ref_out.skip_sets)

@@ -1,6 +1,7 @@
 """Tiny random models shared by the tests (no checkpoint on disk)."""
 
 import jax
+import numpy as np
 
 from clasp_jax import model as model_lib
 from clasp_jax.config import LlamaConfig, RopeScaling
@@ -19,3 +20,13 @@ def tiny_config(**overrides) -> LlamaConfig:
 def tiny_params(config: LlamaConfig, seed: int = 0, scale: float = 0.2):
   """Random params whose layers matter (scale 0.2 keeps skipping a layer visible)."""
   return model_lib.init_params(config, jax.random.key(seed), scale=scale)
+
+
+#: New tokens per generation in the losslessness tests on tiny models.
+MAX_NEW = 40
+
+
+def prompts(config: LlamaConfig, count: int = 3, length: int = 20) -> list[list[int]]:
+  """Random prompts (the same ones every call), avoiding the low ids EOS lives among."""
+  rng = np.random.RandomState(1)
+  return [rng.randint(4, config.vocab_size, length).tolist() for _ in range(count)]

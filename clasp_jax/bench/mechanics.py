@@ -84,7 +84,7 @@ def decode_bytes(config: LlamaConfig, itemsize: int) -> int:
 
 
 def tensor_parallel(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Megatron-style shardings over mesh axis 'tp' for params (stacked or per layer) or a
+  """Megatron-style shardings over mesh axis 'tp' for params (stacked layers) or a
   KV cache: column-parallel q/k/v/gate/up and LM head, row-parallel o/down, vocab-parallel
   embedding, KV heads split in the cache, norms replicated."""
   P = jax.sharding.PartitionSpec
@@ -104,20 +104,23 @@ def tensor_parallel(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def random_params(config: LlamaConfig, dtype, mesh: jax.sharding.Mesh) -> dict:
-  """Random per-layer params (see `model.unstack_layers`), built one layer at a time so that
-  the largest shapes never need two copies of the weights."""
-  one = dataclasses.replace(config, num_layers=1)
-
-  def init(key):
-    params = model_lib.init_params(one, key, dtype)
-    return dict(params, layers=jax.tree.map(lambda w: w[0], params['layers']))
-
-  make = jax.jit(init, out_shardings=tensor_parallel(jax.eval_shape(init, jax.random.key(0)),
-                                                     mesh))
-  params = make(jax.random.key(0))
-  layers = [params['layers']] + [make(jax.random.key(i))['layers']
-                                 for i in range(1, config.num_layers)]
-  return dict(params, layers=tuple(layers))
+  """Random params, layers stacked and unrolled (`model.UnrolledLayers`), filled in one layer
+  at a time so that the largest shapes never hold a second (or a float32) copy of the weights."""
+  init_one = functools.partial(model_lib.init_params, dataclasses.replace(config, num_layers=1),
+                               dtype=dtype)
+  make_one = jax.jit(init_one, out_shardings=tensor_parallel(
+      jax.eval_shape(init_one, jax.random.key(0)), mesh))
+  shapes = jax.eval_shape(functools.partial(model_lib.init_params, config, dtype=dtype),
+                          jax.random.key(0))['layers']
+  zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                  out_shardings=tensor_parallel(shapes, mesh))
+  put = jax.jit(lambda stack, layer, i: jax.tree.map(
+      lambda s_L, l_1: jax.lax.dynamic_update_slice_in_dim(s_L, l_1, i, 0), stack, layer),
+                donate_argnums=(0,))
+  params, layers = make_one(jax.random.key(0)), zeros()
+  for i in range(config.num_layers):
+    layers = put(layers, make_one(jax.random.key(i))['layers'], i)
+  return model_lib.unroll_layers(dict(params, layers=layers))
 
 
 def fits(config: LlamaConfig, context: int, itemsize: int, skip_fraction: float) -> bool:
@@ -164,7 +167,8 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
   roofline_ms = decode_bytes(config, jnp.dtype(dtype).itemsize) / bandwidth * 1e3
   row = dict(preset=name, context=context, num_layers=L, params_b=config.num_params / 1e9,
              device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
-             hbm_bandwidth=bandwidth, bandwidth_source=bw_source, full_ms=t_full.ms, full_compile_s=t_full.compile_s,
+             hbm_bandwidth=bandwidth, bandwidth_source=bw_source, full_ms=t_full.ms,
+             full_compile_s=t_full.compile_s,
              roofline_ms=roofline_ms, roofline_fraction=roofline_ms / t_full.ms, drafts=[],
              verify=[])
 
@@ -173,7 +177,7 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
   gather = jax.jit(model_lib.gather_active_layers, static_argnums=(2,))
   cond_draft = jax.jit(lambda p, skip, c, t: model_lib.forward(p, config, t, c, skip_L=skip),
                        donate_argnums=(2,))
-  stack = jax.jit(lambda p: dict(p, layers=jax.tree.map(lambda *w: jnp.stack(w), *p['layers'])))
+  reference = dict(params, layers=params['layers'].stacked)  # fori_loop + lax.cond path
   rng = np.random.default_rng(0)
   for frac in skip_fractions:
     M = round(frac * L)
@@ -186,10 +190,9 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
     entry = dict(M=M, draft_ms=t_draft.ms, ratio_to_full=t_draft.ms / t_full.ms,
                  ideal_ratio=(L - M) / L, gather_ms=t_gather.ms,
                  draft_compile_s=t_draft.compile_s)
-    if frac == 0.5 and fits(config, context, 2 * jnp.dtype(dtype).itemsize, 1.0):
-      stacked = stack(params)  # the reference path's layout
-      t_cond = time_fn(cond_draft, stacked, skip_L, cache, token, reps=reps, feed=feed_cache(2))
-      del stacked
+    if frac == 0.5:
+      t_cond = time_fn(cond_draft, reference, skip_L, cache, token, reps=reps,
+                       feed=feed_cache(2))
       cache = fresh_cache()
       entry.update(cond_draft_ms=t_cond.ms, cond_ratio_to_full=t_cond.ms / t_full.ms)
     if frac == 0.5:

@@ -1,6 +1,10 @@
 """clasp-bench: Spec-Bench speed and losslessness of several decoding methods on one model.
 
   clasp-bench --methods=vanilla,clasp,static,pld,hf --num_questions=10 --out_dir=runs/specbench
+  clasp-bench --methods=clasp,clasp:skip_layers=4,clasp:skip_layers=8:loi=1 ...
+
+A method may carry its own settings after colons (`name:setting=value:...`, settings from
+`VARIANT_SETTINGS`), overriding the flags for that method alone: a sweep in one run.
 
 Answers the questions with each method in turn (vanilla first: the speedups are relative to it),
 one answer file per method in --out_dir, then writes the summary (summary.json; summary.md, the
@@ -35,7 +39,8 @@ BENCH_METHODS = (*strategies.METHODS, HF)
 _SPEC_BENCH = Path(__file__).resolve().parents[2].parent / 'shared/data/spec_bench/question.jsonl'
 
 flags.DEFINE_list('methods', 'vanilla,clasp,static,pld', 'Methods to compare, from '
-                  f'{",".join(BENCH_METHODS)} (vanilla is always run).')
+                  f'{",".join(BENCH_METHODS)} (vanilla is always run); `name:setting=value` '
+                  'overrides a strategy flag for that method (e.g. clasp:skip_layers=4).')
 flags.DEFINE_string('questions', str(_SPEC_BENCH) if _SPEC_BENCH.exists() else None,
                     'Spec-Bench question file (JSON lines).')
 flags.DEFINE_integer('num_questions', None, 'Questions per group (the first N in file order); '
@@ -53,27 +58,58 @@ FLAGS = flags.FLAGS
 _DEFAULT_MAX_NEW_TOKENS = 1024
 
 
-def methods_to_run(methods: Sequence[str]) -> list[str]:
-  """The methods in order, vanilla first and added if missing, without repeats.
+#: Strategy settings a method variant may override, with their parsers.
+VARIANT_SETTINGS = {'skip_layers': flags_lib.parse_skip_layers, 'skip_ratio': float,
+                    'num_draft_tokens': int, 'draft_exit_threshold': float, 'loi': int}
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+  """`name:setting=value:...` -> (name, {setting: value}).
 
   Raises:
-    ValueError: for an unknown method.
+    ValueError: for an unknown method or setting, or a value that does not parse.
   """
-  unknown = [m for m in methods if m not in BENCH_METHODS]
-  if unknown:
-    raise ValueError(f'unknown method(s) {", ".join(unknown)}; choose from '
-                     f'{", ".join(BENCH_METHODS)}')
+  name, *items = spec.split(':')
+  if name not in BENCH_METHODS:
+    raise ValueError(f'unknown method {name!r}; choose from {", ".join(BENCH_METHODS)}')
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or key not in VARIANT_SETTINGS:
+      raise ValueError(f'method {spec!r}: expected setting=value with a setting from '
+                       f'{", ".join(VARIANT_SETTINGS)}, got {item!r}')
+    try:
+      overrides[key] = VARIANT_SETTINGS[key](value)
+    except ValueError as e:
+      raise ValueError(f'method {spec!r}: bad value for {key}: {e}') from None
+  if overrides and name in (HF, specbench.BASELINE):
+    raise ValueError(f'method {spec!r}: {name} takes no settings')
+  return name, overrides
+
+
+def methods_to_run(methods: Sequence[str]) -> list[str]:
+  """The method specs in order, vanilla first and added if missing, without repeats.
+
+  Raises:
+    ValueError: for an unknown method or setting (see `parse_method`).
+  """
+  for spec in methods:
+    parse_method(spec)
   return list(dict.fromkeys([specbench.BASELINE, *methods]))
 
 
-def make_generator(model: weights.LoadedModel, method: str, sampling: SamplingConfig,
+def make_generator(model: weights.LoadedModel, spec: str, sampling: SamplingConfig,
                    strategy_kwargs: dict[str, Any]) -> specbench.Generator:
-  """The decoder of one method (validated; nothing is compiled yet)."""
+  """The decoder of one method spec (validated; nothing is compiled yet)."""
+  method, overrides = parse_method(spec)
   if method == HF:
     if not sampling.greedy:
       raise ValueError('method hf decodes greedily: drop it or use --temperature=0')
     return hf_reference.load_reference(model)
-  return make_decoder(model, method, **dataclasses.asdict(sampling), **strategy_kwargs)
+  if {'skip_layers', 'skip_ratio'} & set(overrides):  # a variant's M replaces the flags'
+    strategy_kwargs = dict(strategy_kwargs, skip_layers=None, skip_ratio=None)
+  return make_decoder(model, method, **dataclasses.asdict(sampling),
+                      **{**strategy_kwargs, **overrides})
 
 
 def _method_settings(generator: specbench.Generator) -> str:

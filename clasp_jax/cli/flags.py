@@ -137,7 +137,7 @@ def strategy_kwargs() -> dict[str, Any]:
   Raises:
     ValueError: when --skip_set holds something other than integers.
   """
-  return dict(skip_layers=_skip_layers(FLAGS.skip_layers), skip_ratio=FLAGS.skip_ratio,
+  return dict(skip_layers=parse_skip_layers(FLAGS.skip_layers), skip_ratio=FLAGS.skip_ratio,
               skip_set=_layer_indices(FLAGS.skip_set),
               num_draft_tokens=FLAGS.num_draft_tokens,
               draft_exit_threshold=FLAGS.draft_exit_threshold, loi=FLAGS.loi,
@@ -146,13 +146,14 @@ def strategy_kwargs() -> dict[str, Any]:
                                    for name in _CONFLAYERS_SETTINGS})
 
 
-def _skip_layers(value: str | None) -> int | str | None:
+def parse_skip_layers(value: str | None) -> int | str | None:
+  """An integer M, 'auto' or None (unset)."""
   if value is None or value == 'auto':
     return value
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"--skip_layers must be an integer or 'auto', got {value!r}") from None
+    raise ValueError(f"skip_layers must be an integer or 'auto', got {value!r}") from None
 
 
 def _layer_indices(items: list[str] | None) -> tuple[int, ...] | None:

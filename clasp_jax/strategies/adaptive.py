@@ -114,7 +114,7 @@ def measure_costs(decoder, max_skip: int, context: int = 512) -> Costs:
   num_active = L - int(skip_L.sum())
   full = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c).logits_BPV)
   t_full = _median_seconds(full, params, cache, token_11)
-  if model_lib.is_per_layer(params):
+  if model_lib.is_unrolled(params):
     layers, ids_A = jax.jit(model_lib.gather_active_layers, static_argnums=2)(
         params, skip_L, num_active)
     draft = jax.jit(lambda p, c, t: model_lib.forward(dict(p, layers=layers), config, t, c,
@@ -141,7 +141,7 @@ def cached_costs(decoder, max_skip: int, cache_dir: str | None) -> Costs:
   key = '|'.join(map(str, (jax.devices()[0].device_kind, config.num_layers, config.hidden_size,
                            config.intermediate_size, config.vocab_size,
                            params['embed'].dtype, decoder.strategy.num_draft_tokens,
-                           model_lib.is_per_layer(params), max_skip)))
+                           model_lib.is_unrolled(params), max_skip)))
   path = os.path.join(cache_dir, 'costs.json') if cache_dir else None
   table = {}
   if path and os.path.exists(path):
@@ -260,7 +260,7 @@ class AdaptivePolicy(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaptiveClasp(Strategy):
+class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   """CLaSp whose number of skipped layers M is chosen online (`--skip_layers=auto`).
 
   Attributes:
@@ -308,18 +308,13 @@ class AdaptiveClasp(Strategy):
     return 'clasp'
 
   def validate(self, config):
-    layer_skip.validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
+    self.validate_drafting()
     if not 1 <= self.initial_skip_layers <= self.max_skip_layers < config.num_layers:
       raise ValueError(f'need 1 <= initial_skip_layers <= max_skip_layers < L = '
                        f'{config.num_layers}, got {self.initial_skip_layers}, '
                        f'{self.max_skip_layers}')
     if self.loi < 1:
       raise ValueError(f'loi must be >= 1, got {self.loi}')
-
-  def propose(self, params, config, state, sampling, key):
-    return layer_skip.draft_with_skip(
-        params, config, state, sampling, key, num_draft_tokens=self.num_draft_tokens,
-        draft_exit_threshold=self.draft_exit_threshold)
 
   def refresh(self, params, config, state, num_skip):
     table_LJ = clasp_dp_table(params, config, state.cache, state.target_hidden_LD,

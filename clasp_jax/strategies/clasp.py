@@ -89,7 +89,7 @@ def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int) -> jax.
 
 
 @dataclasses.dataclass(frozen=True)
-class Clasp(Strategy):
+class Clasp(layer_skip.LayerSkipDrafting, Strategy):
   """Self-speculative decoding whose skip set the DP re-chooses every `loi` rounds.
 
   Attributes:
@@ -110,17 +110,12 @@ class Clasp(Strategy):
     return 'clasp'
 
   def validate(self, config):
-    layer_skip.validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
+    self.validate_drafting()
     if not 0 <= self.num_skip < config.num_layers:
       raise ValueError(f'skip_layers (M) must be in [0, L) = [0, {config.num_layers}), '
                        f'got {self.num_skip}')
     if self.loi < 1:
       raise ValueError(f'loi must be >= 1, got {self.loi}')
-
-  def propose(self, params, config, state, sampling, key):
-    return layer_skip.draft_with_skip(
-        params, config, state, sampling, key, num_draft_tokens=self.num_draft_tokens,
-        draft_exit_threshold=self.draft_exit_threshold)
 
   def refresh(self, params, config, state, num_skip):
     del num_skip  # always self.num_skip

@@ -35,10 +35,9 @@ skip set is chosen differently, by a host-side search:
    Each selection's time (confidence forward and rule) is reported as CLaSp's DP time is, in
    `Generation.refresh_times`.
 
-The skip set changes from the host between rounds. On the reference path (stacked params) it
-is just a new bool[L] value, so nothing retraces; on the accelerator path (per-layer params) the
-active layers are re-gathered by `engine._with_skip`, jitted with M static (one compile per M,
-cached by the jitted function the policy keeps on the decoder).
+The skip set changes from the host between rounds (`Decoder.put_skip_set`). On the reference
+path it is just a new bool[L] value, so nothing retraces; on the accelerator path the active
+layers are re-gathered, compiled once per M.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clasp_jax import engine as engine_lib
 from clasp_jax import model as model_lib
 from clasp_jax.strategies import layer_skip
 from clasp_jax.strategies.base import Policy, Strategy
@@ -213,11 +211,6 @@ class ConfLayersPolicy(Policy):
     self.accepted_drafts, self.rates = [], []
     self._confidence = jax.jit(functools.partial(layer_confidence, config=config,
                                                  window=strategy.window))
-    # The engine's own way of putting a skip set in force (read here, not at import time: the
-    # engine imports the strategies). Plain on the reference path, where it only replaces
-    # skip_L; jitted per M where it gathers the active layers.
-    self._with_skip = engine_lib._with_skip  # pylint: disable=protected-access
-    self._gather = jax.jit(self._with_skip, static_argnames=('num_skip',), donate_argnums=(0,))
     self.start_generation()
 
   def start_generation(self) -> None:
@@ -235,15 +228,9 @@ class ConfLayersPolicy(Policy):
       self.iterations += 1
       self.reselect, self.applied = False, False
     if not self.applied:
-      state = self._put_in_force(decoder, state)
+      state = decoder.put_skip_set(state, jnp.asarray(self.current_L))
       self.applied = True
     return state, True
-
-  def _put_in_force(self, decoder, state):
-    skip_L, num_skip = jnp.asarray(self.current_L), int(self.current_L.sum())
-    if model_lib.is_per_layer(decoder.params):
-      return self._gather(state, skip_L, decoder.params, num_skip=num_skip)
-    return self._with_skip(state, skip_L, decoder.params, num_skip)
 
   def after_round(self, accepted, drafted, seconds):
     del seconds  # the search judges sets by acceptance alone, as published
@@ -266,7 +253,7 @@ class ConfLayersPolicy(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
-class ConfLayers(Strategy):
+class ConfLayers(layer_skip.LayerSkipDrafting, Strategy):
   """Self-speculative decoding whose skip set a confidence-driven search chooses.
 
   Attributes:
@@ -306,7 +293,7 @@ class ConfLayers(Strategy):
     return 'conflayers'
 
   def validate(self, config):
-    layer_skip.validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
+    self.validate_drafting()
     if config.num_layers < 4:
       raise ValueError(f'conflayers compares inner layers: it needs L >= 4, got '
                        f'{config.num_layers}')
@@ -327,11 +314,6 @@ class ConfLayers(Strategy):
 
   def initial_skip(self, config):
     return jnp.asarray(every_other_layer(config.num_layers))
-
-  def propose(self, params, config, state, sampling, key):
-    return layer_skip.draft_with_skip(
-        params, config, state, sampling, key, num_draft_tokens=self.num_draft_tokens,
-        draft_exit_threshold=self.draft_exit_threshold)
 
   def make_policy(self, decoder):
     policy = getattr(decoder, 'conflayers_policy', None)

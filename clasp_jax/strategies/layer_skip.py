@@ -72,6 +72,21 @@ def draft_with_skip(params, config, state, sampling, key, *, num_draft_tokens: i
           state.replace(cache=cache.rollback(length)))
 
 
+class LayerSkipDrafting:
+  """Mixin: `propose` drafts with the model itself, the layers in `state.skip_L` skipped.
+
+  For strategy dataclasses with `num_draft_tokens` (K) and `draft_exit_threshold` (DET).
+  """
+
+  def validate_drafting(self) -> None:
+    validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
+
+  def propose(self, params, config, state, sampling, key):
+    return draft_with_skip(params, config, state, sampling, key,
+                           num_draft_tokens=self.num_draft_tokens,
+                           draft_exit_threshold=self.draft_exit_threshold)
+
+
 def skip_vector(config, layers) -> jax.Array:
   """bool[L] with True at the given layer indices."""
   skip_L = np.zeros((config.num_layers,), bool)

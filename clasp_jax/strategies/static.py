@@ -9,7 +9,7 @@ from clasp_jax.strategies.base import Strategy
 
 
 @dataclasses.dataclass(frozen=True)
-class StaticSkip(Strategy):
+class StaticSkip(layer_skip.LayerSkipDrafting, Strategy):
   """Drafts with the same layers skipped in every round.
 
   Attributes:
@@ -31,7 +31,7 @@ class StaticSkip(Strategy):
     return len(set(self.skip_layers))
 
   def validate(self, config):
-    layer_skip.validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
+    self.validate_drafting()
     bad = [i for i in self.skip_layers if not 0 <= i < config.num_layers]
     if bad:
       raise ValueError(f'skip set names layers {bad} outside [0, {config.num_layers})')
@@ -41,7 +41,3 @@ class StaticSkip(Strategy):
   def initial_skip(self, config):
     return layer_skip.skip_vector(config, self.skip_layers)
 
-  def propose(self, params, config, state, sampling, key):
-    return layer_skip.draft_with_skip(
-        params, config, state, sampling, key, num_draft_tokens=self.num_draft_tokens,
-        draft_exit_threshold=self.draft_exit_threshold)
