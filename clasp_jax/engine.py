@@ -51,9 +51,9 @@ class DecodeState:
     accepted_R: int32[R] tokens committed per round (accepted drafts + 1).
     drafted_R: int32[R] drafts proposed per round.
     skip_RL: bool[R, L] the skip set in force in each round.
-    draft_layers: the L - M active layers' params, gathered from the stack whenever the skip
-      set changes (accelerator draft path), or None (reference path).
-    draft_ids_A: int32[L - M] the active layers' indices, or None.
+    draft_ids_A: int32[L - M] the active layers' indices on the accelerator path, whose
+      draft runs those layers' own weights (`Decoder.put_skip_set`); None on the reference
+      path.
   """
 
   cache: KVCache
@@ -68,7 +68,6 @@ class DecodeState:
   accepted_R: jax.Array
   drafted_R: jax.Array
   skip_RL: jax.Array
-  draft_layers: Params | None = None
   draft_ids_A: jax.Array | None = None
 
 
@@ -251,10 +250,10 @@ class Decoder:
     strategy: the decoding method.
     sampling: greedy (default) or sampling settings.
     tokenizer: optional; used to decode the text of each generation.
-    fast_path: layers looped over in Python (`model.UnrolledLayers`), and a draft over the
-      active layers gathered once per skip-set change (what pays on GPU and TPU), instead of
-      a `fori_loop` over stacked weights with a `lax.cond` per layer (the reference, and
-      faster on CPU). None picks by backend. Both give identical tokens.
+    fast_path: per-layer weight buffers looped over in Python, and a draft over the active
+      layers' buffers alone (what pays on GPU and TPU), instead of a `fori_loop` over
+      stacked weights with a `lax.cond` per layer (the reference, and faster on CPU). None
+      picks by backend. Both give identical tokens.
   """
 
   def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
@@ -267,24 +266,24 @@ class Decoder:
       fast_path = jax.default_backend() != 'cpu'
     self.fast_path = fast_path
     if fast_path:
-      self.params = model_lib.unroll_layers(params)
+      self.params = model_lib.unstack_layers(params)
+    # What rounds run with: the params, plus the active layers' trees on the fast path.
+    self._round_params = self.params
     static = dict(config=config, strategy=strategy, sampling=sampling)
     self._prefill = jax.jit(functools.partial(_prefill, **static),
                             static_argnames=('max_rounds',), donate_argnums=(4,))
     self._rounds = {draft: jax.jit(functools.partial(_round, draft=draft, **static),
                                    donate_argnums=(1,)) for draft in (True, False)}
-    # M is traced in the choice (one compile serves every M) and static in the gather.
+    # M is traced: one compile serves every M.
     self._choose_skip_set = jax.jit(functools.partial(_choose_skip_set, config=config,
                                                       strategy=strategy))
-    self._gather = jax.jit(model_lib.gather_active_layers, static_argnames=('num_active',))
     self.refresh_seconds = []
 
   def refresh(self, state: DecodeState, num_skip: int) -> DecodeState:
     """Re-chooses the skip set (the strategy's `refresh`, e.g. the CLaSp DP) and puts it in
     force; timed into `refresh_seconds`."""
     t0 = time.perf_counter()
-    # Without the gathered layers, whose presence and shape vary: one compile serves all.
-    bare = state.replace(draft_layers=None, draft_ids_A=None)
+    bare = state.replace(draft_ids_A=None)  # whose presence and size vary
     skip_L = self._choose_skip_set(self.params, bare, np.int32(num_skip))
     state = self.put_skip_set(state, skip_L)
     state.skip_L.block_until_ready()
@@ -294,17 +293,15 @@ class Decoder:
   def put_skip_set(self, state: DecodeState, skip_L: jax.Array) -> DecodeState:
     """Makes `skip_L` the skip set the draft uses.
 
-    On the accelerator path the active layers are gathered, unless this very set is already
-    in force (the DP often re-chooses it): a gather reads (L-M)/L of the weights.
+    On the accelerator path the draft's layers are picked here, on the host: the active
+    layers' own weight buffers, passed to the rounds beside the params (not in the donated
+    state), so nothing is copied.
     """
     if not self.fast_path:
       return state.replace(skip_L=jnp.asarray(skip_L))
-    skip_np = np.asarray(skip_L)
-    if state.draft_ids_A is not None and np.array_equal(skip_np, np.asarray(state.skip_L)):
-      return state
-    layers, ids_A = self._gather(self.params, jnp.asarray(skip_L),
-                                 num_active=self.config.num_layers - int(skip_np.sum()))
-    return state.replace(skip_L=jnp.asarray(skip_L), draft_layers=layers, draft_ids_A=ids_A)
+    layers, ids_A = model_lib.active_layers(self.params, skip_L)
+    self._round_params = dict(self.params, draft_layers=layers)
+    return state.replace(skip_L=jnp.asarray(skip_L), draft_ids_A=jnp.asarray(ids_A))
 
   def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
     """Raises ValueError for a request the model cannot serve (before any compilation)."""
@@ -345,7 +342,7 @@ class Decoder:
         if self.strategy.loi and rounds % self.strategy.loi == 0:
           state = self.refresh(state, self.strategy.num_skip)
       t0 = time.perf_counter()
-      state = self._rounds[draft](self.params, state, budget)
+      state = self._rounds[draft](self._round_params if draft else self.params, state, budget)
       rounds += 1
       if policy is not None and draft:  # plain rounds teach the policy nothing: no reads
         accepted_R, drafted_R = jax.device_get((state.accepted_R, state.drafted_R))

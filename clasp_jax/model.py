@@ -20,7 +20,6 @@ import dataclasses
 import math
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,11 +96,17 @@ def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
   """Pre-attention norm and projections: roped q [B,T,H,hd], k and v [B,T,KV,hd], and h."""
   B, T, _ = x_BTD.shape
   h_BTD = rms_norm(x_BTD, lp['attn_norm'], config.rms_norm_eps)
-  q_BTq = h_BTD @ lp['wq']
-  k_BTk = h_BTD @ lp['wk']
-  v_BTk = h_BTD @ lp['wv']
-  if config.attention_bias:
-    q_BTq, k_BTk, v_BTk = q_BTq + lp['bq'], k_BTk + lp['bk'], v_BTk + lp['bv']
+  if 'w_qkv' in lp:  # fused (see `fuse_projections`)
+    qkv_BTx = h_BTD @ lp['w_qkv']
+    if config.attention_bias:
+      qkv_BTx = qkv_BTx + lp['b_qkv']
+    q_dim = config.num_heads * config.head_dim
+    q_BTq, k_BTk, v_BTk = jnp.split(
+        qkv_BTx, [q_dim, q_dim + config.num_kv_heads * config.head_dim], axis=-1)
+  else:
+    q_BTq, k_BTk, v_BTk = h_BTD @ lp['wq'], h_BTD @ lp['wk'], h_BTD @ lp['wv']
+    if config.attention_bias:
+      q_BTq, k_BTk, v_BTk = q_BTq + lp['bq'], k_BTk + lp['bk'], v_BTk + lp['bv']
   q_BTHh = q_BTq.reshape(B, T, config.num_heads, config.head_dim)
   k_BTKh = k_BTk.reshape(B, T, config.num_kv_heads, config.head_dim)
   v_BTKh = v_BTk.reshape(B, T, config.num_kv_heads, config.head_dim)
@@ -144,8 +149,11 @@ def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
   """Output projection, residual, and the SwiGLU MLP with its residual."""
   x_BTD = x_BTD + attn_BTq @ lp['wo']
   h_BTD = rms_norm(x_BTD, lp['mlp_norm'], config.rms_norm_eps)
-  mlp_BTF = jax.nn.silu(h_BTD @ lp['w_gate']) * (h_BTD @ lp['w_up'])
-  return x_BTD + mlp_BTF @ lp['w_down']
+  if 'w_gate_up' in lp:  # fused (see `fuse_projections`)
+    gate_BTF, up_BTF = jnp.split(h_BTD @ lp['w_gate_up'], 2, axis=-1)
+  else:
+    gate_BTF, up_BTF = h_BTD @ lp['w_gate'], h_BTD @ lp['w_up']
+  return x_BTD + (jax.nn.silu(gate_BTF) * up_BTF) @ lp['w_down']
 
 
 def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
@@ -210,66 +218,75 @@ def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: ja
   return out_1MD[0]
 
 
-@flax.struct.dataclass
-class UnrolledLayers:
-  """Stacked layer params that `fold_layers` loops over in Python (unrolled).
-
-  On accelerators a `fori_loop` over stacked weights slices (copies) each layer's weights
-  every step, about twice the bytes of the step itself; in an unrolled loop every slice is
-  static and the weights are read in place. (On CPU the opposite holds, so the reference path
-  keeps the `fori_loop`.)
-
-  Attributes:
-    stacked: the layer params, each with a leading layer axis.
-  """
-
-  stacked: Params
-
-
-def unroll_layers(params: Params) -> Params:
-  """The same params, their layers marked to be unrolled (the accelerator path)."""
-  if is_unrolled(params):
-    return params
-  return dict(params, layers=UnrolledLayers(params['layers']))
-
-
-def is_unrolled(params: Params) -> bool:
-  """Whether `params['layers']` is to be looped over in Python (see `UnrolledLayers`)."""
-  return isinstance(params['layers'], UnrolledLayers)
-
-
-def _stacked(params: Params) -> Params:
-  layers = params['layers']
-  return layers.stacked if isinstance(layers, UnrolledLayers) else layers
+def is_per_layer(params: Params) -> bool:
+  """Whether `params['layers']` is a tuple of per-layer trees rather than one stacked tree."""
+  return isinstance(params['layers'], (tuple, list))
 
 
 def num_layers_in(params: Params) -> int:
   """How many layers `params['layers']` holds."""
-  return jax.tree.leaves(_stacked(params))[0].shape[0]
+  layers = params['layers']
+  return len(layers) if is_per_layer(params) else jax.tree.leaves(layers)[0].shape[0]
 
 
 def layer_params(params: Params, i: int | jax.Array) -> Params:
-  """The params of layer i (no leading layer axis)."""
-  return jax.tree.map(lambda w: w[i], _stacked(params))
+  """The params of layer i (no leading L axis); i must be static for per-layer params."""
+  if is_per_layer(params):
+    return params['layers'][i]
+  return jax.tree.map(lambda w: w[i], params['layers'])
 
 
-def gather_active_layers(params: Params, skip_L: jax.Array,
-                         num_active: int) -> tuple[UnrolledLayers, jax.Array]:
-  """The active layers' params gathered in order into their own stack, and their indices
-  int32[A]: done once per skip-set change, so that a draft step reads only what it runs."""
-  ids_A = jnp.nonzero(~skip_L, size=num_active)[0].astype(jnp.int32)
-  return UnrolledLayers(jax.tree.map(lambda w_L: w_L[ids_A], _stacked(params))), ids_A
+def fuse_projections(lp: Params) -> Params:
+  """One layer's params with q/k/v (and their biases) and gate/up side by side in `w_qkv`
+  [D, (H+2KV)*hd] and `w_gate_up` [D, 2F]: a batch-1 decode step then runs two matrix-vector
+  products where it ran five, fewer and larger kernels."""
+  fused = {k: w for k, w in lp.items() if k not in ('wq', 'wk', 'wv', 'bq', 'bk', 'bv',
+                                                     'w_gate', 'w_up')}
+  fused['w_qkv'] = jnp.concatenate([lp['wq'], lp['wk'], lp['wv']], axis=-1)
+  if 'bq' in lp:
+    fused['b_qkv'] = jnp.concatenate([lp['bq'], lp['bk'], lp['bv']], axis=-1)
+  fused['w_gate_up'] = jnp.concatenate([lp['w_gate'], lp['w_up']], axis=-1)
+  return fused
+
+
+def unstack_layers(params: Params, fuse: bool = True) -> Params:
+  """Params whose layers are a tuple of L separate trees (with fused projections).
+
+  On accelerators a layer loop over one stacked tree slices (copies) each layer's weights
+  every step, about twice the bytes of the step itself; separate buffers per layer, looped
+  over in Python (unrolled), are read in place. Done once, when a decoder is built.
+
+  Args:
+    params: params with stacked layers.
+    fuse: also `fuse_projections` (for one device; tensor-parallel shards would need the
+      fused columns interleaved per shard).
+  """
+  if is_per_layer(params):
+    return params
+  layers = (layer_params(params, i) for i in range(num_layers_in(params)))
+  return dict(params, layers=tuple(fuse_projections(lp) if fuse else lp for lp in layers))
+
+
+def active_layers(params: Params, skip_L) -> tuple[tuple[Params, ...], np.ndarray]:
+  """The draft's layers: the active layers' own per-layer trees in order, and their indices
+  int32[A].
+
+  Picked on the host whenever the skip set changes: nothing is copied, and every skip set of
+  the same size has the same shapes, so the draft compiles once per M.
+  """
+  ids_A = np.flatnonzero(~np.asarray(skip_L)).astype(np.int32)
+  return tuple(params['layers'][i] for i in ids_A), ids_A
 
 
 def fold_layers(params: Params, fn, carry):
   """carry = fn(a, layer_a_params, carry) for every layer a of `params['layers']` in order.
 
-  A `fori_loop` over a stacked tree (the compact reference path), a Python loop with static
-  slices over `UnrolledLayers` (the accelerator path).
+  A `fori_loop` over a stacked tree (the compact reference path), a Python loop (unrolled)
+  over per-layer trees (the accelerator path).
   """
-  if is_unrolled(params):
-    for a in range(num_layers_in(params)):
-      carry = fn(a, layer_params(params, a), carry)
+  if is_per_layer(params):
+    for a, lp in enumerate(params['layers']):
+      carry = fn(a, lp, carry)
     return carry
   return jax.lax.fori_loop(0, num_layers_in(params),
                            lambda a, c: fn(a, layer_params(params, a), c), carry)
@@ -289,16 +306,16 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
   """Runs a chunk of T tokens through the model, reading and writing the cache.
 
   Args:
-    params: the params pytree; its layers stacked (reference) or `UnrolledLayers`
-      (accelerators).
+    params: the params pytree; its layers stacked (reference) or per layer (accelerators,
+      see `unstack_layers`).
     config: the model config.
     tokens_BT: int32 token ids at positions [cache.length, cache.length + T).
     cache: the KV cache; it must have room for T more rows.
     skip_L: optional bool[L]; True layers act as identities and leave the cache untouched
       (reference path: one `lax.cond` per layer).
     layer_ids_A: optional int32[A]: `params['layers']` then holds only these A layers, in
-      this order (the accelerator draft path: the active layers gathered once per skip-set
-      change, so a draft step reads only what it runs).
+      this order (the accelerator draft path, see `active_layers`: a draft step reads only
+      the layers it runs).
     out_idx_BP: optional int32 chunk indices at which to return logits and hidden states;
       None means every position (P = T).
     return_hiddens: whether to return the pre-norm hidden states at those positions.
@@ -405,7 +422,7 @@ def sublayer_stats(params: Params, config: LlamaConfig, tokens_BT: jax.Array, ca
   so the layer itself is computed by `_finish_layer`, exactly as `forward` computes it.
 
   Args:
-    params: the params pytree (stacked or unrolled layers).
+    params: the params pytree (stacked or per layer).
     config: the model config.
     tokens_BT: int32 token ids.
     cache: the KV cache; rows [0, start) must hold every layer's keys and values.

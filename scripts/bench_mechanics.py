@@ -33,7 +33,7 @@ def main(argv):
   for name in _PRESETS.value:
     config = models.PRESETS[name]()
     for context in map(int, _CONTEXTS.value):
-      if not mechanics.fits(config, context, dtype.itemsize, 0.25):
+      if not mechanics.fits(config, context, dtype.itemsize):
         skipped.append(f'{name} ctx {context}: does not fit {jax.device_count()} device(s)')
         print('skipped:', skipped[-1], flush=True)
         continue

@@ -2,9 +2,9 @@
 
 For every preset shape and context it times (median of repeated, synchronised calls after a
 warm-up): the full decode step and its fraction of the weight-bytes roofline; the draft step
-over the gathered L - M active layers for several M, beside (L - M) / L; the same draft
-through the per-layer `lax.cond` reference path; verify passes of K+1 tokens; the DP; the
-gather; and every function's compile time. From these and the tau ranges the CLaSp paper
+over the L - M active layers alone for several M, beside (L - M) / L; the same draft
+through the per-layer `lax.cond` reference path; verify passes of K+1 tokens; the DP; and
+every function's compile time. From these and the tau ranges the CLaSp paper
 reports, `project_speedup` gives a labelled projection of tokens/s gains.
 """
 
@@ -84,11 +84,11 @@ def decode_bytes(config: LlamaConfig, itemsize: int) -> int:
 
 
 def tensor_parallel(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Megatron-style shardings over mesh axis 'tp' for params (stacked layers) or a
+  """Megatron-style shardings over mesh axis 'tp' for params (stacked or per layer) or a
   KV cache: column-parallel q/k/v/gate/up and LM head, row-parallel o/down, vocab-parallel
   embedding, KV heads split in the cache, norms replicated."""
   P = jax.sharding.PartitionSpec
-  columns = {'wq', 'wk', 'wv', 'w_gate', 'w_up', 'lm_head'}
+  columns = {'wq', 'wk', 'wv', 'w_gate', 'w_up', 'w_qkv', 'w_gate_up', 'lm_head'}
   rows = {'wo', 'w_down', 'embed', 'k_LBSKh', 'v_LBSKh'}
 
   def spec(path, leaf):
@@ -104,35 +104,33 @@ def tensor_parallel(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def random_params(config: LlamaConfig, dtype, mesh: jax.sharding.Mesh) -> dict:
-  """Random params, layers stacked and unrolled (`model.UnrolledLayers`), filled in one layer
-  at a time so that the largest shapes never hold a second (or a float32) copy of the weights."""
-  init_one = functools.partial(model_lib.init_params, dataclasses.replace(config, num_layers=1),
-                               dtype=dtype)
-  make_one = jax.jit(init_one, out_shardings=tensor_parallel(
-      jax.eval_shape(init_one, jax.random.key(0)), mesh))
-  shapes = jax.eval_shape(functools.partial(model_lib.init_params, config, dtype=dtype),
-                          jax.random.key(0))['layers']
-  zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                  out_shardings=tensor_parallel(shapes, mesh))
-  put = jax.jit(lambda stack, layer, i: jax.tree.map(
-      lambda s_L, l_1: jax.lax.dynamic_update_slice_in_dim(s_L, l_1, i, 0), stack, layer),
-                donate_argnums=(0,))
-  params, layers = make_one(jax.random.key(0)), zeros()
-  for i in range(config.num_layers):
-    layers = put(layers, make_one(jax.random.key(i))['layers'], i)
-  return model_lib.unroll_layers(dict(params, layers=layers))
+  """Random per-layer params as a decoder holds them (see `model.unstack_layers`: projections
+  fused on one device), built one layer at a time so that the largest shapes never need two
+  copies of the weights."""
+  one = dataclasses.replace(config, num_layers=1)
+
+  def init(key):
+    params = model_lib.init_params(one, key, dtype)
+    lp = jax.tree.map(lambda w: w[0], params['layers'])
+    return dict(params, layers=model_lib.fuse_projections(lp) if mesh.size == 1 else lp)
+
+  make = jax.jit(init, out_shardings=tensor_parallel(jax.eval_shape(init, jax.random.key(0)),
+                                                     mesh))
+  params = make(jax.random.key(0))
+  layers = [params['layers']] + [make(jax.random.key(i))['layers']
+                                 for i in range(1, config.num_layers)]
+  return dict(params, layers=tuple(layers))
 
 
-def fits(config: LlamaConfig, context: int, itemsize: int, skip_fraction: float) -> bool:
-  """Whether params, the largest gathered draft stack and the cache fit the devices' memory."""
+def fits(config: LlamaConfig, context: int, itemsize: int) -> bool:
+  """Whether params and the cache fit the devices' memory."""
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get('bytes_limit', 0) * jax.device_count()
   if not limit:
     return True
-  layer_bytes = (config.num_params - 2 * config.vocab_size * config.hidden_size) * itemsize
-  need = (config.num_params * itemsize + (1 - skip_fraction) * layer_bytes
+  need = (config.num_params * itemsize
           + 2 * config.num_layers * context * config.num_kv_heads * config.head_dim * itemsize)
-  return need < 0.92 * limit
+  return need < 0.96 * limit
 
 
 def measure_shape(name: str, config: LlamaConfig, context: int, *,
@@ -167,32 +165,30 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
   roofline_ms = decode_bytes(config, jnp.dtype(dtype).itemsize) / bandwidth * 1e3
   row = dict(preset=name, context=context, num_layers=L, params_b=config.num_params / 1e9,
              device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
-             hbm_bandwidth=bandwidth, bandwidth_source=bw_source, full_ms=t_full.ms,
-             full_compile_s=t_full.compile_s,
+             hbm_bandwidth=bandwidth, bandwidth_source=bw_source, full_ms=t_full.ms, full_compile_s=t_full.compile_s,
              roofline_ms=roofline_ms, roofline_fraction=roofline_ms / t_full.ms, drafts=[],
              verify=[])
 
   draft = jax.jit(lambda p, layers, ids, c, t: model_lib.forward(
       dict(p, layers=layers), config, t, c, layer_ids_A=ids), donate_argnums=(3,))
-  gather = jax.jit(model_lib.gather_active_layers, static_argnums=(2,))
   cond_draft = jax.jit(lambda p, skip, c, t: model_lib.forward(p, config, t, c, skip_L=skip),
                        donate_argnums=(2,))
-  reference = dict(params, layers=params['layers'].stacked)  # fori_loop + lax.cond path
+  stack = jax.jit(lambda p: dict(
+      p, layers=jax.tree.map(lambda *w: jnp.stack(w), *p['layers'])))
   rng = np.random.default_rng(0)
   for frac in skip_fractions:
     M = round(frac * L)
     skip_L = jnp.asarray(np.isin(np.arange(L), rng.choice(L, M, replace=False)))
-    t_gather = time_fn(gather, params, skip_L, L - M, reps=5)
-    layers, ids = gather(params, skip_L, L - M)
-    t_draft = time_fn(draft, params, layers, ids, cache, token, reps=reps, feed=feed_cache(3))
+    layers, ids = model_lib.active_layers(params, skip_L)
+    t_draft = time_fn(draft, params, layers, jnp.asarray(ids), cache, token, reps=reps,
+                      feed=feed_cache(3))
     cache = fresh_cache()
-    del layers
     entry = dict(M=M, draft_ms=t_draft.ms, ratio_to_full=t_draft.ms / t_full.ms,
-                 ideal_ratio=(L - M) / L, gather_ms=t_gather.ms,
-                 draft_compile_s=t_draft.compile_s)
-    if frac == 0.5:
-      t_cond = time_fn(cond_draft, reference, skip_L, cache, token, reps=reps,
-                       feed=feed_cache(2))
+                 ideal_ratio=(L - M) / L, draft_compile_s=t_draft.compile_s)
+    if frac == 0.5 and fits(config, context, 2 * jnp.dtype(dtype).itemsize):
+      stacked = stack(params)  # the reference path's layout
+      t_cond = time_fn(cond_draft, stacked, skip_L, cache, token, reps=reps, feed=feed_cache(2))
+      del stacked
       cache = fresh_cache()
       entry.update(cond_draft_ms=t_cond.ms, cond_ratio_to_full=t_cond.ms / t_full.ms)
     if frac == 0.5:
@@ -238,11 +234,10 @@ def markdown(rows: list[dict]) -> str:
         f"{100 * r['roofline_fraction']:.0f}% | {v.get(2, 0):.2f} / {v.get(5, 0):.2f} / "
         f"{v.get(9, 0):.2f} | {r['dp_ms']:.2f} | {r['dp_ms'] / v.get(9, np.nan):.2f} |")
   lines += ['', '| preset | ctx | M | draft ms | draft / full | ideal (L-M)/L | '
-            'cond-path draft / full | gather ms |', '|---|---|---|---|---|---|---|---|']
+            'cond-path draft / full |', '|---|---|---|---|---|---|---|']
   for r in rows:
     for d in r['drafts']:
       cond = f"{d['cond_ratio_to_full']:.2f}" if 'cond_ratio_to_full' in d else ''
       lines.append(f"| {r['preset']} | {r['context']} | {d['M']} | {d['draft_ms']:.2f} | "
-                   f"{d['ratio_to_full']:.2f} | {d['ideal_ratio']:.2f} | {cond} | "
-                   f"{d['gather_ms']:.2f} |")
+                   f"{d['ratio_to_full']:.2f} | {d['ideal_ratio']:.2f} | {cond} |")
   return '\n'.join(lines)

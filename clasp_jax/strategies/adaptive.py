@@ -103,8 +103,8 @@ def measure_costs(decoder, max_skip: int, context: int = 512) -> Costs:
   """Times the pieces of a round for the decoder's model on this device (a few compiles).
 
   The draft step is timed with all layers and with half of them active, through the path the
-  decoder drafts with (gathered layers or per-layer `lax.cond`), and fitted linearly in the
-  number of active layers.
+  decoder drafts with (the active layers alone, or per-layer `lax.cond`), and fitted linearly
+  in the number of active layers.
   """
   params, config, K = decoder.params, decoder.config, decoder.strategy.num_draft_tokens
   L = config.num_layers
@@ -114,12 +114,11 @@ def measure_costs(decoder, max_skip: int, context: int = 512) -> Costs:
   num_active = L - int(skip_L.sum())
   full = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c).logits_BPV)
   t_full = _median_seconds(full, params, cache, token_11)
-  if model_lib.is_unrolled(params):
-    layers, ids_A = jax.jit(model_lib.gather_active_layers, static_argnums=2)(
-        params, skip_L, num_active)
-    draft = jax.jit(lambda p, c, t: model_lib.forward(dict(p, layers=layers), config, t, c,
-                                                      layer_ids_A=ids_A).logits_BPV)
-    t_all, t_half = t_full, _median_seconds(draft, params, cache, token_11)
+  if model_lib.is_per_layer(params):
+    layers, ids_A = model_lib.active_layers(params, skip_L)
+    draft = jax.jit(lambda p, layers, c, t: model_lib.forward(
+        dict(p, layers=layers), config, t, c, layer_ids_A=jnp.asarray(ids_A)).logits_BPV)
+    t_all, t_half = t_full, _median_seconds(draft, params, layers, cache, token_11)
   else:
     draft = jax.jit(lambda p, c, t, s: model_lib.forward(p, config, t, c, skip_L=s).logits_BPV)
     t_all = _median_seconds(draft, params, cache, token_11, jnp.zeros((L,), bool))
@@ -141,7 +140,7 @@ def cached_costs(decoder, max_skip: int, cache_dir: str | None) -> Costs:
   key = '|'.join(map(str, (jax.devices()[0].device_kind, config.num_layers, config.hidden_size,
                            config.intermediate_size, config.vocab_size,
                            params['embed'].dtype, decoder.strategy.num_draft_tokens,
-                           model_lib.is_unrolled(params), max_skip)))
+                           model_lib.is_per_layer(params), max_skip)))
   path = os.path.join(cache_dir, 'costs.json') if cache_dir else None
   table = {}
   if path and os.path.exists(path):

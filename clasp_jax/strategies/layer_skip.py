@@ -28,8 +28,9 @@ def draft_with_skip(params, config, state, sampling, key, *, num_draft_tokens: i
                     draft_exit_threshold: float):
   """Drafts up to K tokens with the layers in `state.skip_L` skipped.
 
-  Uses the state's gathered active layers when the engine keeps them (accelerators), else
-  the per-layer `lax.cond` reference path; both compute the same tokens.
+  Runs only the active layers' weights when the engine passes them as
+  `params['draft_layers']` (accelerators), else the per-layer `lax.cond` reference path;
+  both compute the same tokens.
 
   Returns:
     (Drafts, state) where the state's cache holds the drafts' rows of the layers that ran;
@@ -40,10 +41,11 @@ def draft_with_skip(params, config, state, sampling, key, *, num_draft_tokens: i
   last = state.tokens_N[state.num_tokens - 1]
   q_KV = None if sampling.greedy else jnp.zeros((K, V), jnp.float32)
 
-  if state.draft_ids_A is None:  # reference path: one lax.cond per layer
+  if 'draft_layers' not in params:  # reference path: one lax.cond per layer
     run = dict(params=params, skip_L=state.skip_L)
-  else:  # accelerator path: only the gathered active layers
-    run = dict(params=dict(params, layers=state.draft_layers), layer_ids_A=state.draft_ids_A)
+  else:  # accelerator path: the active layers alone
+    run = dict(params=dict(params, layers=params['draft_layers']),
+               layer_ids_A=state.draft_ids_A)
 
   def step(carry):
     k, token, cache, _, tokens_K, q_KV, key = carry
