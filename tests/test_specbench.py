@@ -241,3 +241,22 @@ def test_hf_reference_matches_vanilla(tiny_hf_checkpoint):
   assert generation.token_ids == expected.token_ids
   assert generation.text == expected.text
   assert generation.accept_lengths == [1] * (len(generation.token_ids) - 1)
+
+
+def test_interleaved_run_gives_the_answers_of_separate_runs(tiny_model, decoders, question_file,
+                                                            tmp_path):
+  questions = specbench.load_questions(question_file, num_questions_per_group=1)
+  run = dict(max_new_tokens=MAX_NEW_TOKENS, warmup=0, progress=False)
+  specbench.run_interleaved(tiny_model, decoders, questions, out_dir=tmp_path / 'mixed',
+                            resume=False, **run)
+  for method, decoder in decoders.items():
+    separate = tmp_path / 'separate' / f'{method}.jsonl'
+    specbench.run_method(tiny_model, decoder, questions, answer_file=separate, resume=False,
+                         **run)
+    mixed = specbench.answer_path(tmp_path / 'mixed', method)
+    assert _without_timing(mixed.read_text()) == _without_timing(separate.read_text())
+
+
+def test_method_variants_get_portable_answer_file_names(tmp_path):
+  assert specbench.answer_path(tmp_path, 'clasp:skip_layers=4').name == 'clasp+skip_layers=4.jsonl'
+  assert specbench.answer_path(tmp_path, 'pld') == tmp_path / 'pld.jsonl'

@@ -148,7 +148,7 @@ def write_plots(out_dir: str | os.PathLike, summary: dict[str, Any], methods: Se
   plot_tau(summary, paths[1])
   if SKIP_METHOD not in methods:
     return paths
-  answer_file = out_dir / f'{SKIP_METHOD}.jsonl'
+  answer_file = specbench.answer_path(out_dir, SKIP_METHOD)
   question_id, rounds = _longest_first_turn(answer_file, next(iter(summary[SKIP_METHOD])))
   if rounds:
     paths.append(out_dir / 'skip_heatmap.png')

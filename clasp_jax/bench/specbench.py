@@ -144,6 +144,47 @@ class _WarmGenerator:
     return self.generator.generate(prompt_ids, self.max_new_tokens, seed=self.seed)
 
 
+def answer_path(out_dir: str | os.PathLike, method: str) -> Path:
+  """A method's answer file: `<out_dir>/<method>.jsonl`, a variant's colons written as '+'
+  (`clasp:skip_layers=4` -> `clasp+skip_layers=4.jsonl`) so that every file system takes it."""
+  return Path(out_dir) / f"{method.replace(':', '+')}.jsonl"
+
+
+@dataclasses.dataclass
+class _MethodRun:
+  """One method's answering: its timed generator, its answer file and what that holds."""
+
+  model: LoadedModel
+  timed: _WarmGenerator
+  answer_file: Path
+  method: str
+  done: set
+
+  def answer(self, question: dict) -> None:
+    """Answers one question (unless already answered) and appends its line at once."""
+    if question['question_id'] in self.done:
+      return
+    generations = _answer(self.model, self.timed, question)
+    with self.answer_file.open('a') as f:
+      f.write(_json_line(_record(question, generations, _model_id(self.model), self.method)))
+    self.done.add(question['question_id'])
+
+
+def _start_method(model: LoadedModel, decoder: Generator, questions: Sequence[dict], *,
+                  max_new_tokens: int, answer_file: str | os.PathLike, resume: bool,
+                  warmup: int, method: str | None, seed: int) -> _MethodRun:
+  """Prepares the answer file and warms the decoder up on the first question left to answer."""
+  answer_file = Path(answer_file)
+  method = method or answer_file.stem
+  done = _prepare_answer_file(answer_file, resume, method)
+  timed = _WarmGenerator(decoder, max_new_tokens, model.config.max_position_embeddings, seed,
+                         warm=warmup > 0)
+  todo = [q for q in questions if q['question_id'] not in done]
+  if todo:
+    timed.warm_up(encode_prompt(model, todo[0]['turns'][0], chat=True), warmup)
+  return _MethodRun(model, timed, answer_file, method, done)
+
+
 def run_method(model: LoadedModel, decoder: Generator, questions: Sequence[dict], *,
                max_new_tokens: int, answer_file: str | os.PathLike, resume: bool,
                warmup: int = 3, progress: bool = True, method: str | None = None,
@@ -168,20 +209,43 @@ def run_method(model: LoadedModel, decoder: Generator, questions: Sequence[dict]
   Raises:
     ValueError: for an answer file that cannot be resumed.
   """
-  answer_file = Path(answer_file)
-  method = method or answer_file.stem
-  done = _prepare_answer_file(answer_file, resume, method)
-  todo = [q for q in questions if q['question_id'] not in done]
-  if not todo:
-    return
-  timed = _WarmGenerator(decoder, max_new_tokens, model.config.max_position_embeddings, seed,
-                         warm=warmup > 0)
-  timed.warm_up(encode_prompt(model, todo[0]['turns'][0], chat=True), warmup)
-  with answer_file.open('a') as f:
-    for question in tqdm.tqdm(todo, desc=method, disable=not progress):
-      generations = _answer(model, timed, question)
-      f.write(_json_line(_record(question, generations, _model_id(model), method)))
-      f.flush()
+  run = _start_method(model, decoder, questions, max_new_tokens=max_new_tokens,
+                      answer_file=answer_file, resume=resume, warmup=warmup, method=method,
+                      seed=seed)
+  for question in tqdm.tqdm(questions, desc=run.method, disable=not progress):
+    run.answer(question)
+
+
+def run_interleaved(model: LoadedModel, decoders: dict[str, Generator],
+                    questions: Sequence[dict], *, max_new_tokens: int,
+                    out_dir: str | os.PathLike, resume: bool, warmup: int = 3,
+                    progress: bool = True, seed: int = 0) -> None:
+  """Answers the questions with every method in turn, question by question.
+
+  Methods that share a machine one after the other also share its drifts (other processes,
+  clocks, heat) unevenly; taking turns per question, in an order that rotates from one
+  question to the next, spreads them over all methods alike, so that small speed differences
+  can be measured. Answer files, warm-ups and `resume` are as in `run_method`.
+
+  Args:
+    model: the loaded model.
+    decoders: method name -> generator.
+    questions: from `load_questions`.
+    max_new_tokens: the token budget of each turn.
+    out_dir: where the answer files go (see `answer_path`).
+    resume: keep the answers already written.
+    warmup: untimed generations per method before timing.
+    progress: show a progress bar (over questions).
+    seed: the PRNG seed of every generation.
+  """
+  runs = [_start_method(model, decoder, questions, max_new_tokens=max_new_tokens,
+                        answer_file=answer_path(out_dir, method), resume=resume,
+                        warmup=warmup, method=method, seed=seed)
+          for method, decoder in decoders.items()]
+  for i, question in enumerate(tqdm.tqdm(questions, desc='interleaved',
+                                         disable=not progress)):
+    for run in runs[i % len(runs):] + runs[:i % len(runs)]:
+      run.answer(question)
 
 
 def _answer(model: LoadedModel, timed: _WarmGenerator, question: dict) -> list[Generation]:
@@ -283,7 +347,7 @@ def summarize(answer_dir: str | os.PathLike, methods: Sequence[str],
               header: str = '') -> dict[str, Any]:
   """Per-group and overall statistics of each method; writes summary.json and summary.md.
 
-  Reads `<answer_dir>/<method>.jsonl` and uses the questions every method answered.
+  Reads each method's `answer_path` and uses the questions every method answered.
 
   Args:
     answer_dir: the folder of the answer files, where the summary goes too.
@@ -303,7 +367,7 @@ def summarize(answer_dir: str | os.PathLike, methods: Sequence[str],
   if BASELINE not in methods:
     raise ValueError(f'the summary compares with {BASELINE}: include it in the methods')
   answer_dir = Path(answer_dir)
-  answers = {m: {r['question_id']: r for r in read_answers(answer_dir / f'{m}.jsonl')}
+  answers = {m: {r['question_id']: r for r in read_answers(answer_path(answer_dir, m))}
              for m in methods}
   common = [q for q in answers[BASELINE] if all(q in a for a in answers.values())]
   if not common:

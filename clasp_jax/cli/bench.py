@@ -51,6 +51,9 @@ flags.DEFINE_string('out_dir', 'runs/specbench', 'Folder of the answer files and
 flags.DEFINE_bool('resume', False, 'Keep the answers already in --out_dir; answer the rest.')
 flags.DEFINE_integer('warmup', 3, 'Untimed warm-up generations per method (0: none).',
                      lower_bound=0)
+flags.DEFINE_bool('interleave', False, 'Take turns per question (rotating the order) instead of '
+                  'running each method over all questions in turn: machine drift then hits '
+                  'every method alike, for measuring small differences.')
 flags.adopt_module_key_flags(flags_lib)
 
 FLAGS = flags.FLAGS
@@ -156,10 +159,16 @@ def bench_from_flags() -> str:
   model = weights.load(**flags_lib.load_kwargs())
   generators = {m: make_generator(model, m, sampling, strategy_kwargs) for m in methods}
   out_dir = Path(FLAGS.out_dir)
-  for method, generator in generators.items():
-    specbench.run_method(model, generator, questions, max_new_tokens=FLAGS.max_new_tokens,
-                         answer_file=out_dir / f'{method}.jsonl', resume=FLAGS.resume,
-                         warmup=FLAGS.warmup, method=method, seed=FLAGS.seed)
+  if FLAGS.interleave:
+    specbench.run_interleaved(model, generators, questions, max_new_tokens=FLAGS.max_new_tokens,
+                              out_dir=out_dir, resume=FLAGS.resume, warmup=FLAGS.warmup,
+                              seed=FLAGS.seed)
+  else:
+    for method, generator in generators.items():
+      specbench.run_method(model, generator, questions, max_new_tokens=FLAGS.max_new_tokens,
+                           answer_file=specbench.answer_path(out_dir, method),
+                           resume=FLAGS.resume, warmup=FLAGS.warmup, method=method,
+                           seed=FLAGS.seed)
   header = run_header(model, generators, questions, sampling)
   summary = specbench.summarize(out_dir, methods, header=header)
   plots.write_plots(out_dir, summary, methods, model.config.num_layers)
