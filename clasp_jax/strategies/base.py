@@ -51,8 +51,8 @@ class Strategy(abc.ABC):
   needs_hiddens: bool = False
   #: Refresh the skip set every `loi` rounds (None: never).
   loi: int | None = None
-  #: M for strategies that draft by skipping a fixed number of layers (None: they do not),
-  #: which lets accelerators gather the L - M active layers once per skip-set change.
+  #: M for strategies that draft by skipping a fixed number of layers (None: they do not);
+  #: with no `loi`, their initial skip set is put in force once, at the start.
   num_skip: int | None = None
 
   @property
@@ -78,7 +78,7 @@ class Strategy(abc.ABC):
   def refresh(self, params: Params, config: LlamaConfig, state: DecodeState,
               num_skip: int) -> jax.Array:
     """A new skip set bool[L] of `num_skip` layers from `state.target_hidden_LD` (jittable;
-    `num_skip` is static on the accelerator path, possibly traced on the reference path)."""
+    `num_skip` may be traced, so that one compile serves every M)."""
     return state.skip_L
 
   def make_policy(self, decoder) -> Policy | None:
