@@ -37,7 +37,7 @@ skip set is chosen differently, by a host-side search:
 
 The skip set changes from the host between rounds (`Decoder.put_skip_set`). On the reference
 path it is just a new bool[L] value, so nothing retraces; on the accelerator path the active
-layers are re-gathered, compiled once per M.
+layers are picked again (their own buffers, no copy), and each M compiles its own round once.
 """
 
 from __future__ import annotations
