@@ -156,6 +156,23 @@ def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
   return x_BTD + (jax.nn.silu(gate_BTF) * up_BTF) @ lp['w_down']
 
 
+def _chunk_attention(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
+                     sin_BTh: jax.Array, k_BSKh: jax.Array | None, v_BSKh: jax.Array | None,
+                     length: jax.Array, chunk_mask_TT: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The attention half of `decoder_layer` (same arguments): the attention output
+  [B, T, H*hd] before the output projection, and the chunk's keys and values."""
+  T = x_BTD.shape[1]
+  q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+  if chunk_mask_TT is None:
+    chunk_mask_TT = jnp.tril(jnp.ones((T, T), bool))
+  segments = [(k_BTKh.astype(x_BTD.dtype), v_BTKh.astype(x_BTD.dtype), chunk_mask_TT[None])]
+  if k_BSKh is not None:
+    cache_mask_1TS = (jnp.arange(k_BSKh.shape[1]) < length)[None, None, :]
+    segments.insert(0, (k_BSKh, v_BSKh, cache_mask_1TS))
+  return _attend(config, q_BTHh, segments), k_BTKh, v_BTKh
+
+
 def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
                   sin_BTh: jax.Array, k_BSKh: jax.Array, v_BSKh: jax.Array, length: jax.Array,
                   chunk_mask_TT: jax.Array | None = None
@@ -180,15 +197,8 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
   Returns:
     The layer output [B, T, D] and the chunk's keys and values [B, T, KV, hd].
   """
-  T = x_BTD.shape[1]
-  q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
-  if chunk_mask_TT is None:
-    chunk_mask_TT = jnp.tril(jnp.ones((T, T), bool))
-  segments = [(k_BTKh.astype(x_BTD.dtype), v_BTKh.astype(x_BTD.dtype), chunk_mask_TT[None])]
-  if k_BSKh is not None:
-    cache_mask_1TS = (jnp.arange(k_BSKh.shape[1]) < length)[None, None, :]
-    segments.insert(0, (k_BSKh, v_BSKh, cache_mask_1TS))
-  attn_BTq = _attend(config, q_BTHh, segments)
+  attn_BTq, k_BTKh, v_BTKh = _chunk_attention(lp, config, x_BTD, cos_BTh, sin_BTh, k_BSKh,
+                                              v_BSKh, length, chunk_mask_TT)
   return _finish_layer(lp, config, x_BTD, attn_BTq), k_BTKh, v_BTKh
 
 
@@ -249,22 +259,17 @@ def fuse_projections(lp: Params) -> Params:
   return fused
 
 
-def unstack_layers(params: Params, fuse: bool = True) -> Params:
-  """Params whose layers are a tuple of L separate trees (with fused projections).
+def unstack_layers(params: Params) -> Params:
+  """Params whose layers are a tuple of L separate trees, projections fused.
 
   On accelerators a layer loop over one stacked tree slices (copies) each layer's weights
   every step, about twice the bytes of the step itself; separate buffers per layer, looped
   over in Python (unrolled), are read in place. Done once, when a decoder is built.
-
-  Args:
-    params: params with stacked layers.
-    fuse: also `fuse_projections` (for one device; tensor-parallel shards would need the
-      fused columns interleaved per shard).
   """
   if is_per_layer(params):
     return params
   layers = (layer_params(params, i) for i in range(num_layers_in(params)))
-  return dict(params, layers=tuple(fuse_projections(lp) if fuse else lp for lp in layers))
+  return dict(params, layers=tuple(fuse_projections(lp) for lp in layers))
 
 
 def active_layers(params: Params, skip_L) -> tuple[tuple[Params, ...], np.ndarray]:
@@ -435,17 +440,12 @@ def sublayer_stats(params: Params, config: LlamaConfig, tokens_BT: jax.Array, ca
   B, T = tokens_BT.shape
   positions_BT = start + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   cos_BTh, sin_BTh = rope_tables(config, positions_BT)
-  cache_mask_1TS = (jnp.arange(cache.max_len) < start)[None, None, :]
-  chunk_mask_1TT = jnp.tril(jnp.ones((T, T), bool))[None]
   x_BTD = params['embed'][tokens_BT]
 
   def step(a, lp, carry):
     x_BTD, stats_LX = carry
-    q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
-    k_BSKh, v_BSKh = cache.k_LBSKh[a], cache.v_LBSKh[a]
-    attn_BTq = _attend(config, q_BTHh, [
-        (k_BSKh, v_BSKh, cache_mask_1TS),
-        (k_BTKh.astype(k_BSKh.dtype), v_BTKh.astype(v_BSKh.dtype), chunk_mask_1TT)])
+    attn_BTq, _, _ = _chunk_attention(lp, config, x_BTD, cos_BTh, sin_BTh, cache.k_LBSKh[a],
+                                      cache.v_LBSKh[a], start)
     attn_BTD = attn_BTq @ lp['wo']
     mid_BTD = x_BTD + attn_BTD
     out_BTD = _finish_layer(lp, config, x_BTD, attn_BTq)

@@ -104,9 +104,10 @@ def tensor_parallel(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def random_params(config: LlamaConfig, dtype, mesh: jax.sharding.Mesh) -> dict:
-  """Random per-layer params as a decoder holds them (see `model.unstack_layers`: projections
-  fused on one device), built one layer at a time so that the largest shapes never need two
-  copies of the weights."""
+  """Random per-layer params as a decoder holds them (see `model.unstack_layers`), built one
+  layer at a time so that the largest shapes never need two copies of the weights. Projections
+  are fused on one device only: tensor-parallel shards would need the fused columns
+  interleaved per shard."""
   one = dataclasses.replace(config, num_layers=1)
 
   def init(key):
@@ -165,7 +166,8 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
   roofline_ms = decode_bytes(config, jnp.dtype(dtype).itemsize) / bandwidth * 1e3
   row = dict(preset=name, context=context, num_layers=L, params_b=config.num_params / 1e9,
              device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
-             hbm_bandwidth=bandwidth, bandwidth_source=bw_source, full_ms=t_full.ms, full_compile_s=t_full.compile_s,
+             hbm_bandwidth=bandwidth, bandwidth_source=bw_source, full_ms=t_full.ms,
+             full_compile_s=t_full.compile_s,
              roofline_ms=roofline_ms, roofline_fraction=roofline_ms / t_full.ms, drafts=[],
              verify=[])
 

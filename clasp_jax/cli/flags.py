@@ -70,7 +70,8 @@ flags.DEFINE_integer('conflayers_eval_rounds', _CONFLAYERS.eval_rounds, 'ConfLay
 flags.DEFINE_integer('conflayers_early_rounds', _CONFLAYERS.early_rounds, 'ConfLayers: rounds '
                      'after which a poor skip set is replaced early.', lower_bound=1)
 flags.DEFINE_float('conflayers_early_min_accepted', _CONFLAYERS.early_min_accepted, 'ConfLayers: '
-                   'mean accepted drafts per round (bonus token excluded) below which it is.')
+                   'mean accepted drafts per round (bonus token excluded) below which a skip set '
+                   'is poor.')
 flags.DEFINE_float('conflayers_stop_accepted', _CONFLAYERS.stop_accepted, 'ConfLayers: the '
                    'search keeps a set whose mean accepted drafts per round (bonus token '
                    'excluded) exceed this, if its acceptance rate also passes its threshold.')

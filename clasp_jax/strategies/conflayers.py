@@ -267,7 +267,8 @@ class ConfLayers(layer_skip.LayerSkipDrafting, Strategy):
     lambda_max_steps: the most lambda steps per selection.
     eval_rounds: drafting rounds that evaluate one set.
     early_rounds: rounds after which a poor set is replaced early.
-    early_min_accepted: mean accepted drafts per round (bonus excluded) below which it is.
+    early_min_accepted: mean accepted drafts per round (bonus excluded) below which a set
+      is poor.
     stop_accepted: mean accepted drafts per round (bonus excluded) to exceed to stop searching.
     stop_acceptance: mean acceptance rate (accepted drafts / drafted) to exceed to stop.
     max_iterations: the most sets tried before settling on the best.
