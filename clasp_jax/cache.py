@@ -1,6 +1,6 @@
 """A length-indexed key/value cache.
 
-Every layer's keys and values live in one stacked array so the model can scan over layers. A
+Every layer's keys and values live in one stacked array, read by layer index. A
 forward pass over T tokens writes rows [length, length + T) and advances `length`; rejecting
 speculative tokens only moves `length` back (`rollback`), since rows past it are masked out
 and overwritten by the next write.
@@ -12,6 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from clasp_jax.attention import ATTENTION_BLOCK
 from clasp_jax.config import LlamaConfig
 
 
@@ -41,7 +42,9 @@ class KVCache:
 
 def init_cache(config: LlamaConfig, max_len: int, *, batch: int = 1,
                dtype: jnp.dtype = jnp.float32) -> KVCache:
-  """An empty cache with room for `max_len` positions."""
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  """An empty cache with room for at least `max_len` positions: the capacity is rounded up to
+  a multiple of `ATTENTION_BLOCK`, the unit attention reads the cache in."""
+  capacity = -(-max_len // ATTENTION_BLOCK) * ATTENTION_BLOCK
+  shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
   return KVCache(k_LBSKh=jnp.zeros(shape, dtype), v_LBSKh=jnp.zeros(shape, dtype),
                  length=jnp.zeros((), jnp.int32))

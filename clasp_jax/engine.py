@@ -1,10 +1,25 @@
-"""The round loop: prefill, then draft/verify rounds until EOS or the token budget.
+"""The decoding engine: prefill, then segments of draft/verify rounds that run on the device.
 
-Every shape is static for a given (prompt bucket, max_new_tokens, strategy), so after the first
-generation nothing recompiles: drafts are padded to K, the verify pass always has K+1 tokens,
-and rejection only moves the cache length back. The host loop reads one boolean per round
-(whether to stop) and calls the strategy's `refresh` every LOI rounds; per-round statistics
-stay on device and are read once per generation.
+A round proposes drafts (or none: a plain decoding step), verifies `[last token] + drafts` with
+the full model in one pass, and commits the accepted prefix. Rounds run in segments: one call
+to the device runs a `lax.while_loop` of rounds until the segment's round limit, EOS or the
+token budget, so no host synchronisation happens per token. Between segments the host reads
+back whether the generation ended (and, for policies that learn from them, the segment's
+per-round statistics) and the strategy's `Policy` decides what runs next: plain decoding runs
+as one segment, CLaSp as one segment per skip-set refresh (every LOI rounds).
+
+Exact by construction. Every full-model pass (a plain step as much as a verify pass) is a
+pass of `pass_width` tokens (`full_pass`): a plain step pads its one token, a verify pass of
+K+1 tokens runs in ceil((K+1) / width) such passes. Every matrix product of a full pass then
+has the same shape whatever the pass, and attention reduces over absolute-position blocks
+(`attention.cache_attention`), so a token's logits are bit for bit the same whether it was
+the only real token of a plain step or row j of a verify pass: every drafting method's greedy
+tokens equal plain decoding's, in bfloat16 as in float32.
+
+Every shape is static for a given (prompt bucket, cache capacity, active layer count), so after
+the first generation nothing recompiles: drafts are padded to K, verification to whole passes,
+and rejection only moves the cache length back. `Decoder.compile` compiles everything a
+request needs before it is timed.
 """
 
 from __future__ import annotations
@@ -12,63 +27,30 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax import attention as attention_lib
 from clasp_jax import model as model_lib
 from clasp_jax import sampling as sampling_lib
 from clasp_jax.cache import KVCache, init_cache
 from clasp_jax.config import LlamaConfig
 from clasp_jax.model import Params
 from clasp_jax.sampling import SamplingConfig
-from clasp_jax.strategies.base import Strategy
+from clasp_jax.state import DecodeState
+from clasp_jax.strategies.base import Segment, Strategy
 
+#: Tokens per full-model pass. On GPUs and TPUs a 16-row pass costs about what a 1-row step
+#: costs (the weights are read once either way); it covers K + 1 for K up to 15 in one pass.
+DEFAULT_PASS_WIDTH = 16
 _MIN_PROMPT_BUCKET = 32
-_MIN_CACHE_BUCKET = 256
-
-
-@flax.struct.dataclass
-class DecodeState:
-  """Everything a generation carries between rounds (donated to each round).
-
-  Invariant at a round's start: `cache.length == num_tokens - 1`, i.e. every committed token
-  but the last is in the cache, and the last is the next round's first verify input.
-
-  Attributes:
-    cache: the KV cache.
-    tokens_N: int32[N] prompt and committed tokens (entries past `num_tokens` are scratch).
-    num_tokens: int32 scalar, committed tokens including the prompt.
-    prompt_len: int32 scalar.
-    skip_L: bool[L] the skip set the draft uses.
-    target_hidden_LD: [L+1, D] pre-norm hidden states of the last accepted token (input of
-      the CLaSp DP); zeros for strategies that do not need them.
-    rng: PRNG key.
-    done: bool scalar, EOS seen or the token budget reached.
-    num_rounds: int32 scalar.
-    accepted_R: int32[R] tokens committed per round (accepted drafts + 1).
-    drafted_R: int32[R] drafts proposed per round.
-    skip_RL: bool[R, L] the skip set in force in each round.
-    draft_ids_A: int32[L - M] the active layers' indices on the accelerator path, whose
-      draft runs those layers' own weights (`Decoder.put_skip_set`); None on the reference
-      path.
-  """
-
-  cache: KVCache
-  tokens_N: jax.Array
-  num_tokens: jax.Array
-  prompt_len: jax.Array
-  skip_L: jax.Array
-  target_hidden_LD: jax.Array
-  rng: jax.Array
-  done: jax.Array
-  num_rounds: jax.Array
-  accepted_R: jax.Array
-  drafted_R: jax.Array
-  skip_RL: jax.Array
-  draft_ids_A: jax.Array | None = None
+# Attention reads only the cache blocks a pass needs, so a roomy capacity costs memory, not
+# time; one capacity then serves most requests (prompts of up to ~1.7k tokens at 256 new
+# tokens), and the rounds, whose shapes depend on it, compile once.
+_MIN_CACHE_BUCKET = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +62,7 @@ class Generation:
     text: the decoded new tokens, special tokens removed.
     prompt_tokens: the prompt's length in tokens.
     wall_time: seconds from the prompt's ids to the last token, prefill included.
+    compile_seconds: the part of `wall_time` spent compiling (0 once compiled).
     accept_lengths: tokens committed per round (tau's samples; the prefill's token excluded).
     draft_lengths: drafts proposed per round.
     skip_sets: bool[rounds, L] the skip set in force in each round.
@@ -90,6 +73,7 @@ class Generation:
   text: str
   prompt_tokens: int
   wall_time: float
+  compile_seconds: float
   accept_lengths: list[int]
   draft_lengths: list[int]
   skip_sets: np.ndarray
@@ -100,8 +84,14 @@ class Generation:
     return len(self.token_ids)
 
   @property
+  def decode_seconds(self) -> float:
+    """Seconds of decoding: the wall time less compilation."""
+    return self.wall_time - self.compile_seconds
+
+  @property
   def tokens_per_second(self) -> float:
-    return self.new_tokens / self.wall_time if self.wall_time > 0 else 0.0
+    """New tokens per second of decoding (compilation excluded)."""
+    return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
   @property
   def skip_layers_per_round(self) -> list[int | None]:
@@ -123,12 +113,46 @@ def prompt_bucket(num_tokens: int, max_len: int) -> int:
   return min(max(_MIN_PROMPT_BUCKET, _next_power_of_two(num_tokens)), max_len)
 
 
-def cache_bucket(num_tokens: int, max_new_tokens: int, num_draft_tokens: int) -> int:
+def verify_rows(num_draft_tokens: int, pass_width: int) -> int:
+  """Rows of a verify pass of K drafts: K + 1 rounded up to whole passes of `pass_width`."""
+  return -(-(num_draft_tokens + 1) // pass_width) * pass_width
+
+
+def cache_bucket(num_tokens: int, max_new_tokens: int, scratch: int) -> int:
   """The KV cache capacity: room for the prompt, the budget and one round's scratch rows,
-  rounded up to a power of two (at least 256) so that the round, whose shapes depend on it,
-  compiles once per bucket rather than once per prompt length."""
-  return max(_MIN_CACHE_BUCKET,
-             _next_power_of_two(num_tokens + max_new_tokens + num_draft_tokens + 1))
+  rounded up to a power of two (at least 2048) so that the rounds, whose shapes depend on it,
+  compile once per bucket rather than once per prompt length."""
+  return max(_MIN_CACHE_BUCKET, _next_power_of_two(num_tokens + max_new_tokens + scratch))
+
+
+def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: KVCache, *,
+              width: int, attention) -> tuple[jax.Array, jax.Array, KVCache]:
+  """The full model over T tokens, as passes of exactly `width` tokens (the last padded).
+
+  Every full-model pass of decoding goes through here, plain steps and verification alike,
+  so that a token's logits do not depend on which pass computed them (see the module
+  docstring). The padding rows' keys and values land in the cache past the chunk, where
+  nothing reads them before a later pass overwrites them.
+
+  Returns:
+    (logits_TV, hiddens_LTD, cache): float32 logits and the L+1 pre-norm hidden states of the
+    T tokens, and the cache with every row written and its length advanced past the padding.
+  """
+  T = tokens_T.shape[0]
+  padded_P = jnp.zeros((verify_rows(T - 1, width),), jnp.int32).at[:T].set(tokens_T)
+  logits, hiddens = [], []
+  for start in range(0, padded_P.shape[0], width):
+    # The barriers keep XLA from specialising the pass to the rows its caller reads (a plain
+    # step reads one: the LM head and last layer would shrink to a 1-row product, rounded
+    # differently) or to padding it can see is constant.
+    chunk_1W = jax.lax.optimization_barrier(padded_P[None, start:start + width])
+    out = model_lib.forward(params, config, chunk_1W, cache, attention=attention)
+    logits_WV, hiddens_LWD = jax.lax.optimization_barrier(
+        (out.logits_BPV[0], out.hiddens_LBPD[:, 0]))
+    cache = out.cache
+    logits.append(logits_WV)
+    hiddens.append(hiddens_LWD)
+  return (jnp.concatenate(logits)[:T], jnp.concatenate(hiddens, axis=1)[:, :T], cache)
 
 
 def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -137,108 +161,148 @@ def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) 
   return sampling_lib.sample(key, sampling_lib.probabilities(logits_V, sampling))
 
 
+def _is_eos(config: LlamaConfig, tokens: jax.Array) -> jax.Array:
+  return jnp.isin(tokens, jnp.asarray(config.eos_token_ids or (-1,)))
+
+
 def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: jax.Array,
-             cache: KVCache, *, config: LlamaConfig, strategy: Strategy,
-             sampling: SamplingConfig, max_rounds: int) -> DecodeState:
+             cache: KVCache, *, config: LlamaConfig, sampling: SamplingConfig) -> DecodeState:
   """Runs the padded prompt, picks the first new token and builds the decode state.
 
-  The empty cache comes in as an argument: built inside, it would be a constant that XLA
-  spends minutes constant-folding attention over.
+  The prefill is the same program for every method (plain `jnp` attention over the prompt,
+  no skip set: the policy puts a method's first skip set in force), so all of them start
+  from the same cache and first token, and a compilation cache serves them all. The empty
+  cache comes in as an argument: built inside, it would be a constant that XLA spends
+  minutes constant-folding attention over.
   """
-  dtype = params['embed'].dtype
   max_len = cache.max_len
   out = model_lib.forward(params, config, tokens_P[None], cache,
                           out_idx_BP=(prompt_len - 1).reshape(1, 1),
-                          return_hiddens=strategy.needs_hiddens, empty_cache=True)
+                          attention=attention_lib.cache_attention)
   rng, key = jax.random.split(rng)
   first = _first_token(key, out.logits_BPV[0, 0], sampling)
   tokens_N = jnp.zeros((max_len + 1,), jnp.int32)
   tokens_N = jax.lax.dynamic_update_slice(tokens_N, tokens_P, (0,))
   tokens_N = tokens_N.at[prompt_len].set(first)
-  L, D = config.num_layers, config.hidden_size
-  hidden_LD = (out.hiddens_LBPD[:, 0, 0] if strategy.needs_hiddens
-               else jnp.zeros((L + 1, D), dtype))
-  skip_L = strategy.initial_skip(config)
-  state = DecodeState(
+  max_rounds = max_len  # rounds <= new tokens < capacity
+  return DecodeState(
       cache=out.cache.rollback(prompt_len), tokens_N=tokens_N, num_tokens=prompt_len + 1,
-      prompt_len=prompt_len, skip_L=skip_L, target_hidden_LD=hidden_LD,
-      rng=rng, done=jnp.isin(first, jnp.asarray(config.eos_token_ids or (-1,))),
+      prompt_len=prompt_len, skip_L=jnp.zeros((config.num_layers,), bool),
+      target_hidden_LD=out.hiddens_LBPD[:, 0, 0], rng=rng, done=_is_eos(config, first),
       num_rounds=jnp.zeros((), jnp.int32), accepted_R=jnp.zeros((max_rounds,), jnp.int32),
       drafted_R=jnp.zeros((max_rounds,), jnp.int32),
-      skip_RL=jnp.zeros((max_rounds, L), bool))
-  return state
+      skip_RL=jnp.zeros((max_rounds, config.num_layers), bool))
 
 
-def _verify(params: Params, state: DecodeState, tokens_K: jax.Array, count: jax.Array,
-            q_KV: jax.Array | None, key: jax.Array, *, config: LlamaConfig,
-            sampling: SamplingConfig, hiddens: bool):
-  """Runs `[last] + drafts` through the full model in one pass and accepts a prefix.
+def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
+           config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig, width: int,
+           attention, draft: bool) -> DecodeState:
+  """One round: propose, verify `[last] + drafts` with the full model, commit, roll back.
 
-  Returns:
-    (n, next_token, cache, hidden_LD): drafts accepted, the token after them, the cache with
-    the chunk written (length not yet rolled back), and the last accepted token's hidden
-    states (the state's own when `hiddens` is False).
+  With `draft` False (or a strategy that never drafts) the round is one plain decoding step:
+  the same full pass with no drafts in it.
   """
-  K = tokens_K.shape[0]
+  K = strategy.num_draft_tokens if draft else 0
+  rng, key_draft, key_accept = jax.random.split(state.rng, 3)
+  length = state.cache.length
   last = state.tokens_N[state.num_tokens - 1]
-  chunk_T = jnp.concatenate([last[None], tokens_K])  # [K+1]
-  out = model_lib.forward(params, config, chunk_T[None], state.cache, return_hiddens=hiddens)
-  logits_TV = out.logits_BPV[0]
+  if K:
+    drafts, state = strategy.propose(params, config, state, sampling, key_draft, attention)
+    tokens_K, count, q_KV = drafts.tokens_K, drafts.count, drafts.q_KV
+    state = state.replace(cache=state.cache.rollback(length))
+  else:
+    tokens_K, count, q_KV = jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.int32), None
+  logits_TV, hiddens_LTD, cache = full_pass(params, config,
+                                            jnp.concatenate([last[None], tokens_K]),
+                                            state.cache, width=width, attention=attention)
   if sampling.greedy:
     n, next_token = sampling_lib.accept_greedy(tokens_K, count, logits_TV)
   else:
     if q_KV is None:
       q_KV = jnp.zeros((K, config.vocab_size), jnp.float32)
-    n, next_token = sampling_lib.accept_sampled(key, tokens_K, count, q_KV, logits_TV, sampling)
-  hidden_LD = out.hiddens_LBPD[:, 0, n] if hiddens else state.target_hidden_LD
-  return n, next_token, out.cache, hidden_LD
-
-
-def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
-           config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig,
-           draft: bool) -> DecodeState:
-  """One round: propose, verify `[last] + drafts` in one pass, commit, roll back.
-
-  With `draft` False (or a strategy that never drafts) the round is one plain decoding step,
-  without the hidden states a refresh would read. A strategy that may propose nothing (prompt
-  lookup without a match) takes a one-token step in that case instead of a K+1 verify pass.
-  """
-  K = strategy.num_draft_tokens if draft else 0
-  rng, key_draft, key_accept = jax.random.split(state.rng, 3)
-  length = state.cache.length
-  verify = functools.partial(_verify, config=config, sampling=sampling,
-                             hiddens=strategy.needs_hiddens and draft)
-  if K:
-    drafts, state = strategy.propose(params, config, state, sampling, key_draft)
-    tokens_K, count = drafts.tokens_K, drafts.count
-    state = state.replace(cache=state.cache.rollback(length))
-    n, next_token, cache, hidden_LD = verify(params, state, tokens_K, count, drafts.q_KV,
-                                             key_accept)
-    if strategy.may_propose_nothing:
-      n, next_token, cache, hidden_LD = jax.lax.cond(
-          count > 0, lambda: (n, next_token, cache, hidden_LD),
-          lambda: verify(params, state, tokens_K[:0], count, None, key_accept))
-  else:
-    tokens_K, count = jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.int32)
-    n, next_token, cache, hidden_LD = verify(params, state, tokens_K, count, None, key_accept)
+    n, next_token = sampling_lib.accept_sampled(key_accept, tokens_K, count, q_KV, logits_TV,
+                                                sampling)
   committed_T = jnp.where(jnp.arange(K + 1) < n, jnp.concatenate([tokens_K, next_token[None]]),
                           next_token)  # [K+1]: accepted drafts, then the next token
   tokens_N = jax.lax.dynamic_update_slice(state.tokens_N, committed_T, (state.num_tokens,))
   num_tokens = state.num_tokens + n + 1
-  is_eos_T = jnp.isin(committed_T, jnp.asarray(config.eos_token_ids or (-1,)))
-  done = (jnp.any(is_eos_T & (jnp.arange(K + 1) <= n))
+  done = (jnp.any(_is_eos(config, committed_T) & (jnp.arange(K + 1) <= n))
           | (num_tokens - state.prompt_len >= max_new_tokens))
   r = state.num_rounds
   return state.replace(
       cache=cache.rollback(length + n + 1), tokens_N=tokens_N, num_tokens=num_tokens,
-      target_hidden_LD=hidden_LD, rng=rng, done=done, num_rounds=r + 1,
+      target_hidden_LD=hiddens_LTD[:, n], rng=rng, done=done, num_rounds=r + 1,
       accepted_R=state.accepted_R.at[r].set(n + 1), drafted_R=state.drafted_R.at[r].set(count),
       skip_RL=state.skip_RL.at[r].set(state.skip_L))
+
+
+def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
+             max_rounds: jax.Array, **round_settings) -> DecodeState:
+  """Rounds on the device until `max_rounds` of them ran, EOS or the token budget."""
+
+  def more(carry):
+    state, rounds = carry
+    return (rounds < max_rounds) & ~state.done
+
+  def one(carry):
+    state, rounds = carry
+    return _round(params, state, max_new_tokens, **round_settings), rounds + 1
+
+  state, _ = jax.lax.while_loop(more, one, (state, jnp.zeros((), jnp.int32)))
+  return state
 
 
 def _choose_skip_set(params: Params, state: DecodeState, num_skip: jax.Array, *,
                      config: LlamaConfig, strategy: Strategy) -> jax.Array:
   return strategy.refresh(params, config, state, num_skip)
+
+
+def _signature(args) -> tuple[Any, ...]:
+  """What a compiled function is specialised on: the pytree structure, shapes and dtypes."""
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple((np.shape(x), x.dtype if hasattr(x, 'dtype') else np.result_type(x))
+                        for x in leaves)
+
+
+class _CompiledFunction:
+  """A jitted function compiled ahead of time, once per argument signature.
+
+  Compiling explicitly (rather than on a jitted call) lets `Decoder.compile` prepare a
+  request without running it, and lets a generation report how long it spent compiling.
+  """
+
+  def __init__(self, fn, donate_argnums: tuple[int, ...] = (), precision: str | None = None):
+    self._jitted = jax.jit(fn, donate_argnums=donate_argnums)
+    self._precision = precision
+    self._compiled: dict[Any, Any] = {}
+    self.seconds = 0.0
+
+  def compiled(self, *args):
+    """The executable for these arguments (concrete or `jax.ShapeDtypeStruct`s)."""
+    key = _signature(args)
+    executable = self._compiled.get(key)
+    if executable is None:
+      start = time.perf_counter()
+      with jax.default_matmul_precision(self._precision):
+        executable = self._compiled[key] = self._jitted.lower(*args).compile()
+      self.seconds += time.perf_counter() - start
+    return executable
+
+  def __call__(self, *args):
+    return self.compiled(*args)(*args)
+
+
+def resolve_attention(name: str):
+  """The cache attention for 'auto' (the fused kernel on GPUs, plain `jnp` elsewhere),
+  'xla' (plain `jnp` everywhere) or 'pallas' (the fused GPU kernel)."""
+  if name == 'auto':
+    name = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
+  if name == 'xla':
+    return attention_lib.cache_attention
+  if name == 'pallas':
+    from clasp_jax import attention_pallas  # pylint: disable=g-import-not-at-top
+    return attention_pallas.cache_attention_pallas
+  raise ValueError(f"attention must be 'auto', 'xla' or 'pallas', got {name!r}")
 
 
 class Decoder:
@@ -251,43 +315,61 @@ class Decoder:
     sampling: greedy (default) or sampling settings.
     tokenizer: optional; used to decode the text of each generation.
     fast_path: per-layer weight buffers looped over in Python, and a draft over the active
-      layers' buffers alone (what pays on GPU and TPU), instead of a `fori_loop` over
-      stacked weights with a `lax.cond` per layer (the reference, and faster on CPU). None
-      picks by backend. Both give identical tokens.
+      layers' buffers alone (what pays on GPU and TPU), instead of a `lax.scan` over stacked
+      weights with a `lax.cond` per layer (the reference). None picks by backend. Both give
+      identical tokens.
+    pass_width: tokens per full-model pass (see the module docstring). Decoders compare
+      exactly only at the same width; the default is the same for every method.
+    attention: 'auto', 'xla' or 'pallas' (see `resolve_attention`).
   """
 
   def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
                sampling: SamplingConfig = SamplingConfig(), tokenizer=None,
-               fast_path: bool | None = None):
+               fast_path: bool | None = None, pass_width: int = DEFAULT_PASS_WIDTH,
+               attention: str = 'auto'):
     strategy.validate(config)
+    if pass_width < 1:
+      raise ValueError(f'pass_width must be >= 1, got {pass_width}')
     self.params, self.config, self.strategy = params, config, strategy
-    self.sampling, self.tokenizer = sampling, tokenizer
+    self.sampling, self.tokenizer, self.pass_width = sampling, tokenizer, pass_width
     if fast_path is None:
       fast_path = jax.default_backend() != 'cpu'
     self.fast_path = fast_path
     if fast_path:
       self.params = model_lib.unstack_layers(params)
-    # What rounds run with: the params, plus the active layers' trees on the fast path.
+    # What drafting rounds run with: the params, plus the active layers' trees on the fast path.
     self._round_params = self.params
+    # float32 means float32: on accelerators JAX's default would multiply in TF32 or bf16.
+    precision = 'highest' if self.params['embed'].dtype == jnp.float32 else None
     static = dict(config=config, strategy=strategy, sampling=sampling)
-    self._prefill = jax.jit(functools.partial(_prefill, **static),
-                            static_argnames=('max_rounds',), donate_argnums=(4,))
-    self._rounds = {draft: jax.jit(functools.partial(_round, draft=draft, **static),
-                                   donate_argnums=(1,)) for draft in (True, False)}
+    self._prefill_fn = functools.partial(_prefill, config=config, sampling=sampling)
+    self._prefill = _CompiledFunction(self._prefill_fn, donate_argnums=(4,),
+                                      precision=precision)
+    self._segments = {
+        draft: _CompiledFunction(functools.partial(
+            _segment, draft=draft, width=pass_width, attention=resolve_attention(attention),
+            **static), donate_argnums=(1,), precision=precision)
+        for draft in (True, False)}
     # M is traced: one compile serves every M.
-    self._choose_skip_set = jax.jit(functools.partial(_choose_skip_set, config=config,
-                                                      strategy=strategy))
+    self._choose_skip_set = _CompiledFunction(functools.partial(
+        _choose_skip_set, config=config, strategy=strategy), precision=precision)
     self.refresh_seconds = []
+
+  @property
+  def compile_seconds(self) -> float:
+    """Seconds this decoder has spent compiling."""
+    return sum(f.seconds for f in (self._prefill, self._choose_skip_set,
+                                   *self._segments.values()))
 
   def refresh(self, state: DecodeState, num_skip: int) -> DecodeState:
     """Re-chooses the skip set (the strategy's `refresh`, e.g. the CLaSp DP) and puts it in
     force; timed into `refresh_seconds`."""
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     bare = state.replace(draft_ids_A=None)  # whose presence and size vary
     skip_L = self._choose_skip_set(self.params, bare, np.int32(num_skip))
     state = self.put_skip_set(state, skip_L)
-    state.skip_L.block_until_ready()
-    self.refresh_seconds.append(time.perf_counter() - t0)
+    jax.block_until_ready(state.skip_L)
+    self.refresh_seconds.append(time.perf_counter() - start)
     return state
 
   def put_skip_set(self, state: DecodeState, skip_L: jax.Array) -> DecodeState:
@@ -316,47 +398,107 @@ class Decoder:
     if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
       raise ValueError(f'prompt token ids must be in [0, {self.config.vocab_size})')
 
+  def _shapes(self, num_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt bucket, cache capacity) of a request."""
+    bucket = prompt_bucket(num_prompt_tokens, self.config.max_position_embeddings)
+    scratch = verify_rows(self.strategy.num_draft_tokens, self.pass_width)
+    return bucket, max(bucket, cache_bucket(num_prompt_tokens, max_new_tokens, scratch))
+
+  def _new_cache(self, capacity: int) -> KVCache:
+    return init_cache(self.config, capacity, dtype=self.params['embed'].dtype)
+
+  @property
+  def verify_rows(self) -> int:
+    """Rows of a drafting round's verify pass: K + 1 in whole passes of `pass_width`."""
+    return verify_rows(self.strategy.num_draft_tokens, self.pass_width)
+
+  def _segment_args(self, state, segment: Segment, max_new_tokens) -> tuple[Any, ...]:
+    params = self._round_params if segment.draft else self.params
+    limit = state.cache.max_len if segment.rounds is None else segment.rounds
+    return params, state, np.int32(max_new_tokens), np.int32(limit)
+
+  def compile_segment(self, state: DecodeState, segment: Segment) -> None:
+    """Compiles the segment `run_segment` would run on this state (concrete or abstract)."""
+    self._segments[segment.draft].compiled(*self._segment_args(state, segment, 0))
+
+  def run_segment(self, state: DecodeState, segment: Segment,
+                  max_new_tokens: int) -> DecodeState:
+    """Runs a segment of rounds on the device (the state is donated)."""
+    return self._segments[segment.draft](*self._segment_args(state, segment, max_new_tokens))
+
+  def compile(self, num_prompt_tokens: int, max_new_tokens: int) -> float:
+    """Compiles everything a request of this size may run, without running it.
+
+    That is the prefill of its prompt bucket, the plain and drafting segments of its cache
+    capacity (on the accelerator path, a drafting segment for every M the strategy may use),
+    and the skip-set refresh. Benchmarks call it before timing; `generate` compiles what it
+    meets otherwise.
+
+    Returns:
+      The seconds spent compiling (0 when everything was compiled already).
+    """
+    self.check_request([0] * num_prompt_tokens, max_new_tokens)
+    before = self.compile_seconds
+    bucket, capacity = self._shapes(num_prompt_tokens, max_new_tokens)
+    args = (self.params, jax.ShapeDtypeStruct((bucket,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)),
+            jax.eval_shape(lambda: self._new_cache(capacity)))
+    self._prefill.compiled(*args)
+    state = jax.eval_shape(self._prefill_fn, *args)
+    self.compile_segment(state, Segment(draft=False))
+    if self.strategy.num_draft_tokens:
+      if self.fast_path and self.strategy.skips_layers:
+        round_params = self._round_params
+        for num_skip in self.strategy.skip_counts(self.config):
+          num_active = self.config.num_layers - num_skip
+          self._round_params = dict(self.params, draft_layers=self.params['layers'][:num_active])
+          self.compile_segment(
+              state.replace(draft_ids_A=jax.ShapeDtypeStruct((num_active,), jnp.int32)),
+              Segment(draft=True))
+        self._round_params = round_params
+      else:
+        self.compile_segment(state, Segment(draft=True))
+    if self.strategy.skips_layers:
+      self._choose_skip_set.compiled(self.params, state, jax.ShapeDtypeStruct((), jnp.int32))
+    return self.compile_seconds - before
+
   def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Generation:
     """Generates up to `max_new_tokens` tokens after `prompt_ids`."""
     self.check_request(prompt_ids, max_new_tokens)
     start = time.perf_counter()
+    compiled_before = self.compile_seconds
     n = len(prompt_ids)
-    bucket = prompt_bucket(n, self.config.max_position_embeddings)
-    max_len = max(bucket, cache_bucket(n, max_new_tokens, self.strategy.num_draft_tokens))
+    bucket, capacity = self._shapes(n, max_new_tokens)
     tokens_P = np.zeros((bucket,), np.int32)
     tokens_P[:n] = prompt_ids
-    cache = init_cache(self.config, max_len, dtype=self.params['embed'].dtype)
-    state = self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed), cache,
-                          max_rounds=max_new_tokens)
+    state = self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed),
+                          self._new_cache(capacity))
     self.refresh_seconds = []
-    budget = np.int32(max_new_tokens)
-    policy = self.strategy.make_policy(self)
-    if policy is None and self.strategy.num_skip is not None and not self.strategy.loi:
-      state = self.put_skip_set(state, state.skip_L)  # a fixed set: in force from the start
+    policy = self.strategy.make_policy(self, max_new_tokens)
     rounds = 0
-    while not bool(state.done):
-      if policy is not None:
-        state, draft = policy.before_round(self, state)
+    while True:
+      state, segment = policy.next_segment(self, state)
+      state = self.run_segment(state, segment, max_new_tokens)
+      if policy.observes and segment.draft:
+        done, num_rounds, accepted_R, drafted_R = jax.device_get(
+            (state.done, state.num_rounds, state.accepted_R, state.drafted_R))
+        policy.observe(accepted_R[rounds:num_rounds], drafted_R[rounds:num_rounds])
       else:
-        draft = True
-        if self.strategy.loi and rounds % self.strategy.loi == 0:
-          state = self.refresh(state, self.strategy.num_skip)
-      t0 = time.perf_counter()
-      state = self._rounds[draft](self._round_params if draft else self.params, state, budget)
-      rounds += 1
-      if policy is not None and draft:  # plain rounds teach the policy nothing: no reads
-        accepted_R, drafted_R = jax.device_get((state.accepted_R, state.drafted_R))
-        policy.after_round(int(accepted_R[rounds - 1]), int(drafted_R[rounds - 1]),
-                           time.perf_counter() - t0)
-    tokens = self._truncate(np.asarray(state.tokens_N)[n:int(state.num_tokens)].tolist(),
-                            max_new_tokens)
+        done, num_rounds = jax.device_get((state.done, state.num_rounds))
+      rounds = int(num_rounds)
+      if done:
+        break
+    num_tokens, tokens_N, accepted_R, drafted_R, skip_RL = jax.device_get(
+        (state.num_tokens, state.tokens_N, state.accepted_R, state.drafted_R, state.skip_RL))
+    tokens = self._truncate(tokens_N[n:int(num_tokens)].tolist(), max_new_tokens)
     wall_time = time.perf_counter() - start
-    text = self.tokenizer.decode(tokens) if self.tokenizer is not None else ''
+    text = (self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if self.tokenizer is not None else '')
     return Generation(
         token_ids=tokens, text=text, prompt_tokens=n, wall_time=wall_time,
-        accept_lengths=np.asarray(state.accepted_R[:rounds]).tolist(),
-        draft_lengths=np.asarray(state.drafted_R[:rounds]).tolist(),
-        skip_sets=np.asarray(state.skip_RL[:rounds]), refresh_times=self.refresh_seconds)
+        compile_seconds=self.compile_seconds - compiled_before,
+        accept_lengths=accepted_R[:rounds].tolist(), draft_lengths=drafted_R[:rounds].tolist(),
+        skip_sets=skip_RL[:rounds], refresh_times=self.refresh_seconds)
 
   def _truncate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
     """Cuts the committed tokens after the first EOS and at the token budget."""

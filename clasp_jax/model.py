@@ -9,13 +9,18 @@ on a leading axis L):
           w_gate/w_up [L, D, F], w_down [L, F, D].
 
 `forward` runs a chunk of T tokens at positions [cache.length, cache.length + T), writes their
-keys/values and advances the cache. A bool[L] `skip` vector turns layers into identities
-(the reference `lax.scan` + `lax.cond` path). `pseudo_token_layer` runs one layer on M
-independent pseudo-tokens sharing one position, for the CLaSp dynamic programme.
+keys/values and advances the cache. The layers are applied with `lax.scan` over the stacked
+tree (the reference path), or unrolled over per-layer trees (`unstack_layers`, the
+accelerator path); a bool[L] `skip` vector turns layers into identities (one `lax.cond` per
+layer, reference path), and `layer_ids_A` runs only some layers' own trees (the accelerator
+draft). Attention over the cache is `attention.cache_attention`, whose reduction order does
+not depend on the pass a token sits in. `pseudo_token_layer` runs one layer on M independent
+pseudo-tokens sharing one position, for the CLaSp dynamic programme.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import math
 from typing import Any
@@ -24,10 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax import attention as attention_lib
 from clasp_jax.cache import KVCache
 from clasp_jax.config import LlamaConfig
 
 Params = dict[str, Any]
+#: (q_BTHh, k_BTKh, v_BTKh) -> attention output [B, T, H*hd], for one layer and chunk.
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+#: The cache attention: `attention.cache_attention`'s signature.
+Attention = Callable[..., jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +48,12 @@ class ForwardOutput:
     logits_BPV: float32 logits at the requested chunk positions.
     cache: the cache with the chunk written and `length` advanced by T.
     hiddens_LBPD: [L+1, B, P, D] pre-final-norm hidden states (embedding output, then each
-      layer's output) at the requested positions, or None when not asked for.
+      layer's output) at the requested positions.
   """
 
   logits_BPV: jax.Array
   cache: KVCache
-  hiddens_LBPD: jax.Array | None
+  hiddens_LBPD: jax.Array
 
 
 jax.tree_util.register_dataclass(
@@ -114,36 +124,6 @@ def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
           v_BTKh)
 
 
-def _attend(config: LlamaConfig, q_BTHh: jax.Array,
-            segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-  """Grouped-query attention of T queries over several key/value segments at once.
-
-  One softmax (float32) spans every segment, so the cache and the chunk's own keys can be
-  attended to without concatenating (copying) the cache.
-
-  Args:
-    config: the model config.
-    q_BTHh: roped queries.
-    segments: (k_BSKh, v_BSKh, mask_BTS) triples; mask broadcasts over B and T.
-
-  Returns:
-    The attention output [B, T, H*hd].
-  """
-  B, T, H, hd = q_BTHh.shape
-  kv = config.num_kv_heads
-  q_BTKGh = q_BTHh.reshape(B, T, kv, H // kv, hd)
-  scores = [jnp.where(mask_BTS[:, None, None],
-                      jnp.einsum('btkgh,bskh->bkgts', q_BTKGh, k_BSKh,
-                                 preferred_element_type=jnp.float32) / math.sqrt(hd), -jnp.inf)
-            for k_BSKh, _, mask_BTS in segments]
-  probs_BKGTX = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-  splits = np.cumsum([sc.shape[-1] for sc in scores])[:-1]
-  out_BTKGh = sum(jnp.einsum('bkgts,bskh->btkgh', p_BKGTS.astype(v_BSKh.dtype), v_BSKh)
-                  for p_BKGTS, (_, v_BSKh, _) in zip(jnp.split(probs_BKGTX, splits, -1),
-                                                     segments))
-  return out_BTKGh.reshape(B, T, H * hd)
-
-
 def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
                   attn_BTq: jax.Array) -> jax.Array:
   """Output projection, residual, and the SwiGLU MLP with its residual."""
@@ -156,31 +136,9 @@ def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
   return x_BTD + (jax.nn.silu(gate_BTF) * up_BTF) @ lp['w_down']
 
 
-def _chunk_attention(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
-                     sin_BTh: jax.Array, k_BSKh: jax.Array | None, v_BSKh: jax.Array | None,
-                     length: jax.Array, chunk_mask_TT: jax.Array | None = None
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The attention half of `decoder_layer` (same arguments): the attention output
-  [B, T, H*hd] before the output projection, and the chunk's keys and values."""
-  T = x_BTD.shape[1]
-  q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
-  if chunk_mask_TT is None:
-    chunk_mask_TT = jnp.tril(jnp.ones((T, T), bool))
-  segments = [(k_BTKh.astype(x_BTD.dtype), v_BTKh.astype(x_BTD.dtype), chunk_mask_TT[None])]
-  if k_BSKh is not None:
-    cache_mask_1TS = (jnp.arange(k_BSKh.shape[1]) < length)[None, None, :]
-    segments.insert(0, (k_BSKh, v_BSKh, cache_mask_1TS))
-  return _attend(config, q_BTHh, segments), k_BTKh, v_BTKh
-
-
 def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
-                  sin_BTh: jax.Array, k_BSKh: jax.Array, v_BSKh: jax.Array, length: jax.Array,
-                  chunk_mask_TT: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One decoder layer on a chunk of T tokens that follows `length` cached rows.
-
-  The cache is only read: the chunk attends to cached rows [0, length) and to its own keys
-  (causally, or as `chunk_mask_TT` says); the caller writes the returned rows.
+                  sin_BTh: jax.Array, attend: Attend) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One decoder layer on a chunk of T tokens.
 
   Args:
     lp: this layer's params (no leading L axis).
@@ -188,22 +146,18 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
     x_BTD: the residual stream entering the layer.
     cos_BTh: RoPE cos table of the chunk's positions.
     sin_BTh: RoPE sin table of the chunk's positions.
-    k_BSKh: this layer's cached keys (rows >= length are ignored), or None when the chunk
-      sees no cache (a prefill into an empty cache).
-    v_BSKh: this layer's cached values, or None.
-    length: int32 scalar, the number of cached rows the chunk may see.
-    chunk_mask_TT: which chunk tokens see which (default causal).
+    attend: (q_BTHh, k_BTKh, v_BTKh) -> attention output [B, T, H*hd]: what the chunk's
+      queries see besides their own keys is the caller's (the cache, or a prefix of it).
 
   Returns:
-    The layer output [B, T, D] and the chunk's keys and values [B, T, KV, hd].
+    The layer output [B, T, D] and the chunk's roped keys and values [B, T, KV, hd].
   """
-  attn_BTq, k_BTKh, v_BTKh = _chunk_attention(lp, config, x_BTD, cos_BTh, sin_BTh, k_BSKh,
-                                              v_BSKh, length, chunk_mask_TT)
-  return _finish_layer(lp, config, x_BTD, attn_BTq), k_BTKh, v_BTKh
+  q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+  return _finish_layer(lp, config, x_BTD, attend(q_BTHh, k_BTKh, v_BTKh)), k_BTKh, v_BTKh
 
 
 def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: jax.Array,
-                       k_SKh: jax.Array, v_SKh: jax.Array) -> jax.Array:
+                       cache: KVCache, layer: jax.Array | int) -> jax.Array:
   """One layer on M independent pseudo-tokens that all sit at position `pos`.
 
   Each pseudo-token attends to the cached prefix [0, pos) and to itself only, never to the
@@ -215,16 +169,24 @@ def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: ja
     config: the model config.
     x_MD: the M candidate hidden states.
     pos: int32 scalar, the target token's position.
-    k_SKh: this layer's cached keys of batch row 0.
-    v_SKh: this layer's cached values of batch row 0.
+    cache: the KV cache (batch row 0 is read).
+    layer: the layer's index in the cache.
 
   Returns:
     The M layer outputs [M, D].
   """
   M = x_MD.shape[0]
   cos_1Mh, sin_1Mh = rope_tables(config, jnp.full((1, M), pos, jnp.int32))
-  out_1MD, _, _ = decoder_layer(lp, config, x_MD[None], cos_1Mh, sin_1Mh, k_SKh[None],
-                                v_SKh[None], pos, chunk_mask_TT=jnp.eye(M, dtype=bool))
+  k_1SKh, v_1SKh = cache.k_LBSKh[layer, :1], cache.v_LBSKh[layer, :1]
+  prefix_11S = (jnp.arange(cache.max_len) < pos)[None, None]
+
+  def attend(q_1MHh, k_1MKh, v_1MKh):
+    return attention_lib.segment_attention(
+        q_1MHh, [(k_1SKh, v_1SKh, prefix_11S),
+                 (k_1MKh.astype(k_1SKh.dtype), v_1MKh.astype(v_1SKh.dtype),
+                  jnp.eye(M, dtype=bool)[None])])
+
+  out_1MD, _, _ = decoder_layer(lp, config, x_MD[None], cos_1Mh, sin_1Mh, attend)
   return out_1MD[0]
 
 
@@ -283,18 +245,21 @@ def active_layers(params: Params, skip_L) -> tuple[tuple[Params, ...], np.ndarra
   return tuple(params['layers'][i] for i in ids_A), ids_A
 
 
-def fold_layers(params: Params, fn, carry):
-  """carry = fn(a, layer_a_params, carry) for every layer a of `params['layers']` in order.
+def scan_layers(params: Params, fn, carry):
+  """`carry, y_a = fn(a, layer_a_params, carry)` for every layer a of `params['layers']` in
+  order; returns the last carry and the y's stacked on a leading axis.
 
-  A `fori_loop` over a stacked tree (the compact reference path), a Python loop (unrolled)
-  over per-layer trees (the accelerator path).
+  A `lax.scan` over a stacked tree (the compact reference path; a is traced), a Python loop
+  (unrolled) over per-layer trees (the accelerator path; a is a Python int).
   """
-  if is_per_layer(params):
-    for a, lp in enumerate(params['layers']):
-      carry = fn(a, lp, carry)
-    return carry
-  return jax.lax.fori_loop(0, num_layers_in(params),
-                           lambda a, c: fn(a, layer_params(params, a), c), carry)
+  if not is_per_layer(params):
+    return jax.lax.scan(lambda c, xs: fn(xs[1], xs[0], c), carry,
+                        (params['layers'], jnp.arange(num_layers_in(params))))
+  ys = []
+  for a, lp in enumerate(params['layers']):
+    carry, y = fn(a, lp, carry)
+    ys.append(y)
+  return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
 
 def lm_head(params: Params, config: LlamaConfig, x_XD: jax.Array) -> jax.Array:
@@ -306,15 +271,20 @@ def lm_head(params: Params, config: LlamaConfig, x_XD: jax.Array) -> jax.Array:
 
 def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KVCache, *,
             skip_L: jax.Array | None = None, layer_ids_A: jax.Array | None = None,
-            out_idx_BP: jax.Array | None = None, return_hiddens: bool = False,
-            empty_cache: bool = False) -> ForwardOutput:
+            out_idx_BP: jax.Array | None = None,
+            attention: Attention = attention_lib.cache_attention) -> ForwardOutput:
   """Runs a chunk of T tokens through the model, reading and writing the cache.
+
+  The chunk sits at positions [cache.length, cache.length + T). Inside the layer loop the
+  cache is only read (each layer attends to its cached rows below the chunk and to the
+  chunk's own keys, see `attention.cache_attention`); every layer's new rows are written
+  after it, so the loop never copies the cache.
 
   Args:
     params: the params pytree; its layers stacked (reference) or per layer (accelerators,
       see `unstack_layers`).
     config: the model config.
-    tokens_BT: int32 token ids at positions [cache.length, cache.length + T).
+    tokens_BT: int32 token ids.
     cache: the KV cache; it must have room for T more rows.
     skip_L: optional bool[L]; True layers act as identities and leave the cache untouched
       (reference path: one `lax.cond` per layer).
@@ -323,67 +293,55 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
       the layers it runs).
     out_idx_BP: optional int32 chunk indices at which to return logits and hidden states;
       None means every position (P = T).
-    return_hiddens: whether to return the pre-norm hidden states at those positions.
-    empty_cache: the cache holds nothing yet (a prefill): attend within the chunk only,
-      instead of over S masked-out cache rows as well.
+    attention: the cache attention (`attention.cache_attention` or a kernel with its
+      signature and numerics contract).
 
   Returns:
-    A `ForwardOutput`.
+    A `ForwardOutput`; its hidden states are [A+1, B, P, D].
   """
   B, T = tokens_BT.shape
-  length = cache.length
-  positions_BT = length + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  cos_BTh, sin_BTh = rope_tables(config, positions_BT)
+  start = cache.length
+  cos_BTh, sin_BTh = rope_tables(config, start + jnp.broadcast_to(jnp.arange(T), (B, T)))
   x_BTD = params['embed'][tokens_BT]
-  A = num_layers_in(params)
-  ids_given = layer_ids_A is not None
-  if not ids_given:
-    layer_ids_A = jnp.arange(A, dtype=jnp.int32)
 
   def select(x_BTD):
     if out_idx_BP is None:
       return x_BTD
     return jnp.take_along_axis(x_BTD, out_idx_BP[..., None], axis=1)
 
-  def step(a, lp, carry):
-    x_BTD, k_ABTKh, v_ABTKh, hiddens_ABPD = carry
-    i = layer_ids_A[a]
-    k_BSKh, v_BSKh = cache.k_LBSKh[i], cache.v_LBSKh[i]  # the cache is only read in the loop
+  def step(a, lp, x_BTD):
+    i = a if layer_ids_A is None else layer_ids_A[a]
 
     def run(x_BTD):
-      if empty_cache:
-        return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, None, None, length)
-      return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, k_BSKh, v_BSKh, length)
+      def attend(q_BTHh, k_BTKh, v_BTKh):
+        return attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh, cache.v_LBSKh, i, start)
+      return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, attend)
 
     def keep(x_BTD):  # a skipped layer leaves its cache rows as they were
-      rows = (B, T) + k_BSKh.shape[2:]
-      return (x_BTD, jax.lax.dynamic_slice(k_BSKh, (0, length, 0, 0), rows),
-              jax.lax.dynamic_slice(v_BSKh, (0, length, 0, 0), rows))
+      rows = (1, B, T) + cache.k_LBSKh.shape[3:]
+      return (x_BTD, jax.lax.dynamic_slice(cache.k_LBSKh, (i, 0, start, 0, 0), rows)[0],
+              jax.lax.dynamic_slice(cache.v_LBSKh, (i, 0, start, 0, 0), rows)[0])
 
     x_BTD, k_BTKh, v_BTKh = (run(x_BTD) if skip_L is None
                              else jax.lax.cond(skip_L[a], keep, run, x_BTD))
-    if return_hiddens:
-      hiddens_ABPD = hiddens_ABPD.at[a + 1].set(select(x_BTD))
-    return (x_BTD, k_ABTKh.at[a].set(k_BTKh.astype(k_ABTKh.dtype)),
-            v_ABTKh.at[a].set(v_BTKh.astype(v_ABTKh.dtype)), hiddens_ABPD)
+    dtype = cache.k_LBSKh.dtype
+    return x_BTD, (select(x_BTD), k_BTKh.astype(dtype), v_BTKh.astype(dtype))
 
-  rows_ABTKh = jnp.zeros((A, B, T) + cache.k_LBSKh.shape[3:], cache.k_LBSKh.dtype)
-  hiddens = select(x_BTD)[None].repeat(A + 1, axis=0) if return_hiddens else None
-  x_BTD, k_ABTKh, v_ABTKh, hiddens = fold_layers(
-      params, step, (x_BTD, rows_ABTKh, rows_ABTKh, hiddens))
-
-  if ids_given:  # each layer's new rows to its own place (A static: no device loop)
+  x_BTD, (hiddens_ABPD, k_ABTKh, v_ABTKh) = scan_layers(params, step, x_BTD)
+  if layer_ids_A is None:  # every layer's rows at once
+    k_LBSKh = jax.lax.dynamic_update_slice(cache.k_LBSKh, k_ABTKh, (0, 0, start, 0, 0))
+    v_LBSKh = jax.lax.dynamic_update_slice(cache.v_LBSKh, v_ABTKh, (0, 0, start, 0, 0))
+  else:  # each active layer's rows to its own place (A static: no device loop)
     k_LBSKh, v_LBSKh = cache.k_LBSKh, cache.v_LBSKh
-    for a in range(A):
-      start = (layer_ids_A[a], 0, length, 0, 0)
-      k_LBSKh = jax.lax.dynamic_update_slice(k_LBSKh, k_ABTKh[a][None], start)
-      v_LBSKh = jax.lax.dynamic_update_slice(v_LBSKh, v_ABTKh[a][None], start)
-  else:  # every layer's rows at once
-    k_LBSKh = jax.lax.dynamic_update_slice(cache.k_LBSKh, k_ABTKh, (0, 0, length, 0, 0))
-    v_LBSKh = jax.lax.dynamic_update_slice(cache.v_LBSKh, v_ABTKh, (0, 0, length, 0, 0))
-  new_cache = KVCache(k_LBSKh=k_LBSKh, v_LBSKh=v_LBSKh, length=length + T)
-  return ForwardOutput(logits_BPV=lm_head(params, config, select(x_BTD)), cache=new_cache,
-                       hiddens_LBPD=hiddens)
+    for a in range(k_ABTKh.shape[0]):
+      k_LBSKh = jax.lax.dynamic_update_slice(k_LBSKh, k_ABTKh[a][None],
+                                             (layer_ids_A[a], 0, start, 0, 0))
+      v_LBSKh = jax.lax.dynamic_update_slice(v_LBSKh, v_ABTKh[a][None],
+                                             (layer_ids_A[a], 0, start, 0, 0))
+  hiddens_ABPD = jnp.concatenate([select(params['embed'][tokens_BT])[None], hiddens_ABPD])
+  return ForwardOutput(logits_BPV=lm_head(params, config, select(x_BTD)),
+                       cache=KVCache(k_LBSKh=k_LBSKh, v_LBSKh=v_LBSKh, length=start + T),
+                       hiddens_LBPD=hiddens_ABPD)
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32,
@@ -438,22 +396,17 @@ def sublayer_stats(params: Params, config: LlamaConfig, tokens_BT: jax.Array, ca
     The statistics of every layer stacked, [L, *X].
   """
   B, T = tokens_BT.shape
-  positions_BT = start + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  cos_BTh, sin_BTh = rope_tables(config, positions_BT)
-  x_BTD = params['embed'][tokens_BT]
+  cos_BTh, sin_BTh = rope_tables(config, start + jnp.broadcast_to(jnp.arange(T), (B, T)))
 
-  def step(a, lp, carry):
-    x_BTD, stats_LX = carry
-    attn_BTq, _, _ = _chunk_attention(lp, config, x_BTD, cos_BTh, sin_BTh, cache.k_LBSKh[a],
-                                      cache.v_LBSKh[a], start)
+  def step(a, lp, x_BTD):
+    q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+    attn_BTq = attention_lib.cache_attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh,
+                                             cache.v_LBSKh, a, start)
     attn_BTD = attn_BTq @ lp['wo']
     mid_BTD = x_BTD + attn_BTD
     out_BTD = _finish_layer(lp, config, x_BTD, attn_BTq)
     mlp_BTD = out_BTD.astype(jnp.float32) - mid_BTD.astype(jnp.float32)
-    return out_BTD, stats_LX.at[a].set(stat_fn(attn_BTD.astype(jnp.float32), mlp_BTD))
+    return out_BTD, stat_fn(attn_BTD.astype(jnp.float32), mlp_BTD)
 
-  f32_BTD = jax.ShapeDtypeStruct(x_BTD.shape, jnp.float32)
-  stat = jax.eval_shape(stat_fn, f32_BTD, f32_BTD)
-  stats_LX = jnp.zeros((num_layers_in(params),) + stat.shape, stat.dtype)
-  _, stats_LX = fold_layers(params, step, (x_BTD, stats_LX))
+  _, stats_LX = scan_layers(params, step, params['embed'][tokens_BT])
   return stats_LX

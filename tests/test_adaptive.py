@@ -44,7 +44,7 @@ def test_picks_plain_decoding_when_drafting_cannot_pay():
 
 
 class _FakeDecoder:
-  """Stands in for `Decoder.refresh` so the policy can be driven by synthetic rounds."""
+  """Stands in for `Decoder.refresh` so the policy can be driven by synthetic segments."""
 
   def __init__(self):
     self.refreshed = []
@@ -55,37 +55,44 @@ class _FakeDecoder:
 
 
 def _policy(costs, **settings):
-  settings = dict(dict(max_skip_layers=12, initial_skip_layers=4), **settings)
-  return adaptive.AdaptivePolicy(strategies.AdaptiveClasp(**settings), costs, L)
+  settings = dict(dict(candidates=(2, 4, 8, 12), initial_skip_layers=4), **settings)
+  return adaptive.AdaptivePolicy(strategies.AdaptiveClasp(**settings), L, costs)
+
+
+def _drive(policy, decoder, accepted, drafted, segments):
+  """Runs `segments` segments, every drafting round committing `accepted` tokens of
+  `drafted` drafts; returns each segment's (draft, rounds)."""
+  schedule = []
+  for _ in range(segments):
+    _, segment = policy.next_segment(decoder, None)
+    schedule.append((segment.draft, segment.rounds))
+    if segment.draft:
+      policy.observe(np.full(segment.rounds, accepted), np.full(segment.rounds, drafted))
+  return schedule
 
 
 def test_policy_goes_plain_when_drafts_are_rejected_and_probes_later():
   policy, decoder = _policy(GPU_LIKE, backoff_rounds=8, optimistic_alpha=0.95), _FakeDecoder()
-  kinds = []
-  for _ in range(40):
-    _, draft = policy.before_round(decoder, None)
-    kinds.append(draft)
-    policy.after_round(accepted=1, drafted=4 if draft else 0, seconds=0.0)  # all rejected
-  assert kinds[:2] == [True, True]  # warm-up rounds draft
-  assert kinds[2:10] == [False] * 8  # then plain decoding for the back-off
-  assert True in kinds[10:]  # and drafting is probed again
+  schedule = _drive(policy, decoder, accepted=1, drafted=4, segments=6)  # all rejected
+  assert schedule[0] == (True, policy.s.loi)  # the first segment drafts
+  assert schedule[1] == (False, 8)  # then plain decoding for the back-off
+  assert schedule[2][0]  # drafting is probed again
+  assert schedule[3] == (False, 16)  # and the back-off doubles
 
 
 def test_policy_never_drafts_when_even_perfect_acceptance_cannot_pay():
   hopeless = Costs(full_step=1.0, draft_base=0.9, draft_per_layer=0.01, verify=5.0, dp=5.0)
   policy, decoder = _policy(hopeless), _FakeDecoder()
-  assert not any(policy.before_round(decoder, None)[1] for _ in range(50))
+  assert not any(draft for draft, _ in _drive(policy, decoder, 1, 4, segments=20))
   assert not decoder.refreshed
 
 
 def test_policy_keeps_drafting_when_it_pays_and_explores_neighbours():
-  policy, decoder = _policy(GPU_LIKE, max_skip_layers=15, initial_skip_layers=12,
-                            explore_every=8, explore_rounds=1), _FakeDecoder()
-  for _ in range(40):
-    _, draft = policy.before_round(decoder, None)
-    assert draft
-    policy.after_round(accepted=8, drafted=7, seconds=0.0)  # every draft accepted
-  assert len(set(decoder.refreshed)) > 1  # neighbouring M values were tried
+  policy, decoder = _policy(GPU_LIKE, initial_skip_layers=8, explore_every=2), _FakeDecoder()
+  schedule = _drive(policy, decoder, accepted=8, drafted=7, segments=12)  # all accepted
+  assert all(draft for draft, _ in schedule)
+  assert set(decoder.refreshed) > {8}  # neighbouring M values on the grid were tried
+  assert set(decoder.refreshed) <= set(policy.s.candidates)
 
 
 def test_auto_is_lossless_and_reports_m_per_round():
@@ -97,10 +104,10 @@ def test_auto_is_lossless_and_reports_m_per_round():
                               draft_exit_threshold=0.0)
   assert isinstance(strategy, strategies.AdaptiveClasp)
   decoder = Decoder(params, config, strategy)
-  decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, GPU_LIKE, config.num_layers)
+  decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, config.num_layers, GPU_LIKE)
   out = decoder.generate(prompt, 40)
   assert out.token_ids == expected
   per_round = out.skip_layers_per_round
   assert len(per_round) == len(out.accept_lengths)
-  assert all(m is None or 1 <= m <= strategy.max_skip_layers for m in per_round)
+  assert all(m is None or m in strategy.candidates for m in per_round)
   assert any(m is not None for m in per_round)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clasp_jax import attention
 from clasp_jax import model as model_lib
 from clasp_jax.cache import init_cache
 from clasp_jax.strategies import clasp_dp
@@ -18,7 +19,7 @@ def _prefill_target(config, params, seed=0):
   """Cache and hidden states [L+1, D] of the last prompt token, as the engine has them."""
   tokens_1T = jax.random.randint(jax.random.key(seed), (1, PROMPT_LEN), 4, config.vocab_size)
   out = model_lib.forward(params, config, tokens_1T, init_cache(config, 64),
-                          out_idx_BP=jnp.array([[PROMPT_LEN - 1]]), return_hiddens=True)
+                          out_idx_BP=jnp.array([[PROMPT_LEN - 1]]))
   return out.cache, out.hiddens_LBPD[:, 0, 0]
 
 
@@ -34,9 +35,12 @@ def _naive_dp(config, params, cache, hidden_LD, num_skip):
   cos_tab = model_lib.rope_tables(config, jnp.full((1, 1), pos, jnp.int32))
 
   def run_layer(i, x_D):
+    def attend(q_11Hh, k_11Kh, v_11Kh):  # the prefix from the cache, then the token itself
+      return attention.cache_attention(q_11Hh, k_11Kh, v_11Kh, cache.k_LBSKh, cache.v_LBSKh,
+                                       i, jnp.int32(pos))
     out_11D, _, _ = model_lib.decoder_layer(
         model_lib.layer_params(params, i), config, jnp.asarray(x_D, jnp.float32)[None, None],
-        *cos_tab, cache.k_LBSKh[i], cache.v_LBSKh[i], jnp.int32(pos))
+        *cos_tab, attend)
     return np.asarray(out_11D[0, 0], np.float64)
 
   def cos(a, b):
@@ -120,10 +124,8 @@ def test_pseudo_token_ignores_other_candidates_and_target_row():
   pos = cache.length - 1
   lp = model_lib.layer_params(params, 2)
   x_MD = jax.random.normal(jax.random.key(7), (4, config.hidden_size))
-  together = model_lib.pseudo_token_layer(lp, config, x_MD, pos, cache.k_LBSKh[2, 0],
-                                          cache.v_LBSKh[2, 0])
-  k_poisoned = cache.k_LBSKh[2, 0].at[pos:].set(100.0)
-  alone = jnp.stack([
-      model_lib.pseudo_token_layer(lp, config, x_MD[m:m + 1], pos, k_poisoned,
-                                   cache.v_LBSKh[2, 0])[0] for m in range(4)])
+  together = model_lib.pseudo_token_layer(lp, config, x_MD, pos, cache, 2)
+  poisoned = cache.replace(k_LBSKh=cache.k_LBSKh.at[2, 0, pos:].set(100.0))
+  alone = jnp.stack([model_lib.pseudo_token_layer(lp, config, x_MD[m:m + 1], pos, poisoned, 2)[0]
+                     for m in range(4)])
   np.testing.assert_allclose(np.asarray(together), np.asarray(alone), atol=1e-5)

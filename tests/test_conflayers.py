@@ -159,7 +159,7 @@ def test_sublayer_outputs_rebuild_the_hidden_states(tiny_model):
   sees the cached prefix."""
   config, params = tiny_model
   tokens_BT = jnp.asarray(np.random.RandomState(0).randint(4, config.vocab_size, (1, 24)))
-  out = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c, return_hiddens=True))(
+  out = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c))(
       params, tokens_BT, init_cache(config, 64))
   start = 16
   deltas_LTD = jax.jit(lambda p, t, c: model_lib.sublayer_stats(
@@ -226,17 +226,14 @@ def test_policy_keeps_the_best_set_and_stops(tiny_model):
   config, _ = tiny_model
   policy = conflayers.ConfLayersPolicy(strategies.ConfLayers(**QUICK), config)
   initial_L = conflayers.every_other_layer(config.num_layers)
-  for _ in range(4):
-    policy.after_round(accepted=3, drafted=4, seconds=0.0)
+  policy.observe([3] * 4, [4] * 4)
   assert policy.reselect and policy.best_accepted == 2.0
   np.testing.assert_array_equal(policy.best_L, initial_L)
   policy.reselect, policy.current_L = False, np.eye(config.num_layers, dtype=bool)[2]
-  policy.after_round(accepted=1, drafted=4, seconds=0.0)
-  policy.after_round(accepted=1, drafted=4, seconds=0.0)  # replaced early: not a candidate for best
+  policy.observe([1, 1], [4, 4])  # replaced early: not a candidate for best
   assert policy.reselect and policy.best_accepted == 2.0
   policy.reselect = False
-  for _ in range(4):  # 6 accepted drafts a round, every draft accepted
-    policy.after_round(accepted=7, drafted=6, seconds=0.0)
+  policy.observe([7] * 4, [6] * 4)  # 6 accepted drafts a round, every draft accepted
   assert not policy.searching and not policy.reselect
   assert _layers(policy.current_L) == [2]
 
@@ -245,8 +242,7 @@ def test_policy_settles_on_the_best_after_max_iterations(tiny_model):
   config, _ = tiny_model
   policy = conflayers.ConfLayersPolicy(strategies.ConfLayers(**QUICK, max_iterations=1),
                                        config)
-  for _ in range(4):
-    policy.after_round(accepted=2, drafted=4, seconds=0.0)
+  policy.observe([2] * 4, [4] * 4)
   assert not policy.searching and not policy.reselect
   assert _layers(policy.current_L) == [1, 3]
 

@@ -33,11 +33,10 @@ PARITY_GROUPS = ('qa', 'mt_bench', 'summarization')
 NUM_GREEDY = 64
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'return_hiddens'))
-def _forward(params, config, tokens_BT, cache, skip_L=None, out_idx_BP=None,
-             return_hiddens=False):
+@functools.partial(jax.jit, static_argnames=('config',))
+def _forward(params, config, tokens_BT, cache, skip_L=None, out_idx_BP=None):
   return model_lib.forward(params, config, tokens_BT, cache, skip_L=skip_L,
-                           out_idx_BP=out_idx_BP, return_hiddens=return_hiddens)
+                           out_idx_BP=out_idx_BP)
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -54,11 +53,11 @@ def _one_torch_thread():
   torch.set_num_threads(previous)
 
 
-def _full_logits(params, config, tokens_BT, return_hiddens=False):
+def _full_logits(params, config, tokens_BT):
   """One forward over every token from an empty cache."""
   tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
   cache = init_cache(config, tokens_BT.shape[1], batch=tokens_BT.shape[0])
-  return _forward(params, config, tokens_BT, cache, return_hiddens=return_hiddens)
+  return _forward(params, config, tokens_BT, cache)
 
 
 def _without_eos(config):
@@ -275,7 +274,7 @@ def test_skip_vector_equals_model_without_those_layers(tiny_model, skip):
 
 
 def test_hidden_states_match_transformers(tiny_pair):
-  """`return_hiddens` gives [L+1, B, P, D] at the requested positions: h_0 is the embedding
+  """The hidden states are [L+1, B, P, D] at the requested positions: h_0 is the embedding
   row, h_1..h_{L-1} equal transformers' layer outputs, norm(h_L) equals transformers' last
   (post-norm) hidden state, and the LM head on h_L reproduces the returned logits."""
   ours, hf_model = tiny_pair
@@ -286,7 +285,7 @@ def test_hidden_states_match_transformers(tiny_pair):
   cache = init_cache(config, 40, batch=2)
 
   out = _forward(params, config, jnp.asarray(tokens_BT), cache,
-                 out_idx_BP=jnp.asarray(out_idx_BP), return_hiddens=True)
+                 out_idx_BP=jnp.asarray(out_idx_BP))
   with torch.inference_mode():
     hf_out = hf_model(torch.tensor(tokens_BT), output_hidden_states=True)
 

@@ -33,7 +33,8 @@ class TinyTokenizer:
   def encode(self, text):
     return [3 + (ord(c) - ord('a')) % 26 for c in text]
 
-  def decode(self, ids):
+  def decode(self, ids, skip_special_tokens=False):
+    del skip_special_tokens  # it has no special tokens to show
     return ''.join(chr(ord('a') + i - 3) for i in ids if 3 <= i < 29)
 
   def apply_chat_template(self, messages):
@@ -53,7 +54,7 @@ class RecordingGenerator:
     del max_new_tokens, seed
     self.prompts.append(list(prompt_ids))
     return Generation(token_ids=[3, 4, 5], text='abc', prompt_tokens=len(prompt_ids),
-                      wall_time=0.5, accept_lengths=[1, 1], draft_lengths=[0, 0],
+                      wall_time=0.5, compile_seconds=0.0, accept_lengths=[1, 1], draft_lengths=[0, 0],
                       skip_sets=np.zeros((2, 4), bool), refresh_times=[])
 
 

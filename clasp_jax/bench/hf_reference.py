@@ -52,8 +52,9 @@ class HFReference:
     wall_time = time.perf_counter() - start
     rounds = max(len(tokens) - 1, 0)  # The first token comes from the prefill, as in Decoder.
     return Generation(
-        token_ids=tokens, text=self.tokenizer.decode(tokens), prompt_tokens=len(prompt_ids),
-        wall_time=wall_time, accept_lengths=[1] * rounds, draft_lengths=[0] * rounds,
+        token_ids=tokens, text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+        prompt_tokens=len(prompt_ids), wall_time=wall_time, compile_seconds=0.0,
+        accept_lengths=[1] * rounds, draft_lengths=[0] * rounds,
         skip_sets=np.zeros((rounds, self.num_layers), bool), refresh_times=[])
 
 

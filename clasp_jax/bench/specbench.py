@@ -12,9 +12,10 @@ An answer's `accept_lengths` is one flat list, every round of every turn in orde
 `turn_accept_lengths`). Besides Spec-Bench's fields, each turn keeps its token ids (to check
 losslessness) and the skip set in force in each of its rounds (for the skip-set heatmap).
 
-A jitted decoder compiles once per padded prompt length (its "bucket"), so besides the warm-ups
-on the first question, a prompt whose bucket is new gets one untimed generation first: no timed
-turn includes compilation.
+A decoder compiles once per padded prompt length (its "bucket") and cache capacity, so before
+each timed turn everything the turn may run is compiled, untimed (`Decoder.compile`; a
+generator without it, the transformers reference, gets one untimed generation per new bucket
+instead): no timed turn includes compilation.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _is_question(question: Any) -> bool:
 
 @dataclasses.dataclass
 class _WarmGenerator:
-  """Times generations, first warming up (untimed) each prompt bucket not compiled yet."""
+  """Times generations, first compiling (untimed) what each one may run."""
 
   generator: Generator
   max_new_tokens: int
@@ -139,8 +140,11 @@ class _WarmGenerator:
       self.buckets.add(prompt_bucket(len(prompt_ids), self.context))
 
   def generate(self, prompt_ids: list[int]) -> Generation:
-    if self.warm and prompt_bucket(len(prompt_ids), self.context) not in self.buckets:
-      self.warm_up(prompt_ids, 1)
+    if self.warm:
+      if hasattr(self.generator, 'compile'):
+        self.generator.compile(len(prompt_ids), self.max_new_tokens)
+      elif prompt_bucket(len(prompt_ids), self.context) not in self.buckets:
+        self.warm_up(prompt_ids, 1)
     return self.generator.generate(prompt_ids, self.max_new_tokens, seed=self.seed)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from clasp_jax.config import LlamaConfig
 from clasp_jax.strategies.adaptive import AdaptiveClasp, choose_num_skip
-from clasp_jax.strategies.base import Drafts, Policy, Strategy
+from clasp_jax.strategies.base import Drafts, Policy, SchedulePolicy, Segment, Strategy
 from clasp_jax.strategies.clasp import Clasp, clasp_dp
 from clasp_jax.strategies.conflayers import ConfLayers
 from clasp_jax.strategies.pld import PromptLookup
@@ -24,8 +24,8 @@ DEFAULT_NUM_DRAFT_TOKENS = 8
 DEFAULT_DRAFT_EXIT_THRESHOLD = 0.7
 DEFAULT_LOI = 4
 DEFAULT_SKIP_RATIO = 0.1
-# --skip_layers=auto: M is searched in [1, 0.6 L], starting from 0.2 L.
-AUTO_MAX_SKIP_RATIO = 0.6
+# --skip_layers=auto: M is searched on a grid of tenths of L up to 0.6 L, starting at 0.2 L.
+AUTO_SKIP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 AUTO_INITIAL_SKIP_RATIO = 0.2
 
 
@@ -56,17 +56,23 @@ def evenly_spaced_skip_set(config: LlamaConfig, num_skip: int) -> tuple[int, ...
   return tuple(inner[int(i * step + step / 2)] for i in range(num_skip))
 
 
-def auto_clasp(config: LlamaConfig, *, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
-             draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD, loi: int = DEFAULT_LOI,
-             cost_cache_dir: str | None = None) -> AdaptiveClasp:
-  """CLaSp with M chosen online (`--skip_layers=auto`), its search range scaled to L."""
+def auto_skip_grid(config: LlamaConfig) -> tuple[int, ...]:
+  """The values of M `--skip_layers=auto` chooses from: tenths of L up to 0.6 L (at least 1,
+  fewer than L, without repeats)."""
   L = config.num_layers
-  max_skip = max(1, min(L - 1, round(AUTO_MAX_SKIP_RATIO * L)))
-  return AdaptiveClasp(
-      max_skip_layers=max_skip, initial_skip_layers=min(max_skip, max(1, round(
-          AUTO_INITIAL_SKIP_RATIO * L))), explore_step=max(1, L // 16),
-      num_draft_tokens=num_draft_tokens, draft_exit_threshold=draft_exit_threshold, loi=loi,
-      cost_cache_dir=cost_cache_dir)
+  return tuple(sorted({min(L - 1, max(1, round(r * L))) for r in AUTO_SKIP_RATIOS}))
+
+
+def auto_clasp(config: LlamaConfig, *, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+               draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD,
+               loi: int = DEFAULT_LOI, cost_cache_dir: str | None = None) -> AdaptiveClasp:
+  """CLaSp with M chosen online (`--skip_layers=auto`), its grid of M scaled to L."""
+  grid = auto_skip_grid(config)
+  initial = min(grid, key=lambda m: abs(m - AUTO_INITIAL_SKIP_RATIO * config.num_layers))
+  return AdaptiveClasp(candidates=grid, initial_skip_layers=initial,
+                       num_draft_tokens=num_draft_tokens,
+                       draft_exit_threshold=draft_exit_threshold, loi=loi,
+                       cost_cache_dir=cost_cache_dir)
 
 
 def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = None,
@@ -121,5 +127,6 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
 
 
 __all__ = ['METHODS', 'AdaptiveClasp', 'Clasp', 'ConfLayers', 'Drafts', 'Policy', 'PromptLookup',
-           'StaticSkip', 'Strategy', 'Vanilla', 'auto_clasp', 'build', 'choose_num_skip',
-           'clasp_dp', 'evenly_spaced_skip_set', 'num_skip_for']
+           'SchedulePolicy', 'Segment', 'StaticSkip', 'Strategy', 'Vanilla', 'auto_clasp',
+           'auto_skip_grid', 'build', 'choose_num_skip', 'clasp_dp', 'evenly_spaced_skip_set',
+           'num_skip_for']

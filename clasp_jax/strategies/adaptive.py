@@ -6,13 +6,20 @@ tokens per second:
 
   rate(M) = E[tokens per round] / E[seconds per round]
   E[tokens per round] = (1 - a^(d+1)) / (1 - a)        (d drafts, each accepted w.p. a)
-  E[seconds per round] = d * draft_step(L - M) + verify(K+1) + dp / LOI
+  E[seconds per round] = d * draft_step(L - M) + verify + refresh / LOI
 
 with the per-token acceptance rate a(M) and the mean drafts per round d(M) observed at each
-M this generation, and the step costs measured once per device and model (`measure_costs`).
-Plain decoding runs at 1 / full_step; when no M beats it, the policy decodes plainly and
-probes drafting again after a back-off, so a generation that becomes predictable can still
-speed up. Neighbouring M values are explored for a few rounds now and then.
+M this generation, and the step costs measured once per device and model (`measure_costs`,
+through the decoder's own compiled rounds, so they are what a round really pays). Plain
+decoding runs at 1 / full_step; when no M beats it, the policy decodes plainly and probes
+drafting again after a back-off, so a generation that becomes predictable can still speed
+up. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators every M
+compiles its own drafting round, all of them before a benchmark's timing starts. Now and then
+a drafting segment tries a neighbouring M on the grid.
+
+The policy works in segments of rounds that run on the device: a drafting segment is one
+refresh period (LOI rounds at one M, the DP run before it), a plain segment the whole
+back-off; it reads each drafting segment's per-round statistics when the segment ends.
 """
 
 from __future__ import annotations
@@ -26,10 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clasp_jax import model as model_lib
-from clasp_jax.cache import init_cache
 from clasp_jax.strategies import layer_skip
-from clasp_jax.strategies.base import Policy, Strategy
+from clasp_jax.strategies.base import Policy, Segment, Strategy
 from clasp_jax.strategies.clasp import backtrack, clasp_dp_table
 
 
@@ -38,11 +43,11 @@ class Costs:
   """Seconds per piece of a round, for one model on one device.
 
   Attributes:
-    full_step: a plain decoding step (one token, every layer).
-    draft_base: a draft step's cost besides its layers (embedding, LM head, dispatch).
+    full_step: a plain decoding step (one full-model pass, every layer).
+    draft_base: a draft step's cost besides its layers (embedding, LM head).
     draft_per_layer: a draft step's cost per active layer.
-    verify: a verify pass of K+1 tokens.
-    dp: one skip-set refresh (the CLaSp DP).
+    verify: the verify pass of K+1 tokens.
+    dp: one skip-set refresh (the CLaSp DP and putting the new set in force).
   """
 
   full_step: float
@@ -89,65 +94,81 @@ def choose_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_
   return best if rates[best] > plain * (1.0 + margin) else None
 
 
-def _median_seconds(fn, *args, reps: int = 5) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+def _copy(state):
+  """A copy of a decode state, for a measurement that must leave the original alone."""
+  return jax.tree.map(jnp.copy, state)
 
 
-def measure_costs(decoder, max_skip: int, context: int = 512) -> Costs:
-  """Times the pieces of a round for the decoder's model on this device (a few compiles).
+def _timed_segment(decoder, state, segment: Segment, max_new_tokens: int):
+  """(seconds, rounds, drafts) of one segment run on a copy of `state` (compiled first)."""
+  state = _copy(state)
+  rounds_before = int(state.num_rounds)
+  decoder.compile_segment(state, segment)
+  start = time.perf_counter()
+  state = decoder.run_segment(state, segment, max_new_tokens)
+  rounds, drafted_R = jax.device_get((state.num_rounds, state.drafted_R))
+  seconds = time.perf_counter() - start
+  return seconds, int(rounds) - rounds_before, int(drafted_R[rounds_before:int(rounds)].sum())
 
-  The draft step is timed with all layers and with half of them active, through the path the
-  decoder drafts with (the active layers alone, or per-layer `lax.cond`), and fitted linearly
-  in the number of active layers.
+
+def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, int],
+                  rounds: int = 8) -> Costs:
+  """Times the pieces of a round through the decoder's own compiled segments.
+
+  On copies of a generation's state (left untouched): a segment of plain steps gives the full
+  step; drafting segments at two skip counts give the draft step as a line in the number of
+  active layers (each segment's time less its verify passes, over the draft steps it ran);
+  a refresh gives the DP's cost. Timing whole segments on the device, rather than pieces
+  dispatched one by one, measures what a round really costs inside the device loop.
+
+  Args:
+    decoder: the `Decoder`.
+    state: a generation's state after its prefill.
+    max_new_tokens: the generation's token budget (the segments stop at it).
+    skip_counts: two values of M to draft with.
+    rounds: rounds per timed segment.
   """
-  params, config, K = decoder.params, decoder.config, decoder.strategy.num_draft_tokens
-  L = config.num_layers
-  cache = init_cache(config, context, dtype=params['embed'].dtype).rollback(context // 2)
-  token_11 = jnp.ones((1, 1), jnp.int32)
-  skip_L = jnp.asarray(np.arange(L) % 2 == 1)
-  num_active = L - int(skip_L.sum())
-  full = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c).logits_BPV)
-  t_full = _median_seconds(full, params, cache, token_11)
-  if model_lib.is_per_layer(params):
-    layers, ids_A = model_lib.active_layers(params, skip_L)
-    draft = jax.jit(lambda p, layers, c, t: model_lib.forward(
-        dict(p, layers=layers), config, t, c, layer_ids_A=jnp.asarray(ids_A)).logits_BPV)
-    t_all, t_half = t_full, _median_seconds(draft, params, layers, cache, token_11)
-  else:
-    draft = jax.jit(lambda p, c, t, s: model_lib.forward(p, config, t, c, skip_L=s).logits_BPV)
-    t_all = _median_seconds(draft, params, cache, token_11, jnp.zeros((L,), bool))
-    t_half = _median_seconds(draft, params, cache, token_11, skip_L)
-  per_layer = max(t_all - t_half, 0.0) / (L - num_active)
-  verify = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c,
-                                                     return_hiddens=True).logits_BPV)
-  t_verify = _median_seconds(verify, params, cache, jnp.ones((1, K + 1), jnp.int32))
-  dp = jax.jit(clasp_dp_table, static_argnums=(1, 4))
-  hidden_LD = jnp.ones((L + 1, config.hidden_size), params['embed'].dtype)
-  t_dp = _median_seconds(dp, params, config, cache, hidden_LD, max_skip, reps=3)
-  return Costs(full_step=t_full, draft_base=max(t_all - L * per_layer, 0.0),
-               draft_per_layer=per_layer, verify=t_verify, dp=t_dp)
+  L = decoder.config.num_layers
+  plain_s, plain_rounds, _ = _timed_segment(decoder, state, Segment(False, rounds),
+                                            max_new_tokens)
+  full_step = plain_s / max(plain_rounds, 1)
+  # A verify pass is a full pass per `pass_width` tokens: the plain step's cost each.
+  verify = full_step * (decoder.verify_rows // decoder.pass_width)
+  per_draft = {}
+  for num_skip in skip_counts:
+    skipped = np.zeros(L, bool)
+    skipped[np.linspace(1, L - 2, num_skip).round().astype(int)] = True
+    seconds, n, drafts = _timed_segment(decoder, decoder.put_skip_set(state, skipped),
+                                        Segment(True, rounds), max_new_tokens)
+    per_draft[L - num_skip] = max(seconds - n * verify, 0.0) / max(drafts, 1)
+  (a1, t1), (a2, t2) = sorted(per_draft.items())
+  per_layer = max(t2 - t1, 0.0) / max(a2 - a1, 1)
+  for _ in range(2):  # the first refresh compiles the DP
+    start = time.perf_counter()
+    decoder.refresh(_copy(state), skip_counts[0])
+    dp = time.perf_counter() - start
+    decoder.refresh_seconds.pop()  # a measurement, not a refresh of the generation
+  return Costs(full_step=full_step, draft_base=max(t1 - a1 * per_layer, 0.0),
+               draft_per_layer=per_layer, verify=verify, dp=dp)
 
 
-def cached_costs(decoder, max_skip: int, cache_dir: str | None) -> Costs:
-  """`measure_costs`, remembered per device, model shape, dtype, K and path in a JSON file."""
-  config, params = decoder.config, decoder.params
+def cached_costs(decoder, state, max_new_tokens: int, cache_dir: str | None) -> Costs:
+  """`measure_costs`, remembered per device, model shape, dtype and decoder settings in a
+  JSON file under `cache_dir` (None: measured in every process)."""
+  config, params, strategy = decoder.config, decoder.params, decoder.strategy
   key = '|'.join(map(str, (jax.devices()[0].device_kind, config.num_layers, config.hidden_size,
-                           config.intermediate_size, config.vocab_size,
-                           params['embed'].dtype, decoder.strategy.num_draft_tokens,
-                           model_lib.is_per_layer(params), max_skip)))
+                           config.intermediate_size, config.vocab_size, params['embed'].dtype,
+                           strategy.num_draft_tokens, strategy.draft_exit_threshold,
+                           decoder.fast_path, decoder.pass_width, strategy.max_skip_layers)))
   path = os.path.join(cache_dir, 'costs.json') if cache_dir else None
   table = {}
   if path and os.path.exists(path):
     with open(path) as f:
       table = json.load(f)
   if key not in table:
-    table[key] = dataclasses.asdict(measure_costs(decoder, max_skip))
+    grid = strategy.candidates
+    pair = (grid[0], grid[-1]) if len(grid) > 1 else (grid[0], max(1, grid[0] // 2))
+    table[key] = dataclasses.asdict(measure_costs(decoder, state, max_new_tokens, pair))
     if path:
       os.makedirs(cache_dir, exist_ok=True)
       with open(path, 'w') as f:
@@ -177,7 +198,8 @@ class _Tally:
 
 
 class AdaptivePolicy(Policy):
-  """Chooses M (or plain decoding) between rounds from observed acceptance and measured costs.
+  """Chooses M (or plain decoding) between segments from observed acceptance and measured
+  costs.
 
   One policy serves every generation of a decoder: what drafting at each M achieved carries
   over (decayed per round), so later prompts start from informed estimates; the plain-decoding
@@ -185,24 +207,25 @@ class AdaptivePolicy(Policy):
 
   Args:
     strategy: the `AdaptiveClasp` settings.
-    costs: measured step costs.
     num_layers: L.
+    costs: measured step costs; None: measured (or read from the cache) at the first segment.
   """
 
-  def __init__(self, strategy: AdaptiveClasp, costs: Costs, num_layers: int):
-    self.s, self.costs, self.L = strategy, costs, num_layers
+  observes = True
+
+  def __init__(self, strategy: AdaptiveClasp, num_layers: int, costs: Costs | None = None):
+    self.s, self.L, self.costs = strategy, num_layers, costs
     self.tallies: dict[int, _Tally] = {}
     self.chosen = strategy.initial_skip_layers
-    self.start_generation()
+    self.start_generation(max_new_tokens=0)
 
-  def start_generation(self) -> None:
+  def start_generation(self, max_new_tokens: int) -> None:
     """Resets what is specific to one generation (the cache and skip set are new)."""
+    self.max_new_tokens = max_new_tokens
     self.num_skip = self.chosen
     self.plain_left = 0
     self.backoff = self.s.backoff_rounds
-    self.draft_rounds = 0  # since drafting (re)started
-    self.refreshed_at = None
-    self.since_refresh = 0
+    self.draft_segments = 0  # since drafting (re)started
 
   def _observed(self) -> dict[int, tuple[float, float]]:
     return {m: t.estimate(self.s.prior_alpha, self.s.prior_weight)
@@ -213,42 +236,41 @@ class AdaptivePolicy(Policy):
     seen, or `optimistic_alpha`) with K drafts per round: if not, probing only costs."""
     alpha = max([self.s.optimistic_alpha] + [a for a, _ in self._observed().values()])
     rates = [expected_rate(alpha, self.s.num_draft_tokens, m, self.L, self.costs, self.s.loi)
-             for m in range(1, self.s.max_skip_layers + 1)]
+             for m in self.s.candidates]
     return max(rates) > 1.0 / self.costs.full_step
 
   def _explore_target(self) -> int:
-    """Every `explore_every` drafting rounds, a neighbour of the chosen M for a few rounds."""
-    cycle = self.draft_rounds % self.s.explore_every
-    if self.draft_rounds < self.s.explore_every or cycle >= self.s.explore_rounds:
+    """Every `explore_every` drafting segments, a neighbour of the chosen M on the grid
+    (below and above by turns)."""
+    if self.draft_segments == 0 or self.draft_segments % self.s.explore_every:
       return self.chosen
-    step = self.s.explore_step * (1 if (self.draft_rounds // self.s.explore_every) % 2 else -1)
-    return int(np.clip(self.chosen + step, 1, self.s.max_skip_layers))
+    grid = self.s.candidates
+    i = grid.index(self.chosen)
+    step = 1 if (self.draft_segments // self.s.explore_every) % 2 else -1
+    return grid[int(np.clip(i + step, 0, len(grid) - 1))]
 
   def _go_plain(self) -> None:
     self.plain_left = self.backoff
     self.backoff = min(2 * self.backoff, self.s.max_backoff_rounds)
-    self.draft_rounds = 0
+    self.draft_segments = 0
 
-  def before_round(self, decoder, state):
-    if self.plain_left == 0 and self.draft_rounds == 0 and not self.drafting_can_pay():
+  def next_segment(self, decoder, state):
+    if self.costs is None:
+      self.costs = cached_costs(decoder, state, self.max_new_tokens, self.s.cost_cache_dir)
+    if self.plain_left == 0 and self.draft_segments == 0 and not self.drafting_can_pay():
       self._go_plain()
     if self.plain_left > 0:
-      self.plain_left -= 1
-      return state, False
+      rounds, self.plain_left = self.plain_left, 0
+      return state, Segment(draft=False, rounds=rounds)
     self.num_skip = self._explore_target()
-    if self.refreshed_at != self.num_skip or self.since_refresh >= self.s.loi:
-      state = decoder.refresh(state, self.num_skip)
-      self.refreshed_at, self.since_refresh = self.num_skip, 0
-    self.since_refresh += 1
-    return state, True
+    return decoder.refresh(state, self.num_skip), Segment(draft=True, rounds=self.s.loi)
 
-  def after_round(self, accepted, drafted, seconds):
-    del seconds  # costs come from the one-time measurement, not from noisy round times
-    if not drafted:
-      return
-    self.draft_rounds += 1
-    self.tallies.setdefault(self.num_skip, _Tally()).add(accepted - 1, drafted, self.s.decay)
-    if self.draft_rounds < self.s.warmup_rounds:
+  def observe(self, accepted_R, drafted_R):
+    tally = self.tallies.setdefault(self.num_skip, _Tally())
+    for accepted, drafted in zip(accepted_R, drafted_R):
+      tally.add(int(accepted) - 1, int(drafted), self.s.decay)
+    self.draft_segments += 1
+    if self.draft_segments * self.s.loi < self.s.warmup_rounds:
       return
     best = choose_num_skip(self._observed(), self.costs, self.L, self.s.loi, self.s.margin)
     if best is None:  # drafting does not pay now: decode plainly, then probe again
@@ -263,15 +285,13 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   """CLaSp whose number of skipped layers M is chosen online (`--skip_layers=auto`).
 
   Attributes:
-    max_skip_layers: the largest M considered (the DP is compiled for it).
-    initial_skip_layers: M for the first rounds.
+    candidates: the values of M considered, ascending (the DP is compiled for the largest).
+    initial_skip_layers: M for the first rounds (one of the candidates).
     num_draft_tokens: K.
     draft_exit_threshold: DET.
-    loi: rounds per DP refresh.
+    loi: rounds per DP refresh (one drafting segment).
     warmup_rounds: drafting rounds observed before the first decision.
-    explore_every: drafting rounds between explorations of a neighbouring M.
-    explore_rounds: rounds spent at the neighbour.
-    explore_step: how far the neighbour is from the chosen M.
+    explore_every: drafting segments between tries of a neighbouring M.
     backoff_rounds: plain rounds before drafting is probed again (doubles while it keeps
       not paying, up to `max_backoff_rounds`).
     max_backoff_rounds: the longest back-off.
@@ -283,15 +303,13 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
     cost_cache_dir: where measured costs are remembered (None: measure every process).
   """
 
-  max_skip_layers: int = 8
+  candidates: tuple[int, ...] = (1, 2, 4, 6, 8)
   initial_skip_layers: int = 2
   num_draft_tokens: int = 8
   draft_exit_threshold: float = 0.7
   loi: int = 4
   warmup_rounds: int = 2
-  explore_every: int = 16
-  explore_rounds: int = 2
-  explore_step: int = 1
+  explore_every: int = 4
   backoff_rounds: int = 32
   max_backoff_rounds: int = 256
   decay: float = 0.95
@@ -300,18 +318,28 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   optimistic_alpha: float = 0.9
   margin: float = 0.0
   cost_cache_dir: str | None = None
-  needs_hiddens = True
 
   @property
   def name(self) -> str:
     return 'clasp'
 
+  @property
+  def max_skip_layers(self) -> int:
+    return self.candidates[-1]
+
+  def skip_counts(self, config):
+    return self.candidates
+
   def validate(self, config):
     self.validate_drafting()
-    if not 1 <= self.initial_skip_layers <= self.max_skip_layers < config.num_layers:
-      raise ValueError(f'need 1 <= initial_skip_layers <= max_skip_layers < L = '
-                       f'{config.num_layers}, got {self.initial_skip_layers}, '
-                       f'{self.max_skip_layers}')
+    grid = self.candidates
+    if not grid or list(grid) != sorted(set(grid)) or not 1 <= grid[0] <= grid[-1] < \
+        config.num_layers:
+      raise ValueError(f'candidates must be distinct values of M in [1, L) = [1, '
+                       f'{config.num_layers}), ascending; got {grid}')
+    if self.initial_skip_layers not in grid:
+      raise ValueError(f'initial_skip_layers ({self.initial_skip_layers}) must be one of the '
+                       f'candidates {grid}')
     if self.loi < 1:
       raise ValueError(f'loi must be >= 1, got {self.loi}')
 
@@ -320,10 +348,9 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
                               self.max_skip_layers)
     return backtrack(table_LJ, num_skip)  # one compiled DP serves every M
 
-  def make_policy(self, decoder):
+  def make_policy(self, decoder, max_new_tokens):
     policy = getattr(decoder, 'adaptive_policy', None)
     if policy is None:
-      costs = cached_costs(decoder, self.max_skip_layers, self.cost_cache_dir)
-      policy = decoder.adaptive_policy = AdaptivePolicy(self, costs, decoder.config.num_layers)
-    policy.start_generation()
+      policy = decoder.adaptive_policy = AdaptivePolicy(self, decoder.config.num_layers)
+    policy.start_generation(max_new_tokens)
     return policy

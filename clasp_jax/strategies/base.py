@@ -1,24 +1,24 @@
-"""What every decoding strategy provides to the round loop.
+"""What every decoding strategy provides to the round loop, and how rounds are scheduled.
 
 A strategy proposes up to K draft tokens per round; the engine verifies them with the full
-model, accepts a prefix and commits it. Strategies that choose a layer-skip set also refresh
-it every `loi` rounds from the hidden states of the last accepted token.
+model, accepts a prefix and commits it. Rounds run on the device in segments, many rounds per
+call; between segments a `Policy` on the host decides what the next segment does (draft or
+decode plainly, for how many rounds) and may re-choose the skip set. Strategies that skip
+layers refresh their skip set from the hidden states of the last accepted token.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import TYPE_CHECKING
 
 import jax
+import numpy as np
 
 from clasp_jax.config import LlamaConfig
 from clasp_jax.model import Params
 from clasp_jax.sampling import SamplingConfig
-
-if TYPE_CHECKING:
-  from clasp_jax.engine import DecodeState
+from clasp_jax.state import DecodeState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,20 @@ class Drafts:
   q_KV: jax.Array | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """What the next call to the device runs.
+
+  Attributes:
+    draft: whether its rounds draft (False: plain decoding steps).
+    rounds: the most rounds it runs; None: until the generation ends. A segment always stops
+      at EOS or the token budget.
+  """
+
+  draft: bool
+  rounds: int | None = None
+
+
 class Strategy(abc.ABC):
   """A decoding method: how drafts are proposed, and how its skip set is refreshed.
 
@@ -45,15 +59,13 @@ class Strategy(abc.ABC):
 
   #: K, the number of draft slots per round (0: plain decoding).
   num_draft_tokens: int = 0
-  #: Whether a round may propose no draft at all (then it takes a plain one-token step).
-  may_propose_nothing: bool = False
-  #: Whether the verify pass must return hidden states for `refresh`.
-  needs_hiddens: bool = False
   #: Refresh the skip set every `loi` rounds (None: never).
   loi: int | None = None
   #: M for strategies that draft by skipping a fixed number of layers (None: they do not);
   #: with no `loi`, their initial skip set is put in force once, at the start.
   num_skip: int | None = None
+  #: Whether drafts come from the model with layers skipped (the draft needs a skip set).
+  skips_layers: bool = False
 
   @property
   def name(self) -> str:
@@ -66,13 +78,19 @@ class Strategy(abc.ABC):
     """The skip set in force before the first refresh: bool[L]."""
     return jax.numpy.zeros((config.num_layers,), bool)
 
+  def skip_counts(self, config: LlamaConfig) -> tuple[int, ...]:
+    """Every M a drafting round of this strategy may run with: on the accelerator path each
+    compiles its own round, so a run compiles them all before timing anything."""
+    return () if self.num_skip is None else (self.num_skip,)
+
   @abc.abstractmethod
   def propose(self, params: Params, config: LlamaConfig, state: DecodeState,
-              sampling: SamplingConfig, key: jax.Array) -> tuple[Drafts, DecodeState]:
+              sampling: SamplingConfig, key: jax.Array, attention) -> tuple[Drafts, DecodeState]:
     """Drafts up to K tokens after the last committed one (jittable).
 
     May write speculative rows into the cache; the engine rolls its length back before
     verifying, so only `state.cache` contents past the committed length may change.
+    `attention` is the cache attention the model runs with (see `model.forward`).
     """
 
   def refresh(self, params: Params, config: LlamaConfig, state: DecodeState,
@@ -81,22 +99,45 @@ class Strategy(abc.ABC):
     `num_skip` may be traced, so that one compile serves every M)."""
     return state.skip_L
 
-  def make_policy(self, decoder) -> Policy | None:
-    """A host-side controller for one generation (None: refresh every `loi` rounds)."""
-    return None
+  def make_policy(self, decoder, max_new_tokens: int) -> Policy:
+    """The host-side controller of one generation's segments."""
+    del decoder, max_new_tokens  # a fixed schedule needs neither
+    return SchedulePolicy(self)
 
 
 class Policy(abc.ABC):
-  """Decides, between rounds, whether the next round drafts and with which skip set.
+  """Decides, between segments of rounds, what the next segment runs.
 
-  For strategies whose choices depend on what a generation observes (the adaptive skip
-  budget, ConfLayers' search). Runs on the host; reads one round's statistics at a time.
+  Runs on the host. A segment is one call to the device; the engine reads back only whether
+  the generation ended, and the segment's per-round statistics when `observes` is set.
   """
 
-  @abc.abstractmethod
-  def before_round(self, decoder, state: DecodeState) -> tuple[DecodeState, bool]:
-    """Returns the (possibly re-skipped) state and whether the next round drafts."""
+  #: Whether `observe` wants each drafting segment's per-round statistics.
+  observes: bool = False
 
   @abc.abstractmethod
-  def after_round(self, accepted: int, drafted: int, seconds: float) -> None:
-    """Observes the round just run: tokens committed, drafts proposed, wall time."""
+  def next_segment(self, decoder, state: DecodeState) -> tuple[DecodeState, Segment]:
+    """Returns the (possibly re-skipped) state and the segment to run next."""
+
+  def observe(self, accepted_R: np.ndarray, drafted_R: np.ndarray) -> None:
+    """The drafting segment just run: tokens committed and drafts proposed in each round."""
+
+
+class SchedulePolicy(Policy):
+  """A fixed schedule: draft in every round (plain decoding if K is 0), refreshing the skip
+  set every `loi` rounds, or putting a fixed skip set in force once."""
+
+  def __init__(self, strategy: Strategy):
+    self.strategy = strategy
+    self.started = False
+
+  def next_segment(self, decoder, state):
+    s = self.strategy
+    if not s.num_draft_tokens:
+      return state, Segment(draft=False)
+    if s.loi:
+      return decoder.refresh(state, s.num_skip), Segment(draft=True, rounds=s.loi)
+    if s.skips_layers and not self.started:  # a fixed set: in force from the start
+      state = decoder.put_skip_set(state, s.initial_skip(decoder.config))
+    self.started = True
+    return state, Segment(draft=True)

@@ -43,25 +43,22 @@ def clasp_dp_table(params, config, cache, hidden_LD: jax.Array, max_skip: int) -
     hidden_LD: [L+1, D] the target token's pre-norm hidden states (h_0 = embedding output).
     max_skip: the largest M asked for, static.
   """
-  L, M = config.num_layers, max_skip
+  M = max_skip
   pos = cache.length - 1
   j_M = jnp.arange(1, M + 1)
 
-  def layer_step(i, lp, carry):
-    g_JD, choice_LJ = carry  # g_JD[j] = g(i, j) for j = 0..M; choice_LJ[l, j]: layer l skipped
-    run_MD = model_lib.pseudo_token_layer(lp, config, g_JD[1:], pos, cache.k_LBSKh[i, 0],
-                                          cache.v_LBSKh[i, 0])
+  def layer_step(i, lp, g_JD):  # g_JD[j] = g(i, j) for j = 0..M
+    run_MD = model_lib.pseudo_token_layer(lp, config, g_JD[1:], pos, cache, i)
     skip_MD = g_JD[:-1]
     h_D = hidden_LD[i + 1]
     # j == i + 1 means every layer so far is skipped: the only way there is to skip.
     take_skip_M = (_cosine(skip_MD, h_D) >= _cosine(run_MD, h_D)) | (j_M >= i + 1)
     g_MD = jnp.where(take_skip_M[:, None], skip_MD, run_MD.astype(g_JD.dtype))
-    g_JD = jnp.concatenate([hidden_LD[i + 1][None], g_MD], axis=0)
-    return g_JD, choice_LJ.at[i, 1:].set(take_skip_M)
+    choice_J = jnp.concatenate([jnp.zeros((1,), bool), take_skip_M])
+    return jnp.concatenate([h_D[None], g_MD], axis=0), choice_J
 
   g_JD = jnp.broadcast_to(hidden_LD[0], (M + 1, hidden_LD.shape[-1]))
-  choice_LJ = jnp.zeros((L, M + 1), bool)
-  _, choice_LJ = model_lib.fold_layers(params, layer_step, (g_JD, choice_LJ))
+  _, choice_LJ = model_lib.scan_layers(params, layer_step, g_JD)
   return choice_LJ
 
 
@@ -103,7 +100,6 @@ class Clasp(layer_skip.LayerSkipDrafting, Strategy):
   num_draft_tokens: int = 8
   draft_exit_threshold: float = 0.7
   loi: int = 1
-  needs_hiddens = True
 
   @property
   def name(self) -> str:

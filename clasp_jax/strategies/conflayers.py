@@ -52,7 +52,7 @@ import numpy as np
 
 from clasp_jax import model as model_lib
 from clasp_jax.strategies import layer_skip
-from clasp_jax.strategies.base import Policy, Strategy
+from clasp_jax.strategies.base import Policy, Segment, Strategy
 
 # The published window scale: w_k = 2 + int(5 * count * g2_k * (k + 1) / L).
 _BASE_WINDOW = 2
@@ -217,7 +217,17 @@ class ConfLayersPolicy(Policy):
     """A new generation's state holds the initial set: the current one must be put back."""
     self.applied = False
 
-  def before_round(self, decoder, state):
+  @property
+  def observes(self) -> bool:
+    return self.searching
+
+  def _rounds_to_verdict(self) -> int:
+    """Rounds until the set in force is judged next (after `early_rounds`, then after
+    `eval_rounds` of its evaluation)."""
+    seen = len(self.accepted_drafts)
+    return min(r for r in (self.s.early_rounds, self.s.eval_rounds, seen + 1) if r > seen) - seen
+
+  def next_segment(self, decoder, state):
     if self.reselect:
       t0 = time.perf_counter()
       conf_L = np.asarray(self._confidence(decoder.params, state=state))
@@ -230,12 +240,17 @@ class ConfLayersPolicy(Policy):
     if not self.applied:
       state = decoder.put_skip_set(state, jnp.asarray(self.current_L))
       self.applied = True
-    return state, True
-
-  def after_round(self, accepted, drafted, seconds):
-    del seconds  # the search judges sets by acceptance alone, as published
     if not self.searching:
-      return
+      return state, Segment(draft=True)
+    return state, Segment(draft=True, rounds=self._rounds_to_verdict())
+
+  def observe(self, accepted_R, drafted_R):
+    for accepted, drafted in zip(accepted_R, drafted_R):
+      if self.searching:
+        self._judge_round(int(accepted), int(drafted))
+
+  def _judge_round(self, accepted: int, drafted: int) -> None:
+    """Counts one round of the set in force; judges the set at its checkpoints."""
     self.accepted_drafts.append(accepted - 1)
     self.rates.append((accepted - 1) / drafted)  # every round drafts at least one token
     verdict = judge(self.accepted_drafts, self.rates, self.s)
@@ -313,10 +328,17 @@ class ConfLayers(layer_skip.LayerSkipDrafting, Strategy):
       if not ok:
         raise ValueError(f'conflayers {message}')
 
-  def initial_skip(self, config):
-    return jnp.asarray(every_other_layer(config.num_layers))
+  def skip_counts(self, config):
+    """Every M a selection may give: skip ratios in [r, r + band] of the L - 2 inner layers
+    (lambda's walk may end just outside the band), the every-other-layer start included."""
+    inner = config.num_layers - 2
+    low = max(1, int(np.floor(self.skip_ratio * inner)) - 1)
+    high = min(inner, int(np.ceil((self.skip_ratio + self.ratio_band) * inner)) + 1)
+    return tuple(sorted(set(range(low, high + 1))
+                        | {int(every_other_layer(config.num_layers).sum())}))
 
-  def make_policy(self, decoder):
+  def make_policy(self, decoder, max_new_tokens):
+    del max_new_tokens  # the search spans generations
     policy = getattr(decoder, 'conflayers_policy', None)
     if policy is None:
       policy = decoder.conflayers_policy = ConfLayersPolicy(self, decoder.config)

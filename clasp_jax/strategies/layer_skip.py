@@ -24,7 +24,7 @@ def validate_draft_settings(num_draft_tokens: int, draft_exit_threshold: float) 
     raise ValueError(f'draft_exit_threshold must be in [0, 1], got {draft_exit_threshold}')
 
 
-def draft_with_skip(params, config, state, sampling, key, *, num_draft_tokens: int,
+def draft_with_skip(params, config, state, sampling, key, attention, *, num_draft_tokens: int,
                     draft_exit_threshold: float):
   """Drafts up to K tokens with the layers in `state.skip_L` skipped.
 
@@ -42,10 +42,10 @@ def draft_with_skip(params, config, state, sampling, key, *, num_draft_tokens: i
   q_KV = None if sampling.greedy else jnp.zeros((K, V), jnp.float32)
 
   if 'draft_layers' not in params:  # reference path: one lax.cond per layer
-    run = dict(params=params, skip_L=state.skip_L)
+    run = dict(params=params, skip_L=state.skip_L, attention=attention)
   else:  # accelerator path: the active layers alone
     run = dict(params=dict(params, layers=params['draft_layers']),
-               layer_ids_A=state.draft_ids_A)
+               layer_ids_A=state.draft_ids_A, attention=attention)
 
   def step(carry):
     k, token, cache, _, tokens_K, q_KV, key = carry
@@ -80,11 +80,13 @@ class LayerSkipDrafting:
   For strategy dataclasses with `num_draft_tokens` (K) and `draft_exit_threshold` (DET).
   """
 
+  skips_layers = True
+
   def validate_drafting(self) -> None:
     validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
 
-  def propose(self, params, config, state, sampling, key):
-    return draft_with_skip(params, config, state, sampling, key,
+  def propose(self, params, config, state, sampling, key, attention):
+    return draft_with_skip(params, config, state, sampling, key, attention,
                            num_draft_tokens=self.num_draft_tokens,
                            draft_exit_threshold=self.draft_exit_threshold)
 

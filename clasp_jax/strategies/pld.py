@@ -2,7 +2,8 @@
 
 The last n committed tokens are searched for earlier in the context (longest n first, latest
 match first); the K tokens that followed the match become the drafts. No model runs to draft,
-so a round costs one verify pass. Training-free and model-free: a fair baseline for CLaSp.
+so a round costs one verify pass, whether or not a match was found (a plain step is a pass of
+the same width). Training-free and model-free: a fair baseline for CLaSp.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ class PromptLookup(Strategy):
   num_draft_tokens: int = 10
   max_ngram: int = 3
   min_ngram: int = 1
-  may_propose_nothing = True
 
   @property
   def name(self) -> str:
@@ -59,7 +59,8 @@ class PromptLookup(Strategy):
       raise ValueError(f'need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, '
                        f'{self.max_ngram}')
 
-  def propose(self, params, config, state, sampling, key):
+  def propose(self, params, config, state, sampling, key, attention):
+    del params, key, attention  # the drafts are copied from the context: no model runs
     K = self.num_draft_tokens
     start, found = jnp.int32(0), jnp.zeros((), bool)
     for ngram in range(self.max_ngram, self.min_ngram - 1, -1):

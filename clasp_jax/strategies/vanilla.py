@@ -11,5 +11,5 @@ from clasp_jax.strategies.base import Strategy
 class Vanilla(Strategy):
   """The baseline every speedup is measured against (tau = 1)."""
 
-  def propose(self, params, config, state, sampling, key):
+  def propose(self, params, config, state, sampling, key, attention):
     raise NotImplementedError('plain decoding drafts nothing (num_draft_tokens is 0)')

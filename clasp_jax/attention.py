@@ -1,0 +1,137 @@
+"""Attention over the KV cache: one reduction order, whichever pass a token sits in.
+
+A token's logits must come out bit for bit the same whether the token is the only real row
+of a plain decoding step or row j of a verify pass, or the drafting methods would part from
+plain decoding at near-ties (in bfloat16, within a few tokens). For attention that means the
+reduction over a query's keys may depend on nothing but the query's position and the keys'
+values, so here:
+
+- Keys live at absolute positions. A chunk of T new tokens at positions [start, start + T)
+  sees the cached keys below `start` and its own keys from `start` on, merged position by
+  position into one sequence of keys (the values a write into the cache followed by a read
+  would give, without the write: the cache is only read inside the layer loop, and the
+  caller writes the chunk's rows after it).
+- The keys are reduced in blocks of `ATTENTION_BLOCK` positions counted from position 0, with
+  an online softmax carried from block to block in a fixed order. Blocks wholly after a
+  query's position change nothing for that query (its running maximum stays, its weights are
+  exactly zero), so neither the chunk's width, nor the query's row in it, nor the cache's
+  capacity changes the result.
+
+Together with matrix products whose shapes do not depend on the pass (see
+`engine.DEFAULT_PASS_WIDTH`) this makes every full-model pass compute a token's logits the
+same way. This module is the plain `jnp` version: the CPU and TPU path, and the reference
+that `attention_pallas` (the fused GPU kernel) is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+#: Keys are reduced in blocks of this many absolute positions; cache capacities are multiples.
+ATTENTION_BLOCK = 128
+
+
+def merged_block(cache_LBSKh: jax.Array, chunk_BTKh: jax.Array, layer: jax.Array | int,
+                 start: jax.Array, block_start: jax.Array, size: int) -> jax.Array:
+  """Keys (or values) at positions [block_start, block_start + size) of one layer: the
+  chunk's rows where the chunk covers them (positions >= start), the cache's otherwise.
+
+  Returns:
+    [B, size, KV, hd] in the cache's dtype.
+  """
+  B, T, KV, hd = chunk_BTKh.shape
+  cached_BSKh = jax.lax.dynamic_slice(cache_LBSKh, (layer, 0, block_start, 0, 0),
+                                      (1, B, size, KV, hd))[0]
+  row_S = block_start + jnp.arange(size) - start  # the chunk row at each position
+  in_chunk_S = (row_S >= 0) & (row_S < T)
+  chunk_BSKh = jnp.take(chunk_BTKh.astype(cache_LBSKh.dtype), jnp.clip(row_S, 0, T - 1),
+                        axis=1)
+  return jnp.where(in_chunk_S[None, :, None, None], chunk_BSKh, cached_BSKh)
+
+
+def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
+                    cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
+                    layer: jax.Array | int, start: jax.Array) -> jax.Array:
+  """Causal grouped-query attention of a chunk over the cache and itself.
+
+  Query t sits at position start + t and sees every key at a position <= its own: cached
+  keys of layer `layer` below `start`, the chunk's own keys from `start` on. The cache is
+  only read.
+
+  Args:
+    q_BTHh: roped queries of the chunk.
+    k_BTKh: the chunk's roped keys.
+    v_BTKh: the chunk's values.
+    cache_k_LBSKh: every layer's cached keys; S a multiple of ATTENTION_BLOCK.
+    cache_v_LBSKh: every layer's cached values.
+    layer: which layer's cache to read (static or traced).
+    start: int32 scalar, the chunk's first position (start + T <= S).
+
+  Returns:
+    The attention output [B, T, H*hd] in the queries' dtype.
+  """
+  B, T, H, hd = q_BTHh.shape
+  KV = k_BTKh.shape[2]
+  G = H // KV
+  size = ATTENTION_BLOCK
+  q_BKGTh = q_BTHh.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4)
+  pos_T = start + jnp.arange(T)
+
+  def block(b, carry):
+    m_BKGT, l_BKGT, o_BKGTh = carry
+    block_start = b * size
+    k_BSKh = merged_block(cache_k_LBSKh, k_BTKh, layer, start, block_start, size)
+    v_BSKh = merged_block(cache_v_LBSKh, v_BTKh, layer, start, block_start, size)
+    visible_TS = (block_start + jnp.arange(size))[None, :] <= pos_T[:, None]
+    s_BKGTS = jnp.einsum('bkgth,bskh->bkgts', q_BKGTh, k_BSKh,
+                         preferred_element_type=jnp.float32) / math.sqrt(hd)
+    s_BKGTS = jnp.where(visible_TS, s_BKGTS, -jnp.inf)
+    m_new_BKGT = jnp.maximum(m_BKGT, jnp.max(s_BKGTS, axis=-1))
+    # Exactly 1 where the maximum did not move (a block wholly after the query included).
+    alpha_BKGT = jnp.where(m_new_BKGT == m_BKGT, 1.0, jnp.exp(m_BKGT - m_new_BKGT))
+    p_BKGTS = jnp.where(visible_TS, jnp.exp(s_BKGTS - m_new_BKGT[..., None]), 0.0)
+    l_BKGT = l_BKGT * alpha_BKGT + jnp.sum(p_BKGTS, axis=-1)
+    pv_BKGTh = jnp.einsum('bkgts,bskh->bkgth', p_BKGTS.astype(v_BSKh.dtype), v_BSKh,
+                          preferred_element_type=jnp.float32)
+    return m_new_BKGT, l_BKGT, o_BKGTh * alpha_BKGT[..., None] + pv_BKGTh
+
+  # Queries past the capacity (padding rows of a window that overhangs it) see up to its end.
+  num_blocks = jnp.minimum((start + T + size - 1) // size, cache_k_LBSKh.shape[2] // size)
+  init = (jnp.full((B, KV, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
+          jnp.zeros((B, KV, G, T, hd), jnp.float32))
+  _, l_BKGT, o_BKGTh = jax.lax.fori_loop(0, num_blocks, block, init)
+  out_BKGTh = (o_BKGTh / l_BKGT[..., None]).astype(q_BTHh.dtype)
+  return out_BKGTh.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+
+
+def segment_attention(q_BTHh: jax.Array,
+                      segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+  """Grouped-query attention of T queries over several key/value segments at once.
+
+  One softmax (float32) spans every segment. For passes whose numerics decide no committed
+  token: the CLaSp DP's pseudo-tokens, which all sit at one position and each see only the
+  cached prefix and themselves.
+
+  Args:
+    q_BTHh: roped queries.
+    segments: (k_BSKh, v_BSKh, mask_BTS) triples; the mask broadcasts over B and T.
+
+  Returns:
+    The attention output [B, T, H*hd].
+  """
+  B, T, H, hd = q_BTHh.shape
+  KV = segments[0][0].shape[2]
+  q_BTKGh = q_BTHh.reshape(B, T, KV, H // KV, hd)
+  scores = [jnp.where(mask_BTS[:, None, None],
+                      jnp.einsum('btkgh,bskh->bkgts', q_BTKGh, k_BSKh,
+                                 preferred_element_type=jnp.float32) / math.sqrt(hd), -jnp.inf)
+            for k_BSKh, _, mask_BTS in segments]
+  probs_BKGTX = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+  splits = [sum(sc.shape[-1] for sc in scores[:i + 1]) for i in range(len(scores) - 1)]
+  out_BTKGh = sum(jnp.einsum('bkgts,bskh->btkgh', p_BKGTS.astype(v_BSKh.dtype), v_BSKh)
+                  for p_BKGTS, (_, v_BSKh, _) in zip(jnp.split(probs_BKGTX, splits, -1),
+                                                     segments))
+  return out_BTKGh.reshape(B, T, H * hd)

@@ -1,0 +1,211 @@
+"""Fused GPU cache attention (Pallas, Triton lowering): `attention.cache_attention`'s contract.
+
+The kernel keeps the reduction order of `attention` (see its module docstring): a query's
+result depends only on its position and on the keys and values at positions up to it, never
+on the chunk's width, the query's row in the chunk, `start` or the cache's capacity. It is
+built so, not tuned so:
+
+- Keys are reduced in blocks of `KEY_BLOCK` absolute positions counted from position 0, with
+  an online softmax (running maximum m, sum l and accumulator o, all float32) carried from
+  block to block in position order. A block wholly after a query leaves its m, l and o bit
+  for bit unchanged (its rescaling factor is exactly 1, its weights exactly 0), so how many
+  blocks a program runs past a query does not matter.
+- Flash decoding: the grid runs over (KV head, row block, split), each split covering
+  `SPLIT_SIZE` absolute positions (a constant, so the partition of positions never depends
+  on the capacity). Splits wholly after the chunk run no block and write m = -inf, l = 0,
+  o = 0. Every program handles one block of the KV head's query rows (all T * G of them
+  unless that exceeds `MAX_ROW_BLOCK`), each row the same way.
+- The splits are folded outside the kernel, one after the other in position order; a split
+  that a query sees nothing of adds exact zeros, so a larger cache (more splits) changes
+  nothing.
+
+The cache is only read, and only below `start`: positions from `start` on come from the
+chunk's own keys and values (cast to the cache's dtype), and positions after the chunk are
+loaded as zeros, so whatever the cache holds there never enters the arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+from clasp_jax import attention as attention_lib
+
+#: Keys are reduced in blocks of this many absolute positions (a tl.dot dimension).
+KEY_BLOCK = 64
+#: Each program of the grid covers this many absolute positions (a multiple of KEY_BLOCK).
+SPLIT_SIZE = 256
+#: Most query rows (T * G of one KV head, padded to a power of two >= 16) one program holds.
+MAX_ROW_BLOCK = 64
+#: Triton launch parameters.
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_v_ref,
+                  m_ref, l_ref, o_ref, *, num_tokens: int, group: int):
+  """One (KV head, row block, split) program: the online softmax over the split's keys.
+
+  Refs: start_ref, layer_ref int32 scalars; q_ref [R, hd] (the row block, row r of the KV
+  head being token r // G, query head r % G); k_ref, v_ref [T, hd] (the chunk's rows of
+  this KV head, in the cache's dtype); cache_k_ref, cache_v_ref the whole [L, S, KV, hd]
+  caches (batch squeezed); m_ref, l_ref [R] and o_ref [R, hd] the split's float32 statistics.
+  """
+  kv = pl.program_id(0)
+  row_block = pl.program_id(1)
+  split_start = pl.program_id(2) * SPLIT_SIZE
+  start = start_ref[()]
+  layer = layer_ref[()]
+  q_Rh = q_ref[...]
+  R, hd = q_Rh.shape
+  pos_R = start + lax.div(row_block * R + jnp.arange(R, dtype=jnp.int32), group)
+  hd_h = jnp.arange(hd, dtype=jnp.int32)
+  # Blocks up to the chunk's last position; none for a split wholly after it.
+  span = jnp.minimum(jnp.maximum(start + num_tokens - split_start, 0), SPLIT_SIZE)
+  num_blocks = lax.div(span + KEY_BLOCK - 1, KEY_BLOCK)
+
+  def merged(cache_ref, chunk_ref, block_start, pos_C):
+    """[KEY_BLOCK, hd] keys (or values) at positions pos_C = [block_start, + KEY_BLOCK): the
+    cache's below `start`, the chunk's in [start, start + T), zeros after (as
+    `attention.merged_block`, except that it never reads the cache at or after `start`)."""
+    shape = (KEY_BLOCK, hd)
+    cached_Ch = plgpu.load(cache_ref.at[layer, pl.ds(block_start, KEY_BLOCK), kv, :],
+                           mask=jnp.broadcast_to((pos_C < start)[:, None], shape), other=0)
+    row_C = pos_C - start
+    in_chunk_C = (row_C >= 0) & (row_C < num_tokens)
+    chunk_Ch = plgpu.load(
+        chunk_ref.at[jnp.clip(row_C, 0, num_tokens - 1)[:, None], hd_h[None, :]],
+        mask=jnp.broadcast_to(in_chunk_C[:, None], shape), other=0)
+    return jnp.where(in_chunk_C[:, None], chunk_Ch, cached_Ch)
+
+  def block(b, carry):
+    m_R, l_R, o_Rh = carry
+    block_start = split_start + b * KEY_BLOCK
+    pos_C = block_start + jnp.arange(KEY_BLOCK, dtype=jnp.int32)
+    k_Ch = merged(cache_k_ref, k_ref, block_start, pos_C)
+    v_Ch = merged(cache_v_ref, v_ref, block_start, pos_C)
+    visible_RC = pos_C[None, :] <= pos_R[:, None]
+    # HIGHEST: float32 products in IEEE float32 (Triton would use TF32 otherwise).
+    s_RC = lax.dot_general(q_Rh, k_Ch, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32) / math.sqrt(hd)
+    s_RC = jnp.where(visible_RC, s_RC, -jnp.inf)
+    m_new_R = jnp.maximum(m_R, jnp.max(s_RC, axis=1))
+    # Exactly 1 where the maximum did not move (a block wholly after the row included); the
+    # where also keeps -inf - -inf (a row that has seen nothing yet) from making a NaN.
+    alpha_R = jnp.where(m_new_R == m_R, 1.0, jnp.exp(m_R - m_new_R))
+    p_RC = jnp.where(visible_RC, jnp.exp(s_RC - m_new_R[:, None]), 0.0)
+    l_R = l_R * alpha_R + jnp.sum(p_RC, axis=1)
+    pv_Rh = lax.dot_general(p_RC.astype(v_Ch.dtype), v_Ch, (((1,), (0,)), ((), ())),
+                            precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return m_new_R, l_R, o_Rh * alpha_R[:, None] + pv_Rh
+
+  init = (jnp.full((R,), -jnp.inf, jnp.float32), jnp.zeros((R,), jnp.float32),
+          jnp.zeros((R, hd), jnp.float32))
+  m_R, l_R, o_Rh = lax.fori_loop(0, num_blocks, block, init)
+  m_ref[...] = m_R
+  l_ref[...] = l_R
+  o_ref[...] = o_Rh
+
+
+def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
+                cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array, layer: jax.Array | int,
+                start: jax.Array | int, *,
+                interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Runs the kernel: every split's online-softmax statistics, before the fold.
+
+  Args: as `cache_attention_pallas`.
+
+  Returns:
+    (m_PKX, l_PKX, o_PKXh), float32: per split P, KV head K and query row X (row t * G + g
+    is token t's query head g of that KV head; rows from T * G on are padding), the running
+    maximum, the sum of the weights and the unnormalized output.
+  """
+  B, T, H, hd = q_BTHh.shape
+  L, _, S, KV, _ = cache_k_LBSKh.shape
+  G = H // KV
+  dtype = cache_k_LBSKh.dtype
+  assert B == 1, f'batch 1 only, got {B}'
+  assert H == G * KV, f'{H} query heads over {KV} KV heads'
+  assert hd >= 16 and hd & (hd - 1) == 0, f'head dim {hd}: Triton wants a power of two >= 16'
+  assert S % KEY_BLOCK == 0 and SPLIT_SIZE % KEY_BLOCK == 0, (S, KEY_BLOCK, SPLIT_SIZE)
+  assert q_BTHh.dtype == dtype == cache_v_LBSKh.dtype, (q_BTHh.dtype, dtype)
+  rows = min(MAX_ROW_BLOCK, max(16, pl.next_power_of_2(T * G)))  # tl.dot wants >= 16
+  num_row_blocks = pl.cdiv(T * G, rows)
+  num_splits = pl.cdiv(S, SPLIT_SIZE)
+  q_KXh = q_BTHh[0].reshape(T, KV, G, hd).transpose(1, 0, 2, 3).reshape(KV, T * G, hd)
+  q_KXh = jnp.pad(q_KXh, ((0, 0), (0, num_row_blocks * rows - T * G), (0, 0)))
+  k_KTh = k_BTKh[0].astype(dtype).transpose(1, 0, 2)
+  v_KTh = v_BTKh[0].astype(dtype).transpose(1, 0, 2)
+  X = num_row_blocks * rows
+
+  scalar_spec = pl.BlockSpec((), lambda k, r, p: ())
+  chunk_spec = pl.BlockSpec((None, T, hd), lambda k, r, p: (k, 0, 0))
+  # The whole cache, batch squeezed: the layer is a kernel input, never a block index.
+  cache_spec = pl.BlockSpec((L, None, S, KV, hd), lambda k, r, p: (0, 0, 0, 0, 0))
+  stat_spec = pl.BlockSpec((None, None, rows), lambda k, r, p: (p, k, r))
+  return pl.pallas_call(
+      functools.partial(_split_kernel, num_tokens=T, group=G),
+      grid=(KV, num_row_blocks, num_splits),
+      in_specs=[scalar_spec, scalar_spec,
+                pl.BlockSpec((None, rows, hd), lambda k, r, p: (k, r, 0)),
+                chunk_spec, chunk_spec, cache_spec, cache_spec],
+      out_specs=[stat_spec, stat_spec,
+                 pl.BlockSpec((None, None, rows, hd), lambda k, r, p: (p, k, r, 0))],
+      out_shape=[jax.ShapeDtypeStruct((num_splits, KV, X), jnp.float32),
+                 jax.ShapeDtypeStruct((num_splits, KV, X), jnp.float32),
+                 jax.ShapeDtypeStruct((num_splits, KV, X, hd), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+      interpret=interpret,
+      name='cache_attention',
+  )(jnp.asarray(start, jnp.int32), jnp.asarray(layer, jnp.int32), q_KXh, k_KTh, v_KTh,
+    cache_k_LBSKh, cache_v_LBSKh)
+
+
+def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
+                           cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
+                           layer: jax.Array | int, start: jax.Array | int, *,
+                           interpret: bool = False) -> jax.Array:
+  """Causal grouped-query attention of a chunk over the cache and itself, fused.
+
+  Same signature, semantics and reduction-order contract as `attention.cache_attention`:
+  query t sits at position start + t and sees the cached keys of layer `layer` below
+  `start` and the chunk's own keys from `start` on. The cache is only read.
+
+  Args:
+    q_BTHh: roped queries of the chunk (B = 1; T <= 64 or so; hd a power of two >= 16).
+    k_BTKh: the chunk's roped keys.
+    v_BTKh: the chunk's values.
+    cache_k_LBSKh: every layer's cached keys, in the queries' dtype; S a multiple of
+      `attention.ATTENTION_BLOCK`.
+    cache_v_LBSKh: every layer's cached values.
+    layer: which layer's cache to read (a Python int or a traced int32 scalar).
+    start: int32 scalar, the chunk's first position (start + T <= S).
+    interpret: run the kernel in Pallas's interpret mode (CPU tests).
+
+  Returns:
+    The attention output [B, T, H*hd] in the queries' dtype.
+  """
+  assert cache_k_LBSKh.shape[2] % attention_lib.ATTENTION_BLOCK == 0, cache_k_LBSKh.shape
+  B, T, H, hd = q_BTHh.shape
+  KV = k_BTKh.shape[2]
+  G = H // KV
+  m_PKX, l_PKX, o_PKXh = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh,
+                                     layer, start, interpret=interpret)
+  # A fixed-order fold over the splits: split 0 holds position 0, so m is finite from there
+  # on, and a split a row sees nothing of (m = -inf, l = 0, o = 0) adds exact zeros.
+  m_KX, l_KX, o_KXh = m_PKX[0], l_PKX[0], o_PKXh[0]
+  for p in range(1, m_PKX.shape[0]):
+    m_new_KX = jnp.maximum(m_KX, m_PKX[p])
+    alpha_KX = jnp.where(m_new_KX == m_KX, 1.0, jnp.exp(m_KX - m_new_KX))
+    beta_KX = jnp.where(m_new_KX == m_PKX[p], 1.0, jnp.exp(m_PKX[p] - m_new_KX))
+    l_KX = l_KX * alpha_KX + l_PKX[p] * beta_KX
+    o_KXh = o_KXh * alpha_KX[..., None] + o_PKXh[p] * beta_KX[..., None]
+    m_KX = m_new_KX
+  out_KXh = (o_KXh[:, :T * G] / l_KX[:, :T * G, None]).astype(q_BTHh.dtype)
+  return out_KXh.reshape(KV, T, G, hd).transpose(1, 0, 2, 3).reshape(B, T, H * hd)

@@ -1,0 +1,221 @@
+"""End-to-end decode speed through `Decoder.generate`, against the weight-bytes roofline.
+
+What a user gets, measured as a user gets it: every figure comes from whole `generate` calls
+(prefill, device loops, host coordination), never from pieces timed alone. The cost of one
+more token is the difference between two generations of different lengths from the same
+prompt, over the difference in tokens, so the prefill and per-call costs cancel:
+
+  plain step    = (t(long) - t(short)) / (long - short), plain decoding (every round 1 token)
+  drafting round = the same per round, for a static skip set of M = L/2 with DET 0 (every
+                   round drafts K tokens): draft step = (round - plain step) / K, since a
+                   verify pass of up to `pass_width` tokens is the same pass as a plain step
+  refresh       = CLaSp's DP plus the skip-set switch, per round, at LOI 1: its round less
+                   the static round
+
+Random weights of a preset's shape (a random model writes degenerate text; speed does not
+care, and DET 0 fixes the drafts per round). The roofline is the time to read the weights
+once per token at the device's memory bandwidth.
+
+The measuring runs in worker processes (this module run as a script) that import `clasp_jax`
+from the path given: the current checkout, or an older one, so that the figures of an older
+commit come from the same run on the same machine. A worker uses only what both engines
+provide: `Decoder(params, config, strategy)`, `generate`, `strategies.build`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+
+#: HBM bandwidth by device kind (bytes per second; vendor datasheets), for the roofline.
+BANDWIDTH = {'NVIDIA H200': 4.8e12, 'NVIDIA H100 80GB HBM3': 3.35e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One measurement: a model shape at a context length, with one engine setting.
+
+  Attributes:
+    preset: a `configs.models.PRESETS` name.
+    context: tokens in the cache while decoding (the prompt is this less the long budget).
+    what: 'plain', 'draft' (static, M = L/2, DET 0) or 'refresh' (CLaSp, M = L/2, LOI 1).
+    attention: the new engine's attention ('auto', 'xla', 'pallas'); ignored by old ones.
+  """
+
+  preset: str
+  context: int
+  what: str = 'plain'
+  attention: str = 'auto'
+
+
+def random_params(config, key, dtype):
+  """Random per-layer params (q/k/v and gate/up fused: the accelerator layout), generated
+  layer by layer in `dtype`, so a 70B model never exists in float32 or stacked."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+
+  def normal(key, shape):
+    return 0.02 * jax.random.normal(key, shape, dtype)
+
+  layers = []
+  for layer_key in jax.random.split(key, config.num_layers):
+    k1, k2, k3, k4 = jax.random.split(layer_key, 4)
+    layers.append(dict(attn_norm=jnp.ones((D,), dtype), w_qkv=normal(k1, (D, q + 2 * kv)),
+                       wo=normal(k2, (q, D)), mlp_norm=jnp.ones((D,), dtype),
+                       w_gate_up=normal(k3, (D, 2 * F)), w_down=normal(k4, (F, D))))
+  k_embed, k_head = jax.random.split(jax.random.fold_in(key, 1))
+  params = dict(embed=normal(k_embed, (V, D)), final_norm=jnp.ones((D,), dtype),
+                layers=tuple(layers))
+  if not config.tie_embeddings:
+    params['lm_head'] = normal(k_head, (D, V))
+  return params
+
+
+def weight_bytes(params) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def _decoder(params, config, strategy, attention):
+  from clasp_jax.engine import Decoder  # pylint: disable=g-import-not-at-top
+  kwargs = {}
+  if 'attention' in inspect.signature(Decoder).parameters:
+    kwargs['attention'] = attention
+  return Decoder(params, config, strategy, **kwargs)
+
+
+def _timed(decoder, prompt, max_new_tokens, reps) -> tuple[float, int, int]:
+  """(median seconds, new tokens, rounds) of `reps` generations after an untimed one."""
+  out = decoder.generate(prompt, max_new_tokens)  # compiles
+  seconds = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    out = decoder.generate(prompt, max_new_tokens)
+    seconds.append(time.perf_counter() - start)
+  return sorted(seconds)[reps // 2], len(out.token_ids), len(out.accept_lengths)
+
+
+def measure(case: Case, params, config, short: int, long: int, reps: int) -> dict:
+  """One case's per-token (or per-round) seconds, from two generation lengths."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from clasp_jax import strategies  # pylint: disable=g-import-not-at-top
+  L, K = config.num_layers, 8
+  if case.what == 'plain':
+    strategy = strategies.build('vanilla', config)
+  elif case.what == 'draft':
+    strategy = strategies.build('static', config, skip_set=tuple(range(1, L, 2))[:L // 2],
+                                num_draft_tokens=K, draft_exit_threshold=0.0)
+  else:
+    strategy = strategies.build('clasp', config, skip_layers=L // 2, num_draft_tokens=K,
+                                draft_exit_threshold=0.0, loi=1)
+  decoder = _decoder(params, config, strategy, case.attention)
+  prompt = np.random.RandomState(0).randint(0, config.vocab_size,
+                                            case.context - long).tolist()
+  t_short, n_short, r_short = _timed(decoder, prompt, short, reps)
+  t_long, n_long, r_long = _timed(decoder, prompt, long, reps)
+  return dict(seconds_per_token=(t_long - t_short) / max(n_long - n_short, 1),
+              seconds_per_round=(t_long - t_short) / max(r_long - r_short, 1),
+              tokens_per_round=(n_long - n_short) / max(r_long - r_short, 1),
+              generate_seconds_long=t_long, new_tokens_long=n_long)
+
+
+def worker(spec: dict) -> list[dict]:
+  """Measures every case of `spec` with the `clasp_jax` on sys.path; one result per case."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from clasp_jax.config import LlamaConfig  # pylint: disable=g-import-not-at-top
+  results, models = [], {}
+  for case_dict in spec['cases']:
+    case = Case(**case_dict)
+    if case.preset not in models:
+      models.clear()  # one model in memory at a time (70B fills a GPU)
+      config = LlamaConfig(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in spec['configs'][case.preset].items()
+                              if k != 'rope_scaling'})
+      params = random_params(config, jax.random.key(0), spec['dtype'])
+      models[case.preset] = config, params
+    config, params = models[case.preset]
+    row = dict(case_dict, engine=spec['engine'], weight_bytes=weight_bytes(params),
+               device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__)
+    try:
+      row.update(measure(case, params, config, spec['short'], spec['long'], spec['reps']))
+    except Exception as e:  # pylint: disable=broad-except
+      row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  return results
+
+
+def run_engine(checkout: str, engine: str, cases: list[Case], configs: dict, *, dtype: str,
+               short: int, long: int, reps: int) -> list[dict]:
+  """Runs a worker process that imports `clasp_jax` from `checkout`; its result rows."""
+  spec = dict(engine=engine, cases=[dataclasses.asdict(c) for c in cases], configs=configs,
+              dtype=dtype, short=short, long=long, reps=reps)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [checkout] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  rows = []
+  for line in proc.stdout:  # one row per case, shown as soon as it is measured
+    if line.startswith('{'):
+      rows.append(json.loads(line))
+      print(line, end='', flush=True)
+  stderr = proc.stderr.read()
+  if proc.wait():
+    rows.append(dict(engine=engine, error=f'worker exit {proc.returncode}: '
+                     + ' | '.join(stderr.strip().splitlines()[-3:])))
+  return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+  """Adds the roofline fraction, the draft-step fraction and the refresh cost to the rows."""
+  plain = {(r['engine'], r['preset'], r['context'], r['attention']): r for r in rows
+           if r.get('what') == 'plain' and 'error' not in r}
+  static = {(r['engine'], r['preset'], r['context'], r['attention']): r for r in rows
+            if r.get('what') == 'draft' and 'error' not in r}
+  for r in rows:
+    if 'error' in r or 'what' not in r:
+      continue
+    key = (r['engine'], r['preset'], r['context'], r['attention'])
+    bandwidth = BANDWIDTH.get(r['device_kind'])
+    if r['what'] == 'plain' and bandwidth:
+      r['roofline_seconds'] = r['weight_bytes'] / bandwidth
+      r['roofline_fraction'] = r['roofline_seconds'] / r['seconds_per_token']
+    step = plain.get(key, {}).get('seconds_per_token')
+    if r['what'] == 'draft' and step:
+      r['draft_step_fraction'] = (r['seconds_per_round'] - step) / 8 / step
+    if r['what'] == 'refresh' and key in static and step:
+      r['refresh_in_verify_passes'] = (r['seconds_per_round']
+                                       - static[key]['seconds_per_round']) / step
+  return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  """The rows as a markdown table."""
+  lines = ['| engine | preset | context | attention | what | ms/token | ms/round | '
+           'roofline | draft step / plain step | refresh (verify passes) |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  def fmt(value, spec):
+    return format(value, spec) if value is not None else ''
+  for r in rows:
+    if 'error' in r:
+      lines.append(f"| {r.get('engine', '')} | {r.get('preset', '')} | {r.get('context', '')} "
+                   f"| {r.get('attention', '')} | {r.get('what', '')} | error: {r['error']} "
+                   '| | | | |')
+      continue
+    lines.append(
+        f"| {r['engine']} | {r['preset']} | {r['context']} | {r['attention']} | {r['what']} | "
+        f"{1e3 * r['seconds_per_token']:.3f} | {1e3 * r['seconds_per_round']:.3f} | "
+        f"{fmt(r.get('roofline_fraction'), '.0%')} | {fmt(r.get('draft_step_fraction'), '.2f')} "
+        f"| {fmt(r.get('refresh_in_verify_passes'), '.2f')} |")
+  return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+  worker(json.loads(sys.argv[1]))

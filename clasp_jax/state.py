@@ -1,0 +1,48 @@
+"""What a generation carries between rounds: the decode state, a registered dataclass."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+
+from clasp_jax.cache import KVCache
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Everything a generation carries between rounds (donated to each segment of rounds).
+
+  Invariant at a round's start: `cache.length == num_tokens - 1`, i.e. every committed token
+  but the last is in the cache, and the last is the next round's first verify input.
+
+  Attributes:
+    cache: the KV cache.
+    tokens_N: int32[N] prompt and committed tokens (entries past `num_tokens` are scratch).
+    num_tokens: int32 scalar, committed tokens including the prompt.
+    prompt_len: int32 scalar.
+    skip_L: bool[L] the skip set the draft uses.
+    target_hidden_LD: [L+1, D] pre-norm hidden states of the last token the cache holds
+      (h_0 = its embedding), from the last full-model pass: the input of the CLaSp DP.
+    rng: PRNG key.
+    done: bool scalar, EOS seen or the token budget reached.
+    num_rounds: int32 scalar.
+    accepted_R: int32[R] tokens committed per round (accepted drafts + 1).
+    drafted_R: int32[R] drafts proposed per round.
+    skip_RL: bool[R, L] the skip set in force in each round.
+    draft_ids_A: int32[L - M] the active layers' indices on the accelerator path, whose
+      draft runs those layers' own weights (`Decoder.put_skip_set`); None otherwise.
+  """
+
+  cache: KVCache
+  tokens_N: jax.Array
+  num_tokens: jax.Array
+  prompt_len: jax.Array
+  skip_L: jax.Array
+  target_hidden_LD: jax.Array
+  rng: jax.Array
+  done: jax.Array
+  num_rounds: jax.Array
+  accepted_R: jax.Array
+  drafted_R: jax.Array
+  skip_RL: jax.Array
+  draft_ids_A: jax.Array | None = None

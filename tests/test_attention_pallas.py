@@ -1,0 +1,137 @@
+"""The fused cache attention kernel: against `attention.cache_attention`, and its contract.
+
+The kernel runs natively on a GPU and in Pallas's interpret mode elsewhere (CPU tests). The
+contract tests compare with np.array_equal: a query's result may depend only on its position
+and on the keys and values up to it (see `attention`'s module docstring).
+"""
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clasp_jax import attention
+from clasp_jax import attention_pallas
+
+INTERPRET = jax.default_backend() != 'gpu'
+KV = 2
+HD = 64
+LAYERS = 2
+LAYER = 1  # the layer read; the other one holds different values
+# Across key-block (64, 128) and split (256) boundaries.
+STARTS = (0, 5, 127, 128, 300)
+# Finite, so that the reference (which reads the cache after the chunk, with zero weights)
+# stays finite; the contract tests use NaN, which only the kernel can take.
+GARBAGE = 3e4
+
+
+def _rng(*params) -> np.random.Generator:
+  """Fresh random values for each case, reproducibly."""
+  return np.random.default_rng(zlib.crc32(repr(params).encode()))
+
+
+def _case(rng, dtype, T, G, S, start, garbage):
+  """Random roped q, k, v of a chunk at `start` and [L, 1, S, KV, hd] caches, every layer
+  random below `start` and `garbage` from it on."""
+  def normal(*shape):
+    return rng.standard_normal(shape, np.float32)
+  below_S = (np.arange(S) < start)[:, None, None]
+  caches = [jnp.asarray(np.where(below_S, normal(LAYERS, 1, S, KV, HD), garbage), dtype)
+            for _ in range(2)]
+  return (jnp.asarray(normal(1, T, G * KV, HD), dtype), jnp.asarray(normal(1, T, KV, HD), dtype),
+          jnp.asarray(normal(1, T, KV, HD), dtype), *caches)
+
+
+@functools.partial(jax.jit, static_argnames='static_layer')
+def _kernel_and_reference(q, k, v, cache_k, cache_v, layer, start, static_layer):
+  """The kernel with the layer traced, with it static, and the reference."""
+  pallas = functools.partial(attention_pallas.cache_attention_pallas, interpret=INTERPRET)
+  return (pallas(q, k, v, cache_k, cache_v, layer, start),
+          pallas(q, k, v, cache_k, cache_v, static_layer, start),
+          attention.cache_attention(q, k, v, cache_k, cache_v, layer, start))
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize('T', [1, 16])
+@pytest.mark.parametrize('G', [1, 3, 4])
+def test_matches_reference(dtype, tol, T, G):
+  S = 384  # room for the last start's chunk
+  for start in STARTS:
+    inputs = _case(_rng(dtype, T, G, start), dtype, T, G, S, start, GARBAGE)
+    # IEEE float32 products in the reference too (on a GPU, XLA's default may be TF32).
+    with jax.default_matmul_precision('highest'):
+      traced, static, ref = _kernel_and_reference(*inputs, jnp.int32(LAYER), jnp.int32(start),
+                                                  static_layer=LAYER)
+    ref = np.asarray(ref, np.float32)
+    for out in (traced, static):
+      assert out.shape == (1, T, G * KV * HD) and out.dtype == dtype
+      out = np.asarray(out, np.float32)
+      assert not np.isnan(out).any(), start
+      assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol, start
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_depends_only_on_position_and_keys_up_to_it(dtype):
+  """Row 0 of a pass at start p equals row j of a pass at start p - j, whatever the other
+  rows, the keys after p or the cache's capacity; the cache at and after `start` is NaN."""
+  T, G, S = 16, 3, 512
+  pallas = jax.jit(functools.partial(attention_pallas.cache_attention_pallas,
+                                     interpret=INTERPRET))
+  rng = _rng(dtype, 'contract')
+  true_k_XKh, true_v_XKh, q_Hh = (rng.standard_normal(shape, np.float32)
+                                  for shape in ((2 * S, KV, HD), (2 * S, KV, HD), (G * KV, HD)))
+  other_layer_SKh = rng.standard_normal((2 * S, KV, HD), np.float32)
+
+  def run(p, j, capacity):
+    """The pass at start p - j, in which the query at position p is row j."""
+    start = p - j
+    # The true keys and values up to p; fresh random ones after it (and in the queries of
+    # the other rows): nothing but positions <= p may matter to row j.
+    k_XKh, v_XKh = (np.concatenate([x[:p + 1], rng.standard_normal(x[p + 1:].shape)])
+                    for x in (true_k_XKh, true_v_XKh))
+    q_THh = rng.standard_normal((T, G * KV, HD), np.float32)
+    q_THh[j] = q_Hh
+    below_S = (np.arange(capacity) < start)[:, None, None]
+    caches = [jnp.asarray(np.stack([other_layer_SKh[:capacity],
+                                    np.where(below_S, x[:capacity], np.nan)])[:, None], dtype)
+              for x in (k_XKh, v_XKh)]
+    out = pallas(jnp.asarray(q_THh[None], dtype), jnp.asarray(k_XKh[None, start:start + T], dtype),
+                 jnp.asarray(v_XKh[None, start:start + T], dtype), *caches, jnp.int32(1),
+                 jnp.int32(start))
+    return np.asarray(out[0, j])
+
+  # Across key blocks (64) and the split boundary at 256; the half capacity where it fits.
+  for p in (64, 200, 263):
+    row_0 = run(p, 0, S)
+    assert not np.isnan(row_0).any(), p
+    for j in (1, 7, 15):
+      assert np.array_equal(run(p, j, S), row_0), (p, j)
+    for capacity in (S // 2, 2 * S):
+      if p + T <= capacity:
+        assert np.array_equal(run(p, 0, capacity), row_0), (p, capacity)
+
+
+def test_every_statistic_written():
+  """Interpret mode fills the kernel's outputs with NaN first: none may be left. Also two row
+  blocks (G = 8), hd = 128 and splits wholly after the chunk (m = -inf, l = 0, o = 0)."""
+  T, G, hd, S, start = 16, 8, 128, 1024, 5
+  rng = _rng('written')
+  q, k, v = (jnp.asarray(rng.standard_normal((1, T, n, hd)), jnp.float32) for n in (G * KV, KV, KV))
+  cache_k, cache_v = (jnp.asarray(rng.standard_normal((LAYERS, 1, S, KV, hd)), jnp.float32)
+                      for _ in range(2))
+  args = (q, k, v, cache_k, cache_v, jnp.int32(LAYER), jnp.int32(start))
+  m_PKX, l_PKX, o_PKXh = map(np.asarray, jax.jit(functools.partial(
+      attention_pallas.split_stats, interpret=INTERPRET))(*args))
+  assert m_PKX.shape[0] == S // attention_pallas.SPLIT_SIZE > 1
+  assert m_PKX.shape[2] > attention_pallas.MAX_ROW_BLOCK
+  for stat in (m_PKX, l_PKX, o_PKXh):
+    assert not np.isnan(stat).any()
+  assert np.all(m_PKX[1:] == -np.inf) and not l_PKX[1:].any() and not o_PKXh[1:].any()
+  with jax.default_matmul_precision('highest'):
+    out = jax.jit(functools.partial(attention_pallas.cache_attention_pallas,
+                                    interpret=INTERPRET))(*args)
+    ref = np.asarray(attention.cache_attention(*args))
+  assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-5

@@ -1,0 +1,145 @@
+"""Exact in bfloat16 too: a token's logits do not depend on the pass that computed them.
+
+Plain decoding computes each token in a pass of its own; verification computes K+1 tokens in
+one pass. If the two reached a token's logits through different reduction orders, near-ties
+would flip and the drafting methods would part from plain decoding (in bfloat16 within a few
+tokens). `engine.full_pass` makes every pass the same computation; these tests check it bit
+for bit, layer by layer, and then token for token for every method, on the CPU in bfloat16.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clasp_jax import engine
+from clasp_jax import model as model_lib
+from clasp_jax import strategies
+from clasp_jax.cache import init_cache
+from clasp_jax.engine import Decoder
+from clasp_jax.strategies import adaptive
+import tiny
+
+# A device where a draft step costs its share of the layers and verification one step.
+GPU_LIKE = adaptive.Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.15, verify=1.0,
+                          dp=0.3)
+
+PROMPT_LEN = 20
+NUM_TOKENS = 12
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'width'))
+def _pass(params, config, tokens_T, cache, width):
+  return engine.full_pass(params, config, tokens_T, cache, width=width,
+                          attention=engine.resolve_attention('auto'))
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def _prefill(params, config, tokens_1P):
+  return model_lib.forward(params, config, tokens_1P,
+                           init_cache(config, 128, dtype=params["embed"].dtype)).cache
+
+
+def _first_difference(a_LD, b_LD) -> str:
+  """Where two stacks of per-layer hidden states first differ (h_0 is the embedding)."""
+  for i, (a_D, b_D) in enumerate(zip(np.asarray(a_LD, np.float32), np.asarray(b_LD, np.float32))):
+    if not np.array_equal(a_D, b_D):
+      return f'first differing hidden state: h_{i} (max |diff| {np.max(np.abs(a_D - b_D)):.3g})'
+  return 'hidden states equal'
+
+
+def _plain_and_verified(params, config, width, starts=(0, 3, 7, NUM_TOKENS - 1)):
+  """Each of NUM_TOKENS tokens after a shared prefill, as plain steps and as the rows of verify
+  passes over the rest from a few starting tokens: {('plain' or start, token): (logits_V,
+  hiddens_LD)}."""
+  rng = np.random.RandomState(0)
+  prompt_1P = jnp.asarray(rng.randint(4, config.vocab_size, (1, PROMPT_LEN)), jnp.int32)
+  tokens_T = jnp.asarray(rng.randint(4, config.vocab_size, NUM_TOKENS), jnp.int32)
+  results, cache = {}, _prefill(params, config, prompt_1P)
+  for t in range(NUM_TOKENS):
+    if t in starts:  # a pass over the rest, from the cache the plain steps wrote so far
+      logits_TV, hiddens_LTD, _ = _pass(params, config, tokens_T[t:], cache, width)
+      for row in range(NUM_TOKENS - t):
+        results[(t, t + row)] = (logits_TV[row], hiddens_LTD[:, row])
+    logits_TV, hiddens_LTD, cache = _pass(params, config, tokens_T[t:t + 1], cache, width)
+    cache = cache.rollback(PROMPT_LEN + t + 1)
+    results[('plain', t)] = (logits_TV[0], hiddens_LTD[:, 0])
+  return results
+
+
+@pytest.mark.parametrize('width', [16, 4])  # one pass, and verify passes of several passes
+@pytest.mark.parametrize('fast_path', [False, True])
+def test_logits_are_bit_equal_in_every_row_of_every_pass(tiny_model, width, fast_path):
+  """bfloat16: token t's hidden states (every layer) and logits are bit-equal whether it was
+  computed by a plain step or as any row of a verify pass that starts at any earlier token."""
+  config, params = tiny_model
+  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+  if fast_path:
+    params = model_lib.unstack_layers(params)
+  results = _plain_and_verified(params, config, width)
+  mismatches = []
+  for (start, t), (logits_V, hiddens_LD) in results.items():
+    plain_V, plain_LD = results[('plain', t)]
+    if start != 'plain' and not np.array_equal(np.asarray(logits_V), np.asarray(plain_V)):
+      mismatches.append(f'token {t}, verify pass from token {start} (row {t - start}): '
+                        + _first_difference(hiddens_LD, plain_LD))
+  assert not mismatches, '\n'.join(mismatches)
+
+
+def test_the_check_can_fail(tiny_model):
+  """Passes of different widths do reach different bits in bfloat16 (so equality above is
+  the pass width's doing, not an accident of the model)."""
+  config, params = tiny_model
+  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+  wide = _plain_and_verified(params, config, 16, starts=(0,))
+  narrow = _plain_and_verified(params, config, 1, starts=(0,))
+  assert any(not np.array_equal(np.asarray(wide[k][0]), np.asarray(narrow[k][0]))
+             for k in wide if k[0] != 'plain')
+
+
+# Every method, on both layer paths, token for token against plain decoding, in bfloat16.
+METHODS = {
+    'pld': ('pld', dict(num_draft_tokens=5)),
+    'static': ('static', dict(skip_set=(1, 4), num_draft_tokens=6, draft_exit_threshold=0.1)),
+    'clasp_M2': ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0,
+                               loi=1)),
+    'clasp_M3_K20': ('clasp', dict(skip_layers=3, num_draft_tokens=20,
+                                   draft_exit_threshold=0.0, loi=3)),
+    'clasp_auto': ('clasp', dict(skip_layers='auto', num_draft_tokens=4,
+                                 draft_exit_threshold=0.0)),
+    'conflayers': ('conflayers', dict(num_draft_tokens=4, conflayers_settings=dict(
+        eval_rounds=4, early_rounds=2, window=16))),
+}
+
+
+@pytest.fixture(scope='module')
+def bf16_model(tiny_model):
+  config, params = tiny_model
+  return config, jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+
+
+@pytest.fixture(scope='module')
+def bf16_vanilla(bf16_model):
+  """Plain decoding's tokens on each layer path: each path is checked against its own (two
+  compiled programs of different shape need not round alike; two passes of one must)."""
+  config, params = bf16_model
+  return {fast_path: [Decoder(params, config, strategies.Vanilla(), fast_path=fast_path)
+                      .generate(p, tiny.MAX_NEW).token_ids for p in tiny.prompts(config)]
+          for fast_path in (False, True)}
+
+
+@pytest.mark.parametrize('fast_path', [False, True])
+@pytest.mark.parametrize('name', list(METHODS))
+def test_every_method_equals_plain_decoding_in_bfloat16(bf16_model, bf16_vanilla, name,
+                                                        fast_path):
+  config, params = bf16_model
+  method, settings = METHODS[name]
+  strategy = strategies.build(method, config, **settings)
+  decoder = Decoder(params, config, strategy, fast_path=fast_path)
+  if name == 'clasp_auto':  # costs of a device where drafting pays, so that it drafts here
+    decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, config.num_layers, GPU_LIKE)
+  outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config)]
+  assert [o.token_ids for o in outs] == bf16_vanilla[fast_path]
+  assert any(d > 0 for o in outs for d in o.draft_lengths)  # it did draft
