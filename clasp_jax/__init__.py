@@ -8,6 +8,16 @@ Typical use:
   print(out.text, out.mean_accepted)
 """
 
+import logging
+
+# transformers warns when it is imported without PyTorch ("PyTorch was not found. Models won't be
+# available..."). This library uses transformers for its tokenizers only, never its models, so
+# that warning is noise in every run; a filter on transformers' root logger, added before the
+# first import of transformers below, drops that one message and nothing else.
+logging.getLogger('transformers').addFilter(
+    lambda record: not record.getMessage().startswith('PyTorch was not found'))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from clasp_jax.config import LlamaConfig, RopeScaling
 from clasp_jax.engine import Decoder, Generation
 from clasp_jax.generation import encode_prompt, generate, make_decoder
