@@ -10,6 +10,7 @@ Answers the questions with each method in turn (vanilla first: the speedups are 
 one answer file per method in --out_dir, then writes the summary (summary.json; summary.md, the
 table under the run's settings and command line; speedup.png, tau.png and skip_heatmap.png) and
 prints the table. Every setting is checked, and every decoder built, before the first compile.
+Progress messages and bars go to stderr unless --quiet is given.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import datetime
+import os
 from pathlib import Path
 import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 
@@ -34,7 +35,7 @@ from clasp_jax.cli import flags as flags_lib
 from clasp_jax.generation import make_decoder
 from clasp_jax.sampling import SamplingConfig
 
-HF = 'hf'
+HF = specbench.HF
 BENCH_METHODS = (*strategies.METHODS, HF)
 _SPEC_BENCH = Path(__file__).resolve().parents[2].parent / 'shared/data/spec_bench/question.jsonl'
 
@@ -153,22 +154,24 @@ def bench_from_flags() -> str:
   methods = methods_to_run(FLAGS.methods)
   if FLAGS.questions is None:
     raise ValueError(f'--questions is required (no Spec-Bench file at {_SPEC_BENCH})')
-  questions = specbench.load_questions(FLAGS.questions, FLAGS.num_questions, FLAGS.groups)
+  questions = specbench.load_questions(os.path.expanduser(FLAGS.questions), FLAGS.num_questions,
+                                       FLAGS.groups)
   sampling = flags_lib.sampling_config()
   strategy_kwargs = flags_lib.strategy_kwargs()
-  model = weights.load(**flags_lib.load_kwargs())
+  model = flags_lib.load_model()
   generators = {m: make_generator(model, m, sampling, strategy_kwargs) for m in methods}
-  out_dir = Path(FLAGS.out_dir)
+  out_dir = Path(FLAGS.out_dir).expanduser()
+  flags_lib.progress(f'answering {len(questions)} questions with {", ".join(methods)} (each '
+                     f'method compiles and warms up first) ...')
+  answering = dict(max_new_tokens=FLAGS.max_new_tokens, resume=FLAGS.resume,
+                   warmup=FLAGS.warmup, progress=not FLAGS.quiet, seed=FLAGS.seed)
   if FLAGS.interleave:
-    specbench.run_interleaved(model, generators, questions, max_new_tokens=FLAGS.max_new_tokens,
-                              out_dir=out_dir, resume=FLAGS.resume, warmup=FLAGS.warmup,
-                              seed=FLAGS.seed)
+    specbench.run_interleaved(model, generators, questions, out_dir=out_dir, **answering)
   else:
     for method, generator in generators.items():
-      specbench.run_method(model, generator, questions, max_new_tokens=FLAGS.max_new_tokens,
-                           answer_file=specbench.answer_path(out_dir, method),
-                           resume=FLAGS.resume, warmup=FLAGS.warmup, method=method,
-                           seed=FLAGS.seed)
+      specbench.run_method(model, generator, questions,
+                           answer_file=specbench.answer_path(out_dir, method), method=method,
+                           **answering)
   header = run_header(model, generators, questions, sampling)
   summary = specbench.summarize(out_dir, methods, header=header)
   plots.write_plots(out_dir, summary, methods, model.config.num_layers)
@@ -184,7 +187,7 @@ def main(argv: Sequence[str]) -> None:
 def run() -> None:
   """The `clasp-bench` console script."""
   FLAGS.set_default('max_new_tokens', _DEFAULT_MAX_NEW_TOKENS)
-  app.run(main, flags_parser=flags_lib.parse_flags)
+  flags_lib.run(main, __name__)
 
 
 if __name__ == '__main__':
