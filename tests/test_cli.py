@@ -1,5 +1,6 @@
 """The CLIs: bad input gets `error: <reason>` and exit code 2 before any compile, --help lists
-their flags, a run says what it is doing on stderr and nothing else, and the stats line."""
+their flags, a run says what it is doing on stderr and nothing else, and the stats line and the
+benchmark summary's header."""
 
 import io
 import os
@@ -175,3 +176,20 @@ def test_method_variants_override_flags_for_one_method():
   assert bench.methods_to_run(['clasp:skip_layers=2', 'pld', 'pld']) == [
       'vanilla', 'clasp:skip_layers=2', 'pld']
 
+
+def test_summary_command_is_portable(tmp_path, monkeypatch):
+  """Paths under the current directory become relative, under home `~/...`; others stay."""
+  home, cwd = tmp_path / 'home', tmp_path / 'home' / 'clasp_jax'
+  cwd.mkdir(parents=True)
+  monkeypatch.setenv('HOME', str(home))
+  monkeypatch.chdir(cwd)
+  argv = [str(home / 'venv/bin/clasp-bench'), f'--out_dir={cwd}/runs/a', f'--model={home}/m.gguf',
+          '--methods=vanilla,clasp:skip_layers=4', '--questions', '/data/q.jsonl',
+          '--cache_dir=/tmp/my cache']
+  assert bench.portable_command(argv) == (
+      "clasp-bench --out_dir=runs/a --model=~/m.gguf --methods=vanilla,clasp:skip_layers=4 "
+      "--questions /data/q.jsonl '--cache_dir=/tmp/my cache'")
+  assert bench.portable_command([str(cwd / 'scripts/bench.py'), '--resume']) == (
+      'python scripts/bench.py --resume')
+  assert bench.portable_path(str(cwd)) == '.'
+  assert bench.portable_path(str(home / '.cache/clasp_jax')) == '~/.cache/clasp_jax'
