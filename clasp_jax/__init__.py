@@ -8,6 +8,21 @@ Typical use:
   print(out.text, out.mean_accepted)
 """
 
+import logging
+import warnings
+
+import tqdm
+
+# Importing transformers makes two kinds of noise that say nothing about this library, which
+# uses transformers for its tokenizers only, never its models or progress bars: a warning that
+# PyTorch was not found, and, in a notebook without ipywidgets, tqdm's warning that IProgress
+# was not found (transformers imports `tqdm.auto`). Both are dropped, before the first import of
+# transformers below, by filters that match those two messages and nothing else.
+logging.getLogger('transformers').addFilter(
+    lambda record: not record.getMessage().startswith('PyTorch was not found'))
+warnings.filterwarnings('ignore', message='IProgress not found', category=tqdm.TqdmWarning)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from clasp_jax.config import LlamaConfig, RopeScaling
 from clasp_jax.engine import Decoder, Generation
 from clasp_jax.generation import encode_prompt, generate, make_decoder

@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny random model and its plain-decoding outputs, a tiny LLaMA checkpoint
-in HF format, and the embedded SmolLM2 GGUF."""
+in HF format, the embedded SmolLM2 GGUF, and Spec-Bench's questions."""
 
 import os
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -16,6 +17,9 @@ from clasp_jax.engine import Decoder
 import tiny
 
 _TINY_SPECIALS = ('<unk>', '<s>', '</s>')
+# Spec-Bench's question file in the data folder beside the checkout, as clasp-bench finds it.
+_SPEC_BENCH_QUESTIONS = (Path(__file__).resolve().parents[2] /
+                         'shared/data/spec_bench/question.jsonl')
 
 
 @pytest.fixture(scope='session')
@@ -98,3 +102,11 @@ def smollm2(smollm2_path) -> weights.LoadedModel:
 def smollm2_folder_and_name(smollm2_path) -> tuple[str, str]:
   """(folder, file name), as transformers' `from_pretrained(folder, gguf_file=name)` wants."""
   return os.path.dirname(smollm2_path), os.path.basename(smollm2_path)
+
+
+@pytest.fixture(scope='session')
+def spec_bench_questions() -> str:
+  """Path of Spec-Bench's question.jsonl in `../shared/data/spec_bench/` beside the checkout."""
+  if not _SPEC_BENCH_QUESTIONS.is_file():
+    pytest.fail(f'Spec-Bench questions not found at {_SPEC_BENCH_QUESTIONS}')
+  return str(_SPEC_BENCH_QUESTIONS)

@@ -1,20 +1,40 @@
-"""The CLIs reject bad input with `error: <reason>` and exit code 2, before compiling a model."""
+"""The CLIs: bad input gets `error: <reason>` and exit code 2 before any compile, --help lists
+their flags, a run says what it is doing on stderr and nothing else, and the stats line and the
+benchmark summary's header."""
 
+import io
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from clasp_jax.cli import bench
+from clasp_jax.cli import generate
+from clasp_jax.engine import Generation
 
 # JAX logs every compilation, so the tests can tell that none happened.
 _ENV = dict(os.environ, JAX_LOG_COMPILES='1', JAX_PLATFORMS='cpu')
 
+# What pip's console-script shim does, with torch hidden from transformers as on a machine
+# without it (the README's run command installs no torch): a `__main__` without a docstring
+# and an argv[0] that names no module of ours.
+_SHIM = ('import sys; sys.modules["torch"] = None; sys.argv[0] = "{name}"; '
+         'from clasp_jax.cli.{module} import run; sys.exit(run())')
 
-def _run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+
+def _run_cli(module: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True,
-                        env=_ENV, timeout=120, check=False)
+                        env=_ENV, timeout=120, check=False, input=stdin)
+
+
+def _run_console_script(name: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs `clasp-generate` or `clasp-bench` as its console script would."""
+  module = name.removeprefix('clasp-')
+  command = _SHIM.format(name=name, module=module)
+  return subprocess.run([sys.executable, '-c', command, *args], capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300, check=False)
 
 
 def _assert_usage_error(result: subprocess.CompletedProcess, reason: str) -> None:
@@ -26,7 +46,14 @@ def _assert_usage_error(result: subprocess.CompletedProcess, reason: str) -> Non
 
 @pytest.mark.parametrize('args, reason', [
     (['--prompt='], 'the prompt is empty'),
-    (['--max_new_tokens=100'], '--prompt must have a value'),
+    (['--max_new_tokens=100'], 'give exactly one of --prompt and --prompt_file'),
+    (['--prompt=hi', '--prompt_file=p.txt'], 'give exactly one of --prompt and --prompt_file'),
+    (['--prompt_file=/nope.txt'], '--prompt_file=/nope.txt: No such file or directory'),
+    (['--prompt_file=/'], '--prompt_file=/: Is a directory'),
+    (['--prompt=hi', '--cache_dir=/proc/clasp/cache'], '--cache_dir=/proc/clasp/cache: cannot '
+     'create it (No such file or directory)'),
+    (['--prompt=hi', '--cache_dir=/proc/version'], '--cache_dir=/proc/version: exists and is not '
+     'a folder'),
     (['--prompt=hi', '--max_new_tokens=-1'], '--max_new_tokens=-1'),
     (['--prompt=hi', '--temperature=-1'], 'temperature must be >= 0'),
     (['--prompt=hi', '--temperature=1', '--top_p=1.5'], 'top_p must be in (0, 1]'),
@@ -37,6 +64,18 @@ def test_generate_rejects_before_loading(args, reason):
   result = _run_cli('clasp_jax.cli.generate', *args)
   _assert_usage_error(result, reason)
   assert 'Compiling' not in result.stderr
+
+
+@pytest.mark.parametrize('stdin, reason', [
+    ('\n  \n', 'the prompt is empty (--prompt_file=-)'),
+    ('caf\udce9', '--prompt_file=-: not UTF-8 text'),
+])
+def test_generate_rejects_a_bad_prompt_from_stdin(stdin, reason):
+  result = subprocess.run([sys.executable, '-m', 'clasp_jax.cli.generate', '--prompt_file=-'],
+                          capture_output=True, env=_ENV, timeout=120, check=False,
+                          input=stdin.encode('utf-8', 'surrogateescape'))
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.decode().strip().splitlines()[-1] == f'error: {reason}'
 
 
 def test_generate_rejects_too_many_skipped_layers_before_compiling():
@@ -60,8 +99,97 @@ def test_bench_rejects_before_loading(args, reason):
   assert 'Compiling' not in result.stderr
 
 
+@pytest.mark.parametrize('name, own_flags', [
+    ('clasp-generate', ['--prompt_file', '--chat', '--method']),
+    ('clasp-bench', ['--methods', '--interleave', '--out_dir']),
+])
+def test_help_lists_the_cli_flags_and_not_the_libraries(name, own_flags):
+  result = _run_console_script(name, '--help')
+  assert result.stdout.startswith(f'{name}: '), result.stdout  # The CLI's docstring.
+  shared = ['--model', '--num_draft_tokens', '--quiet', '--cache_dir']
+  for flag in own_flags + shared:
+    assert f'  {flag}:' in result.stdout or f'  --[no]{flag[2:]}:' in result.stdout, flag
+  assert 'orbax' not in result.stdout and '--verbosity' not in result.stdout
+  assert 'Try --helpfull' in result.stdout
+
+
+def test_a_run_says_what_it_does_on_stderr_and_nothing_else(tiny_hf_checkpoint, tmp_path):
+  """Progress lines only (no transformers advice about PyTorch, no logs); none with --quiet."""
+  args = [f'--model={tiny_hf_checkpoint}', '--prompt=the sky', '--max_new_tokens=4',
+          '--method=vanilla', f'--cache_dir={tmp_path}']
+  first = _run_console_script('clasp-generate', *args)
+  assert first.returncode == 0, first.stderr
+  assert first.stderr.splitlines() == [
+      f'loading {tiny_hf_checkpoint} ...',
+      f'converting the Hugging Face checkpoint (first run only; cached under {tmp_path}) ...',
+      'compiling, then generating (every run compiles first) ...',
+  ]
+  assert first.stdout.splitlines()[-1].startswith('prompt tokens ')
+  cached = _run_console_script('clasp-generate', *args)
+  assert cached.stderr.splitlines() == [
+      f'loading {tiny_hf_checkpoint} ...',
+      'compiling, then generating (every run compiles first) ...',
+  ]
+  quiet = _run_console_script('clasp-generate', *args, '--quiet')
+  assert quiet.returncode == 0 and quiet.stderr == '', quiet.stderr
+  assert quiet.stdout.splitlines()[:-1] == cached.stdout.splitlines()[:-1]  # The same text.
+
+
+@pytest.fixture
+def parse_flags():
+  """Parses the CLIs' flags in this process for one test, then restores their defaults."""
+  yield lambda *args: generate.FLAGS(['clasp-generate', *args])
+  generate.FLAGS.unparse_flags()
+
+
+def test_prompt_file_and_stdin_give_the_prompt(parse_flags, tmp_path, monkeypatch):
+  path = tmp_path / 'prompt.txt'
+  path.write_text('Summarise:\n\nthe text\n\n')
+  parse_flags(f'--prompt_file={path}')
+  assert generate.read_prompt() == 'Summarise:\n\nthe text'
+  generate.FLAGS.unparse_flags()
+  parse_flags('--prompt_file=-')
+  monkeypatch.setattr(sys, 'stdin', io.TextIOWrapper(io.BytesIO('Résumé\n'.encode())))
+  assert generate.read_prompt() == 'Résumé'
+
+
+def _generation(wall_time: float, accept_lengths: list[int]) -> Generation:
+  rounds = len(accept_lengths)
+  return Generation(token_ids=list(range(1 + sum(accept_lengths))), text='t', prompt_tokens=5,
+                    wall_time=wall_time, accept_lengths=accept_lengths,
+                    draft_lengths=[4] * rounds, skip_sets=np.zeros((rounds, 2), bool),
+                    refresh_times=[])
+
+
+def test_stats_line_leaves_compilation_out_of_the_speed():
+  generation = _generation(wall_time=12.0, accept_lengths=[3, 4, 1, 3, 3, 5])  # 20 tokens
+  assert generate.stats_line(generation, speculative=True, compile_seconds=10.0) == (
+      'prompt tokens 5 | new tokens 20 | decoding 2.0 s, 10.0 tokens/s | compiling 10.0 s | '
+      'tau 3.17 | rounds 6')
+  assert generate.stats_line(generation, speculative=False, compile_seconds=0.0) == (
+      'prompt tokens 5 | new tokens 20 | decoding 12.0 s, 1.7 tokens/s | compiling 0.0 s')
+
+
 def test_method_variants_override_flags_for_one_method():
   assert bench.parse_method('clasp:skip_layers=4:loi=1') == ('clasp', dict(skip_layers=4, loi=1))
   assert bench.parse_method('clasp:skip_layers=auto') == ('clasp', dict(skip_layers='auto'))
   assert bench.methods_to_run(['clasp:skip_layers=2', 'pld', 'pld']) == [
       'vanilla', 'clasp:skip_layers=2', 'pld']
+
+
+def test_summary_command_is_portable(tmp_path, monkeypatch):
+  """Paths under the current directory become relative, under home `~/...`; others stay."""
+  home, cwd = tmp_path / 'home', tmp_path / 'home' / 'clasp_jax'
+  cwd.mkdir(parents=True)
+  monkeypatch.setenv('HOME', str(home))
+  monkeypatch.chdir(cwd)
+  argv = [str(home / 'venv/bin/clasp-bench'), f'--out_dir={cwd}/runs/a', f'--model={home}/m.gguf',
+          '--methods=vanilla,clasp:skip_layers=4', '--questions', '/data/q.jsonl',
+          '--cache_dir=/tmp/my cache']
+  assert bench.portable_command(argv) == (
+      "clasp-bench --out_dir=runs/a --model=~/m.gguf --methods=vanilla,clasp:skip_layers=4 "
+      "--questions /data/q.jsonl '--cache_dir=/tmp/my cache'")
+  assert bench.portable_command([str(cwd / 'scripts/bench.py'), '--resume']) == (
+      'python scripts/bench.py --resume')
+  assert bench.portable_path(str(cwd)) == '.'
+  assert bench.portable_path(str(home / '.cache/clasp_jax')) == '~/.cache/clasp_jax'

@@ -18,7 +18,6 @@ from clasp_jax.generation import encode_prompt
 from clasp_jax.strategies import conflayers
 import tiny
 
-QUESTIONS = '/work/shared/data/spec_bench/question.jsonl'
 # A short evaluation, so that the search replaces sets within one short generation.
 QUICK = dict(eval_rounds=4, early_rounds=2)
 BAND = dict(ratio=0.4, band=0.25, step=0.05, max_steps=40)
@@ -268,8 +267,8 @@ def test_greedy_is_identical_to_vanilla_and_the_search_moves(tiny_model, tiny_va
   chex.clear_trace_counter()
 
 
-def test_smollm2_greedy_is_identical_to_vanilla(smollm2):
-  questions = load_questions(QUESTIONS, num_questions_per_group=1)
+def test_smollm2_greedy_is_identical_to_vanilla(smollm2, spec_bench_questions):
+  questions = load_questions(spec_bench_questions, num_questions_per_group=1)
   assert [group_of(q['category']) for q in questions] == list(GROUPS)
   prompts = [encode_prompt(smollm2, q['turns'][0], chat=True) for q in questions]
   vanilla = Decoder(smollm2.params, smollm2.config, strategies.Vanilla())

@@ -17,7 +17,6 @@ from clasp_jax.cache import init_cache
 from clasp_jax.engine import Decoder
 from clasp_jax.generation import encode_prompt
 
-QUESTIONS = '/work/shared/data/spec_bench/question.jsonl'
 # Every group once at 32 new tokens keeps this file to about 2.5 of the suite's minutes on 2
 # cores (the ~700-token prompts dominate); the benchmarks in docs/results check 30 questions.
 MAX_NEW = 32
@@ -35,8 +34,8 @@ SETTINGS = {
 
 
 @pytest.fixture(scope='module')
-def questions():
-  selected = load_questions(QUESTIONS, num_questions_per_group=1)
+def questions(spec_bench_questions):
+  selected = load_questions(spec_bench_questions, num_questions_per_group=1)
   assert [group_of(q['category']) for q in selected] == list(GROUPS)
   return selected
 

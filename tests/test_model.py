@@ -26,7 +26,6 @@ from clasp_jax.engine import Decoder
 from clasp_jax.generation import encode_prompt
 import tiny
 
-QUESTIONS = '/work/shared/data/spec_bench/question.jsonl'
 # The first question of three groups whose chat-templated prompts are short (qa, ~40 tokens),
 # medium (mt_bench, ~50) and long (summarization, ~770): chosen by length, not by outcome.
 PARITY_GROUPS = ('qa', 'mt_bench', 'summarization')
@@ -136,9 +135,10 @@ def hf_smollm2(smollm2_folder_and_name):
 
 
 @pytest.fixture(scope='module')
-def parity_prompts(smollm2):
+def parity_prompts(smollm2, spec_bench_questions):
   """Chat-templated first turns of the first question of each of PARITY_GROUPS."""
-  questions = load_questions(QUESTIONS, num_questions_per_group=1, groups=PARITY_GROUPS)
+  questions = load_questions(spec_bench_questions, num_questions_per_group=1,
+                             groups=PARITY_GROUPS)
   by_group = {group_of(q['category']): q for q in questions}
   return [encode_prompt(smollm2, by_group[g]['turns'][0], chat=True) for g in PARITY_GROUPS]
 

@@ -142,6 +142,9 @@ def test_answer_file_has_spec_bench_fields(tiny_model, decoders, question_file, 
   for accepted, skip_sets in zip(turns, choice['skip_sets']):
     assert len(skip_sets) == len(accepted)
     assert all(len(layers) == 1 and 0 <= layers[0] < 4 for layers in skip_sets)  # M = 1.
+  drafts = specbench.turn_draft_lengths(first)
+  assert [len(d) for d in drafts] == [len(a) for a in turns]
+  assert all(0 <= n <= 3 for turn in drafts for n in turn) and any(n for n in drafts[0])  # K = 3
   assert choice['turns'][0] == TinyTokenizer().decode(choice['token_ids'][0])
 
 
@@ -178,18 +181,23 @@ def test_clasp_matches_vanilla_on_the_tiny_model(tiny_model, decoders, question_
                          progress=False)
   summary = specbench.summarize(tmp_path, ['vanilla', 'clasp'])
   assert summary['clasp']['overall']['identical_to_vanilla'] == 3
+  assert summary['clasp']['overall']['drafting_rounds'] > 0
   assert summary['vanilla']['overall']['tau'] == 1.0
+  assert summary['vanilla']['overall']['drafting_rounds'] == 0
   vanilla = specbench.read_answers(tmp_path / 'vanilla.jsonl')
   assert all(r['choices'][0]['skip_sets'] == [[]] * len(r['choices'][0]['turns'])
              for r in vanilla)  # Nothing skipped, nothing recorded.
 
 
-def _answer(question_id, category, new_tokens, wall_time, accept_lengths, token_ids):
-  """An answer record; `accept_lengths` is given per turn and stored flat, as the writer does."""
+def _answer(question_id, category, new_tokens, wall_time, accept_lengths, token_ids,
+            drafts=4):
+  """An answer record; `accept_lengths` is given per turn and stored flat, as the writer does;
+  every round drafted `drafts` tokens."""
   return {'question_id': question_id, 'category': category, 'model_id': 'm', 'method': 'x',
           'choices': [{'index': 0, 'turns': ['t'] * len(new_tokens), 'new_tokens': new_tokens,
                        'wall_time': wall_time,
                        'accept_lengths': [n for turn in accept_lengths for n in turn],
+                       'draft_lengths': [drafts for turn in accept_lengths for _ in turn],
                        'decoding_steps': [len(a) + 1 for a in accept_lengths],
                        'token_ids': token_ids, 'skip_sets': [[] for _ in accept_lengths]}],
           'tstamp': 0.0}
@@ -201,9 +209,9 @@ def _write_answers(path, answers):
 
 def test_summarize_by_hand(tmp_path):
   _write_answers(tmp_path / 'vanilla.jsonl', [
-      _answer(1, 'writing', [10, 10], [1.0, 1.0], [[1] * 9, [1] * 9], [[1], [2]]),  # 10 tok/s
-      _answer(2, 'qa', [20], [1.0], [[1] * 19], [[3]]),  # 20 tok/s
-      _answer(3, 'qa', [30], [2.0], [[1] * 29], [[4]]),  # 15 tok/s
+      _answer(1, 'writing', [10, 10], [1.0, 1.0], [[1] * 9, [1] * 9], [[1], [2]], 0),  # 10 tok/s
+      _answer(2, 'qa', [20], [1.0], [[1] * 19], [[3]], 0),  # 20 tok/s
+      _answer(3, 'qa', [30], [2.0], [[1] * 29], [[4]], 0),  # 15 tok/s
   ])
   _write_answers(tmp_path / 'clasp.jsonl', [
       _answer(1, 'writing', [10, 10], [0.5, 0.5], [[3, 3, 3], [4, 4, 1]], [[1], [2]]),  # 20
@@ -231,6 +239,26 @@ def test_summarize_by_hand(tmp_path):
   table = (tmp_path / 'summary.md').read_text()
   assert table.startswith('# settings\n\n| method |')
   assert '| clasp | overall | 3 | 30.0 | 2.00x | 2.64 | 2/3 |' in table.splitlines()
+  assert clasp['overall']['drafting_rounds'] == 25
+  assert '(plain)' not in table  # Vanilla decodes plainly by design: no note.
+
+
+def test_summary_marks_a_method_that_never_drafted(tmp_path):
+  """A drafting method that decoded plainly throughout is marked, not shown as a plain win;
+  answer files from before draft lengths were recorded get no mark."""
+  vanilla = [_answer(q, 'qa', [20], [1.0], [[1] * 19], [[q]], 0) for q in (1, 2)]
+  plain = [_answer(q, 'qa', [20], [0.96], [[1] * 19], [[q]], 0) for q in (1, 2)]
+  old = [_answer(q, 'qa', [20], [0.96], [[1] * 19], [[q]]) for q in (1, 2)]
+  for answer in old:
+    del answer['choices'][0]['draft_lengths']
+  for method, answers in [('vanilla', vanilla), ('clasp', plain), ('pld', old)]:
+    _write_answers(tmp_path / f'{method}.jsonl', answers)
+  summary = specbench.summarize(tmp_path, ['vanilla', 'clasp', 'pld'])
+  assert summary['pld']['overall']['drafting_rounds'] is None
+  lines = specbench.format_table(summary).splitlines()
+  assert '| clasp | overall | 2 | 20.8 | 1.04x (plain) | 1.00 | 2/2 |' in lines
+  assert '| pld | overall | 2 | 20.8 | 1.04x | 1.00 | 2/2 |' in lines
+  assert lines[-1] == specbench.PLAIN_NOTE
 
 
 def test_hf_reference_matches_vanilla(tiny_hf_checkpoint):

@@ -10,7 +10,9 @@ by the same mean for vanilla decoding.
 An answer's `accept_lengths` is one flat list, every round of every turn in order, as Spec-Bench's
 `evaluation/speed.py` reads it; turn t holds `decoding_steps[t] - 1` of its rounds (see
 `turn_accept_lengths`). Besides Spec-Bench's fields, each turn keeps its token ids (to check
-losslessness) and the skip set in force in each of its rounds (for the skip-set heatmap).
+losslessness), the skip set in force in each of its rounds (for the skip-set heatmap), and
+`draft_lengths`, flat like `accept_lengths` (0: a round that decoded plainly, without drafts),
+so that the summary can tell a method that never drafted from one that drafted in vain.
 
 A decoder compiles once per padded prompt length (its "bucket") and cache capacity, so before
 each timed turn everything the turn may run is compiled, untimed (`Decoder.compile`; a
@@ -42,6 +44,11 @@ MT_BENCH_CATEGORIES = ('writing', 'roleplay', 'reasoning', 'math', 'coding', 'ex
 GROUPS = ('mt_bench', 'translation', 'summarization', 'qa', 'math_reasoning', 'rag')
 OVERALL = 'overall'
 BASELINE = 'vanilla'
+HF = 'hf'  # The transformers reference (`hf_reference`).
+# Methods that decode plainly by design: for them a round without drafts is no news.
+_PLAIN_METHODS = (BASELINE, HF)
+PLAIN_NOTE = ('(plain): no round drafted. The method decoded plainly, the same computation as '
+              'vanilla, so its speedup is timing noise and overhead, not a gain from drafting.')
 
 
 class Generator(Protocol):
@@ -278,6 +285,7 @@ def _record(question: dict, generations: Sequence[Generation], model_id: str,
           'new_tokens': [g.new_tokens for g in generations],
           'wall_time': [g.wall_time for g in generations],
           'accept_lengths': [n for g in generations for n in g.accept_lengths],
+          'draft_lengths': [n for g in generations for n in g.draft_lengths],
           'token_ids': [list(g.token_ids) for g in generations],
           'skip_sets': [_skipped_layers(g.skip_sets) for g in generations],
       }],
@@ -339,10 +347,21 @@ def read_answers(path: str | os.PathLike) -> list[dict]:
 
 def turn_accept_lengths(record: dict) -> list[list[int]]:
   """An answer's flat `accept_lengths` split into turns (turn t has decoding_steps[t] - 1)."""
-  choice = _choice(record)
-  flat, turns, start = choice['accept_lengths'], [], 0
-  for steps in choice['decoding_steps']:
-    turns.append(flat[start:start + steps - 1])
+  return _split_turns(record, _choice(record)['accept_lengths'])
+
+
+def turn_draft_lengths(record: dict) -> list[list[int]] | None:
+  """An answer's flat `draft_lengths` split into turns; None for an answer file written before
+  draft lengths were recorded."""
+  flat = _choice(record).get('draft_lengths')
+  return None if flat is None else _split_turns(record, flat)
+
+
+def _split_turns(record: dict, flat: Sequence[int]) -> list[list[int]]:
+  """A flat per-round list split into turns (turn t has decoding_steps[t] - 1 rounds)."""
+  turns, start = [], 0
+  for steps in _choice(record)['decoding_steps']:
+    turns.append(list(flat[start:start + steps - 1]))
     start += steps - 1
   return turns
 
@@ -359,11 +378,12 @@ def summarize(answer_dir: str | os.PathLike, methods: Sequence[str],
     header: markdown put before the table in summary.md (the run's settings).
 
   Returns:
-    {method: {group: {'tokens_per_second', 'speedup', 'tau', 'identical_to_vanilla',
-    'total'}}}, groups in Spec-Bench's order, then 'overall'. tokens_per_second is the mean over
-    questions of sum(new_tokens) / sum(wall_time); speedup divides it by vanilla's; tau is the
-    mean tokens committed per round over all rounds; identical_to_vanilla counts the questions
-    whose every turn has vanilla's token ids, out of `total`.
+    {method: {group: {'tokens_per_second', 'speedup', 'tau', 'identical_to_vanilla', 'total',
+    'drafting_rounds'}}}, groups in Spec-Bench's order, then 'overall'. tokens_per_second is the
+    mean over questions of sum(new_tokens) / sum(wall_time); speedup divides it by vanilla's;
+    tau is the mean tokens committed per round over all rounds; identical_to_vanilla counts the
+    questions whose every turn has vanilla's token ids, out of `total`; drafting_rounds counts
+    the rounds that drafted (None when an answer file predates draft lengths).
 
   Raises:
     ValueError: without vanilla among the methods, or with no question answered by all.
@@ -404,7 +424,21 @@ def _stats(records: Sequence[dict], baseline: Sequence[dict]) -> dict[str, Any]:
       'identical_to_vanilla': sum(_choice(r)['token_ids'] == _choice(b)['token_ids']
                                   for r, b in zip(records, baseline)),
       'total': len(records),
+      'drafting_rounds': _drafting_rounds(records),
   }
+
+
+def _drafting_rounds(records: Sequence[dict]) -> int | None:
+  """The rounds that drafted, over every turn; None if any answer lacks draft lengths."""
+  if any('draft_lengths' not in _choice(r) for r in records):
+    return None
+  return sum(n > 0 for r in records for n in _choice(r)['draft_lengths'])
+
+
+def decoded_plainly(method: str, stats: dict[str, Any]) -> bool:
+  """Whether a method that can draft drafted in no round of these stats (one group's, from
+  `summarize`): its speedup then reflects no drafting at all (see PLAIN_NOTE)."""
+  return method not in _PLAIN_METHODS and stats.get('drafting_rounds') == 0
 
 
 def _choice(record: dict) -> dict:
@@ -423,12 +457,21 @@ def _tau(records: Sequence[dict]) -> float:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-  """The summary as a markdown table, one row per method and group."""
+  """The summary as a markdown table, one row per method and group.
+
+  A row where a drafting method never drafted has its speedup marked `(plain)`, explained by
+  PLAIN_NOTE below the table: otherwise a speedup such as 1.04x reads like a gain.
+  """
   rows = ['| method | group | questions | tokens/s | speedup | tau | identical to vanilla |',
           '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+  plain = False
   for method, groups in summary.items():
     for group, s in groups.items():
+      mark = ' (plain)' if decoded_plainly(method, s) else ''
+      plain |= bool(mark)
       rows.append(f'| {method} | {group} | {s["total"]} | {s["tokens_per_second"]:.1f} | '
-                  f'{s["speedup"]:.2f}x | {s["tau"]:.2f} | '
+                  f'{s["speedup"]:.2f}x{mark} | {s["tau"]:.2f} | '
                   f'{s["identical_to_vanilla"]}/{s["total"]} |')
+  if plain:
+    rows += ['', PLAIN_NOTE]
   return '\n'.join(rows) + '\n'

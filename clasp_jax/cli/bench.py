@@ -10,6 +10,7 @@ Answers the questions with each method in turn (vanilla first: the speedups are 
 one answer file per method in --out_dir, then writes the summary (summary.json; summary.md, the
 table under the run's settings and command line; speedup.png, tau.png and skip_heatmap.png) and
 prints the table. Every setting is checked, and every decoder built, before the first compile.
+Progress messages and bars go to stderr unless --quiet is given.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import datetime
+import os
 from pathlib import Path
+import re
+import shlex
 import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 
@@ -34,7 +37,7 @@ from clasp_jax.cli import flags as flags_lib
 from clasp_jax.generation import make_decoder
 from clasp_jax.sampling import SamplingConfig
 
-HF = 'hf'
+HF = specbench.HF
 BENCH_METHODS = (*strategies.METHODS, HF)
 _SPEC_BENCH = Path(__file__).resolve().parents[2].parent / 'shared/data/spec_bench/question.jsonl'
 
@@ -59,6 +62,8 @@ flags.adopt_module_key_flags(flags_lib)
 FLAGS = flags.FLAGS
 
 _DEFAULT_MAX_NEW_TOKENS = 1024
+# Words the shell reads as they are (shlex.quote's safe characters, and `~`).
+_SHELL_SAFE = re.compile(r'[\w@%+=:,./~-]+')
 
 
 #: Strategy settings a method variant may override, with their parsers.
@@ -115,25 +120,70 @@ def make_generator(model: weights.LoadedModel, spec: str, sampling: SamplingConf
                       **{**strategy_kwargs, **overrides})
 
 
+def portable_path(path: str) -> str:
+  """A path as a reader of the summary on another machine can use it.
+
+  Absolute paths under the current directory become relative to it, and those under the home
+  directory start with `~`; any other path is left as it is.
+  """
+  if not os.path.isabs(path):
+    return path
+  path = os.path.normpath(path)
+  for base, prefix in ((os.getcwd(), ''), (os.path.expanduser('~'), '~')):
+    if path == base or path.startswith(base.rstrip(os.sep) + os.sep):
+      relative = os.path.relpath(path, base)
+      return os.path.join(prefix, relative) if prefix else relative
+  return path
+
+
+def portable_command(argv: Sequence[str]) -> str:
+  """The command line as one can type it again: the console script by its name, a Python file
+  after `python`, each path portable (see `portable_path`), quoted for the shell where needed.
+
+  A `~` is left unquoted: the shell expands it at the start of a word, and the CLIs expand it
+  in every path flag.
+  """
+  program = argv[0]
+  if program.endswith('.py'):
+    words = ['python', portable_path(program)]
+  else:
+    words = [os.path.basename(program)]
+  for arg in argv[1:]:
+    name, sep, value = arg.partition('=')
+    if arg.startswith('-') and sep:
+      words.append(f'{name}={portable_path(value)}')
+    else:
+      words.append(portable_path(arg))
+  return ' '.join(w if _SHELL_SAFE.fullmatch(w) else shlex.quote(w) for w in words)
+
+
 def _method_settings(generator: specbench.Generator) -> str:
-  """How a method decodes: its strategy's settings, or the transformers reference."""
+  """How a method decodes: its strategy's settings (paths in them portable), or the transformers
+  reference."""
   if isinstance(generator, hf_reference.HFReference):
     return 'transformers `generate`, greedy, float32 (PyTorch)'
-  return f'`{generator.strategy}`'
+  settings = re.sub(r"'(/[^']*)'", lambda m: repr(portable_path(m[1])), str(generator.strategy))
+  return f'`{settings}`'
 
 
 def run_header(model: weights.LoadedModel, generators: dict[str, specbench.Generator],
                questions: Sequence[dict], sampling: SamplingConfig) -> str:
-  """The run's settings as markdown, put above the table so a summary says how it was made."""
+  """The run's settings as markdown, put above the table so a summary says how it was made.
+
+  Paths are written so that the command can be run again elsewhere (see `portable_command`),
+  and the model is named as the user named it.
+  """
   dtype = jax.tree.leaves(model.params)[0].dtype
   groups = ', '.join(FLAGS.groups) if FLAGS.groups else 'all'
   per_group = f'first {FLAGS.num_questions} per group' if FLAGS.num_questions else 'all'
+  model_name = (f'`{portable_path(FLAGS.model)}`' if FLAGS.model
+                else flags_lib.EMBEDDED_MODEL_NAME)
   lines = [
       '# Spec-Bench summary',
       '',
-      f'- command: `{" ".join(sys.argv)}`',
+      f'- command: `{portable_command(sys.argv)}`',
       f'- date: {datetime.datetime.now().astimezone().isoformat(timespec="seconds")}',
-      f'- model: `{model.source}` ({model.config.num_layers} layers, {dtype})',
+      f'- model: {model_name} ({model.config.num_layers} layers, {dtype})',
       f'- device: {jax.devices()[0].device_kind}, jax {jax.__version__}',
       f'- questions: {len(questions)} ({per_group}; groups: {groups}), max_new_tokens '
       f'{FLAGS.max_new_tokens} per turn, warm-up {FLAGS.warmup}',
@@ -153,22 +203,24 @@ def bench_from_flags() -> str:
   methods = methods_to_run(FLAGS.methods)
   if FLAGS.questions is None:
     raise ValueError(f'--questions is required (no Spec-Bench file at {_SPEC_BENCH})')
-  questions = specbench.load_questions(FLAGS.questions, FLAGS.num_questions, FLAGS.groups)
+  questions = specbench.load_questions(os.path.expanduser(FLAGS.questions), FLAGS.num_questions,
+                                       FLAGS.groups)
   sampling = flags_lib.sampling_config()
   strategy_kwargs = flags_lib.strategy_kwargs()
-  model = weights.load(**flags_lib.load_kwargs())
+  model = flags_lib.load_model()
   generators = {m: make_generator(model, m, sampling, strategy_kwargs) for m in methods}
-  out_dir = Path(FLAGS.out_dir)
+  out_dir = Path(FLAGS.out_dir).expanduser()
+  flags_lib.progress(f'answering {len(questions)} questions with {", ".join(methods)} (each '
+                     f'method compiles and warms up first) ...')
+  answering = dict(max_new_tokens=FLAGS.max_new_tokens, resume=FLAGS.resume,
+                   warmup=FLAGS.warmup, progress=not FLAGS.quiet, seed=FLAGS.seed)
   if FLAGS.interleave:
-    specbench.run_interleaved(model, generators, questions, max_new_tokens=FLAGS.max_new_tokens,
-                              out_dir=out_dir, resume=FLAGS.resume, warmup=FLAGS.warmup,
-                              seed=FLAGS.seed)
+    specbench.run_interleaved(model, generators, questions, out_dir=out_dir, **answering)
   else:
     for method, generator in generators.items():
-      specbench.run_method(model, generator, questions, max_new_tokens=FLAGS.max_new_tokens,
-                           answer_file=specbench.answer_path(out_dir, method),
-                           resume=FLAGS.resume, warmup=FLAGS.warmup, method=method,
-                           seed=FLAGS.seed)
+      specbench.run_method(model, generator, questions,
+                           answer_file=specbench.answer_path(out_dir, method), method=method,
+                           **answering)
   header = run_header(model, generators, questions, sampling)
   summary = specbench.summarize(out_dir, methods, header=header)
   plots.write_plots(out_dir, summary, methods, model.config.num_layers)
@@ -184,7 +236,7 @@ def main(argv: Sequence[str]) -> None:
 def run() -> None:
   """The `clasp-bench` console script."""
   FLAGS.set_default('max_new_tokens', _DEFAULT_MAX_NEW_TOKENS)
-  app.run(main, flags_parser=flags_lib.parse_flags)
+  flags_lib.run(main, __name__)
 
 
 if __name__ == '__main__':

@@ -1,23 +1,31 @@
-"""The flags both CLIs share (model, sampling, strategy settings) and their conversions.
+"""The flags both CLIs share (model, sampling, strategy settings), their conversions, and what
+the CLIs have in common: running under absl, loading the model, saying what they are doing.
 
 Defined once here; `clasp_jax.cli.generate` and `clasp_jax.cli.bench` import this module. Bad
 input, whether caught by absl while parsing flags or raised as ValueError by the library, ends a
 CLI with one line `error: <reason>` on stderr and exit code 2, before any model compile.
+Progress messages go to stderr, one line each, unless --quiet is given; stdout holds only the
+results.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import os
 import sys
 from typing import Any, NoReturn
 
+from absl import app
 from absl import flags
 from absl import logging
+import jax.numpy as jnp
+import numpy as np
 
 from clasp_jax import strategies
+from clasp_jax import weights
 from clasp_jax.sampling import SamplingConfig
+from clasp_jax.weights import store
 
 USAGE_ERROR_CODE = 2
 
@@ -29,6 +37,8 @@ flags.DEFINE_enum('dtype', 'auto', _DTYPES, 'Parameter dtype; auto: float32 on C
                   'accelerators.')
 flags.DEFINE_string('cache_dir', '~/.cache/clasp_jax', 'Cache of converted weights; empty: no '
                     'cache.')
+flags.DEFINE_bool('quiet', False, 'Print no progress messages (loading, converting, compiling) '
+                  'to stderr.')
 flags.DEFINE_integer('max_new_tokens', 256, 'Most new tokens per generation (per turn in '
                      'clasp-bench).', lower_bound=1)
 flags.DEFINE_float('temperature', 0.0, '0: greedy; otherwise the sampling temperature.')
@@ -87,6 +97,31 @@ _CONFLAYERS_SETTINGS = ('window', 'skip_ratio', 'ratio_band', 'initial_lambda', 
 
 FLAGS = flags.FLAGS
 
+EMBEDDED_MODEL_NAME = 'the embedded SmolLM2-135M-Instruct'
+# The file `weights.store` writes last into a cache entry: its presence marks a complete entry.
+_CACHE_ENTRY_MARK = 'config.json'
+
+
+def run(main: Callable[[list[str]], None], cli_module: str) -> None:
+  """Runs a CLI's `main` under absl, with a --help that lists the CLI's own flags.
+
+  absl's --help prints the docstring of `__main__` and the key flags of the module named by
+  sys.argv[0]; behind a console script (`clasp-generate`) both are pip's entry-point shim, which
+  has neither, so --help listed no flag at all. The CLI module's key flags (its own and those it
+  adopted from this module) are therefore registered as key flags of sys.argv[0] too, and its
+  docstring becomes the usage text. --helpfull still lists every flag, absl's and orbax's
+  included.
+
+  Args:
+    main: the CLI's main function, given the arguments left after parsing flags.
+    cli_module: the CLI module's `__name__`.
+  """
+  module = sys.modules[cli_module]
+  for flag in FLAGS.get_key_flags_for_module(module):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  sys.modules['__main__'].__doc__ = module.__doc__
+  app.run(main, flags_parser=parse_flags)
+
 
 def fail(reason: str) -> NoReturn:
   """Prints `error: <reason>` to stderr and exits with the usage-error code."""
@@ -120,11 +155,77 @@ def usage_errors(argv: Sequence[str]) -> Iterator[None]:
     fail(str(e))
 
 
+def progress(message: str) -> None:
+  """Says on stderr what the CLI is doing, one line, unless --quiet is given."""
+  if not FLAGS.quiet:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cache_dir() -> str | None:
+  """--cache_dir with `~` expanded, created if missing; None when --cache_dir is empty.
+
+  Checked before the model loads, so that a folder that cannot be made is a usage error, not a
+  traceback after a long conversion.
+
+  Raises:
+    ValueError: when the folder cannot be created or written to.
+  """
+  if not FLAGS.cache_dir:
+    return None
+  path = os.path.expanduser(FLAGS.cache_dir)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except FileExistsError:
+    raise ValueError(f'--cache_dir={FLAGS.cache_dir}: exists and is not a folder') from None
+  except OSError as e:
+    raise ValueError(f'--cache_dir={FLAGS.cache_dir}: cannot create it ({e.strerror})') from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ValueError(f'--cache_dir={FLAGS.cache_dir}: not writable')
+  return path
+
+
+def model_name() -> str:
+  """The model as the user named it: --model as given, or the embedded model."""
+  return FLAGS.model or EMBEDDED_MODEL_NAME
+
+
 def load_kwargs() -> dict[str, Any]:
-  """The keyword arguments of `weights.load` from --model, --dtype and --cache_dir."""
+  """The keyword arguments of `weights.load` from --model, --dtype and --cache_dir.
+
+  Raises:
+    ValueError: for a --cache_dir that cannot be created (see `cache_dir`).
+  """
   return dict(path=os.path.expanduser(FLAGS.model) if FLAGS.model else None,
-              dtype=None if FLAGS.dtype == 'auto' else FLAGS.dtype,
-              cache_dir=os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None)
+              dtype=None if FLAGS.dtype == 'auto' else FLAGS.dtype, cache_dir=cache_dir())
+
+
+def load_model() -> weights.LoadedModel:
+  """Loads the model as the flags say, saying what happens (see `progress`).
+
+  The first load of a checkpoint converts it (dequantising a GGUF file, transposing a Hugging
+  Face folder's matrices), which takes a while; later loads read the converted weights from
+  --cache_dir.
+
+  Raises:
+    ValueError: for a missing or unreadable model, or a --cache_dir that cannot be created.
+  """
+  kwargs = load_kwargs()
+  progress(f'loading {model_name()} ...')
+  source = os.path.abspath(kwargs['path'] or weights.embedded_model_path())
+  if os.path.exists(source):  # Otherwise `weights.load` says what is wrong.
+    kind = 'GGUF' if os.path.isfile(source) else 'Hugging Face checkpoint'
+    if kwargs['cache_dir'] is None:
+      progress(f'converting the {kind} (every run: --cache_dir is empty) ...')
+    elif not _is_cached(source, kwargs['dtype'], kwargs['cache_dir']):
+      progress(f'converting the {kind} (first run only; cached under {FLAGS.cache_dir}) ...')
+  return weights.load(**kwargs)
+
+
+def _is_cached(source: str, dtype: str | None, cache_dir_path: str) -> bool:
+  """Whether `weights.load` will find `source`'s converted weights in the cache."""
+  dtype = np.dtype(weights.default_dtype() if dtype is None else jnp.dtype(dtype))
+  entry = os.path.join(cache_dir_path, store.cache_key(source, dtype))
+  return os.path.isfile(os.path.join(entry, _CACHE_ENTRY_MARK))
 
 
 def sampling_config() -> SamplingConfig:
@@ -136,13 +237,14 @@ def strategy_kwargs() -> dict[str, Any]:
   """The keyword arguments of `strategies.build` from the strategy flags.
 
   Raises:
-    ValueError: when --skip_set holds something other than integers.
+    ValueError: when --skip_set holds something other than integers, or --cache_dir cannot be
+      created.
   """
   return dict(skip_layers=parse_skip_layers(FLAGS.skip_layers), skip_ratio=FLAGS.skip_ratio,
               skip_set=_layer_indices(FLAGS.skip_set),
               num_draft_tokens=FLAGS.num_draft_tokens,
               draft_exit_threshold=FLAGS.draft_exit_threshold, loi=FLAGS.loi,
-              cost_cache_dir=os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None,
+              cost_cache_dir=cache_dir(),
               conflayers_settings={name: FLAGS[f'conflayers_{name}'].value
                                    for name in _CONFLAYERS_SETTINGS})
 
