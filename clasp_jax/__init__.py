@@ -24,7 +24,7 @@ warnings.filterwarnings('ignore', message='IProgress not found', category=tqdm.T
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from clasp_jax.config import LlamaConfig, RopeScaling
-from clasp_jax.engine import Decoder, Generation
+from clasp_jax.engine import Decoder, Generation, enable_compilation_cache
 from clasp_jax.generation import encode_prompt, generate, make_decoder
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.strategies import METHODS, Clasp, PromptLookup, StaticSkip, Strategy, Vanilla
@@ -32,6 +32,6 @@ from clasp_jax.weights import LoadedModel, load
 
 __all__ = [
     'METHODS', 'Clasp', 'Decoder', 'Generation', 'LlamaConfig', 'LoadedModel', 'PromptLookup',
-    'RopeScaling', 'SamplingConfig', 'StaticSkip', 'Strategy', 'Vanilla', 'encode_prompt',
-    'generate', 'load', 'make_decoder',
+    'RopeScaling', 'SamplingConfig', 'StaticSkip', 'Strategy', 'Vanilla',
+    'enable_compilation_cache', 'encode_prompt', 'generate', 'load', 'make_decoder',
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any
 
@@ -290,6 +291,15 @@ class _CompiledFunction:
 
   def __call__(self, *args):
     return self.compiled(*args)(*args)
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+  """Keeps every compiled program under `<cache_dir>/xla` (JAX's persistent compilation
+  cache), so that a later process loads what an earlier one compiled instead of compiling it
+  again; identical programs of different decoders (the prefill, plain decoding) are shared."""
+  jax.config.update('jax_compilation_cache_dir', os.path.join(cache_dir, 'xla'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 def resolve_attention(name: str):

@@ -113,6 +113,16 @@ def test_help_lists_the_cli_flags_and_not_the_libraries(name, own_flags):
   assert 'Try --helpfull' in result.stdout
 
 
+_COMPILING = ('compiling, then generating (the first run compiles; later ones load the compiled '
+              'programs from --cache_dir) ...')
+
+
+def _compile_seconds(stdout: str) -> float:
+  """The compile time on a stats line (`... | compiling 1.2 s | ...`)."""
+  part = next(p for p in stdout.splitlines()[-1].split(' | ') if p.startswith('compiling '))
+  return float(part.split()[1])
+
+
 def test_a_run_says_what_it_does_on_stderr_and_nothing_else(tiny_hf_checkpoint, tmp_path):
   """Progress lines only (no transformers advice about PyTorch, no logs); none with --quiet."""
   args = [f'--model={tiny_hf_checkpoint}', '--prompt=the sky', '--max_new_tokens=4',
@@ -122,14 +132,14 @@ def test_a_run_says_what_it_does_on_stderr_and_nothing_else(tiny_hf_checkpoint, 
   assert first.stderr.splitlines() == [
       f'loading {tiny_hf_checkpoint} ...',
       f'converting the Hugging Face checkpoint (first run only; cached under {tmp_path}) ...',
-      'compiling, then generating (every run compiles first) ...',
+      _COMPILING,
   ]
   assert first.stdout.splitlines()[-1].startswith('prompt tokens ')
   cached = _run_console_script('clasp-generate', *args)
-  assert cached.stderr.splitlines() == [
-      f'loading {tiny_hf_checkpoint} ...',
-      'compiling, then generating (every run compiles first) ...',
-  ]
+  assert cached.stderr.splitlines() == [f'loading {tiny_hf_checkpoint} ...', _COMPILING]
+  # The second process loads the first one's compiled programs from --cache_dir.
+  assert os.listdir(tmp_path / 'xla')
+  assert _compile_seconds(cached.stdout) < _compile_seconds(first.stdout) / 2
   quiet = _run_console_script('clasp-generate', *args, '--quiet')
   assert quiet.returncode == 0 and quiet.stderr == '', quiet.stderr
   assert quiet.stdout.splitlines()[:-1] == cached.stdout.splitlines()[:-1]  # The same text.
@@ -153,20 +163,24 @@ def test_prompt_file_and_stdin_give_the_prompt(parse_flags, tmp_path, monkeypatc
   assert generate.read_prompt() == 'Résumé'
 
 
-def _generation(wall_time: float, accept_lengths: list[int]) -> Generation:
+def _generation(wall_time: float, compile_seconds: float,
+                accept_lengths: list[int]) -> Generation:
   rounds = len(accept_lengths)
   return Generation(token_ids=list(range(1 + sum(accept_lengths))), text='t', prompt_tokens=5,
-                    wall_time=wall_time, accept_lengths=accept_lengths,
+                    wall_time=wall_time, compile_seconds=compile_seconds,
+                    accept_lengths=accept_lengths,
                     draft_lengths=[4] * rounds, skip_sets=np.zeros((rounds, 2), bool),
                     refresh_times=[])
 
 
 def test_stats_line_leaves_compilation_out_of_the_speed():
-  generation = _generation(wall_time=12.0, accept_lengths=[3, 4, 1, 3, 3, 5])  # 20 tokens
-  assert generate.stats_line(generation, speculative=True, compile_seconds=10.0) == (
+  accepted = [3, 4, 1, 3, 3, 5]  # 20 tokens
+  generation = _generation(wall_time=12.0, compile_seconds=10.0, accept_lengths=accepted)
+  assert generate.stats_line(generation, speculative=True) == (
       'prompt tokens 5 | new tokens 20 | decoding 2.0 s, 10.0 tokens/s | compiling 10.0 s | '
       'tau 3.17 | rounds 6')
-  assert generate.stats_line(generation, speculative=False, compile_seconds=0.0) == (
+  generation = _generation(wall_time=12.0, compile_seconds=0.0, accept_lengths=accepted)
+  assert generate.stats_line(generation, speculative=False) == (
       'prompt tokens 5 | new tokens 20 | decoding 12.0 s, 1.7 tokens/s | compiling 0.0 s')
 
 

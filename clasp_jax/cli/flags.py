@@ -24,6 +24,7 @@ import numpy as np
 
 from clasp_jax import strategies
 from clasp_jax import weights
+from clasp_jax.engine import enable_compilation_cache
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.weights import store
 
@@ -210,6 +211,8 @@ def load_model() -> weights.LoadedModel:
     ValueError: for a missing or unreadable model, or a --cache_dir that cannot be created.
   """
   kwargs = load_kwargs()
+  if kwargs['cache_dir'] is not None:
+    enable_compilation_cache(kwargs['cache_dir'])
   progress(f'loading {model_name()} ...')
   source = os.path.abspath(kwargs['path'] or weights.embedded_model_path())
   if os.path.exists(source):  # Otherwise `weights.load` says what is wrong.
