@@ -47,6 +47,7 @@ marks a benchmark point whose figures must not be quoted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -170,7 +171,10 @@ def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Ar
   return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
 
 
-def _layer(spec: PlantedModel, key: jax.Array, factor: jax.Array, dtype,
+_matrix = jax.jit(_normal, static_argnums=(1, 2, 3))
+
+
+def _layer(key: jax.Array, factor: jax.Array, spec: PlantedModel, dtype,
            fused: bool) -> Params:
   """One layer's params; `factor` scales its output projections (epsilon when planted)."""
   c = spec.config
@@ -192,6 +196,15 @@ def _layer(spec: PlantedModel, key: jax.Array, factor: jax.Array, dtype,
   return model_lib.fuse_projections(lp) if fused else lp
 
 
+# Compiled once per shape and knobs: epsilon and the planted set enter as traced factors, and
+# the spec they take has them cleared (see `build_params`).
+_one_layer = jax.jit(functools.partial(_layer, fused=True), static_argnums=(2, 3))
+_stacked_layers = jax.jit(
+    lambda keys_L, factors_L, spec, dtype: jax.vmap(
+        lambda key, f: _layer(key, f, spec, dtype, fused=False))(keys_L, factors_L),
+    static_argnums=(2, 3))
+
+
 def build_params(spec: PlantedModel, dtype=jnp.float32, per_layer: bool = False) -> Params:
   """The planted model's params, generated on the default device one weight at a time.
 
@@ -208,22 +221,20 @@ def build_params(spec: PlantedModel, dtype=jnp.float32, per_layer: bool = False)
   """
   c = spec.config
   L, D, V = c.num_layers, c.hidden_size, c.vocab_size
+  dtype = jnp.dtype(dtype)
   k_embed, k_head, k_layers = jax.random.split(jax.random.key(spec.seed), 3)
   layer_keys = [jax.random.fold_in(k_layers, i) for i in range(L)]
-  factors = jnp.asarray(spec.layer_factors)
+  factors_L = jnp.asarray(spec.layer_factors)
+  weights = dataclasses.replace(spec, planted=(), epsilon=1.0)  # all that shapes the weights
   if per_layer:
-    one = jax.jit(lambda key, f: _layer(spec, key, f, dtype, fused=True))
-    layers = tuple(one(layer_keys[i], factors[i]) for i in range(L))
+    layers = tuple(_one_layer(layer_keys[i], factors_L[i], weights, dtype) for i in range(L))
   else:
-    layers = jax.jit(jax.vmap(lambda key, f: _layer(spec, key, f, dtype, fused=False)))(
-        jnp.stack(layer_keys), factors)
-  params = dict(
-      embed=jax.jit(lambda key: _normal(key, (V, D), spec.embed_std, dtype))(k_embed),
-      layers=layers, final_norm=jnp.ones((D,), dtype))
+    layers = _stacked_layers(jnp.stack(layer_keys), factors_L, weights, dtype)
+  params = dict(embed=_matrix(k_embed, (V, D), spec.embed_std, dtype), layers=layers,
+                final_norm=jnp.ones((D,), dtype))
   if not c.tie_embeddings:
     # Unit-RMS final states: logits ~ normal(0, logit_std^2).
-    params['lm_head'] = jax.jit(
-        lambda key: _normal(key, (D, V), spec.logit_std / math.sqrt(D), dtype))(k_head)
+    params['lm_head'] = _matrix(k_head, (D, V), spec.logit_std / math.sqrt(D), dtype)
   return params
 
 
