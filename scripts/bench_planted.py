@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -57,7 +58,11 @@ _DTYPE = flags.DEFINE_enum('dtype', 'auto', ['auto', 'float32', 'bfloat16'],
 _LAYOUT = flags.DEFINE_enum('layout', 'auto', ['auto', 'stacked', 'per_layer'],
                             'Params layout; auto: per layer (fused) on accelerators.')
 _COST_CACHE = flags.DEFINE_string('cost_cache_dir', '', 'Where auto keeps its measured step '
-                                  'costs ("": measured once per point).')
+                                  'costs; "": a fresh folder, so they are measured once per run '
+                                  '(by the engine being benchmarked) and shared by its points.')
+_XLA_CACHE = flags.DEFINE_string('compilation_cache_dir', '', 'JAX\'s persistent compilation '
+                                 'cache, where every point after the first finds the programs '
+                                 'its new decoders compile; "": a fresh folder.')
 _OUT = flags.DEFINE_string('out', '', 'JSON output path (.md and .png written beside it).')
 for _field in ('embed_std', 'qk_gain', 'attn_gain', 'mlp_gain', 'logit_std'):
   flags.DEFINE_float(_field, getattr(planted.PlantedModel, _field),
@@ -94,7 +99,10 @@ def main(argv):
       draft_exit_threshold=_DET.value, loi=_LOI.value, temperature=_TEMPERATURE.value,
       dtype=(('float32' if on_cpu else 'bfloat16') if _DTYPE.value == 'auto' else _DTYPE.value),
       per_layer=(not on_cpu if _LAYOUT.value == 'auto' else _LAYOUT.value == 'per_layer'),
-      cost_cache_dir=_COST_CACHE.value or None)
+      cost_cache_dir=_COST_CACHE.value or tempfile.mkdtemp(prefix='clasp_costs_'))
+  jax.config.update('jax_compilation_cache_dir',
+                    _XLA_CACHE.value or tempfile.mkdtemp(prefix='clasp_xla_'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   knobs = {f: flags.FLAGS[f].value for f in ('embed_std', 'qk_gain', 'attn_gain', 'mlp_gain',
                                               'logit_std')}
   sweep = planted_sweep.run_sweep(

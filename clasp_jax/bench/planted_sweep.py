@@ -290,7 +290,8 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
     rows[label] = row
     if row.get('mismatches'):
       log(f'  LOSSLESSNESS FAILURE: eps {spec.epsilon:g} {label} differs from plain decoding '
-          f'in {len(row["mismatches"])} of {len(gens)} prompts: {row["mismatches"]}')
+          f'in {len(row["mismatches"])} of {len(gens)} prompts: {row["mismatches"]} (in '
+          f'float32 a bug; in bfloat16 possibly a near-tie, see README "How CLaSp works here")')
   diversity = [dict(dataclasses.asdict(d), degenerate=d.degenerate, reasons=d.reasons)
                for d in texts]
   return dict(epsilon=spec.epsilon, degenerate=any(d.degenerate for d in texts),
