@@ -307,8 +307,8 @@ def diversity(token_ids) -> Diversity:
   if not n:
     raise ValueError('diversity of an empty text')
   trigrams = {tuple(tokens_N[i:i + 3]) for i in range(n - 2)}
-  lags = {k: float(np.mean(tokens_N[k:] == tokens_N[:-k])) for k in range(1, min(MAX_LAG, n - 1)
-                                                                          + 1)}
+  lags = {k: float(np.mean(tokens_N[k:] == tokens_N[:-k]))
+          for k in range(1, min(MAX_LAG, n - 1) + 1)}
   lag = max(lags, key=lags.get) if lags else 1
   return Diversity(num_tokens=n, distinct_ratio=len(set(tokens_N.tolist())) / n,
                    distinct_3gram_ratio=len(trigrams) / max(n - 2, 1),
