@@ -131,6 +131,19 @@ def test_bfloat16_params_are_bfloat16_throughout(spec):
   assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 
+def test_70b_generators_need_no_temporaries():
+  """Compiled for the 70B shape (nothing allocated): a layer and the LM head are written in
+  place, so the last layers still fit beside the 139 GB already built."""
+  spec = planted.planted_model('llama3-70b', epsilon=0.1)
+  key = jax.eval_shape(lambda: jax.random.key(0, impl='rbg'))
+  bf16 = jnp.dtype(jnp.bfloat16)
+  layer = planted._one_layer.lower(key, jax.ShapeDtypeStruct((), jnp.float32),
+                                   dataclasses.replace(spec, planted=(), epsilon=1.0), bf16)
+  head = planted._matrix.lower(key, (8192, 128256), 0.1, bf16)
+  for lowered in (layer, head):  # a few scalars and keys at most, against 1.7-2.1 GB weights
+    assert lowered.compile().memory_analysis().temp_size_in_bytes < 2 ** 20
+
+
 def test_diversity_flags_loops_and_repeats():
   assert planted.diversity([7] * 96).degenerate
   loop = planted.diversity(list(range(12)) * 8)
@@ -179,9 +192,10 @@ def test_drafting_pays_on_the_planted_model(vanilla, clasp_planted_m):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    'adaptive.py: auto starts at M = round(0.2 L) = 2, where drafting does not pay, and after '
-    'its 2 warm-up rounds decodes plainly for 32 rounds; it reaches other M only by exploring '
-    'one step every 16 drafting rounds, so it never finds M = 4, where drafting pays'))
+    'adaptive.py: auto starts at M = round(0.2 L) = 2 (1.02x plain under these costs, where '
+    'M = 3-4 give 1.22x); after its 2 warm-up rounds its estimate says M = 2 loses, so it '
+    'decodes plainly for 32 rounds, and it reaches another M only by exploring one step every '
+    '16 drafting rounds: it drafts in 9% of rounds, all at M = 2, at 0.75x of M = 4'))
 def test_auto_drafts_where_drafting_pays(auto, clasp_planted_m):
   assert _drafting_fraction(auto) >= 0.5
   assert _modelled_rate(auto) >= 0.9 * _modelled_rate(clasp_planted_m)

@@ -20,25 +20,33 @@ stays diverse and the drafts have to be earned:
   to the residual stream, each layer 1/sqrt(L) of it. The balance between the current token,
   the context and the layers is then the same at 16 layers as at 80: with a fixed per-layer
   scale, the deep models' residual stream fills with slowly varying context averages and the
-  text falls into loops (measured at D = 256, 96 greedy tokens, every prompt random: distinct
-  tokens 0.95 at L = 16 but 0.52-0.69 at L = 80 with a per-layer gain of 1; 0.90-0.99 at L = 16,
-  32 and 80 with the depth-normalised gains).
+  text falls into loops (measured at D = 256, 96 greedy tokens from random prompts: distinct
+  tokens 0.95 at L = 16 but 0.52-0.69 at L = 80 with a per-layer gain of 1; 0.73-0.98 at L = 16,
+  32 and 80 with the depth-normalised gains, where skipping the planted half gives tau 6.9-7.0
+  at epsilon 0, 4.0-5.3 at 0.05 and 1.5-1.9 at 0.2).
 - **Attention that matters.** Queries and keys are drawn so that attention scores have a
   standard deviation of about `qk_gain`^2: attention spreads over the context rather than
   locking onto one token, and the context moves every prediction (zeroing every attention
-  output changes 85-99% of the full model's greedy tokens on these models' own text). A draft
+  output changes 90-98% of the full model's greedy tokens on these models' own text). A draft
   therefore has to get the context right, not just the current token.
 - **Confident logits.** The LM head is drawn so that the logits have a standard deviation of
-  `logit_std`: the full model's top-1 probability exceeds the draft-exit threshold 0.7 at about
-  90% of positions, as drafts on a real model are mostly confident where they are right.
-  Random weights give no link between confidence and correctness: the threshold here stops
-  drafts at random, about one in ten.
+  `logit_std`: the full model's top-1 probability exceeds the draft-exit threshold 0.7 at
+  88-96% of positions. On a random model confidence is independent from position to
+  position, so the tau of real drafts (the CLaSp paper's 3.7-7.2) needs drafts that are rarely
+  stopped; real text instead has runs of near-certain tokens (SmolLM2-135M's answers pass 0.7
+  at 49% of positions). Nor does confidence say whether a draft is right: the threshold stops
+  drafts at random, about one in ten, and a rejected chain runs on (about 6 drafts per round
+  at any tau), where on a real model it tends to stop. Drafting here wastes more draft steps
+  than on a real model of the same tau.
 
 Every weight is generated one layer at a time, directly in the requested dtype, so that the
 70B shape (141 GB in bfloat16) can be built on one accelerator without float32 temporaries or a
 second copy of the stack, in the per-layer, projection-fused layout the accelerator path runs
 (`per_layer=True`, see `model.unstack_layers`). The stacked layout (`per_layer=False`, for the
-CPU reference path) holds the same values.
+CPU reference path) holds the same values. The random bits come from XLA's RngBitGenerator
+('rbg' keys), written straight into each weight: XLA's memory analysis of the 70B layer and LM
+head generators shows no temporary buffers, where JAX's default threefry bits needed up to 8x
+the weight's size. bfloat16 draws take 128 distinct values within 2.9 standard deviations.
 
 `diversity` measures a text's diversity from its token ids; a `Diversity` that is `degenerate`
 marks a benchmark point whose figures must not be quoted.
@@ -166,9 +174,10 @@ def planted_model(model: str | LlamaConfig, *, epsilon: float,
                       epsilon=epsilon, seed=seed, **knobs)
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
-  """normal(0, std^2) drawn directly in `dtype` (no float32 copy of a bfloat16 weight)."""
-  return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
+def _normal(key: jax.Array, shape: tuple[int, ...], std, dtype) -> jax.Array:
+  """normal(0, std^2) drawn directly in `dtype` (no float32 copy of a bfloat16 weight); `std`
+  may be a traced scalar or a per-column vector."""
+  return jax.random.normal(key, shape, dtype) * jnp.asarray(std).astype(dtype)
 
 
 _matrix = jax.jit(_normal, static_argnums=(1, 2, 3))
@@ -176,32 +185,41 @@ _matrix = jax.jit(_normal, static_argnums=(1, 2, 3))
 
 def _layer(key: jax.Array, factor: jax.Array, spec: PlantedModel, dtype,
            fused: bool) -> Params:
-  """One layer's params; `factor` scales its output projections (epsilon when planted)."""
+  """One layer's params; `factor` scales its output projections (epsilon when planted).
+
+  q/k/v and gate/up are drawn as the fused matrices the accelerator path runs, each in one
+  piece (a concatenation of separately drawn parts would need their size again in
+  temporaries); the stacked layout takes their column blocks.
+  """
   c = spec.config
   D, F, L = c.hidden_size, c.intermediate_size, c.num_layers
   q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-  k_q, k_k, k_v, k_o, k_gate, k_up, k_down = jax.random.split(key, 7)
-  factor = factor.astype(dtype)
+  k_qkv, k_o, k_gate_up, k_down = jax.random.split(key, 4)
   # Inputs are RMS-normed (unit RMS): q and k entries ~ qk_gain, v and MLP pre-activations ~ 1.
+  qkv_std = jnp.concatenate([jnp.full((q + kv,), spec.qk_gain / math.sqrt(D)),
+                             jnp.full((kv,), 1 / math.sqrt(D))])
   lp = dict(
       attn_norm=jnp.ones((D,), dtype), mlp_norm=jnp.ones((D,), dtype),
-      wq=_normal(k_q, (D, q), spec.qk_gain / math.sqrt(D), dtype),
-      wk=_normal(k_k, (D, kv), spec.qk_gain / math.sqrt(D), dtype),
-      wv=_normal(k_v, (D, kv), 1 / math.sqrt(D), dtype),
-      wo=_normal(k_o, (q, D), spec.embed_std * spec.attn_gain / math.sqrt(q * L), dtype) * factor,
-      w_gate=_normal(k_gate, (D, F), 1 / math.sqrt(D), dtype),
-      w_up=_normal(k_up, (D, F), 1 / math.sqrt(D), dtype),
-      w_down=_normal(k_down, (F, D), spec.embed_std * spec.mlp_gain / math.sqrt(F * L),
-                     dtype) * factor)
-  return model_lib.fuse_projections(lp) if fused else lp
+      w_qkv=_normal(k_qkv, (D, q + 2 * kv), qkv_std, dtype),
+      wo=_normal(k_o, (q, D), spec.embed_std * spec.attn_gain / math.sqrt(q * L) * factor,
+                 dtype),
+      w_gate_up=_normal(k_gate_up, (D, 2 * F), 1 / math.sqrt(D), dtype),
+      w_down=_normal(k_down, (F, D), spec.embed_std * spec.mlp_gain / math.sqrt(F * L) * factor,
+                     dtype))
+  if fused:
+    return lp
+  w_qkv, w_gate_up = lp.pop('w_qkv'), lp.pop('w_gate_up')
+  return dict(lp, wq=w_qkv[:, :q], wk=w_qkv[:, q:q + kv], wv=w_qkv[:, q + kv:],
+              w_gate=w_gate_up[:, :F], w_up=w_gate_up[:, F:])
 
 
 # Compiled once per shape and knobs: epsilon and the planted set enter as traced factors, and
-# the spec they take has them cleared (see `build_params`).
+# the spec they take has them cleared (see `build_params`). The stack is built layer after layer
+# (`lax.map`), each layer drawn exactly as `_one_layer` draws it.
 _one_layer = jax.jit(functools.partial(_layer, fused=True), static_argnums=(2, 3))
 _stacked_layers = jax.jit(
-    lambda keys_L, factors_L, spec, dtype: jax.vmap(
-        lambda key, f: _layer(key, f, spec, dtype, fused=False))(keys_L, factors_L),
+    lambda keys_L, factors_L, spec, dtype: jax.lax.map(
+        lambda kf: _layer(kf[0], kf[1], spec, dtype, fused=False), (keys_L, factors_L)),
     static_argnums=(2, 3))
 
 
@@ -217,24 +235,27 @@ def build_params(spec: PlantedModel, dtype=jnp.float32, per_layer: bool = False)
       stack never exists, so the largest shapes need only their own size in memory.
 
   Returns:
-    The params pytree. Both layouts hold the same values (layer l from key fold_in(seed, l)).
+    The params pytree; both layouts hold the same values.
   """
   c = spec.config
   L, D, V = c.num_layers, c.hidden_size, c.vocab_size
   dtype = jnp.dtype(dtype)
-  k_embed, k_head, k_layers = jax.random.split(jax.random.key(spec.seed), 3)
-  layer_keys = [jax.random.fold_in(k_layers, i) for i in range(L)]
+  # XLA's RngBitGenerator writes the random bits straight into each weight; threefry (JAX's
+  # default) needs temporaries of several times the weight's size (8x for the 70B LM head).
+  k_embed, k_head, k_layers = jax.random.split(jax.random.key(spec.seed, impl='rbg'), 3)
+  keys_L = jax.random.split(k_layers, L)
   factors_L = jnp.asarray(spec.layer_factors)
   weights = dataclasses.replace(spec, planted=(), epsilon=1.0)  # all that shapes the weights
-  if per_layer:
-    layers = tuple(_one_layer(layer_keys[i], factors_L[i], weights, dtype) for i in range(L))
-  else:
-    layers = _stacked_layers(jnp.stack(layer_keys), factors_L, weights, dtype)
-  params = dict(embed=_matrix(k_embed, (V, D), spec.embed_std, dtype), layers=layers,
+  params = dict(embed=_matrix(k_embed, (V, D), spec.embed_std, dtype),
                 final_norm=jnp.ones((D,), dtype))
   if not c.tie_embeddings:
     # Unit-RMS final states: logits ~ normal(0, logit_std^2).
     params['lm_head'] = _matrix(k_head, (D, V), spec.logit_std / math.sqrt(D), dtype)
+  if per_layer:
+    params['layers'] = tuple(_one_layer(keys_L[i], factors_L[i], weights, dtype)
+                             for i in range(L))
+  else:
+    params['layers'] = _stacked_layers(keys_L, factors_L, weights, dtype)
   return params
 
 
