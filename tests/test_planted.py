@@ -235,3 +235,14 @@ def test_sweep_methods_and_prompts(spec):
   assert [len(p) for p in prompts] == [64] * 3
   assert all(max(p) < 512 for p in prompts)
   assert any(planted.diversity(p).longest_repeat >= 4 for p in prompts)  # lookup has matches
+
+
+def test_a_changed_token_is_a_mismatch_and_not_a_near_tie(spec, params, prompts, vanilla):
+  reference = [g.token_ids for g in vanilla]
+  assert planted_sweep.find_mismatches(params, spec.config, prompts, reference, vanilla) == []
+  changed = list(reference[1])
+  changed[5] = (changed[5] + 1) % spec.config.vocab_size
+  generations = [vanilla[0], dataclasses.replace(vanilla[1], token_ids=changed)]
+  [found] = planted_sweep.find_mismatches(params, spec.config, prompts, reference, generations)
+  assert (found['prompt'], found['position'], found['token']) == (1, 5, changed[5])
+  assert found['margin'] > 100 * found['resolution'] and not found['near_tie']
