@@ -446,7 +446,7 @@ def markdown(sweep: dict) -> str:
 def plot(sweep: dict, path: str | os.PathLike) -> None:
   """Speedup against tau, one line per method over the non-degenerate points, beside the
   CLaSp paper's overall speedups drawn across their tau ranges."""
-  figure = Figure(figsize=(8.0, 5.0), layout='tight')
+  figure = Figure(figsize=(10.0, 5.0), layout='tight')
   FigureCanvasAgg(figure)
   ax = figure.add_subplot()
   points = sorted((p for p in sweep['points'] if not p['degenerate']),
@@ -466,5 +466,5 @@ def plot(sweep: dict, path: str | os.PathLike) -> None:
   dropped = len(sweep['points']) - len(points)
   ax.set_title(f"Planted {sweep['config']['num_layers']}-layer model, epsilon sweep"
                + (f' ({dropped} degenerate point(s) left out)' if dropped else ''))
-  ax.legend(loc='upper left', fontsize=8)
+  ax.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)
   figure.savefig(path, dpi=150)
