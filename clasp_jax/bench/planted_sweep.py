@@ -5,15 +5,18 @@ same prompts: plain decoding, CLaSp at fixed M = round(0.4 L) and round(0.5 L), 
 chosen online ('auto'), a static skip set (the planted set, or M = 0.5 L layers spread
 evenly), and prompt lookup. Every method is warmed up first; then the methods take turns per
 prompt, in an order that rotates from one prompt to the next, so that drifts of the machine
-fall on all of them alike. A timed generation during which JAX traced or compiled anything is
-run again (its tokens are the same), so no reported time includes compilation.
+fall on all of them alike. A timed generation during which JAX traced or compiled anything
+(the engine compiles small host-side reads per new round count) is run again, up to twice, so
+that no reported time includes compilation; its tokens are the same ('auto' keeps learning
+across the runs, as it does across prompts).
 
 Per point and method it reports tau, drafts per round, the share of rounds that drafted,
 tokens/s and the speedup over plain decoding in the same run, the cost of a round in plain
 decoding rounds, refresh (DP) time, the precision and recall of the skip sets in force against
-the planted set, and whether the tokens equal plain decoding's. Per point it reports how
-diverse plain decoding's text is; a point whose text is degenerate is flagged and must not be
-quoted.
+the planted set, and whether the tokens equal plain decoding's; where they do not, the full
+model's logit margin at the first differing token says whether rounding split a near-tie or a
+wrong draft was accepted. Per point it reports how diverse plain decoding's text is; a point
+whose text is degenerate is flagged and must not be quoted.
 """
 
 from __future__ import annotations
