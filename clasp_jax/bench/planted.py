@@ -62,7 +62,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clasp_jax import model as model_lib
 from clasp_jax.config import LlamaConfig
 from clasp_jax.configs import models
 from clasp_jax.model import Params
