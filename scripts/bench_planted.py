@@ -3,6 +3,10 @@
   # One H200, the 8B shape in bfloat16 (per-layer weights, as the accelerator path runs them)
   python scripts/bench_planted.py --preset=llama3-8b --out=docs/results/h200/planted_8b.json
 
+  # The 70B shape: 141 GB of bfloat16 weights, built one layer at a time on the device
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.99 python scripts/bench_planted.py --preset=llama3-70b \
+      --out=docs/results/h200/planted_70b.json
+
   # A quick CPU run at a reduced shape
   python scripts/bench_planted.py --shape=num_layers=16,hidden_size=256,num_heads=4,\
 num_kv_heads=2,head_dim=64,intermediate_size=768,vocab_size=8192 --max_new_tokens=96 \
