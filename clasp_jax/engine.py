@@ -42,7 +42,7 @@ from clasp_jax.config import LlamaConfig
 from clasp_jax.model import Params
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.state import DecodeState
-from clasp_jax.strategies.base import Segment, Strategy
+from clasp_jax.strategies.base import DRAFT_SOURCES, PLAIN, Segment, Strategy
 
 #: Tokens per full-model pass. On GPUs and TPUs a 16-row pass costs about what a 1-row step
 #: costs (the weights are read once either way); it covers K + 1 for K up to 15 in one pass.
@@ -66,6 +66,8 @@ class Generation:
     compile_seconds: the part of `wall_time` spent compiling (0 once compiled).
     accept_lengths: tokens committed per round (tau's samples; the prefill's token excluded).
     draft_lengths: drafts proposed per round.
+    draft_sources: where each round's drafts came from: 'plain' (none), 'lookup' (copied
+      from the context) or 'skip' (the model with layers skipped).
     skip_sets: bool[rounds, L] the skip set in force in each round.
     refresh_times: seconds spent in each skip-set refresh (the CLaSp DP).
   """
@@ -77,6 +79,7 @@ class Generation:
   compile_seconds: float
   accept_lengths: list[int]
   draft_lengths: list[int]
+  draft_sources: list[str]
   skip_sets: np.ndarray
   refresh_times: list[float]
 
@@ -96,8 +99,9 @@ class Generation:
 
   @property
   def skip_layers_per_round(self) -> list[int | None]:
-    """M in force in each round, None for plain (non-drafting) rounds."""
-    return [int(s.sum()) if d else None for s, d in zip(self.skip_sets, self.draft_lengths)]
+    """M in force in each round that drafted with layers skipped, None for the others."""
+    return [int(s.sum()) if source == 'skip' else None
+            for s, source in zip(self.skip_sets, self.draft_sources)]
 
   @property
   def mean_accepted(self) -> float:
@@ -189,9 +193,11 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: ja
   return DecodeState(
       cache=out.cache.rollback(prompt_len), tokens_N=tokens_N, num_tokens=prompt_len + 1,
       prompt_len=prompt_len, skip_L=jnp.zeros((config.num_layers,), bool),
+      skip_drafts=jnp.ones((), bool), draft_limit=jnp.int32(np.iinfo(np.int32).max),
       target_hidden_LD=out.hiddens_LBPD[:, 0, 0], rng=rng, done=_is_eos(config, first),
       num_rounds=jnp.zeros((), jnp.int32), accepted_R=jnp.zeros((max_rounds,), jnp.int32),
       drafted_R=jnp.zeros((max_rounds,), jnp.int32),
+      source_R=jnp.zeros((max_rounds,), jnp.int32),
       skip_RL=jnp.zeros((max_rounds, config.num_layers), bool))
 
 
@@ -209,10 +215,11 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   last = state.tokens_N[state.num_tokens - 1]
   if K:
     drafts, state = strategy.propose(params, config, state, sampling, key_draft, attention)
-    tokens_K, count, q_KV = drafts.tokens_K, drafts.count, drafts.q_KV
+    tokens_K, count, q_KV, source = drafts.tokens_K, drafts.count, drafts.q_KV, drafts.source
     state = state.replace(cache=state.cache.rollback(length))
   else:
     tokens_K, count, q_KV = jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.int32), None
+    source = jnp.int32(PLAIN)
   logits_TV, hiddens_LTD, cache = full_pass(params, config,
                                             jnp.concatenate([last[None], tokens_K]),
                                             state.cache, width=width, attention=attention)
@@ -234,7 +241,7 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
       cache=cache.rollback(length + n + 1), tokens_N=tokens_N, num_tokens=num_tokens,
       target_hidden_LD=hiddens_LTD[:, n], rng=rng, done=done, num_rounds=r + 1,
       accepted_R=state.accepted_R.at[r].set(n + 1), drafted_R=state.drafted_R.at[r].set(count),
-      skip_RL=state.skip_RL.at[r].set(state.skip_L))
+      source_R=state.source_R.at[r].set(source), skip_RL=state.skip_RL.at[r].set(state.skip_L))
 
 
 def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
@@ -411,7 +418,7 @@ class Decoder:
   def _shapes(self, num_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
     """(prompt bucket, cache capacity) of a request."""
     bucket = prompt_bucket(num_prompt_tokens, self.config.max_position_embeddings)
-    scratch = verify_rows(self.strategy.num_draft_tokens, self.pass_width)
+    scratch = self.verify_rows
     return bucket, max(bucket, cache_bucket(num_prompt_tokens, max_new_tokens, scratch))
 
   def _new_cache(self, capacity: int) -> KVCache:
@@ -489,17 +496,19 @@ class Decoder:
     while True:
       state, segment = policy.next_segment(self, state)
       state = self.run_segment(state, segment, max_new_tokens)
-      if policy.observes and segment.draft:
-        done, num_rounds, accepted_R, drafted_R = jax.device_get(
-            (state.done, state.num_rounds, state.accepted_R, state.drafted_R))
-        policy.observe(accepted_R[rounds:num_rounds], drafted_R[rounds:num_rounds])
+      if policy.observes:
+        done, num_rounds, accepted_R, drafted_R, source_R = jax.device_get(
+            (state.done, state.num_rounds, state.accepted_R, state.drafted_R, state.source_R))
+        policy.observe(accepted_R[rounds:num_rounds], drafted_R[rounds:num_rounds],
+                       source_R[rounds:num_rounds])
       else:
         done, num_rounds = jax.device_get((state.done, state.num_rounds))
       rounds = int(num_rounds)
       if done:
         break
-    num_tokens, tokens_N, accepted_R, drafted_R, skip_RL = jax.device_get(
-        (state.num_tokens, state.tokens_N, state.accepted_R, state.drafted_R, state.skip_RL))
+    num_tokens, tokens_N, accepted_R, drafted_R, source_R, skip_RL = jax.device_get(
+        (state.num_tokens, state.tokens_N, state.accepted_R, state.drafted_R, state.source_R,
+         state.skip_RL))
     tokens = self._truncate(tokens_N[n:int(num_tokens)].tolist(), max_new_tokens)
     wall_time = time.perf_counter() - start
     text = (self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -508,7 +517,8 @@ class Decoder:
         token_ids=tokens, text=text, prompt_tokens=n, wall_time=wall_time,
         compile_seconds=self.compile_seconds - compiled_before,
         accept_lengths=accepted_R[:rounds].tolist(), draft_lengths=drafted_R[:rounds].tolist(),
-        skip_sets=skip_RL[:rounds], refresh_times=self.refresh_seconds)
+        draft_sources=[DRAFT_SOURCES[i] for i in source_R[:rounds]], skip_sets=skip_RL[:rounds],
+        refresh_times=self.refresh_seconds)
 
   def _truncate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
     """Cuts the committed tokens after the first EOS and at the token budget."""

@@ -21,6 +21,10 @@ class DecodeState:
     num_tokens: int32 scalar, committed tokens including the prompt.
     prompt_len: int32 scalar.
     skip_L: bool[L] the skip set the draft uses.
+    skip_drafts: bool scalar, whether a round may draft with layers skipped; a policy turns
+      it off between segments to decode with prompt lookup alone (`layer_skip`).
+    draft_limit: int32 scalar, the most drafts a layer-skip draft may propose in a round (K
+      bounds it too); a policy lowers it to probe cheaply whether drafting pays.
     target_hidden_LD: [L+1, D] pre-norm hidden states of the last token the cache holds
       (h_0 = its embedding), from the last full-model pass: the input of the CLaSp DP.
     rng: PRNG key.
@@ -28,6 +32,7 @@ class DecodeState:
     num_rounds: int32 scalar.
     accepted_R: int32[R] tokens committed per round (accepted drafts + 1).
     drafted_R: int32[R] drafts proposed per round.
+    source_R: int32[R] where each round's drafts came from (`base.DRAFT_SOURCES`).
     skip_RL: bool[R, L] the skip set in force in each round.
     draft_ids_A: int32[L - M] the active layers' indices on the accelerator path, whose
       draft runs those layers' own weights (`Decoder.put_skip_set`); None otherwise.
@@ -38,11 +43,14 @@ class DecodeState:
   num_tokens: jax.Array
   prompt_len: jax.Array
   skip_L: jax.Array
+  skip_drafts: jax.Array
+  draft_limit: jax.Array
   target_hidden_LD: jax.Array
   rng: jax.Array
   done: jax.Array
   num_rounds: jax.Array
   accepted_R: jax.Array
   drafted_R: jax.Array
+  source_R: jax.Array
   skip_RL: jax.Array
   draft_ids_A: jax.Array | None = None

@@ -7,6 +7,7 @@ from clasp_jax import strategies
 from clasp_jax.engine import Decoder
 from clasp_jax.strategies import adaptive
 from clasp_jax.strategies.adaptive import Costs
+from clasp_jax.strategies.base import LOOKUP, PLAIN, SKIP
 import tiny
 
 L = 30
@@ -32,7 +33,10 @@ def test_picks_the_m_with_the_highest_expected_rate():
   assert rate_15 == pytest.approx(1.159, abs=1e-3)
   rates = {m: adaptive.expected_rate(a, d, m, L, GPU_LIKE, 8) for m, (a, d) in observed.items()}
   assert max(rates, key=rates.get) == 15 and rates[8] < rate_15 and rates[20] < rate_15
-  assert adaptive.choose_num_skip(observed, GPU_LIKE, L, loi=8) == 15
+  # At a = 0.9 the eighth draft is worth less than it costs: M = 15 with 3 drafts a round
+  # (1.29 against 1.16 with all 8).
+  assert adaptive.choose_num_skip(observed, GPU_LIKE, L, loi=8) == (15, 3)
+  assert adaptive.expected_rate(0.9, 3, 15, L, GPU_LIKE, 8) > rate_15
   # The same acceptance with a 3x verify pass (a CPU): no M beats plain decoding.
   assert adaptive.choose_num_skip(observed, CPU_LIKE, L, loi=8) is None
 
@@ -43,8 +47,19 @@ def test_picks_plain_decoding_when_drafting_cannot_pay():
   assert adaptive.choose_num_skip({}, GPU_LIKE, L, loi=4) is None
 
 
+class _FakeState:
+  """The fields of a decode state the policy sets itself."""
+
+  def __init__(self, skip_drafts=True, draft_limit=8):
+    self.skip_drafts, self.draft_limit = skip_drafts, draft_limit
+
+  def replace(self, **fields):
+    return _FakeState(**{**vars(self), **fields})
+
+
 class _FakeDecoder:
-  """Stands in for `Decoder.refresh` so the policy can be driven by synthetic segments."""
+  """Stands in for the decoder's skip-set calls so the policy can be driven by synthetic
+  segments."""
 
   def __init__(self):
     self.refreshed = []
@@ -53,30 +68,41 @@ class _FakeDecoder:
     self.refreshed.append(num_skip)
     return state
 
+  def put_skip_set(self, state, skip_L):
+    del skip_L
+    return state
+
 
 def _policy(costs, **settings):
-  settings = dict(dict(candidates=(2, 4, 8, 12), initial_skip_layers=4), **settings)
+  settings = dict(dict(candidates=(2, 4, 8, 12), initial_skip_layers=4, lookup=False),
+                  **settings)
   return adaptive.AdaptivePolicy(strategies.AdaptiveClasp(**settings), L, costs)
 
 
-def _drive(policy, decoder, accepted, drafted, segments):
+def _drive(policy, decoder, accepted, drafted, segments, source=SKIP):
   """Runs `segments` segments, every drafting round committing `accepted` tokens of
-  `drafted` drafts; returns each segment's (draft, rounds)."""
-  schedule = []
+  `drafted` drafts from `source`; returns each segment's (drafts with layers skipped, rounds)."""
+  schedule, state = [], _FakeState()
   for _ in range(segments):
-    _, segment = policy.next_segment(decoder, None)
-    schedule.append((segment.draft, segment.rounds))
-    if segment.draft:
-      policy.observe(np.full(segment.rounds, accepted), np.full(segment.rounds, drafted))
+    state, segment = policy.next_segment(decoder, state)
+    skipping = segment.draft and state.skip_drafts
+    schedule.append((skipping, segment.rounds))
+    if skipping:
+      policy.observe(np.full(segment.rounds, accepted), np.full(segment.rounds, drafted),
+                     np.full(segment.rounds, source))
+    else:  # plain steps, or lookup drafts where the context had a match
+      policy.observe(np.ones(segment.rounds), np.zeros(segment.rounds),
+                     np.full(segment.rounds, LOOKUP if segment.draft else PLAIN))
   return schedule
 
 
 def test_policy_goes_plain_when_drafts_are_rejected_and_probes_later():
   policy, decoder = _policy(GPU_LIKE, backoff_rounds=8, optimistic_alpha=0.95), _FakeDecoder()
   schedule = _drive(policy, decoder, accepted=1, drafted=4, segments=6)  # all rejected
-  assert schedule[0] == (True, policy.s.loi)  # the first segment drafts
+  probe = (True, policy.s.probe_rounds)
+  assert schedule[0] == probe  # the first segment probes
   assert schedule[1] == (False, 8)  # then plain decoding for the back-off
-  assert schedule[2][0]  # drafting is probed again
+  assert schedule[2] == probe  # drafting is probed again
   assert schedule[3] == (False, 16)  # and the back-off doubles
 
 
@@ -93,6 +119,28 @@ def test_policy_keeps_drafting_when_it_pays_and_explores_neighbours():
   assert all(draft for draft, _ in schedule)
   assert set(decoder.refreshed) > {8}  # neighbouring M values on the grid were tried
   assert set(decoder.refreshed) <= set(policy.s.candidates)
+
+
+def test_with_lookup_plain_stretches_take_lookup_drafts_and_teach_nothing():
+  """With prompt lookup on, the back-off runs drafting segments with layer-skip drafts turned
+  off (lookup drafts or plain steps), and rounds that a lookup drafted do not count for M."""
+  policy, decoder = _policy(GPU_LIKE, lookup=True, backoff_rounds=8,
+                            optimistic_alpha=0.95), _FakeDecoder()
+  schedule = _drive(policy, decoder, accepted=1, drafted=4, segments=3)  # skip drafts rejected
+  probe = (True, policy.s.probe_rounds)
+  assert schedule[:3] == [probe, (False, 8), probe]
+  tallies = {m: t.rounds for m, t in policy.tallies.items()}
+  # Lookup rounds in a drafting segment leave the estimates as they were.
+  policy.next_segment(decoder, _FakeState())
+  policy.observe(np.full(4, 9), np.full(4, 8), np.full(4, LOOKUP))
+  assert {m: t.rounds for m, t in policy.tallies.items()} == tallies
+
+
+def test_untried_m_is_expected_to_do_as_well_as_the_nearest_tried():
+  """Drafting pays at the first M, so the policy moves on to try larger (cheaper) ones."""
+  policy, decoder = _policy(GPU_LIKE, initial_skip_layers=2, explore_every=100), _FakeDecoder()
+  _drive(policy, decoder, accepted=8, drafted=7, segments=6)
+  assert decoder.refreshed[0] == 2 and max(decoder.refreshed) > 2
 
 
 def test_auto_is_lossless_and_reports_m_per_round():

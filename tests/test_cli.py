@@ -169,7 +169,8 @@ def _generation(wall_time: float, compile_seconds: float,
   return Generation(token_ids=list(range(1 + sum(accept_lengths))), text='t', prompt_tokens=5,
                     wall_time=wall_time, compile_seconds=compile_seconds,
                     accept_lengths=accept_lengths,
-                    draft_lengths=[4] * rounds, skip_sets=np.zeros((rounds, 2), bool),
+                    draft_lengths=[4] * rounds, draft_sources=["skip"] * rounds,
+                    skip_sets=np.zeros((rounds, 2), bool),
                     refresh_times=[])
 
 

@@ -16,6 +16,7 @@ from clasp_jax.cache import init_cache
 from clasp_jax.engine import Decoder
 from clasp_jax.generation import encode_prompt
 from clasp_jax.strategies import conflayers
+from clasp_jax.strategies.base import SKIP
 import tiny
 
 # A short evaluation, so that the search replaces sets within one short generation.
@@ -225,14 +226,14 @@ def test_policy_keeps_the_best_set_and_stops(tiny_model):
   config, _ = tiny_model
   policy = conflayers.ConfLayersPolicy(strategies.ConfLayers(**QUICK), config)
   initial_L = conflayers.every_other_layer(config.num_layers)
-  policy.observe([3] * 4, [4] * 4)
+  policy.observe([3] * 4, [4] * 4, [SKIP] * 4)
   assert policy.reselect and policy.best_accepted == 2.0
   np.testing.assert_array_equal(policy.best_L, initial_L)
   policy.reselect, policy.current_L = False, np.eye(config.num_layers, dtype=bool)[2]
-  policy.observe([1, 1], [4, 4])  # replaced early: not a candidate for best
+  policy.observe([1, 1], [4, 4], [SKIP] * 2)  # replaced early: not a candidate for best
   assert policy.reselect and policy.best_accepted == 2.0
   policy.reselect = False
-  policy.observe([7] * 4, [6] * 4)  # 6 accepted drafts a round, every draft accepted
+  policy.observe([7] * 4, [6] * 4, [SKIP] * 4)  # 6 accepted drafts a round, every draft accepted
   assert not policy.searching and not policy.reselect
   assert _layers(policy.current_L) == [2]
 
@@ -241,7 +242,7 @@ def test_policy_settles_on_the_best_after_max_iterations(tiny_model):
   config, _ = tiny_model
   policy = conflayers.ConfLayersPolicy(strategies.ConfLayers(**QUICK, max_iterations=1),
                                        config)
-  policy.observe([2] * 4, [4] * 4)
+  policy.observe([2] * 4, [4] * 4, [SKIP] * 4)
   assert not policy.searching and not policy.reselect
   assert _layers(policy.current_L) == [1, 3]
 

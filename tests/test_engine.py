@@ -34,7 +34,8 @@ def test_full_model_draft_accepts_everything(tiny_model):
   """With M = 0 the draft is the verify model: every draft is accepted (tau = K + 1)."""
   config, params = tiny_model
   decoder = Decoder(params, config, strategies.build(
-      'clasp', config, skip_layers=0, num_draft_tokens=4, draft_exit_threshold=0.0))
+      'clasp', config, skip_layers=0, num_draft_tokens=4, draft_exit_threshold=0.0,
+      lookup=False))
   out = decoder.generate(tiny.prompts(config)[0], 41)
   assert out.accept_lengths[:-1] == [5] * (len(out.accept_lengths) - 1)
   assert out.draft_lengths[0] == 4
@@ -141,3 +142,18 @@ def test_fast_path_equals_reference_path(tiny_model, tiny_vanilla_outputs, metho
     assert fast_out.token_ids == ref_out.token_ids == expected
     assert fast_out.accept_lengths == ref_out.accept_lengths
     np.testing.assert_array_equal(fast_out.skip_sets, ref_out.skip_sets)
+
+
+def test_hybrid_drafts_from_the_context_and_the_skipped_model(tiny_model, tiny_vanilla_outputs):
+  """clasp's default: a round with an n-gram match in the context takes its drafts from
+  there, the others draft with layers skipped; the tokens are plain decoding's either way."""
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.build(
+      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=2))
+  sources = set()
+  for prompt, expected in zip(tiny.prompts(config), tiny_vanilla_outputs):
+    out = decoder.generate(prompt, tiny.MAX_NEW)
+    assert out.token_ids == expected
+    assert len(out.draft_sources) == len(out.accept_lengths)
+    sources |= set(out.draft_sources)
+  assert sources == {'lookup', 'skip'}

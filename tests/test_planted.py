@@ -2,9 +2,10 @@
 
 The planted model's four inner layers are scaled by epsilon = 0.05; the same family at
 epsilon = 1 has nothing planted. Whether drafting pays depends on the device: the tests that
-judge `auto`'s choices give it the step costs measured for the LLaMA-3-8B shape on an H100
-(docs/results/h100/mechanics.md) and score every method with them, so that they test the
-policy's decisions, not this CPU's speed.
+judge `auto`'s choices give it the step costs measured for the LLaMA-3-8B shape on an H200
+(docs/results/h200/decode.md) and score every method with them, so that they test the
+policy's decisions, not this CPU's speed. CLaSp runs here are the paper's (no prompt lookup):
+the prompts are random, and the point is the layer-skip policy.
 """
 
 import dataclasses
@@ -32,10 +33,11 @@ def _config():
 
 
 L = _config().num_layers
-# In full-step units, from the H100 8B figures: a draft step costs 0.23 + 0.67 (L - M) / L (M =
-# 8, 16, 19 of 32 skipped: 0.73, 0.60, 0.50), a 9-token verify pass 1.03, the DP 0.79.
-ACCELERATOR_COSTS = adaptive.Costs(full_step=1.0, draft_base=0.23, draft_per_layer=0.67 / L,
-                                   verify=1.03, dp=0.79)
+# In full-step units, from the H200 8B figures (through Decoder.generate, 1024 context): a
+# draft step at M = L/2 costs 0.52 of a plain step (taken as 0.1 + 0.84 (L - M) / L), a verify
+# pass of up to 16 tokens is a plain step's pass, and the DP with the skip-set switch 2.4.
+ACCELERATOR_COSTS = adaptive.Costs(full_step=1.0, draft_base=0.1, draft_per_layer=0.84 / L,
+                                   verify=1.0, dp=2.4)
 
 
 def _modelled_rate(generations, costs=ACCELERATOR_COSTS) -> float:
@@ -43,9 +45,10 @@ def _modelled_rate(generations, costs=ACCELERATOR_COSTS) -> float:
   tokens = sum(len(g.token_ids) for g in generations)
   seconds = 0.0
   for g in generations:
-    for drafted, skip_L in zip(g.draft_lengths, g.skip_sets):
-      seconds += (drafted * costs.draft_step(L - int(skip_L.sum())) + costs.verify if drafted
-                  else costs.full_step)
+    for drafted, skip_L, source in zip(g.draft_lengths, g.skip_sets, g.draft_sources):
+      seconds += costs.verify
+      if source == 'skip':
+        seconds += drafted * costs.draft_step(L - int(skip_L.sum()))
     seconds += len(g.refresh_times) * costs.dp
   return tokens / seconds
 
@@ -75,7 +78,7 @@ def prompts():
 def _generate(spec, params, prompts, strategy, costs=None):
   decoder = Decoder(params, spec.config, strategy)
   if costs is not None:  # what auto would have measured on the accelerator
-    decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, costs, L)
+    decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, L, costs)
   return [decoder.generate(p, MAX_NEW) for p in prompts]
 
 
@@ -87,13 +90,13 @@ def vanilla(spec, params, prompts):
 @pytest.fixture(scope='module')
 def clasp_planted_m(spec, params, prompts):
   """CLaSp with M = the number of planted layers."""
-  return _generate(spec, params, prompts,
-                   strategies.build('clasp', spec.config, skip_layers=len(spec.planted)))
+  return _generate(spec, params, prompts, strategies.build(
+      'clasp', spec.config, skip_layers=len(spec.planted), lookup=False))
 
 
 @pytest.fixture(scope='module')
 def auto(spec, params, prompts):
-  strategy = strategies.build('clasp', spec.config, skip_layers='auto')
+  strategy = strategies.build('clasp', spec.config, skip_layers='auto', lookup=False)
   return _generate(spec, params, prompts, strategy, ACCELERATOR_COSTS)
 
 
@@ -204,7 +207,7 @@ def test_auto_drafts_where_drafting_pays(auto, clasp_planted_m):
 @pytest.fixture(scope='module')
 def auto_unplanted(unplanted, prompts):
   spec, params = unplanted
-  strategy = strategies.build('clasp', spec.config, skip_layers='auto')
+  strategy = strategies.build('clasp', spec.config, skip_layers='auto', lookup=False)
   return _generate(spec, params, prompts, strategy, ACCELERATOR_COSTS)
 
 
@@ -237,12 +240,11 @@ def test_sweep_methods_and_prompts(spec):
   assert any(planted.diversity(p).longest_repeat >= 4 for p in prompts)  # lookup has matches
 
 
-def test_a_changed_token_is_a_mismatch_and_not_a_near_tie(spec, params, prompts, vanilla):
+def test_a_changed_token_is_a_mismatch(vanilla):
   reference = [g.token_ids for g in vanilla]
-  assert planted_sweep.find_mismatches(params, spec.config, prompts, reference, vanilla) == []
+  assert planted_sweep.find_mismatches(reference, vanilla) == []
   changed = list(reference[1])
-  changed[5] = (changed[5] + 1) % spec.config.vocab_size
+  changed[5] = (changed[5] + 1) % 512
   generations = [vanilla[0], dataclasses.replace(vanilla[1], token_ids=changed)]
-  [found] = planted_sweep.find_mismatches(params, spec.config, prompts, reference, generations)
-  assert (found['prompt'], found['position'], found['token']) == (1, 5, changed[5])
-  assert found['margin'] > 100 * found['resolution'] and not found['near_tie']
+  [found] = planted_sweep.find_mismatches(reference, generations)
+  assert found == dict(prompt=1, position=5, reference_token=reference[1][5], token=changed[5])

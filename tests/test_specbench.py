@@ -54,7 +54,8 @@ class RecordingGenerator:
     del max_new_tokens, seed
     self.prompts.append(list(prompt_ids))
     return Generation(token_ids=[3, 4, 5], text='abc', prompt_tokens=len(prompt_ids),
-                      wall_time=0.5, compile_seconds=0.0, accept_lengths=[1, 1], draft_lengths=[0, 0],
+                      wall_time=0.5, compile_seconds=0.0, accept_lengths=[1, 1],
+                      draft_lengths=[0, 0], draft_sources=['plain', 'plain'],
                       skip_sets=np.zeros((2, 4), bool), refresh_times=[])
 
 
@@ -238,7 +239,7 @@ def test_summarize_by_hand(tmp_path):
   assert json.loads((tmp_path / 'summary.json').read_text()) == summary
   table = (tmp_path / 'summary.md').read_text()
   assert table.startswith('# settings\n\n| method |')
-  assert '| clasp | overall | 3 | 30.0 | 2.00x | 2.64 | 2/3 |' in table.splitlines()
+  assert '| clasp | overall | 3 | 30.0 | 2.00x | 2.64 | 2/3 |  |' in table.splitlines()
   assert clasp['overall']['drafting_rounds'] == 25
   assert '(plain)' not in table  # Vanilla decodes plainly by design: no note.
 
@@ -256,8 +257,8 @@ def test_summary_marks_a_method_that_never_drafted(tmp_path):
   summary = specbench.summarize(tmp_path, ['vanilla', 'clasp', 'pld'])
   assert summary['pld']['overall']['drafting_rounds'] is None
   lines = specbench.format_table(summary).splitlines()
-  assert '| clasp | overall | 2 | 20.8 | 1.04x (plain) | 1.00 | 2/2 |' in lines
-  assert '| pld | overall | 2 | 20.8 | 1.04x | 1.00 | 2/2 |' in lines
+  assert '| clasp | overall | 2 | 20.8 | 1.04x (plain) | 1.00 | 2/2 |  |' in lines
+  assert '| pld | overall | 2 | 20.8 | 1.04x | 1.00 | 2/2 |  |' in lines
   assert lines[-1] == specbench.PLAIN_NOTE
 
 

@@ -55,6 +55,7 @@ class HFReference:
         token_ids=tokens, text=self.tokenizer.decode(tokens, skip_special_tokens=True),
         prompt_tokens=len(prompt_ids), wall_time=wall_time, compile_seconds=0.0,
         accept_lengths=[1] * rounds, draft_lengths=[0] * rounds,
+        draft_sources=['plain'] * rounds,
         skip_sets=np.zeros((rounds, self.num_layers), bool), refresh_times=[])
 
 

@@ -1,9 +1,10 @@
 """An epsilon sweep on planted models: every method through the real `Decoder`, measured.
 
 For each epsilon, the planted model (`bench.planted`) is built and every method decodes the
-same prompts: plain decoding, CLaSp at fixed M = round(0.4 L) and round(0.5 L), CLaSp with M
-chosen online ('auto'), a static skip set (the planted set, or M = 0.5 L layers spread
-evenly), and prompt lookup. Every method is warmed up first; then the methods take turns per
+same prompts: plain decoding, the paper's CLaSp (layer-skip drafts only) at fixed M =
+round(0.4 L) and round(0.5 L) and with M chosen online ('auto'), the default method (`clasp`:
+M chosen online, prompt lookup first), a static skip set (the planted set, or M = 0.5 L
+layers spread evenly), and prompt lookup. Every method is warmed up first; then the methods take turns per
 prompt, in an order that rotates from one prompt to the next, so that drifts of the machine
 fall on all of them alike. A timed generation during which JAX traced or compiled anything
 (the engine compiles small host-side reads per new round count) is run again, up to twice, so
@@ -13,9 +14,9 @@ across the runs, as it does across prompts).
 Per point and method it reports tau, drafts per round, the share of rounds that drafted,
 tokens/s and the speedup over plain decoding in the same run, the cost of a round in plain
 decoding rounds, refresh (DP) time, the precision and recall of the skip sets in force against
-the planted set, and whether the tokens equal plain decoding's; where they do not, the full
-model's logit margin at the first differing token says whether rounding split a near-tie or a
-wrong draft was accepted. Per point it reports how diverse plain decoding's text is; a point
+the planted set, and whether the tokens equal plain decoding's (the engine computes a
+token's logits the same way in every pass, so any difference is a bug, reported with where
+it happens). Per point it reports how diverse plain decoding's text is; a point
 whose text is degenerate is flagged and must not be quoted.
 """
 
@@ -30,31 +31,28 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
-from clasp_jax import model as model_lib
 from clasp_jax import strategies
-from clasp_jax.bench import mechanics
 from clasp_jax.bench import planted as planted_lib
-from clasp_jax.cache import init_cache
 from clasp_jax.config import LlamaConfig
 from clasp_jax.engine import Decoder, Generation
 from clasp_jax.sampling import SamplingConfig
 
 BASELINE = 'vanilla'
-#: Method labels, in the order they run and are reported.
-METHODS = ('vanilla', 'clasp-0.4L', 'clasp-0.5L', 'clasp-auto', 'static', 'pld')
+#: Method labels, in the order they run and are reported. 'default' is `--method=clasp` as
+#: a user gets it (M online, prompt lookup first); the other clasp runs are the paper's CLaSp.
+METHODS = ('vanilla', 'clasp-0.4L', 'clasp-0.5L', 'clasp-auto', 'default', 'static', 'pld')
 #: The fixed-M CLaSp runs: label -> M as a share of L.
 FIXED_M_SHARES = {'clasp-0.4L': 0.4, 'clasp-0.5L': 0.5}
 STATIC_SETS = ('planted', 'even')
+#: The CLaSp paper's overall Spec-Bench speedups and the tau ranges they came with.
+PAPER = {'llama3-8b': dict(tau=(3.68, 6.22), speedup=1.24),
+         'llama3-70b': dict(tau=(4.05, 7.19), speedup=1.67)}
 _COMPILE_EVENTS = '/jax/core/compile/'
 _MAX_RERUNS = 2
-#: A mismatch whose logit margin is below this many units of the dtype's resolution at the
-#: logits' magnitude is a near-tie that rounding decides, not a drafting error.
-NEAR_TIE_RESOLUTIONS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +64,14 @@ class MethodSpec:
     method: the `strategies.build` method.
     skip_layers: M for clasp (an integer, or 'auto').
     skip_set: the static skip set.
+    lookup: clasp's prompt lookup first (the default method), or layer-skip drafts only.
   """
 
   label: str
   method: str
   skip_layers: int | str | None = None
   skip_set: tuple[int, ...] | None = None
+  lookup: bool = False
 
 
 def method_specs(spec: planted_lib.PlantedModel, labels: Sequence[str],
@@ -100,6 +100,8 @@ def method_specs(spec: planted_lib.PlantedModel, labels: Sequence[str],
       specs.append(MethodSpec(label, 'clasp', skip_layers=round(FIXED_M_SHARES[label] * L)))
     elif label == 'clasp-auto':
       specs.append(MethodSpec(label, 'clasp', skip_layers='auto'))
+    elif label == 'default':
+      specs.append(MethodSpec(label, 'clasp', skip_layers='auto', lookup=True))
     elif label == 'static':
       skip_set = (spec.planted if static_set == 'planted'
                   else strategies.evenly_spaced_skip_set(spec.config, round(0.5 * L)))
@@ -212,55 +214,22 @@ def _mean(values) -> float | None:
   return float(np.mean(values)) if values else None
 
 
-def logit_margin(params, config: LlamaConfig, context: list[int], token: int,
-                 other: int) -> tuple[float, float]:
-  """The full model's logit of `token` minus that of `other` after `context`, in one pass
-  over the context (a third way of computing it, beside plain steps and verify passes), and
-  the dtype's resolution at the logits' magnitude (largest |logit| times the dtype's epsilon).
-  """
-  T = len(context)
-  bucket = 1 << (T - 1).bit_length()
-  tokens_1T = np.zeros((1, bucket), np.int32)
-  tokens_1T[0, :T] = context
-  dtype = params['embed'].dtype
-  logits_V = np.asarray(_last_logits(params, config, tokens_1T, np.int32(T - 1), dtype))
-  resolution = float(np.abs(logits_V).max()) * float(jnp.finfo(dtype).eps)
-  return float(logits_V[token] - logits_V[other]), resolution
-
-
-@functools.partial(jax.jit, static_argnums=(1, 4))
-def _last_logits(params, config, tokens_1T, last, dtype):
-  cache = init_cache(config, tokens_1T.shape[1], dtype=dtype)
-  out = model_lib.forward(params, config, tokens_1T, cache, out_idx_BP=last.reshape(1, 1),
-                          empty_cache=True)
-  return out.logits_BPV[0, 0]
-
-
-def find_mismatches(params, config: LlamaConfig, prompts: Sequence[list[int]],
-                    reference: Sequence[list[int]],
+def find_mismatches(reference: Sequence[list[int]],
                     generations: Sequence[Generation]) -> list[dict[str, Any]]:
-  """Where each generation first leaves plain decoding's tokens, and whether it is a near-tie.
+  """Where each generation first leaves plain decoding's tokens (any difference is a bug).
 
   Returns:
-    One entry per differing prompt: the prompt's index, the first differing position, both
-    tokens, the full model's logit margin of plain decoding's token over the other one, the
-    dtype's resolution there, and `near_tie` (margin below NEAR_TIE_RESOLUTIONS resolutions).
+    One entry per differing prompt: the prompt's index, the first differing position, and
+    both tokens there (None where one generation ended first).
   """
   found = []
-  for i, (prompt, ref, g) in enumerate(zip(prompts, reference, generations)):
+  for i, (ref, g) in enumerate(zip(reference, generations)):
     if g.token_ids == ref:
       continue
-    at = next((t for t, (a, b) in enumerate(zip(g.token_ids, ref)) if a != b), None)
-    entry = dict(prompt=i, position=at if at is not None else min(len(g.token_ids), len(ref)))
-    if at is not None:
-      margin, resolution = logit_margin(params, config, prompt + ref[:at], ref[at],
-                                        g.token_ids[at])
-      entry.update(reference_token=ref[at], token=g.token_ids[at], margin=margin,
-                   resolution=resolution,
-                   near_tie=abs(margin) < NEAR_TIE_RESOLUTIONS * resolution)
-    else:  # one is a prefix of the other: lengths differ, not a near-tie
-      entry.update(near_tie=False)
-    found.append(entry)
+    at = next((t for t, (a, b) in enumerate(zip(g.token_ids, ref)) if a != b),
+              min(len(g.token_ids), len(ref)))
+    found.append(dict(prompt=i, position=at, reference_token=ref[at] if at < len(ref) else None,
+                      token=g.token_ids[at] if at < len(g.token_ids) else None))
   return found
 
 
@@ -310,7 +279,8 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
     strategy = strategies.build(m.method, spec.config, skip_layers=m.skip_layers,
                                 skip_set=m.skip_set, num_draft_tokens=settings.num_draft_tokens,
                                 draft_exit_threshold=settings.draft_exit_threshold,
-                                loi=settings.loi, cost_cache_dir=settings.cost_cache_dir)
+                                loi=settings.loi, lookup=m.lookup,
+                                cost_cache_dir=settings.cost_cache_dir)
     decoders[m.label] = Decoder(params, spec.config, strategy, sampling=sampling)
     t0 = time.perf_counter()
     for _ in range(settings.warmup):
@@ -327,8 +297,7 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
       reruns[label] += rerun
       compiled[label] += still_compiled
   reference = [g.token_ids for g in generations[BASELINE]]
-  mismatches = {label: (find_mismatches(params, spec.config, prompts, reference, gens)
-                        if settings.temperature == 0 else None)
+  mismatches = {label: find_mismatches(reference, gens) if settings.temperature == 0 else None
                 for label, gens in generations.items()}
   del decoders, params
   gc.collect()
@@ -343,10 +312,8 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
                compile_reruns=reruns[label], timed_with_compile=compiled[label])
     rows[label] = row
     for m in row.get('mismatches') or ():
-      kind = ('near-tie' if m['near_tie'] else
-              'LOSSLESSNESS FAILURE (a drafting error, not rounding: a bug)')
-      log(f'  {kind}: eps {spec.epsilon:g} {label}, prompt {m["prompt"]}: first differs from '
-          f'plain decoding at token {m["position"]}: {m}')
+      log(f'  LOSSLESSNESS FAILURE (a bug): eps {spec.epsilon:g} {label}, prompt {m["prompt"]}: '
+          f'first differs from plain decoding at token {m["position"]}: {m}')
   diversity = [dict(dataclasses.asdict(d), degenerate=d.degenerate, reasons=d.reasons)
                for d in texts]
   return dict(epsilon=spec.epsilon, degenerate=any(d.degenerate for d in texts),
@@ -406,11 +373,8 @@ def _method_line(point: dict, label: str) -> str:
   identical = (f"{r['identical']}/{r['identical'] + len(r['mismatches'])}"
                if 'identical' in r else '')
   notes = ['degenerate text: do not quote'] if point['degenerate'] else []
-  ties = sum(m['near_tie'] for m in r.get('mismatches') or ())
-  if ties:
-    notes.append(f'{ties} near-tie(s)')
-  if len(r.get('mismatches') or ()) > ties:
-    notes.append('TOKENS DIFFER beyond near-ties: a bug')
+  if r.get('mismatches'):
+    notes.append('TOKENS DIFFER from plain decoding: a bug')
   note = '; '.join(notes)
   return (f"| {point['epsilon']:g} | {label} | {_fmt(r['tau'])} | {_fmt(r['drafts_per_round'])} "
           f"| {_fmt(r['drafting_fraction'])} | {_fmt(r['tokens_per_second'], '.1f')} | "
@@ -458,7 +422,7 @@ def plot(sweep: dict, path: str | os.PathLike) -> None:
   for label in labels:
     rows = [p['methods'][label] for p in points]
     ax.plot([r['tau'] for r in rows], [r['speedup'] for r in rows], marker='o', label=label)
-  for name, paper in mechanics.PAPER.items():
+  for name, paper in PAPER.items():
     low, high = paper['tau']
     ax.hlines(paper['speedup'], low, high, linestyles='dotted', linewidth=2,
               color='black' if name.endswith('70b') else 'grey',

@@ -89,20 +89,23 @@ def plot_tau(summary: dict[str, Any], path: str | os.PathLike) -> None:
 
 def _first_turn(record: dict) -> tuple[list, list, np.ndarray]:
   """An answer's first turn: the skipped layers' indices per round, its accept lengths, and
-  bool[rounds], whether each round drafted.
+  each round's draft source ('plain', 'lookup' or 'skip').
 
-  Answer files written before draft lengths were recorded count a round as drafting when it
-  skipped layers.
+  Answer files written before draft sources were recorded count a round that drafted as a
+  layer-skip round, and, before draft lengths, a round as drafting when it skipped layers.
   """
   skip_sets = record['choices'][0]['skip_sets'][0]
   accepted = specbench.turn_accept_lengths(record)[0]
+  draft_sources = specbench.turn_draft_sources(record)
+  if draft_sources is not None:
+    return skip_sets, accepted, np.asarray(draft_sources[0], dtype=object)
   draft_lengths = specbench.turn_draft_lengths(record)
   if draft_lengths is not None:
     drafting_R = np.asarray(draft_lengths[0], int) > 0
   else:
     drafting_R = np.zeros(len(accepted), bool)
     drafting_R[:len(skip_sets)] = [bool(layers) for layers in skip_sets]
-  return skip_sets, accepted, drafting_R
+  return skip_sets, accepted, np.where(drafting_R, 'skip', 'plain').astype(object)
 
 
 def _answer(answer_file: str | os.PathLike, question_id: Any) -> dict:
@@ -125,17 +128,25 @@ def _skip_matrix(skip_sets: Sequence[Sequence[int]], rounds: int, num_layers: in
   return skip_RL
 
 
+# Heatmap cells: a layer a skip draft ran, one it skipped, a round drafted by prompt lookup (no
+# layer ran), a round that decoded plainly.
+_CELL_COLORS = ('white', 'black', 'lightblue', 'lightyellow')
+_RAN, _SKIPPED, _LOOKUP_ROUND, _PLAIN_ROUND = range(4)
+
+
 def skip_heatmap_figure(answer_file: str | os.PathLike, question_id: Any,
                         num_layers: int) -> Figure:
-  """One prompt's first turn: the skip set of each round (skipped layers dark, rounds that
-  decoded plainly yellow) beside the tokens that round committed, rounds going down on a shared
-  axis. Without a drafting round, the heatmap says so in words instead.
+  """One prompt's first turn: the skip set of each round (skipped layers dark; rounds that
+  drafted by prompt lookup blue, rounds that decoded plainly yellow) beside the tokens that
+  round committed, rounds going down on a shared axis. Without a drafting round, the heatmap
+  says so in words instead.
 
   Raises:
     ValueError: when the answer file has no answer to `question_id`, or its first turn no
       rounds (the prefill's token was the whole answer).
   """
-  skip_sets, accepted, drafting_R = _first_turn(_answer(answer_file, question_id))
+  skip_sets, accepted, source_R = _first_turn(_answer(answer_file, question_id))
+  drafting_R = source_R != 'plain'
   rounds = len(accepted)
   if not rounds:
     raise ValueError(f'question {question_id} of {answer_file}: the first turn has no rounds')
@@ -145,12 +156,16 @@ def skip_heatmap_figure(answer_file: str | os.PathLike, question_id: Any,
   heat_ax.set_ylabel('round')
   heat_ax.set_xlim(-0.5, num_layers - 0.5)
   if drafting_R.any():
-    skip_RL = np.ma.masked_array(_skip_matrix(skip_sets, rounds, num_layers),
-                                 mask=np.broadcast_to(~drafting_R[:, None], (rounds, num_layers)))
-    cmap = matplotlib.colormaps['Greys'].with_extremes(bad='lightyellow')
-    heat_ax.imshow(skip_RL, cmap=cmap, vmin=0, vmax=1, aspect='auto', interpolation='nearest')
-    plain = f'; yellow: {(~drafting_R).sum()} plain rounds' if not drafting_R.all() else ''
-    heat_ax.set_title(f'Skipped layers per round (dark: skipped{plain})')
+    cells_RL = _skip_matrix(skip_sets, rounds, num_layers).astype(int)
+    cells_RL[source_R == 'lookup'] = _LOOKUP_ROUND
+    cells_RL[source_R == 'plain'] = _PLAIN_ROUND
+    heat_ax.imshow(cells_RL, cmap=matplotlib.colors.ListedColormap(_CELL_COLORS), vmin=-0.5,
+                   vmax=len(_CELL_COLORS) - 0.5, aspect='auto', interpolation='nearest')
+    others = [f'{color}: {n} {kind} rounds' for color, kind, n in (
+        ('blue', 'lookup', (source_R == 'lookup').sum()),
+        ('yellow', 'plain', (source_R == 'plain').sum())) if n]
+    heat_ax.set_title('Skipped layers per round (dark: skipped' + ''.join(
+        f'; {o}' for o in others) + ')')
     drafted = ''
   else:
     heat_ax.text(0.5, 0.5, 'No round drafted:\nevery round decoded plainly,\nskipping no layer',
@@ -180,11 +195,11 @@ def plot_skip_heatmap(answer_file: str | os.PathLike, question_id: Any,
 
 
 def _most_drafted_first_turn(answer_file: Path) -> tuple[Any, int]:
-  """The question whose first turn drafted in the most rounds (then: took the most rounds), in
-  file order among equals: its id and its rounds."""
+  """The question whose first turn drafted with layers skipped in the most rounds (then: took
+  the most rounds), in file order among equals: its id and its rounds."""
   def drafting_and_rounds(record: dict) -> tuple[int, int]:
-    _, accepted, drafting_R = _first_turn(record)
-    return int(drafting_R.sum()), len(accepted)
+    _, accepted, source_R = _first_turn(record)
+    return int((source_R == 'skip').sum()), len(accepted)
   best = max(specbench.read_answers(answer_file), key=drafting_and_rounds)
   return best['question_id'], drafting_and_rounds(best)[1]
 

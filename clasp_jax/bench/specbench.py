@@ -36,6 +36,7 @@ import numpy as np
 import tqdm
 
 from clasp_jax.engine import Generation, prompt_bucket
+from clasp_jax.strategies.base import DRAFT_SOURCES
 from clasp_jax.generation import encode_prompt
 from clasp_jax.weights import LoadedModel
 
@@ -286,6 +287,7 @@ def _record(question: dict, generations: Sequence[Generation], model_id: str,
           'wall_time': [g.wall_time for g in generations],
           'accept_lengths': [n for g in generations for n in g.accept_lengths],
           'draft_lengths': [n for g in generations for n in g.draft_lengths],
+          'draft_sources': [s for g in generations for s in g.draft_sources],
           'token_ids': [list(g.token_ids) for g in generations],
           'skip_sets': [_skipped_layers(g.skip_sets) for g in generations],
       }],
@@ -357,6 +359,13 @@ def turn_draft_lengths(record: dict) -> list[list[int]] | None:
   return None if flat is None else _split_turns(record, flat)
 
 
+def turn_draft_sources(record: dict) -> list[list[str]] | None:
+  """An answer's flat `draft_sources` ('plain', 'lookup' or 'skip' per round) split into
+  turns; None for an answer file written before draft sources were recorded."""
+  flat = _choice(record).get('draft_sources')
+  return None if flat is None else _split_turns(record, flat)
+
+
 def _split_turns(record: dict, flat: Sequence[int]) -> list[list[int]]:
   """A flat per-round list split into turns (turn t has decoding_steps[t] - 1 rounds)."""
   turns, start = [], 0
@@ -379,11 +388,13 @@ def summarize(answer_dir: str | os.PathLike, methods: Sequence[str],
 
   Returns:
     {method: {group: {'tokens_per_second', 'speedup', 'tau', 'identical_to_vanilla', 'total',
-    'drafting_rounds'}}}, groups in Spec-Bench's order, then 'overall'. tokens_per_second is the
-    mean over questions of sum(new_tokens) / sum(wall_time); speedup divides it by vanilla's;
-    tau is the mean tokens committed per round over all rounds; identical_to_vanilla counts the
-    questions whose every turn has vanilla's token ids, out of `total`; drafting_rounds counts
-    the rounds that drafted (None when an answer file predates draft lengths).
+    'drafting_rounds', 'rounds_by_source'}}}, groups in Spec-Bench's order, then 'overall'.
+    tokens_per_second is the mean over questions of sum(new_tokens) / sum(wall_time); speedup
+    divides it by vanilla's; tau is the mean tokens committed per round over all rounds;
+    identical_to_vanilla counts the questions whose every turn has vanilla's token ids, out of
+    `total`; drafting_rounds counts the rounds that drafted (None when an answer file predates
+    draft lengths); rounds_by_source counts the rounds by where their drafts came from
+    ({'plain', 'lookup', 'skip'}: None when an answer file predates draft sources).
 
   Raises:
     ValueError: without vanilla among the methods, or with no question answered by all.
@@ -425,7 +436,16 @@ def _stats(records: Sequence[dict], baseline: Sequence[dict]) -> dict[str, Any]:
                                   for r, b in zip(records, baseline)),
       'total': len(records),
       'drafting_rounds': _drafting_rounds(records),
+      'rounds_by_source': _rounds_by_source(records),
   }
+
+
+def _rounds_by_source(records: Sequence[dict]) -> dict[str, int] | None:
+  """Rounds by draft source over every turn; None if any answer lacks draft sources."""
+  if any('draft_sources' not in _choice(r) for r in records):
+    return None
+  counts = collections.Counter(s for r in records for s in _choice(r)['draft_sources'])
+  return {source: counts[source] for source in DRAFT_SOURCES}
 
 
 def _drafting_rounds(records: Sequence[dict]) -> int | None:
@@ -433,6 +453,15 @@ def _drafting_rounds(records: Sequence[dict]) -> int | None:
   if any('draft_lengths' not in _choice(r) for r in records):
     return None
   return sum(n > 0 for r in records for n in _choice(r)['draft_lengths'])
+
+
+def _source_shares(stats: dict[str, Any]) -> str:
+  """'lookup% / skip%' of a group's rounds, or '' when the answers predate draft sources."""
+  counts = stats.get('rounds_by_source')
+  if not counts or not sum(counts.values()):
+    return ''
+  total = sum(counts.values())
+  return f'{counts["lookup"] / total:.0%} / {counts["skip"] / total:.0%}'
 
 
 def decoded_plainly(method: str, stats: dict[str, Any]) -> bool:
@@ -462,8 +491,9 @@ def format_table(summary: dict[str, Any]) -> str:
   A row where a drafting method never drafted has its speedup marked `(plain)`, explained by
   PLAIN_NOTE below the table: otherwise a speedup such as 1.04x reads like a gain.
   """
-  rows = ['| method | group | questions | tokens/s | speedup | tau | identical to vanilla |',
-          '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+  rows = ['| method | group | questions | tokens/s | speedup | tau | identical to vanilla | '
+          'rounds drafted from lookup / skip |',
+          '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
   plain = False
   for method, groups in summary.items():
     for group, s in groups.items():
@@ -471,7 +501,7 @@ def format_table(summary: dict[str, Any]) -> str:
       plain |= bool(mark)
       rows.append(f'| {method} | {group} | {s["total"]} | {s["tokens_per_second"]:.1f} | '
                   f'{s["speedup"]:.2f}x{mark} | {s["tau"]:.2f} | '
-                  f'{s["identical_to_vanilla"]}/{s["total"]} |')
+                  f'{s["identical_to_vanilla"]}/{s["total"]} | {_source_shares(s)} |')
   if plain:
     rows += ['', PLAIN_NOTE]
   return '\n'.join(rows) + '\n'

@@ -68,7 +68,8 @@ _SHELL_SAFE = re.compile(r'[\w@%+=:,./~-]+')
 
 #: Strategy settings a method variant may override, with their parsers.
 VARIANT_SETTINGS = {'skip_layers': flags_lib.parse_skip_layers, 'skip_ratio': float,
-                    'num_draft_tokens': int, 'draft_exit_threshold': float, 'loi': int}
+                    'num_draft_tokens': int, 'draft_exit_threshold': float, 'loi': int,
+                    'lookup': flags_lib.parse_bool}
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:

@@ -60,6 +60,9 @@ flags.DEFINE_float('draft_exit_threshold', strategies.DEFAULT_DRAFT_EXIT_THRESHO
                    'DET: a layer-skip draft stops when its top probability falls below this.')
 flags.DEFINE_integer('loi', strategies.DEFAULT_LOI, 'CLaSp re-optimises its skip set every LOI '
                      'rounds.')
+flags.DEFINE_bool('lookup', True, 'clasp: take a round\'s drafts from the context when it has an '
+                  'n-gram match (prompt lookup) and draft with layers skipped otherwise; '
+                  '--nolookup: the paper\'s CLaSp, layer-skip drafts only.')
 
 # ConfLayers' search (--method=conflayers); defaults are the published ones (`ConfLayers`).
 _CONFLAYERS = strategies.ConfLayers()
@@ -247,9 +250,17 @@ def strategy_kwargs() -> dict[str, Any]:
               skip_set=_layer_indices(FLAGS.skip_set),
               num_draft_tokens=FLAGS.num_draft_tokens,
               draft_exit_threshold=FLAGS.draft_exit_threshold, loi=FLAGS.loi,
-              cost_cache_dir=cache_dir(),
+              lookup=FLAGS.lookup, cost_cache_dir=cache_dir(),
               conflayers_settings={name: FLAGS[f'conflayers_{name}'].value
                                    for name in _CONFLAYERS_SETTINGS})
+
+
+def parse_bool(value: str) -> bool:
+  """true/false (also 1/0, yes/no), for settings given as text."""
+  words = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
+  if value.lower() not in words:
+    raise ValueError(f'expected true or false, got {value!r}')
+  return words[value.lower()]
 
 
 def parse_skip_layers(value: str | None) -> int | str | None:

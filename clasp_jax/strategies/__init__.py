@@ -65,13 +65,14 @@ def auto_skip_grid(config: LlamaConfig) -> tuple[int, ...]:
 
 def auto_clasp(config: LlamaConfig, *, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
                draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD,
-               loi: int = DEFAULT_LOI, cost_cache_dir: str | None = None) -> AdaptiveClasp:
+               loi: int = DEFAULT_LOI, lookup: bool = True,
+               cost_cache_dir: str | None = None) -> AdaptiveClasp:
   """CLaSp with M chosen online (`--skip_layers=auto`), its grid of M scaled to L."""
   grid = auto_skip_grid(config)
   initial = min(grid, key=lambda m: abs(m - AUTO_INITIAL_SKIP_RATIO * config.num_layers))
   return AdaptiveClasp(candidates=grid, initial_skip_layers=initial,
                        num_draft_tokens=num_draft_tokens,
-                       draft_exit_threshold=draft_exit_threshold, loi=loi,
+                       draft_exit_threshold=draft_exit_threshold, loi=loi, lookup=lookup,
                        cost_cache_dir=cost_cache_dir)
 
 
@@ -79,12 +80,14 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
           skip_ratio: float | None = None, skip_set: tuple[int, ...] | None = None,
           num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
           draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD,
-          loi: int = DEFAULT_LOI, cost_cache_dir: str | None = None,
+          loi: int = DEFAULT_LOI, lookup: bool = True, cost_cache_dir: str | None = None,
           conflayers_settings: Mapping[str, Any] | None = None) -> Strategy:
   """The strategy `method` with the given settings, validated against `config`.
 
   For clasp, `skip_layers='auto'` (the default when neither skip_layers nor skip_ratio is
-  given) chooses M online; an integer or a ratio fixes it. conflayers searches its own skip
+  given) chooses M online; an integer or a ratio fixes it. `lookup` (clasp only) takes a
+  round's drafts from the context when it has an n-gram match and drafts with layers skipped
+  only otherwise; False is the paper's CLaSp. conflayers searches its own skip
   sets (the M settings do not apply); `conflayers_settings` overrides `ConfLayers` fields
   besides K and DET.
 
@@ -102,13 +105,13 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
       if skip_ratio is not None:
         raise ValueError("skip_layers='auto' chooses M itself: drop skip_ratio")
       strategy = auto_clasp(config, num_draft_tokens=num_draft_tokens,
-                          draft_exit_threshold=draft_exit_threshold, loi=loi,
-                          cost_cache_dir=cost_cache_dir)
+                            draft_exit_threshold=draft_exit_threshold, loi=loi, lookup=lookup,
+                            cost_cache_dir=cost_cache_dir)
       strategy.validate(config)
       return strategy
     strategy = Clasp(num_skip=num_skip_for(config, skip_layers, skip_ratio),
                      num_draft_tokens=num_draft_tokens,
-                     draft_exit_threshold=draft_exit_threshold, loi=loi)
+                     draft_exit_threshold=draft_exit_threshold, loi=loi, lookup=lookup)
   elif method == 'static':
     if skip_set is None:
       skip_set = evenly_spaced_skip_set(config, num_skip_for(config, skip_layers, skip_ratio))

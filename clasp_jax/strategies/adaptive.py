@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax.strategies import layer_skip
-from clasp_jax.strategies.base import Policy, Segment, Strategy
+from clasp_jax.strategies.base import SKIP, Policy, Segment, Strategy
 from clasp_jax.strategies.clasp import backtrack, clasp_dp_table
 
 
@@ -76,8 +77,12 @@ def expected_rate(alpha: float, num_drafts: float, num_skip: int, num_layers: in
 
 
 def choose_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_layers: int,
-                    loi: int, margin: float = 0.0) -> int | None:
-  """The M with the highest expected rate, or None (plain decoding) when none beats it.
+                    loi: int, margin: float = 0.0) -> tuple[int, int] | None:
+  """The M and the draft limit with the highest expected rate, or None (plain decoding)
+  when none beats it.
+
+  A round drafts until the draft-exit threshold stops it, or the limit: at an acceptance rate
+  too low for K drafts to pay, fewer may (each draft is accepted less often than the last).
 
   Args:
     observed: M -> (acceptance rate a, mean drafts per round d).
@@ -85,13 +90,24 @@ def choose_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_
     num_layers: L.
     loi: rounds per DP refresh.
     margin: how much faster than plain decoding drafting must be expected to be.
+
+  Returns:
+    (M, the most drafts per round), or None.
   """
   plain = 1.0 / costs.full_step
-  rates = {m: expected_rate(a, d, m, num_layers, costs, loi) for m, (a, d) in observed.items()}
+  rates = {(m, limit): expected_rate(a, min(d, limit), m, num_layers, costs, loi)
+           for m, (a, d) in observed.items() for limit in range(1, math.ceil(d) + 1)}
   if not rates:
     return None
   best = max(rates, key=rates.get)
   return best if rates[best] > plain * (1.0 + margin) else None
+
+
+def spread_skip_set(num_layers: int, num_skip: int) -> np.ndarray:
+  """bool[L]: M inner layers spread evenly (a skip set of the right size when any will do)."""
+  skip_L = np.zeros(num_layers, bool)
+  skip_L[np.linspace(1, num_layers - 2, num_skip).round().astype(int)] = True
+  return skip_L
 
 
 def _copy(state):
@@ -136,10 +152,9 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
   verify = full_step * (decoder.verify_rows // decoder.pass_width)
   per_draft = {}
   for num_skip in skip_counts:
-    skipped = np.zeros(L, bool)
-    skipped[np.linspace(1, L - 2, num_skip).round().astype(int)] = True
-    seconds, n, drafts = _timed_segment(decoder, decoder.put_skip_set(state, skipped),
-                                        Segment(True, rounds), max_new_tokens)
+    seconds, n, drafts = _timed_segment(
+        decoder, decoder.put_skip_set(state, spread_skip_set(L, num_skip)),
+        Segment(True, rounds), max_new_tokens)
     per_draft[L - num_skip] = max(seconds - n * verify, 0.0) / max(drafts, 1)
   (a1, t1), (a2, t2) = sorted(per_draft.items())
   per_layer = max(t2 - t1, 0.0) / max(a2 - a1, 1)
@@ -182,28 +197,42 @@ class _Tally:
 
   accepted: float = 0.0  # accepted drafts
   rejected: float = 0.0  # rounds that ended in a rejection
-  drafted: float = 0.0   # drafts proposed
   rounds: float = 0.0
+  drafted: float = 0.0  # drafts proposed in rounds not limited by a probe
+  full_rounds: float = 0.0  # rounds not limited by a probe
 
-  def add(self, accepted: int, drafted: int, decay: float) -> None:
+  def add(self, accepted: int, drafted: int, limited: bool, decay: float) -> None:
     self.accepted = decay * self.accepted + accepted
     self.rejected = decay * self.rejected + (accepted < drafted)
-    self.drafted = decay * self.drafted + drafted
     self.rounds = decay * self.rounds + 1
+    if not limited:
+      self.drafted = decay * self.drafted + drafted
+      self.full_rounds = decay * self.full_rounds + 1
 
-  def estimate(self, prior_alpha: float, prior_weight: float) -> tuple[float, float]:
+  def estimate(self, prior_alpha: float, prior_weight: float,
+               max_drafts: int) -> tuple[float, float]:
+    """(acceptance rate, drafts per round); a probe's limited rounds say nothing about the
+    drafts of a full round, taken as K until a full round is seen."""
     alpha = ((self.accepted + prior_weight * prior_alpha)
              / (self.accepted + self.rejected + prior_weight))
-    return alpha, self.drafted / self.rounds
+    drafts = self.drafted / self.full_rounds if self.full_rounds else max_drafts
+    return alpha, drafts
 
 
 class AdaptivePolicy(Policy):
   """Chooses M (or plain decoding) between segments from observed acceptance and measured
   costs.
 
-  One policy serves every generation of a decoder: what drafting at each M achieved carries
-  over (decayed per round), so later prompts start from informed estimates; the plain-decoding
-  back-off restarts with each generation.
+  Beside M it chooses how many drafts a round may make (`DecodeState.draft_limit`), since at a
+  middling acceptance rate a short draft pays where K drafts would not. One policy serves every
+  generation of a decoder: what drafting at each M achieved carries
+  over (decayed per round), and so does the plain-decoding back-off, so that later prompts
+  start from informed estimates and a model on which drafting does not pay is probed (a few
+  rounds of a few drafts) ever more rarely, not at every prompt. A value of M not tried yet is expected to do as well
+  as the nearest one tried (optimism that makes it worth a try: acceptance only falls as more
+  layers are skipped, so a try settles it). With prompt lookup on, only the rounds that drafted
+  with layers skipped teach it anything, and "plain" means rounds that take lookup drafts when
+  they have a match and plain steps otherwise.
 
   Args:
     strategy: the `AdaptiveClasp` settings.
@@ -217,19 +246,29 @@ class AdaptivePolicy(Policy):
     self.s, self.L, self.costs = strategy, num_layers, costs
     self.tallies: dict[int, _Tally] = {}
     self.chosen = strategy.initial_skip_layers
+    self.draft_limit = strategy.num_draft_tokens
+    self.plain_left = 0
+    self.backoff = strategy.backoff_rounds
     self.start_generation(max_new_tokens=0)
 
   def start_generation(self, max_new_tokens: int) -> None:
     """Resets what is specific to one generation (the cache and skip set are new)."""
     self.max_new_tokens = max_new_tokens
     self.num_skip = self.chosen
-    self.plain_left = 0
-    self.backoff = self.s.backoff_rounds
     self.draft_segments = 0  # since drafting (re)started
+    self.drafting = False  # whether the segment running drafts with layers skipped
+    self.probing = False  # whether it is a probe (few rounds of few drafts)
+    self.skip_set_put = False  # whether this generation's state has a skip set in force
 
   def _observed(self) -> dict[int, tuple[float, float]]:
-    return {m: t.estimate(self.s.prior_alpha, self.s.prior_weight)
+    """(acceptance, drafts per round) for every candidate M: as observed, or, not tried yet,
+    as at the nearest M tried (none tried: nothing)."""
+    seen = {m: t.estimate(self.s.prior_alpha, self.s.prior_weight, self.s.num_draft_tokens)
             for m, t in self.tallies.items() if t.rounds > 0}
+    if not seen:
+      return {}
+    return {m: seen[m] if m in seen else seen[min(seen, key=lambda s: (abs(s - m), s))]
+            for m in self.s.candidates}
 
   def drafting_can_pay(self) -> bool:
     """Whether any M could beat plain decoding at an optimistic acceptance rate (the best
@@ -259,24 +298,42 @@ class AdaptivePolicy(Policy):
       self.costs = cached_costs(decoder, state, self.max_new_tokens, self.s.cost_cache_dir)
     if self.plain_left == 0 and self.draft_segments == 0 and not self.drafting_can_pay():
       self._go_plain()
-    if self.plain_left > 0:
-      rounds, self.plain_left = self.plain_left, 0
-      return state, Segment(draft=False, rounds=rounds)
+    self.drafting = self.plain_left == 0
+    if not self.drafting:
+      rounds = self.plain_left
+      if not self.s.lookup:
+        return state, Segment(draft=False, rounds=rounds)
+      if not self.skip_set_put:  # lookup rounds draft nothing else, but run the drafting round
+        state = decoder.put_skip_set(state, spread_skip_set(self.L, self.chosen))
+        self.skip_set_put = True
+      return state.replace(skip_drafts=jnp.zeros((), bool)), Segment(draft=True, rounds=rounds)
     self.num_skip = self._explore_target()
-    return decoder.refresh(state, self.num_skip), Segment(draft=True, rounds=self.s.loi)
+    # The first drafting segment after plain decoding probes: a few rounds of a few drafts.
+    self.probing = self.draft_segments == 0
+    limit, rounds = ((self.s.probe_drafts, self.s.probe_rounds) if self.probing
+                     else (self.draft_limit, self.s.loi))
+    state = decoder.refresh(state, self.num_skip).replace(skip_drafts=jnp.ones((), bool),
+                                                          draft_limit=jnp.int32(limit))
+    self.skip_set_put = True
+    return state, Segment(draft=True, rounds=rounds)
 
-  def observe(self, accepted_R, drafted_R):
-    tally = self.tallies.setdefault(self.num_skip, _Tally())
-    for accepted, drafted in zip(accepted_R, drafted_R):
-      tally.add(int(accepted) - 1, int(drafted), self.s.decay)
-    self.draft_segments += 1
-    if self.draft_segments * self.s.loi < self.s.warmup_rounds:
+  def observe(self, accepted_R, drafted_R, source_R):
+    if not self.drafting:  # lookup or plain rounds only: nothing about M to learn
+      self.plain_left -= len(accepted_R)  # what a generation's end left carries over
       return
+    skipped_R = np.asarray(source_R) == SKIP
+    if not skipped_R.any():
+      return  # every round had a lookup match
+    tally = self.tallies.setdefault(self.num_skip, _Tally())
+    for accepted, drafted in zip(np.asarray(accepted_R)[skipped_R],
+                                 np.asarray(drafted_R)[skipped_R]):
+      tally.add(int(accepted) - 1, int(drafted), self.probing, self.s.decay)
+    self.draft_segments += 1
     best = choose_num_skip(self._observed(), self.costs, self.L, self.s.loi, self.s.margin)
     if best is None:  # drafting does not pay now: decode plainly, then probe again
       self._go_plain()
     else:
-      self.chosen = best
+      self.chosen, self.draft_limit = best
       self.backoff = self.s.backoff_rounds
 
 
@@ -289,8 +346,14 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
     initial_skip_layers: M for the first rounds (one of the candidates).
     num_draft_tokens: K.
     draft_exit_threshold: DET.
+    lookup: take a round's K drafts from the context when it has an n-gram match (prompt
+      lookup): a copied draft costs nothing to make, so such a round is never slower than a
+      plain step, and the policy's choice is then only what a round without a match does
+      (draft with M layers skipped, or a plain step). False: the paper's CLaSp.
     loi: rounds per DP refresh (one drafting segment).
-    warmup_rounds: drafting rounds observed before the first decision.
+    probe_rounds: rounds of the probe that opens every stretch of drafting (after plain
+      decoding, or at a generation's start), decided on before drafting on.
+    probe_drafts: the most drafts per probe round: probing costs little where nothing pays.
     explore_every: drafting segments between tries of a neighbouring M.
     backoff_rounds: plain rounds before drafting is probed again (doubles while it keeps
       not paying, up to `max_backoff_rounds`).
@@ -307,8 +370,10 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   initial_skip_layers: int = 2
   num_draft_tokens: int = 8
   draft_exit_threshold: float = 0.7
+  lookup: bool = True
   loi: int = 4
-  warmup_rounds: int = 2
+  probe_rounds: int = 2
+  probe_drafts: int = 2
   explore_every: int = 4
   backoff_rounds: int = 32
   max_backoff_rounds: int = 256

@@ -21,6 +21,13 @@ from clasp_jax.sampling import SamplingConfig
 from clasp_jax.state import DecodeState
 
 
+#: Where a round's drafts came from, by the code recorded per round (`DecodeState.source_R`):
+#: none (a plain step), copied from the context (prompt lookup), or the model with layers
+#: skipped.
+DRAFT_SOURCES = ('plain', 'lookup', 'skip')
+PLAIN, LOOKUP, SKIP = range(len(DRAFT_SOURCES))
+
+
 @dataclasses.dataclass(frozen=True)
 class Drafts:
   """A round's proposal.
@@ -30,11 +37,17 @@ class Drafts:
     count: int32 scalar, how many drafts are real.
     q_KV: float32[K, V] the draft distributions the tokens were sampled from, or None when
       decoding greedily.
+    source: int32 scalar, where they came from (an index into DRAFT_SOURCES).
   """
 
   tokens_K: jax.Array
   count: jax.Array
   q_KV: jax.Array | None
+  source: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    Drafts, data_fields=['tokens_K', 'count', 'q_KV', 'source'], meta_fields=[])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +125,16 @@ class Policy(abc.ABC):
   the generation ended, and the segment's per-round statistics when `observes` is set.
   """
 
-  #: Whether `observe` wants each drafting segment's per-round statistics.
+  #: Whether `observe` wants each segment's per-round statistics.
   observes: bool = False
 
   @abc.abstractmethod
   def next_segment(self, decoder, state: DecodeState) -> tuple[DecodeState, Segment]:
     """Returns the (possibly re-skipped) state and the segment to run next."""
 
-  def observe(self, accepted_R: np.ndarray, drafted_R: np.ndarray) -> None:
-    """The drafting segment just run: tokens committed and drafts proposed in each round."""
+  def observe(self, accepted_R: np.ndarray, drafted_R: np.ndarray, source_R: np.ndarray) -> None:
+    """The segment just run: tokens committed, drafts proposed and where they came from
+    (`DRAFT_SOURCES`), in each of its rounds."""
 
 
 class SchedulePolicy(Policy):

@@ -94,12 +94,15 @@ class Clasp(layer_skip.LayerSkipDrafting, Strategy):
     num_draft_tokens: K, the most drafts per round.
     draft_exit_threshold: DET, stop drafting below this top-1 probability.
     loi: layer-optimisation interval, in verify rounds.
+    lookup: take a round's K drafts from the context when it has an n-gram match (prompt
+      lookup), drafting with layers skipped only otherwise; False is the paper's CLaSp.
   """
 
   num_skip: int = 4
   num_draft_tokens: int = 8
   draft_exit_threshold: float = 0.7
   loi: int = 1
+  lookup: bool = True
 
   @property
   def name(self) -> str:

@@ -1,8 +1,16 @@
-"""Drafting with the model itself, some of its layers skipped (Self-SD, CLaSp).
+"""Drafting with the model itself, some of its layers skipped (Self-SD, CLaSp), and with the
+context first (prompt lookup).
 
 The draft runs the skip set in `state.skip_L` for up to K tokens and stops early, on device,
 once a drafted token's top-1 probability falls below the draft-exit threshold (DET). That
 last, uncertain token is still verified: the verify pass has K+1 slots either way.
+
+With `lookup` on, a round first looks for an n-gram match of its last tokens in the context
+(prompt lookup): a match gives the round its drafts for free (no model runs), and only a round
+without one drafts with layers skipped, or, while the policy has turned layer-skip drafting off
+(`state.skip_drafts`), takes a plain step. Copied spans are long where text repeats its
+context (code, summaries, retrieval), layer-skip drafts cover the rest; both are verified by
+the same pass, so the output stays plain decoding's.
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ import numpy as np
 
 from clasp_jax import model as model_lib
 from clasp_jax import sampling as sampling_lib
-from clasp_jax.strategies.base import Drafts
+from clasp_jax.strategies import pld
+from clasp_jax.strategies.base import PLAIN, SKIP, Drafts
 
 
 def validate_draft_settings(num_draft_tokens: int, draft_exit_threshold: float) -> None:
@@ -25,12 +34,13 @@ def validate_draft_settings(num_draft_tokens: int, draft_exit_threshold: float) 
 
 
 def draft_with_skip(params, config, state, sampling, key, attention, *, num_draft_tokens: int,
-                    draft_exit_threshold: float):
+                    draft_exit_threshold: float, enabled: jax.Array | bool = True):
   """Drafts up to K tokens with the layers in `state.skip_L` skipped.
 
   Runs only the active layers' weights when the engine passes them as
   `params['draft_layers']` (accelerators), else the per-layer `lax.cond` reference path;
-  both compute the same tokens.
+  both compute the same tokens. With `enabled` False (traced) it runs no step and proposes
+  nothing: the drafting loop's trip count, not a branch, so no buffer is copied.
 
   Returns:
     (Drafts, state) where the state's cache holds the drafts' rows of the layers that ran;
@@ -65,30 +75,45 @@ def draft_with_skip(params, config, state, sampling, key, attention, *, num_draf
 
   def more(carry):
     k, stop = carry[0], carry[3]
-    return (k < K) & ~stop
+    return (k < K) & (k < state.draft_limit) & ~stop
 
-  init = (jnp.zeros((), jnp.int32), last, state.cache, jnp.zeros((), bool),
+  init = (jnp.zeros((), jnp.int32), last, state.cache, ~jnp.asarray(enabled),
           jnp.zeros((K,), jnp.int32), q_KV, key)
   count, _, cache, _, tokens_K, q_KV, _ = jax.lax.while_loop(more, step, init)
-  return (Drafts(tokens_K=tokens_K, count=count, q_KV=q_KV),
+  source = jnp.where(count > 0, SKIP, PLAIN).astype(jnp.int32)
+  return (Drafts(tokens_K=tokens_K, count=count, q_KV=q_KV, source=source),
           state.replace(cache=cache.rollback(length)))
 
 
-class LayerSkipDrafting:
-  """Mixin: `propose` drafts with the model itself, the layers in `state.skip_L` skipped.
 
-  For strategy dataclasses with `num_draft_tokens` (K) and `draft_exit_threshold` (DET).
+class LayerSkipDrafting:
+  """Mixin: `propose` drafts with the model itself, the layers in `state.skip_L` skipped,
+  after prompt lookup when the strategy's `lookup` is on (see the module docstring).
+
+  For strategy dataclasses with `num_draft_tokens` (K) and `draft_exit_threshold` (DET), and
+  optionally `lookup` (prompt lookup first, up to K copied drafts).
   """
 
   skips_layers = True
+  lookup = False
 
   def validate_drafting(self) -> None:
     validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
 
   def propose(self, params, config, state, sampling, key, attention):
-    return draft_with_skip(params, config, state, sampling, key, attention,
-                           num_draft_tokens=self.num_draft_tokens,
-                           draft_exit_threshold=self.draft_exit_threshold)
+    if not self.lookup:
+      return draft_with_skip(params, config, state, sampling, key, attention,
+                             num_draft_tokens=self.num_draft_tokens,
+                             draft_exit_threshold=self.draft_exit_threshold)
+    copied = pld.lookup_drafts(config, state, sampling, num_draft_tokens=self.num_draft_tokens,
+                               max_ngram=pld.PromptLookup.max_ngram,
+                               min_ngram=pld.PromptLookup.min_ngram)
+    found = copied.count > 0
+    skipped, state = draft_with_skip(params, config, state, sampling, key, attention,
+                                     num_draft_tokens=self.num_draft_tokens,
+                                     draft_exit_threshold=self.draft_exit_threshold,
+                                     enabled=~found & state.skip_drafts)
+    return jax.tree.map(lambda c, s: jnp.where(found, c, s), copied, skipped), state
 
 
 def skip_vector(config, layers) -> jax.Array:

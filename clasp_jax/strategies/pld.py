@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from clasp_jax.strategies.base import Drafts, Strategy
+from clasp_jax.strategies.base import LOOKUP, PLAIN, Drafts, Strategy
 
 
 def lookup(tokens_N: jax.Array, num_tokens: jax.Array,
@@ -32,6 +32,25 @@ def lookup(tokens_N: jax.Array, num_tokens: jax.Array,
   ok_S &= starts_S < num_tokens - ngram
   best = jnp.max(jnp.where(ok_S, starts_S, -1))
   return best + ngram, (best >= 0) & (num_tokens > ngram)
+
+
+def lookup_drafts(config, state, sampling, *, num_draft_tokens: int, max_ngram: int,
+                  min_ngram: int) -> Drafts:
+  """Up to K drafts copied from the context after the longest latest n-gram match of its
+  last tokens (none, a plain step, without a match)."""
+  K = num_draft_tokens
+  start, found = jnp.int32(0), jnp.zeros((), bool)
+  for ngram in range(max_ngram, min_ngram - 1, -1):
+    s, f = lookup(state.tokens_N, state.num_tokens, ngram)
+    start, found = jnp.where(found, start, s), found | f
+  tokens_K = jax.lax.dynamic_slice(state.tokens_N, (start,), (K,))
+  count = jnp.where(found, jnp.minimum(K, state.num_tokens - start), 0).astype(jnp.int32)
+  q_KV = None
+  if not sampling.greedy:
+    # A copied draft is a point mass: q(d) = 1, so it is accepted with probability p(d).
+    q_KV = jax.nn.one_hot(tokens_K, config.vocab_size, dtype=jnp.float32)
+  return Drafts(tokens_K=tokens_K, count=count, q_KV=q_KV,
+                source=jnp.where(count > 0, LOOKUP, PLAIN).astype(jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +80,5 @@ class PromptLookup(Strategy):
 
   def propose(self, params, config, state, sampling, key, attention):
     del params, key, attention  # the drafts are copied from the context: no model runs
-    K = self.num_draft_tokens
-    start, found = jnp.int32(0), jnp.zeros((), bool)
-    for ngram in range(self.max_ngram, self.min_ngram - 1, -1):
-      s, f = lookup(state.tokens_N, state.num_tokens, ngram)
-      start, found = jnp.where(found, start, s), found | f
-    tokens_K = jax.lax.dynamic_slice(state.tokens_N, (start,), (K,))
-    count = jnp.where(found, jnp.minimum(K, state.num_tokens - start), 0).astype(jnp.int32)
-    q_KV = None
-    if not sampling.greedy:
-      # A copied draft is a point mass: q(d) = 1, so it is accepted with probability p(d).
-      q_KV = jax.nn.one_hot(tokens_K, config.vocab_size, dtype=jnp.float32)
-    return Drafts(tokens_K=tokens_K, count=count, q_KV=q_KV), state
+    return lookup_drafts(config, state, sampling, num_draft_tokens=self.num_draft_tokens,
+                         max_ngram=self.max_ngram, min_ngram=self.min_ngram), state
