@@ -5,6 +5,8 @@ each of the six groups in file order, first turn only, chat-templated. Every
 drafting method must reproduce vanilla greedy decoding token for token (EOS handling included).
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,3 +110,43 @@ def test_full_model_draft_is_verified(generate_all):
   accepts = [a for g in gens for a in g.accept_lengths]
   assert np.mean(accepts) > 1.0, np.mean(accepts)
   print(f'M=0 mean tokens per round: {np.mean(accepts):.3f}')
+
+
+# bfloat16: a plain step and a verify pass compute a token's logits the same way, so the
+# drafting methods match plain decoding here too (tests/test_exact.py checks it bit for bit).
+BF16_NEW = 24
+BF16_SETTINGS = {
+    'pld': ('pld', {}),
+    'static_5_10_15_20': ('static', dict(skip_set=(5, 10, 15, 20))),
+    'clasp_M4_nolookup': ('clasp', dict(skip_layers=4, lookup=False, loi=1)),
+    'clasp_default': ('clasp', {}),
+    'conflayers': ('conflayers', dict(conflayers_settings=dict(
+        eval_rounds=4, early_rounds=2, window=16))),
+}
+
+
+@pytest.fixture(scope='module')
+def bf16_model(smollm2):
+  return jax.tree.map(lambda w: w.astype(jnp.bfloat16), smollm2.params), smollm2.config
+
+
+@pytest.fixture(scope='module')
+def bf16_prompts(prompts):
+  return prompts[:3]
+
+
+@pytest.fixture(scope='module')
+def bf16_vanilla(bf16_model, bf16_prompts):
+  params, config = bf16_model
+  decoder = Decoder(params, config, strategies.Vanilla())
+  return [decoder.generate(p, BF16_NEW).token_ids for p in bf16_prompts]
+
+
+@pytest.mark.parametrize('setting', list(BF16_SETTINGS))
+def test_bfloat16_greedy_output_is_identical_to_vanilla(bf16_model, bf16_prompts, bf16_vanilla,
+                                                        setting):
+  params, config = bf16_model
+  method, settings = BF16_SETTINGS[setting]
+  decoder = Decoder(params, config, strategies.build(method, config, **settings))
+  outs = [decoder.generate(p, BF16_NEW) for p in bf16_prompts]
+  assert [o.token_ids for o in outs] == bf16_vanilla

@@ -79,8 +79,11 @@ def random_params(config, key, dtype):
 
 
 def weight_bytes(params) -> int:
+  """Bytes of weights a decode step reads: all of them but an untied embedding table, of
+  which a step reads one row."""
   import jax  # pylint: disable=g-import-not-at-top
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  read = {k: v for k, v in params.items() if k != 'embed' or 'lm_head' not in params}
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(read))
 
 
 def _decoder(params, config, strategy, attention):
