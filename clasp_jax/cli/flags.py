@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from absl import flags
 from absl import logging
 
+from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax.sampling import SamplingConfig
 
@@ -29,6 +30,8 @@ flags.DEFINE_enum('dtype', 'auto', _DTYPES, 'Parameter dtype; auto: float32 on C
                   'accelerators.')
 flags.DEFINE_string('cache_dir', '~/.cache/clasp_jax', 'Cache of converted weights; empty: no '
                     'cache.')
+flags.DEFINE_string('mesh', None, "Devices to shard the model over, tensor parallel: 'tp:N' (N "
+                    "devices), 'auto' (every device) or unset (one device).")
 flags.DEFINE_integer('max_new_tokens', 256, 'Most new tokens per generation (per turn in '
                      'clasp-bench).', lower_bound=1)
 flags.DEFINE_float('temperature', 0.0, '0: greedy; otherwise the sampling temperature.')
@@ -121,10 +124,19 @@ def usage_errors(argv: Sequence[str]) -> Iterator[None]:
 
 
 def load_kwargs() -> dict[str, Any]:
-  """The keyword arguments of `weights.load` from --model, --dtype and --cache_dir."""
+  """The keyword arguments of `weights.load` from --model, --dtype, --cache_dir and --mesh.
+
+  First joins a multi-host job when the environment describes one (TPU slices, SLURM: see
+  `sharding.maybe_initialize_distributed`), so that the mesh spans every host's devices.
+
+  Raises:
+    ValueError: for a bad --mesh, or one of more devices than there are.
+  """
+  sharding.maybe_initialize_distributed()
   return dict(path=os.path.expanduser(FLAGS.model) if FLAGS.model else None,
               dtype=None if FLAGS.dtype == 'auto' else FLAGS.dtype,
-              cache_dir=os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None)
+              cache_dir=os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None,
+              mesh=sharding.make_mesh(FLAGS.mesh))
 
 
 def sampling_config() -> SamplingConfig:
