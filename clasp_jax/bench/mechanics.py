@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax import model as model_lib
+from clasp_jax import sharding
 from clasp_jax.cache import init_cache
 from clasp_jax.config import LlamaConfig
 from clasp_jax.strategies import clasp_dp
@@ -83,40 +84,20 @@ def decode_bytes(config: LlamaConfig, itemsize: int) -> int:
   return (config.num_params - embed_rows_unread) * itemsize
 
 
-def tensor_parallel(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Megatron-style shardings over mesh axis 'tp' for params (stacked or per layer) or a
-  KV cache: column-parallel q/k/v/gate/up and LM head, row-parallel o/down, vocab-parallel
-  embedding, KV heads split in the cache, norms replicated."""
-  P = jax.sharding.PartitionSpec
-  columns = {'wq', 'wk', 'wv', 'w_gate', 'w_up', 'w_qkv', 'w_gate_up', 'lm_head'}
-  rows = {'wo', 'w_down', 'embed', 'k_LBSKh', 'v_LBSKh'}
-
-  def spec(path, leaf):
-    name = getattr(path[-1], 'key', getattr(path[-1], 'name', None))
-    axes = [None] * leaf.ndim
-    if name in columns:
-      axes[-1] = 'tp'
-    elif name in rows:
-      axes[-2] = 'tp'
-    return jax.sharding.NamedSharding(mesh, P(*axes))
-
-  return jax.tree_util.tree_map_with_path(spec, tree)
-
-
 def random_params(config: LlamaConfig, dtype, mesh: jax.sharding.Mesh) -> dict:
   """Random per-layer params as a decoder holds them (see `model.unstack_layers`), built one
-  layer at a time so that the largest shapes never need two copies of the weights. Projections
-  are fused on one device only: tensor-parallel shards would need the fused columns
-  interleaved per shard."""
+  layer at a time, each straight into its tensor-parallel sharding (`sharding`'s rules), so
+  that the largest shapes never need two copies of the weights."""
   one = dataclasses.replace(config, num_layers=1)
+  n = sharding.tp_size(mesh)
 
   def init(key):
     params = model_lib.init_params(one, key, dtype)
     lp = jax.tree.map(lambda w: w[0], params['layers'])
-    return dict(params, layers=model_lib.fuse_projections(lp) if mesh.size == 1 else lp)
+    return dict(params, layers=model_lib.fuse_projections(lp, n, sharding.fuse_qkv(config, n)))
 
-  make = jax.jit(init, out_shardings=tensor_parallel(jax.eval_shape(init, jax.random.key(0)),
-                                                     mesh))
+  make = jax.jit(init, out_shardings=sharding.tree_shardings(
+      jax.eval_shape(init, jax.random.key(0)), config, mesh))
   params = make(jax.random.key(0))
   layers = [params['layers']] + [make(jax.random.key(i))['layers']
                                  for i in range(1, config.num_layers)]
@@ -142,11 +123,11 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
   With several devices, params and cache are sharded tensor-parallel over all of them.
   """
   L = config.num_layers
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('tp',))
+  mesh = sharding.make_mesh('auto')
   params = random_params(config, dtype, mesh)
   start = context - 64  # the cache is nearly full: attention reads a full context
   make_cache = functools.partial(init_cache, config, context, dtype=dtype)
-  cache_sharding = tensor_parallel(jax.eval_shape(make_cache), mesh)
+  cache_sharding = sharding.tree_shardings(jax.eval_shape(make_cache), config, mesh)
 
   def fresh_cache():
     return jax.jit(make_cache, out_shardings=cache_sharding)().rollback(start)
@@ -199,7 +180,7 @@ def measure_shape(name: str, config: LlamaConfig, context: int, *,
       row.update(dp_M=M, dp_ms=t_dp.ms, dp_compile_s=t_dp.compile_s)
     row['drafts'].append(entry)
 
-  verify = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c, return_hiddens=True),
+  verify = jax.jit(lambda p, c, t: model_lib.forward(p, config, t, c),
                    donate_argnums=(1,))
   for size in verify_sizes:
     t_verify = time_fn(verify, params, cache, jnp.ones((1, size), jnp.int32), reps=reps,
