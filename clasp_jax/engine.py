@@ -20,6 +20,11 @@ Every shape is static for a given (prompt bucket, cache capacity, active layer c
 the first generation nothing recompiles: drafts are padded to K, verification to whole passes,
 and rejection only moves the cache length back. `Decoder.compile` compiles everything a
 request needs before it is timed.
+
+On a mesh (`Decoder(mesh=...)`) the same programs run tensor-parallel: params and cache sit
+where `sharding`'s rules put them, every function is compiled for arguments there, and its
+outputs are pinned there, so a generation never moves data between devices but for the
+compiler's collectives inside the passes.
 """
 
 from __future__ import annotations

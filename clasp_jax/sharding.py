@@ -11,13 +11,13 @@ The rules (`RULES`) name, for every array the engine shards, the logical axis of
 dimension; `mesh_axes` maps the logical axes onto 'tp' for a model and a tensor-parallel size
 n (H, KV, F, V: heads, KV heads, MLP width, vocabulary):
 
-  heads      wq, bq columns; wo rows                       always split (H % n == 0)
-  kv_heads   wk, wv, bk, bv columns; the cache's KV axis   split when KV % n == 0, else
-                                                           replicated (then n % KV == 0)
-  mlp        w_gate, w_up columns; w_down rows             always split (F % n == 0)
-  vocab      embed rows, lm_head columns                   split when V % n == 0, else
+  heads      wq, bq columns; wo rows                       split n ways (H % n == 0)
+  kv_heads   wk, wv, bk, bv columns; the cache's KV axis   split n ways when KV % n == 0,
+                                                           else KV ways (n % KV == 0, below)
+  mlp        w_gate, w_up columns; w_down rows             split n ways (F % n == 0)
+  vocab      embed rows, lm_head columns                   split n ways when V % n == 0, else
                                                            replicated
-  shards     w_qkv, w_gate_up (and b_qkv) shard axis       always split (see below)
+  shards     w_qkv, w_gate_up (and b_qkv) shard axis       split n ways (see below)
 
 Norms and everything else are replicated. Stacked layer trees carry a leading, unsharded L
 axis; the same rules apply.
@@ -28,14 +28,16 @@ all of q and device 1 the keys and values; instead the fused weights carry the s
 axis, w_qkv [D, n, (H + 2 KV) / n * hd] with row i = [q_i k_i v_i] (the i-th n-th of each),
 and that axis is split: every device multiplies by its own heads' q, k and v in one product,
 and `model._qkv` reads q, k and v back per shard. With n = 1 it is plain concatenation, so a
-single device computes exactly what it did. When KV heads are replicated (KV % n != 0) a
-shard cannot hold "its" keys, so q/k/v stay unfused there (`fuse_qkv`); gate/up always fuse.
+single device computes exactly what it did. With more devices than KV heads a KV head's
+keys belong to several shards, so q/k/v stay unfused there (`fuse_qkv`); gate/up always fuse.
 
-GQA with replicated KV heads. Every device then holds every KV head (cache and wk/wv) and
-computes keys and values redundantly, and its H / n query heads are the heads of exactly one
-KV head (n % KV == 0 and H / n divides G = H / KV), so attention stays local. Configurations
-where a device's query heads would straddle KV heads (neither KV % n nor n % KV is 0) are
-rejected by `check`.
+GQA with more devices than KV heads (n % KV == 0). The rules then view the mesh as
+[KV, n / KV] (`rules_mesh`: axes 'tp' and 'kv_replica', the same devices in the same order):
+KV heads split over 'tp', each held (its cache rows, its wk/wv columns) by the n / KV devices
+of its row, and everything split n ways splits over both axes. A device's H / n query heads
+are then query heads of the one KV head it holds (H / n divides G = H / KV), so attention
+stays local and no device keeps KV heads it does not read. Configurations where a device's
+query heads would straddle KV heads (neither KV % n nor n % KV is 0) are rejected by `check`.
 
 The vocabulary. The embedding is split by rows (a gather from a vocabulary-split table is a
 local masked gather plus one all-reduce of the [T, D] rows), the LM head by columns (logits
