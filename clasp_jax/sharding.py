@@ -63,7 +63,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from clasp_jax import attention as attention_lib
 from clasp_jax import model as model_lib
 from clasp_jax.cache import KVCache, init_cache
 from clasp_jax.config import LlamaConfig
