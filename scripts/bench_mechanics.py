@@ -12,6 +12,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from clasp_jax import sharding
 from clasp_jax.bench import mechanics
 from clasp_jax.configs import models
 
@@ -32,6 +33,12 @@ def main(argv):
   rows, skipped = [], []
   for name in _PRESETS.value:
     config = models.PRESETS[name]()
+    try:
+      sharding.check(config, sharding.make_mesh('auto'))
+    except ValueError as e:
+      skipped.append(f'{name}: {e}')
+      print('skipped:', skipped[-1], flush=True)
+      continue
     for context in map(int, _CONTEXTS.value):
       if not mechanics.fits(config, context, dtype.itemsize):
         skipped.append(f'{name} ctx {context}: does not fit {jax.device_count()} device(s)')
