@@ -20,6 +20,11 @@ Every shape is static for a given (prompt bucket, cache capacity, active layer c
 the first generation nothing recompiles: drafts are padded to K, verification to whole passes,
 and rejection only moves the cache length back. `Decoder.compile` compiles everything a
 request needs before it is timed.
+
+On a mesh (`Decoder(mesh=...)`) the same programs run tensor-parallel: params and cache sit
+where `sharding`'s rules put them, every function is compiled for arguments there, and its
+outputs are pinned there, so a generation never moves data between devices but for the
+compiler's collectives inside the passes.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import numpy as np
 from clasp_jax import attention as attention_lib
 from clasp_jax import model as model_lib
 from clasp_jax import sampling as sampling_lib
-from clasp_jax.cache import KVCache, init_cache
+from clasp_jax import sharding as sharding_lib
+from clasp_jax.cache import KVCache
 from clasp_jax.config import LlamaConfig
 from clasp_jax.model import Params
 from clasp_jax.sampling import SamplingConfig
@@ -245,8 +251,14 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
 
 
 def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
-             max_rounds: jax.Array, **round_settings) -> DecodeState:
-  """Rounds on the device until `max_rounds` of them ran, EOS or the token budget."""
+             max_rounds: jax.Array, *, placement: sharding_lib.Placement | None,
+             **round_settings) -> DecodeState:
+  """Rounds on the device until `max_rounds` of them ran, EOS or the token budget.
+
+  On a mesh each round's state is pinned to the rules' shardings, so that the loop carries
+  the cache as the segment received it (the compiler could otherwise pick a layout of its
+  own and convert at the segment's end).
+  """
 
   def more(carry):
     state, rounds = carry
@@ -254,7 +266,8 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
 
   def one(carry):
     state, rounds = carry
-    return _round(params, state, max_new_tokens, **round_settings), rounds + 1
+    state = _round(params, state, max_new_tokens, **round_settings)
+    return (state if placement is None else placement.constrain(state)), rounds + 1
 
   state, _ = jax.lax.while_loop(more, one, (state, jnp.zeros((), jnp.int32)))
   return state
@@ -277,11 +290,16 @@ class _CompiledFunction:
 
   Compiling explicitly (rather than on a jitted call) lets `Decoder.compile` prepare a
   request without running it, and lets a generation report how long it spent compiling.
+  On a mesh (`placement`) it is compiled for arguments in the sharding rules' places, and
+  its outputs are pinned there.
   """
 
-  def __init__(self, fn, donate_argnums: tuple[int, ...] = (), precision: str | None = None):
-    self._jitted = jax.jit(fn, donate_argnums=donate_argnums)
+  def __init__(self, fn, donate_argnums: tuple[int, ...] = (), precision: str | None = None,
+               placement: sharding_lib.Placement | None = None):
+    self._jitted = jax.jit(fn if placement is None else placement.pin(fn),
+                           donate_argnums=donate_argnums)
     self._precision = precision
+    self._placement = placement
     self._compiled: dict[Any, Any] = {}
     self.seconds = 0.0
 
@@ -291,6 +309,8 @@ class _CompiledFunction:
     executable = self._compiled.get(key)
     if executable is None:
       start = time.perf_counter()
+      if self._placement is not None:
+        args = self._placement.abstract(args)
       with jax.default_matmul_precision(self._precision):
         executable = self._compiled[key] = self._jitted.lower(*args).compile()
       self.seconds += time.perf_counter() - start
@@ -309,17 +329,22 @@ def enable_compilation_cache(cache_dir: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def resolve_attention(name: str):
+def resolve_attention(name: str, config: LlamaConfig | None = None, mesh=None):
   """The cache attention for 'auto' (the fused kernel on GPUs, plain `jnp` elsewhere),
-  'xla' (plain `jnp` everywhere) or 'pallas' (the fused GPU kernel)."""
+  'xla' (plain `jnp` everywhere) or 'pallas' (the fused GPU kernel); on a mesh, as each
+  device runs it on its own heads (`sharding.shard_attention`)."""
   if name == 'auto':
     name = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
   if name == 'xla':
-    return attention_lib.cache_attention
-  if name == 'pallas':
+    attention = attention_lib.cache_attention
+  elif name == 'pallas':
     from clasp_jax import attention_pallas  # pylint: disable=g-import-not-at-top
-    return attention_pallas.cache_attention_pallas
-  raise ValueError(f"attention must be 'auto', 'xla' or 'pallas', got {name!r}")
+    attention = attention_pallas.cache_attention_pallas
+  else:
+    raise ValueError(f"attention must be 'auto', 'xla' or 'pallas', got {name!r}")
+  if mesh is None:
+    return attention
+  return sharding_lib.shard_attention(attention, config, mesh, kernel=name == 'pallas')
 
 
 class Decoder:
@@ -338,22 +363,26 @@ class Decoder:
     pass_width: tokens per full-model pass (see the module docstring). Decoders compare
       exactly only at the same width; the default is the same for every method.
     attention: 'auto', 'xla' or 'pallas' (see `resolve_attention`).
+    mesh: a `jax.sharding.Mesh` (or a spec, 'tp:N' or 'auto') to run tensor-parallel on,
+      params and cache placed by `sharding`'s rules (params already there stay put); None:
+      one device.
   """
 
   def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
                sampling: SamplingConfig = SamplingConfig(), tokenizer=None,
                fast_path: bool | None = None, pass_width: int = DEFAULT_PASS_WIDTH,
-               attention: str = 'auto'):
+               attention: str = 'auto', mesh=None):
     strategy.validate(config)
     if pass_width < 1:
       raise ValueError(f'pass_width must be >= 1, got {pass_width}')
-    self.params, self.config, self.strategy = params, config, strategy
+    self.mesh = sharding_lib.make_mesh(mesh)
+    self.config, self.strategy = config, strategy
     self.sampling, self.tokenizer, self.pass_width = sampling, tokenizer, pass_width
     if fast_path is None:
       fast_path = jax.default_backend() != 'cpu'
     self.fast_path = fast_path
-    if fast_path:
-      self.params = model_lib.unstack_layers(params)
+    self.params = sharding_lib.place_params(params, config, self.mesh, per_layer=fast_path)
+    placement = None if self.mesh is None else sharding_lib.Placement(config, self.mesh)
     # What drafting rounds run with: the params, plus the active layers' trees on the fast path.
     self._round_params = self.params
     # float32 means float32: on accelerators JAX's default would multiply in TF32 or bf16.
@@ -361,15 +390,18 @@ class Decoder:
     static = dict(config=config, strategy=strategy, sampling=sampling)
     self._prefill_fn = functools.partial(_prefill, config=config, sampling=sampling)
     self._prefill = _CompiledFunction(self._prefill_fn, donate_argnums=(4,),
-                                      precision=precision)
+                                      precision=precision, placement=placement)
+    attend = resolve_attention(attention, config, self.mesh)
     self._segments = {
-        draft: _CompiledFunction(functools.partial(
-            _segment, draft=draft, width=pass_width, attention=resolve_attention(attention),
-            **static), donate_argnums=(1,), precision=precision)
+        draft: _CompiledFunction(
+            functools.partial(_segment, draft=draft, width=pass_width, attention=attend,
+                              placement=placement, **static),
+            donate_argnums=(1,), precision=precision, placement=placement)
         for draft in (True, False)}
     # M is traced: one compile serves every M.
-    self._choose_skip_set = _CompiledFunction(functools.partial(
-        _choose_skip_set, config=config, strategy=strategy), precision=precision)
+    self._choose_skip_set = _CompiledFunction(
+        functools.partial(_choose_skip_set, config=config, strategy=strategy),
+        precision=precision, placement=placement)
     self.refresh_seconds = []
 
   @property
@@ -422,7 +454,7 @@ class Decoder:
     return bucket, max(bucket, cache_bucket(num_prompt_tokens, max_new_tokens, scratch))
 
   def _new_cache(self, capacity: int) -> KVCache:
-    return init_cache(self.config, capacity, dtype=self.params['embed'].dtype)
+    return sharding_lib.new_cache(self.config, capacity, self.params['embed'].dtype, self.mesh)
 
   @property
   def verify_rows(self) -> int:

@@ -8,6 +8,10 @@ on a leading axis L):
           optional bq [L, H*hd], bk/bv [L, KV*hd], mlp_norm [L, D],
           w_gate/w_up [L, D, F], w_down [L, F, D].
 
+The accelerator layout (`unstack_layers`) holds a tuple of L per-layer trees instead, with
+gate/up (and q/k/v) fused per tensor-parallel shard: w_gate_up [D, n, 2F/n], w_qkv
+[D, n, (H+2KV)/n*hd] (see `fuse_projections`; n = 1 on one device).
+
 `forward` runs a chunk of T tokens at positions [cache.length, cache.length + T), writes their
 keys/values and advances the cache. The layers are applied with `lax.scan` over the stacked
 tree (the reference path), or unrolled over per-layer trees (`unstack_layers`, the
@@ -106,13 +110,15 @@ def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
   """Pre-attention norm and projections: roped q [B,T,H,hd], k and v [B,T,KV,hd], and h."""
   B, T, _ = x_BTD.shape
   h_BTD = rms_norm(x_BTD, lp['attn_norm'], config.rms_norm_eps)
-  if 'w_qkv' in lp:  # fused (see `fuse_projections`)
-    qkv_BTx = h_BTD @ lp['w_qkv']
+  if 'w_qkv' in lp:  # fused per shard (see `fuse_projections`)
+    qkv_BTnY = _fused_matmul(h_BTD, lp['w_qkv'])
     if config.attention_bias:
-      qkv_BTx = qkv_BTx + lp['b_qkv']
-    q_dim = config.num_heads * config.head_dim
-    q_BTq, k_BTk, v_BTk = jnp.split(
-        qkv_BTx, [q_dim, q_dim + config.num_kv_heads * config.head_dim], axis=-1)
+      qkv_BTnY = qkv_BTnY + lp['b_qkv']
+    n = qkv_BTnY.shape[2]
+    q_dim = config.num_heads // n * config.head_dim
+    q_BTnY, k_BTnY, v_BTnY = jnp.split(
+        qkv_BTnY, [q_dim, q_dim + config.num_kv_heads // n * config.head_dim], axis=-1)
+    q_BTq, k_BTk, v_BTk = (x.reshape(B, T, -1) for x in (q_BTnY, k_BTnY, v_BTnY))
   else:
     q_BTq, k_BTk, v_BTk = h_BTD @ lp['wq'], h_BTD @ lp['wk'], h_BTD @ lp['wv']
     if config.attention_bias:
@@ -129,11 +135,12 @@ def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
   """Output projection, residual, and the SwiGLU MLP with its residual."""
   x_BTD = x_BTD + attn_BTq @ lp['wo']
   h_BTD = rms_norm(x_BTD, lp['mlp_norm'], config.rms_norm_eps)
-  if 'w_gate_up' in lp:  # fused (see `fuse_projections`)
-    gate_BTF, up_BTF = jnp.split(h_BTD @ lp['w_gate_up'], 2, axis=-1)
+  if 'w_gate_up' in lp:  # fused per shard (see `fuse_projections`)
+    gate_BTnF, up_BTnF = jnp.split(_fused_matmul(h_BTD, lp['w_gate_up']), 2, axis=-1)
+    act_BTF = (jax.nn.silu(gate_BTnF) * up_BTnF).reshape(x_BTD.shape[:-1] + (-1,))
   else:
-    gate_BTF, up_BTF = h_BTD @ lp['w_gate'], h_BTD @ lp['w_up']
-  return x_BTD + (jax.nn.silu(gate_BTF) * up_BTF) @ lp['w_down']
+    act_BTF = jax.nn.silu(h_BTD @ lp['w_gate']) * (h_BTD @ lp['w_up'])
+  return x_BTD + act_BTF @ lp['w_down']
 
 
 def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
@@ -208,30 +215,56 @@ def layer_params(params: Params, i: int | jax.Array) -> Params:
   return jax.tree.map(lambda w: w[i], params['layers'])
 
 
-def fuse_projections(lp: Params) -> Params:
-  """One layer's params with q/k/v (and their biases) and gate/up side by side in `w_qkv`
-  [D, (H+2KV)*hd] and `w_gate_up` [D, 2F]: a batch-1 decode step then runs two matrix-vector
-  products where it ran five, fewer and larger kernels."""
-  fused = {k: w for k, w in lp.items() if k not in ('wq', 'wk', 'wv', 'bq', 'bk', 'bv',
-                                                     'w_gate', 'w_up')}
-  fused['w_qkv'] = jnp.concatenate([lp['wq'], lp['wk'], lp['wv']], axis=-1)
-  if 'bq' in lp:
-    fused['b_qkv'] = jnp.concatenate([lp['bq'], lp['bk'], lp['bv']], axis=-1)
-  fused['w_gate_up'] = jnp.concatenate([lp['w_gate'], lp['w_up']], axis=-1)
+def _fused_matmul(h_BTD: jax.Array, w_DnY: jax.Array) -> jax.Array:
+  """`h @ W` for a fused weight [D, n, Y] of n shards: one matrix product, [B, T, n, Y]."""
+  D, n, _ = w_DnY.shape
+  return (h_BTD @ w_DnY.reshape(D, -1)).reshape(h_BTD.shape[:-1] + (n, -1))
+
+
+def fuse_projections(lp: Params, num_shards: int = 1, fuse_qkv: bool = True) -> Params:
+  """One layer's params with gate/up, and q/k/v (and their biases), side by side: a batch-1
+  decode step then runs two matrix-vector products where it ran five, fewer and larger
+  kernels.
+
+  The fused weights are laid out per tensor-parallel shard, so that sharding their shard
+  axis gives each device its own heads' q, k and v and its own slice of gate and up:
+  `w_qkv` [D, n, (H + 2 KV) / n * hd] holds in row i the columns [q_i k_i v_i] (the i-th
+  n-th of wq's, wk's and wv's columns), `b_qkv` [n, (H + 2 KV) / n * hd] likewise, and
+  `w_gate_up` [D, n, 2 F / n] holds [gate_i up_i]. With n = 1 that is plain concatenation,
+  and `_qkv` and `_finish_layer` compute exactly what the separate weights compute.
+
+  Args:
+    lp: one layer's params (unfused).
+    num_shards: n, the tensor-parallel size; H, KV (when `fuse_qkv`) and F must divide by it.
+    fuse_qkv: fuse q/k/v too; False keeps wq, wk and wv apart (for KV heads that a mesh
+      replicates: `sharding.fuse_qkv`).
+  """
+  def per_shard(*ws):
+    return jnp.concatenate([w.reshape(w.shape[:-1] + (num_shards, -1)) for w in ws], axis=-1)
+
+  fused = {k: w for k, w in lp.items() if k not in ('w_gate', 'w_up')}
+  fused['w_gate_up'] = per_shard(lp['w_gate'], lp['w_up'])
+  if fuse_qkv:
+    for k in ('wq', 'wk', 'wv', 'bq', 'bk', 'bv'):
+      fused.pop(k, None)
+    fused['w_qkv'] = per_shard(lp['wq'], lp['wk'], lp['wv'])
+    if 'bq' in lp:
+      fused['b_qkv'] = per_shard(lp['bq'], lp['bk'], lp['bv'])
   return fused
 
 
-def unstack_layers(params: Params) -> Params:
+def unstack_layers(params: Params, num_shards: int = 1, fuse_qkv: bool = True) -> Params:
   """Params whose layers are a tuple of L separate trees, projections fused.
 
   On accelerators a layer loop over one stacked tree slices (copies) each layer's weights
   every step, about twice the bytes of the step itself; separate buffers per layer, looped
-  over in Python (unrolled), are read in place. Done once, when a decoder is built.
+  over in Python (unrolled), are read in place. Done once, when a decoder is built (or the
+  weights are loaded). `num_shards` and `fuse_qkv` as in `fuse_projections`.
   """
   if is_per_layer(params):
     return params
   layers = (layer_params(params, i) for i in range(num_layers_in(params)))
-  return dict(params, layers=tuple(fuse_projections(lp) for lp in layers))
+  return dict(params, layers=tuple(fuse_projections(lp, num_shards, fuse_qkv) for lp in layers))
 
 
 def active_layers(params: Params, skip_L) -> tuple[tuple[Params, ...], np.ndarray]:

@@ -14,7 +14,9 @@ prompt, over the difference in tokens, so the prefill and per-call costs cancel:
 
 Random weights of a preset's shape (a random model writes degenerate text; speed does not
 care, and DET 0 fixes the drafts per round). The roofline is the time to read the weights
-once per token at the device's memory bandwidth.
+once per token at the device's memory bandwidth; on a mesh (`--mesh=tp:2`: this commit's
+engine, tensor-parallel) each device reads its share, so the roofline is the weights over the
+devices' combined bandwidth.
 
 The measuring runs in worker processes (this module run as a script) that import `clasp_jax`
 from the path given: the current checkout, or an older one, so that the figures of an older
@@ -25,6 +27,7 @@ provide: `Decoder(params, config, strategy)`, `generate`, `strategies.build`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -53,9 +56,12 @@ class Case:
   attention: str = 'auto'
 
 
-def random_params(config, key, dtype):
+def random_params(config, key, dtype, mesh=None):
   """Random per-layer params (q/k/v and gate/up fused: the accelerator layout), generated
-  layer by layer in `dtype`, so a 70B model never exists in float32 or stacked."""
+  layer by layer in `dtype`, so a 70B model never exists in float32 or stacked; on a mesh,
+  each layer is generated straight into the sharding rules' places, so no device ever holds
+  more than its share. Engines older than the per-shard fused layout (no `clasp_jax.sharding`)
+  get theirs, q/k/v and gate/up concatenated."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -64,6 +70,8 @@ def random_params(config, key, dtype):
   def normal(key, shape):
     return 0.02 * jax.random.normal(key, shape, dtype)
 
+  if importlib.util.find_spec('clasp_jax.sharding') is not None:
+    return _sharded_random_params(config, key, dtype, mesh, normal)
   layers = []
   for layer_key in jax.random.split(key, config.num_layers):
     k1, k2, k3, k4 = jax.random.split(layer_key, 4)
@@ -78,6 +86,44 @@ def random_params(config, key, dtype):
   return params
 
 
+def _sharded_random_params(config, key, dtype, mesh, normal):
+  """`random_params` in the per-shard fused layout, each layer made on the devices in its
+  sharding (`clasp_jax.sharding`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from clasp_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from clasp_jax import sharding  # pylint: disable=g-import-not-at-top
+  D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  sharding.check(config, mesh)
+  n = sharding.tp_size(mesh)
+
+  def layer(key):
+    ks = jax.random.split(key, 7)
+    lp = dict(attn_norm=jnp.ones((D,), dtype), wq=normal(ks[0], (D, q)),
+              wk=normal(ks[1], (D, kv)), wv=normal(ks[2], (D, kv)), wo=normal(ks[3], (q, D)),
+              mlp_norm=jnp.ones((D,), dtype), w_gate=normal(ks[4], (D, F)),
+              w_up=normal(ks[5], (D, F)), w_down=normal(ks[6], (F, D)))
+    return model_lib.fuse_projections(lp, n, sharding.fuse_qkv(config, n))
+
+  def top(key):
+    k_embed, k_head = jax.random.split(key)
+    params = dict(embed=normal(k_embed, (V, D)), final_norm=jnp.ones((D,), dtype))
+    if not config.tie_embeddings:
+      params['lm_head'] = normal(k_head, (D, V))
+    return params
+
+  def on_devices(fn):
+    if mesh is None:
+      return jax.jit(fn)
+    shapes = jax.eval_shape(fn, key)
+    return jax.jit(fn, out_shardings=sharding.tree_shardings(shapes, config, mesh))
+
+  make_layer = on_devices(layer)
+  layers = tuple(make_layer(k) for k in jax.random.split(key, config.num_layers))
+  return dict(on_devices(top)(jax.random.fold_in(key, 1)), layers=layers)
+
+
 def weight_bytes(params) -> int:
   """Bytes of weights a decode step reads: all of them but an untied embedding table, of
   which a step reads one row."""
@@ -86,11 +132,13 @@ def weight_bytes(params) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(read))
 
 
-def _decoder(params, config, strategy, attention):
+def _decoder(params, config, strategy, attention, mesh):
   from clasp_jax.engine import Decoder  # pylint: disable=g-import-not-at-top
   kwargs = {}
   if 'attention' in inspect.signature(Decoder).parameters:
     kwargs['attention'] = attention
+  if mesh is not None:
+    kwargs['mesh'] = mesh
   return Decoder(params, config, strategy, **kwargs)
 
 
@@ -105,7 +153,7 @@ def _timed(decoder, prompt, max_new_tokens, reps) -> tuple[float, int, int]:
   return sorted(seconds)[reps // 2], len(out.token_ids), len(out.accept_lengths)
 
 
-def measure(case: Case, params, config, short: int, long: int, reps: int) -> dict:
+def measure(case: Case, params, config, short: int, long: int, reps: int, mesh=None) -> dict:
   """One case's per-token (or per-round) seconds, from two generation lengths."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clasp_jax import strategies  # pylint: disable=g-import-not-at-top
@@ -118,7 +166,7 @@ def measure(case: Case, params, config, short: int, long: int, reps: int) -> dic
   else:
     strategy = strategies.build('clasp', config, skip_layers=L // 2, num_draft_tokens=K,
                                 draft_exit_threshold=0.0, loi=1)
-  decoder = _decoder(params, config, strategy, case.attention)
+  decoder = _decoder(params, config, strategy, case.attention, mesh)
   prompt = np.random.RandomState(0).randint(0, config.vocab_size,
                                             case.context - long).tolist()
   t_short, n_short, r_short = _timed(decoder, prompt, short, reps)
@@ -133,21 +181,27 @@ def worker(spec: dict) -> list[dict]:
   """Measures every case of `spec` with the `clasp_jax` on sys.path; one result per case."""
   import jax  # pylint: disable=g-import-not-at-top
   from clasp_jax.config import LlamaConfig  # pylint: disable=g-import-not-at-top
+  mesh = None
+  if spec['mesh']:  # this commit's engine only (run_engine)
+    from clasp_jax import sharding  # pylint: disable=g-import-not-at-top
+    mesh = sharding.make_mesh(spec['mesh'])
+  num_devices = 1 if mesh is None else mesh.size
   results, models = [], {}
   for case_dict in spec['cases']:
     case = Case(**case_dict)
-    if case.preset not in models:
-      models.clear()  # one model in memory at a time (70B fills a GPU)
-      config = LlamaConfig(**{k: tuple(v) if isinstance(v, list) else v
-                              for k, v in spec['configs'][case.preset].items()
-                              if k != 'rope_scaling'})
-      params = random_params(config, jax.random.key(0), spec['dtype'])
-      models[case.preset] = config, params
-    config, params = models[case.preset]
-    row = dict(case_dict, engine=spec['engine'], weight_bytes=weight_bytes(params),
+    row = dict(case_dict, engine=spec['engine'], mesh=spec['mesh'], num_devices=num_devices,
                device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__)
-    try:
-      row.update(measure(case, params, config, spec['short'], spec['long'], spec['reps']))
+    try:  # a model that does not fit, or does not split over the mesh, is an error row
+      if case.preset not in models:
+        models.clear()  # one model in memory at a time (70B fills a GPU)
+        config = LlamaConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in spec['configs'][case.preset].items()
+                                if k != 'rope_scaling'})
+        models[case.preset] = config, random_params(config, jax.random.key(0), spec['dtype'],
+                                                    mesh)
+      config, params = models[case.preset]
+      row['weight_bytes'] = weight_bytes(params)
+      row.update(measure(case, params, config, spec['short'], spec['long'], spec['reps'], mesh))
     except Exception as e:  # pylint: disable=broad-except
       row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
     results.append(row)
@@ -156,10 +210,14 @@ def worker(spec: dict) -> list[dict]:
 
 
 def run_engine(checkout: str, engine: str, cases: list[Case], configs: dict, *, dtype: str,
-               short: int, long: int, reps: int) -> list[dict]:
-  """Runs a worker process that imports `clasp_jax` from `checkout`; its result rows."""
+               short: int, long: int, reps: int, mesh: str = '') -> list[dict]:
+  """Runs a worker process that imports `clasp_jax` from `checkout`; its result rows.
+
+  `mesh` ('tp:N', 'auto'; engines with `clasp_jax.sharding` only) runs the decoders
+  tensor-parallel; '' on one device.
+  """
   spec = dict(engine=engine, cases=[dataclasses.asdict(c) for c in cases], configs=configs,
-              dtype=dtype, short=short, long=long, reps=reps)
+              dtype=dtype, short=short, long=long, reps=reps, mesh=mesh)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [checkout] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)],
@@ -171,49 +229,54 @@ def run_engine(checkout: str, engine: str, cases: list[Case], configs: dict, *, 
       print(line, end='', flush=True)
   stderr = proc.stderr.read()
   if proc.wait():
-    rows.append(dict(engine=engine, error=f'worker exit {proc.returncode}: '
+    rows.append(dict(engine=engine, mesh=mesh, error=f'worker exit {proc.returncode}: '
                      + ' | '.join(stderr.strip().splitlines()[-3:])))
   return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-  """Adds the roofline fraction, the draft-step fraction and the refresh cost to the rows."""
-  plain = {(r['engine'], r['preset'], r['context'], r['attention']): r for r in rows
-           if r.get('what') == 'plain' and 'error' not in r}
-  static = {(r['engine'], r['preset'], r['context'], r['attention']): r for r in rows
-            if r.get('what') == 'draft' and 'error' not in r}
+  """Adds the roofline fraction, the draft-step fraction and the refresh cost to the rows.
+
+  On a mesh the roofline is the weights read at the devices' combined bandwidth.
+  """
+  def key(r):
+    return r['engine'], r.get('mesh', ''), r['preset'], r['context'], r['attention']
+
+  plain = {key(r): r for r in rows if r.get('what') == 'plain' and 'error' not in r}
+  static = {key(r): r for r in rows if r.get('what') == 'draft' and 'error' not in r}
   for r in rows:
     if 'error' in r or 'what' not in r:
       continue
-    key = (r['engine'], r['preset'], r['context'], r['attention'])
     bandwidth = BANDWIDTH.get(r['device_kind'])
     if r['what'] == 'plain' and bandwidth:
-      r['roofline_seconds'] = r['weight_bytes'] / bandwidth
+      r['roofline_seconds'] = r['weight_bytes'] / (bandwidth * r.get('num_devices', 1))
       r['roofline_fraction'] = r['roofline_seconds'] / r['seconds_per_token']
-    step = plain.get(key, {}).get('seconds_per_token')
+    step = plain.get(key(r), {}).get('seconds_per_token')
     if r['what'] == 'draft' and step:
       r['draft_step_fraction'] = (r['seconds_per_round'] - step) / 8 / step
-    if r['what'] == 'refresh' and key in static and step:
+    if r['what'] == 'refresh' and key(r) in static and step:
       r['refresh_in_verify_passes'] = (r['seconds_per_round']
-                                       - static[key]['seconds_per_round']) / step
+                                       - static[key(r)]['seconds_per_round']) / step
   return rows
 
 
 def markdown(rows: list[dict]) -> str:
   """The rows as a markdown table."""
-  lines = ['| engine | preset | context | attention | what | ms/token | ms/round | '
+  lines = ['| engine | mesh | preset | context | attention | what | ms/token | ms/round | '
            'roofline | draft step / plain step | refresh (verify passes) |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   def fmt(value, spec):
     return format(value, spec) if value is not None else ''
   for r in rows:
+    mesh = r.get('mesh') or '1 device'
     if 'error' in r:
-      lines.append(f"| {r.get('engine', '')} | {r.get('preset', '')} | {r.get('context', '')} "
-                   f"| {r.get('attention', '')} | {r.get('what', '')} | error: {r['error']} "
-                   '| | | | |')
+      lines.append(f"| {r.get('engine', '')} | {mesh} | {r.get('preset', '')} | "
+                   f"{r.get('context', '')} | {r.get('attention', '')} | {r.get('what', '')} | "
+                   f"error: {r['error']} | | | | |")
       continue
     lines.append(
-        f"| {r['engine']} | {r['preset']} | {r['context']} | {r['attention']} | {r['what']} | "
+        f"| {r['engine']} | {mesh} | {r['preset']} | {r['context']} | {r['attention']} | "
+        f"{r['what']} | "
         f"{1e3 * r['seconds_per_token']:.3f} | {1e3 * r['seconds_per_round']:.3f} | "
         f"{fmt(r.get('roofline_fraction'), '.0%')} | {fmt(r.get('draft_step_fraction'), '.2f')} "
         f"| {fmt(r.get('refresh_in_verify_passes'), '.2f')} |")

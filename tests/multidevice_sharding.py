@@ -1,0 +1,164 @@
+"""Sharded runs on 8 host devices: run by `test_sharding.py` in a pytest process of its own,
+under XLA_FLAGS=--xla_force_host_platform_device_count=8 (skipped with fewer devices).
+
+On meshes of 1, 2 and 4 devices (KV heads split, then each held by two devices) the tiny
+model's tokens equal the single-device run's for plain decoding, CLaSp and prompt lookup, on
+both layer paths; params and cache carry the rules' shardings; the loaders place weights
+straight into them; the Pallas kernel runs per device on its own heads.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+from clasp_jax import attention
+from clasp_jax import attention_pallas
+from clasp_jax import model as model_lib
+from clasp_jax import sharding
+from clasp_jax import strategies
+from clasp_jax import weights
+from clasp_jax.engine import Decoder
+import tiny
+
+if jax.device_count() < 8:
+  pytest.skip('needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8',
+              allow_module_level=True)
+
+METHODS = {
+    'vanilla': ('vanilla', {}),
+    'clasp': ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
+    'pld': ('pld', dict(num_draft_tokens=5)),
+}
+# (method, mesh, fast_path): every method on meshes of 2 and 4 on the reference path, and
+# CLaSp, whose draft runs the active layers' own buffers, on the fast path of every mesh.
+CASES = ([(name, mesh, False) for name in METHODS for mesh in ('tp:2', 'tp:4')]
+         + [('clasp', mesh, True) for mesh in ('tp:1', 'tp:2', 'tp:4')])
+PROMPTS = 2
+
+
+@pytest.fixture(scope='module')
+def single_device(tiny_model):
+  """Plain decoding's tokens on one device (no mesh), per layer path."""
+  config, params = tiny_model
+  return {fast_path: [Decoder(params, config, strategies.Vanilla(), fast_path=fast_path)
+                      .generate(p, tiny.MAX_NEW).token_ids
+                      for p in tiny.prompts(config, count=PROMPTS)]
+          for fast_path in (False, True)}
+
+
+@pytest.mark.parametrize('name,mesh,fast_path', CASES)
+def test_tokens_equal_the_single_device_run(tiny_model, single_device, name, mesh, fast_path):
+  config, params = tiny_model
+  method, settings = METHODS[name]
+  decoder = Decoder(params, config, strategies.build(method, config, **settings),
+                    fast_path=fast_path, mesh=mesh)
+  outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config, count=PROMPTS)]
+  assert [o.token_ids for o in outs] == single_device[fast_path]
+  if name != 'vanilla':
+    assert any(d > 0 for o in outs for d in o.draft_lengths)  # it did draft
+
+
+def test_lossless_within_a_mesh_in_bfloat16(tiny_model):
+  """bfloat16 on 2 devices: CLaSp equals plain decoding on the same mesh token for token (the
+  mesh's tokens may part from one device's at near-ties: the projections' partial sums are
+  added across devices in another order)."""
+  config, params = tiny_model
+  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+  prompts = tiny.prompts(config, count=PROMPTS)
+  plain, clasp = (Decoder(params, config, strategies.build(method, config, **settings),
+                          fast_path=True, mesh='tp:2')
+                  for method, settings in (METHODS['vanilla'], METHODS['clasp']))
+  assert ([clasp.generate(p, tiny.MAX_NEW).token_ids for p in prompts]
+          == [plain.generate(p, tiny.MAX_NEW).token_ids for p in prompts])
+
+
+def _assert_placed_by_the_rules(tree, config, mesh):
+  expected = sharding.tree_shardings(tree, config, mesh)
+  for (path, leaf), want in zip(jax.tree_util.tree_leaves_with_path(tree),
+                                jax.tree.leaves(expected)):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize('fast_path', [False, True])
+def test_params_and_cache_carry_the_rules_shardings(tiny_model, fast_path):
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.build('clasp', config, **METHODS['clasp'][1]),
+                    fast_path=fast_path, mesh='tp:4')
+  mesh = decoder.mesh
+  _assert_placed_by_the_rules(decoder.params, config, mesh)
+  view = sharding.rules_mesh(config, mesh)  # [2 KV heads, 2 devices each]
+  assert view.devices.shape == (2, 2)
+  layer = decoder.params['layers'][0] if fast_path else decoder.params['layers']
+  wq, wk = layer['wq'], layer['wk']  # q/k/v unfused: 4 devices, 2 KV heads
+  assert wq.sharding.spec[-1] == ('tp', 'kv_replica') and wk.sharding.spec[-1] == 'tp'
+  assert wq.addressable_shards[0].data.shape[-1] == config.num_heads * config.head_dim // 4
+  assert wk.addressable_shards[0].data.shape[-1] == config.head_dim
+  tokens_P = np.zeros((32,), np.int32)
+  tokens_P[:20] = tiny.prompts(config)[0]
+  # pylint: disable=protected-access
+  state = decoder._prefill(decoder.params, tokens_P, np.int32(20), jax.random.key(0),
+                           decoder._new_cache(256))
+  # pylint: enable=protected-access
+  state = decoder.run_segment(decoder.refresh(state, 2), strategies.base.Segment(True, 2), 40)
+  _assert_placed_by_the_rules(state, config, mesh)
+  assert state.cache.k_LBSKh.sharding.is_equivalent_to(
+      NamedSharding(view, P(None, None, None, 'tp', None)), 5)
+  assert state.cache.k_LBSKh.addressable_shards[0].data.shape[3] == 1  # one KV head each
+
+
+def test_fused_params_on_two_devices(tiny_model):
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.Vanilla(), fast_path=True, mesh='tp:2')
+  layer = decoder.params['layers'][0]
+  assert layer['w_qkv'].sharding.spec == P(None, 'tp', None)
+  # Each device holds its own 2 query heads, 1 KV head's keys and 1's values.
+  assert layer['w_qkv'].addressable_shards[1].data.shape == (64, 1, (2 + 1 + 1) * 16)
+  assert layer['w_gate_up'].addressable_shards[1].data.shape == (64, 1, 128)
+  with pytest.raises(ValueError, match='fused for 2 devices, the mesh has 4'):
+    Decoder(decoder.params, config, strategies.Vanilla(), mesh='tp:4')
+
+
+def test_bad_mesh_is_an_error(tiny_model):
+  config, params = tiny_model
+  with pytest.raises(ValueError, match='mesh tp:16 needs 16 devices; 8 available'):
+    Decoder(params, config, strategies.Vanilla(), mesh='tp:16')
+  with pytest.raises(ValueError, match=r'num_heads \(4\) must be divisible'):
+    Decoder(params, config, strategies.Vanilla(), mesh='tp:8')
+
+
+@pytest.mark.parametrize('per_layer', [False, True])
+def test_load_places_weights_straight_into_their_shardings(tiny_hf_checkpoint, tmp_path,
+                                                           per_layer):
+  """From the safetensors folder, then from the orbax cache: values as loaded on one device
+  (fused for two shards in the per-layer layout), every leaf on the mesh by the rules."""
+  plain = weights.load(tiny_hf_checkpoint).params
+  if per_layer:
+    plain = model_lib.unstack_layers(plain, num_shards=2)
+  for _ in range(2):  # converts and saves, then restores the cache entry
+    model = weights.load(tiny_hf_checkpoint, mesh='tp:2', per_layer=per_layer,
+                         cache_dir=str(tmp_path))
+    _assert_placed_by_the_rules(model.params, model.config, model.mesh)
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(plain)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert model.params['embed'].sharding.spec == P('tp', None)  # V 256 splits in two
+
+
+@pytest.mark.parametrize('mesh', ['tp:2', 'tp:4'])
+def test_pallas_kernel_runs_per_device_on_its_own_heads(mesh):
+  config = tiny.tiny_config()
+  mesh = sharding.make_mesh(mesh)
+  rng = np.random.default_rng(0)
+  T, S, start = 4, 256, 130
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+  q = normal(1, T, config.num_heads, config.head_dim)
+  k, v = (normal(1, T, config.num_kv_heads, config.head_dim) for _ in range(2))
+  caches = [normal(2, 1, S, config.num_kv_heads, config.head_dim) for _ in range(2)]
+  kernel = functools.partial(attention_pallas.cache_attention_pallas, interpret=True)
+  sharded = jax.jit(sharding.shard_attention(kernel, config, mesh, kernel=True))
+  out = sharded(q, k, v, *caches, 1, start)
+  want = attention.cache_attention(q, k, v, *caches, 1, start)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
