@@ -216,6 +216,10 @@ def _layer(key: jax.Array, factor: jax.Array, spec: PlantedModel, dtype,
 # the spec they take has them cleared (see `build_params`). The stack is built layer after layer
 # (`lax.map`), each layer drawn exactly as `_one_layer` draws it.
 _one_layer = jax.jit(functools.partial(_layer, fused=True), static_argnums=(2, 3))
+# The fused matrices as `model.fuse_projections` lays them out for one tensor-parallel shard,
+# [D, 1, X]: a reshape in place (the drawn layer is donated), so no weight exists twice.
+_one_shard = jax.jit(lambda lp: dict(lp, w_qkv=lp['w_qkv'][:, None],
+                                     w_gate_up=lp['w_gate_up'][:, None]), donate_argnums=0)
 _stacked_layers = jax.jit(
     lambda keys_L, factors_L, spec, dtype: jax.lax.map(
         lambda kf: _layer(kf[0], kf[1], spec, dtype, fused=False), (keys_L, factors_L)),
@@ -251,7 +255,7 @@ def build_params(spec: PlantedModel, dtype=jnp.float32, per_layer: bool = False)
     # Unit-RMS final states: logits ~ normal(0, logit_std^2).
     params['lm_head'] = _matrix(k_head, (D, V), spec.logit_std / math.sqrt(D), dtype)
   if per_layer:
-    params['layers'] = tuple(_one_layer(keys_L[i], factors_L[i], weights, dtype)
+    params['layers'] = tuple(_one_shard(_one_layer(keys_L[i], factors_L[i], weights, dtype))
                              for i in range(L))
   else:
     params['layers'] = _stacked_layers(keys_L, factors_L, weights, dtype)

@@ -35,9 +35,12 @@ skip set is chosen differently, by a host-side search:
    Each selection's time (confidence forward and rule) is reported as CLaSp's DP time is, in
    `Generation.refresh_times`.
 
-The skip set changes from the host between rounds (`Decoder.put_skip_set`). On the reference
-path it is just a new bool[L] value, so nothing retraces; on the accelerator path the active
-layers are picked again (their own buffers, no copy), and each M compiles its own round once.
+The skip set changes from the host between segments of rounds (`Decoder.put_skip_set`); a
+segment runs on the device until the set in force is next judged (after `early_rounds`, then
+`eval_rounds` of its evaluation), so the search reads each round's statistics only then. On
+the reference path a set is just a new bool[L] value, so nothing retraces; on the accelerator
+path the active layers are picked again (their own buffers, no copy), and each M compiles its
+own segment once (`ConfLayers.skip_counts`: every size a selection may give).
 """
 
 from __future__ import annotations
