@@ -8,7 +8,9 @@ from clasp_jax import engine
 from clasp_jax import strategies
 from clasp_jax.engine import Decoder
 from clasp_jax.sampling import SamplingConfig
+from clasp_jax.strategies import adaptive
 import tiny
+
 
 
 
@@ -80,6 +82,24 @@ def test_no_retrace_across_prompts_and_skip_sets(tiny_model, monkeypatch, fast_p
   assert len(skip_sets) > 1  # the DP really moved the skip set
   assert len({a for o in outs for a in o.accept_lengths}) > 1
   chex.clear_trace_counter()
+
+
+@pytest.mark.parametrize('fast_path', [False, True])
+def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path):
+  """After `Decoder.compile` for two prompt buckets, generations in both compile nothing
+  (every compile goes through the decoder's compiled functions, which count its seconds),
+  whatever M `auto` moves to."""
+  config, params = tiny_model
+  strategy = strategies.build('clasp', config, skip_layers='auto', num_draft_tokens=4)
+  decoder = Decoder(params, config, strategy, fast_path=fast_path)
+  decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, config.num_layers,
+                                                    tiny.GPU_LIKE_COSTS)
+  prompts = [tiny.prompts(config, count=1, length=n)[0] for n in (20, 40)]  # buckets 32, 64
+  for prompt in prompts:
+    assert decoder.compile(len(prompt), tiny.MAX_NEW) > 0
+  for prompt in prompts * 2:
+    assert decoder.generate(prompt, tiny.MAX_NEW).compile_seconds == 0.0
+  assert decoder.compile(len(prompts[0]), tiny.MAX_NEW) == 0.0
 
 
 @pytest.mark.parametrize('prompt,max_new,match', [

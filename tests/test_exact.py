@@ -22,9 +22,6 @@ from clasp_jax.engine import Decoder
 from clasp_jax.strategies import adaptive
 import tiny
 
-# A device where a draft step costs its share of the layers and verification one step.
-GPU_LIKE = adaptive.Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.15, verify=1.0,
-                          dp=0.3)
 
 PROMPT_LEN = 20
 NUM_TOKENS = 12
@@ -139,7 +136,8 @@ def test_every_method_equals_plain_decoding_in_bfloat16(bf16_model, bf16_vanilla
   strategy = strategies.build(method, config, **settings)
   decoder = Decoder(params, config, strategy, fast_path=fast_path)
   if name == 'clasp_auto':  # costs of a device where drafting pays, so that it drafts here
-    decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, config.num_layers, GPU_LIKE)
+    decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, config.num_layers,
+                                                      tiny.GPU_LIKE_COSTS)
   outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config)]
   assert [o.token_ids for o in outs] == bf16_vanilla[fast_path]
   assert any(d > 0 for o in outs for d in o.draft_lengths)  # it did draft

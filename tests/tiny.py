@@ -5,6 +5,7 @@ import numpy as np
 
 from clasp_jax import model as model_lib
 from clasp_jax.config import LlamaConfig, RopeScaling
+from clasp_jax.strategies import adaptive
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -30,3 +31,9 @@ def prompts(config: LlamaConfig, count: int = 3, length: int = 20) -> list[list[
   """Random prompts (the same ones every call), avoiding the low ids EOS lives among."""
   rng = np.random.RandomState(1)
   return [rng.randint(4, config.vocab_size, length).tolist() for _ in range(count)]
+
+
+#: Step costs of a device where drafting pays (a draft step costs its share of the layers, a
+#: verify pass one plain step), given to `auto` so that it drafts on the CPU in tests.
+GPU_LIKE_COSTS = adaptive.Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.15,
+                                verify=1.0, dp=0.3)

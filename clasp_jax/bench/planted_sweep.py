@@ -1,14 +1,14 @@
 """An epsilon sweep on planted models: every method through the real `Decoder`, measured.
 
-For each epsilon, the planted model (`bench.planted`) is built and every method decodes the
-same prompts: plain decoding, the paper's CLaSp (layer-skip drafts only) at fixed M =
-round(0.4 L) and round(0.5 L) and with M chosen online ('auto'), the default method (`clasp`:
-M chosen online, prompt lookup first), a static skip set (the planted set, or M = 0.5 L
-layers spread evenly), and prompt lookup. Every method is warmed up first; then the methods take turns per
-prompt, in an order that rotates from one prompt to the next, so that drifts of the machine
-fall on all of them alike. A timed generation during which JAX traced or compiled anything
-(the engine compiles small host-side reads per new round count) is run again, up to twice, so
-that no reported time includes compilation; its tokens are the same ('auto' keeps learning
+For each epsilon, the planted model (`bench.planted`) is built and every method decodes the same
+prompts: plain decoding, the paper's CLaSp (layer-skip drafts only) at fixed M = round(0.4 L)
+and round(0.5 L) and with M chosen online ('auto'), the default method (`clasp`: M chosen
+online, prompt lookup first), a static skip set (the planted set, or M = 0.5 L layers spread
+evenly), and prompt lookup. Every method is warmed up first; then the methods take turns per
+prompt, in an order that rotates from one prompt to the next, so that drifts of the machine fall
+on all of them alike. A timed generation during which JAX traced or compiled anything (on
+accelerators, a drafting segment for an M that the warm-up did not reach) is run again, up to
+twice, so that no reported time includes compilation; its tokens are the same ('auto' keeps learning
 across the runs, as it does across prompts).
 
 Per point and method it reports tau, drafts per round, the share of rounds that drafted,

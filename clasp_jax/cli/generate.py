@@ -6,8 +6,8 @@
 Prints the text, then one line: prompt tokens, new tokens, the time spent decoding and its
 tokens/s, the time spent compiling (apart: the first run compiles before its first token; later
 runs load the compiled programs from --cache_dir) and, for speculative methods, tau (mean tokens
-per round) and the number of rounds. clasp-bench measures steady-state speed. Progress messages (loading, converting, compiling) go to stderr unless
---quiet is given.
+per round) and the number of rounds. clasp-bench measures steady-state speed. Progress messages
+(loading, converting, compiling) go to stderr unless --quiet is given.
 """
 
 from __future__ import annotations

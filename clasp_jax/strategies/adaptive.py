@@ -225,14 +225,14 @@ class AdaptivePolicy(Policy):
 
   Beside M it chooses how many drafts a round may make (`DecodeState.draft_limit`), since at a
   middling acceptance rate a short draft pays where K drafts would not. One policy serves every
-  generation of a decoder: what drafting at each M achieved carries
-  over (decayed per round), and so does the plain-decoding back-off, so that later prompts
-  start from informed estimates and a model on which drafting does not pay is probed (a few
-  rounds of a few drafts) ever more rarely, not at every prompt. A value of M not tried yet is expected to do as well
-  as the nearest one tried (optimism that makes it worth a try: acceptance only falls as more
-  layers are skipped, so a try settles it). With prompt lookup on, only the rounds that drafted
-  with layers skipped teach it anything, and "plain" means rounds that take lookup drafts when
-  they have a match and plain steps otherwise.
+  generation of a decoder: what drafting at each M achieved carries over (decayed per round),
+  and so does the plain-decoding back-off, so that later prompts start from informed estimates
+  and a model on which drafting does not pay is probed (a few rounds of a few drafts) ever more
+  rarely, not at every prompt. A value of M not tried yet is expected to do as well as the
+  nearest one tried (optimism that makes it worth a try: acceptance only falls as more layers
+  are skipped, so a try settles it). With prompt lookup on, only the rounds that drafted with
+  layers skipped teach it anything, and "plain" means rounds that take lookup drafts when they
+  have a match and plain steps otherwise.
 
   Args:
     strategy: the `AdaptiveClasp` settings.
