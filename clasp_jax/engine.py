@@ -199,7 +199,7 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: ja
   return DecodeState(
       cache=out.cache.rollback(prompt_len), tokens_N=tokens_N, num_tokens=prompt_len + 1,
       prompt_len=prompt_len, skip_L=jnp.zeros((config.num_layers,), bool),
-      skip_drafts=jnp.ones((), bool), draft_limit=jnp.int32(np.iinfo(np.int32).max),
+      draft_limit=jnp.int32(np.iinfo(np.int32).max),
       target_hidden_LD=out.hiddens_LBPD[:, 0, 0], rng=rng, done=_is_eos(config, first),
       num_rounds=jnp.zeros((), jnp.int32), accepted_R=jnp.zeros((max_rounds,), jnp.int32),
       drafted_R=jnp.zeros((max_rounds,), jnp.int32),
@@ -387,17 +387,20 @@ class Decoder:
     self._round_params = self.params
     # float32 means float32: on accelerators JAX's default would multiply in TF32 or bf16.
     precision = 'highest' if self.params['embed'].dtype == jnp.float32 else None
-    static = dict(config=config, strategy=strategy, sampling=sampling)
     self._prefill_fn = functools.partial(_prefill, config=config, sampling=sampling)
     self._prefill = _CompiledFunction(self._prefill_fn, donate_argnums=(4,),
                                       precision=precision, placement=placement)
     attend = resolve_attention(attention, config, self.mesh)
+    kinds = {'plain': (strategy, False), 'draft': (strategy, True)}
+    if strategy.lookup_strategy is not None:
+      kinds['lookup'] = (strategy.lookup_strategy, True)
     self._segments = {
-        draft: _CompiledFunction(
-            functools.partial(_segment, draft=draft, width=pass_width, attention=attend,
-                              placement=placement, **static),
+        kind: _CompiledFunction(
+            functools.partial(_segment, strategy=runs, draft=draft, width=pass_width,
+                              attention=attend, placement=placement, config=config,
+                              sampling=sampling),
             donate_argnums=(1,), precision=precision, placement=placement)
-        for draft in (True, False)}
+        for kind, (runs, draft) in kinds.items()}
     # M is traced: one compile serves every M.
     self._choose_skip_set = _CompiledFunction(
         functools.partial(_choose_skip_set, config=config, strategy=strategy),
@@ -462,18 +465,21 @@ class Decoder:
     return verify_rows(self.strategy.num_draft_tokens, self.pass_width)
 
   def _segment_args(self, state, segment: Segment, max_new_tokens) -> tuple[Any, ...]:
-    params = self._round_params if segment.draft else self.params
+    if segment.kind == 'draft':
+      params = self._round_params
+    else:  # no draft layers: the same program whatever skip set is in force
+      params, state = self.params, state.replace(draft_ids_A=None)
     limit = state.cache.max_len if segment.rounds is None else segment.rounds
     return params, state, np.int32(max_new_tokens), np.int32(limit)
 
   def compile_segment(self, state: DecodeState, segment: Segment) -> None:
     """Compiles the segment `run_segment` would run on this state (concrete or abstract)."""
-    self._segments[segment.draft].compiled(*self._segment_args(state, segment, 0))
+    self._segments[segment.kind].compiled(*self._segment_args(state, segment, 0))
 
   def run_segment(self, state: DecodeState, segment: Segment,
                   max_new_tokens: int) -> DecodeState:
     """Runs a segment of rounds on the device (the state is donated)."""
-    return self._segments[segment.draft](*self._segment_args(state, segment, max_new_tokens))
+    return self._segments[segment.kind](*self._segment_args(state, segment, max_new_tokens))
 
   def compile(self, num_prompt_tokens: int, max_new_tokens: int) -> float:
     """Compiles everything a request of this size may run, without running it.
@@ -507,6 +513,8 @@ class Decoder:
         self._round_params = round_params
       else:
         self.compile_segment(state, Segment(draft=True))
+    if self.strategy.lookup_strategy is not None:
+      self.compile_segment(state, Segment(draft=True, lookup_only=True))
     if self.strategy.skips_layers:
       self._choose_skip_set.compiled(self.params, state, jax.ShapeDtypeStruct((), jnp.int32))
     return self.compile_seconds - before

@@ -21,8 +21,6 @@ class DecodeState:
     num_tokens: int32 scalar, committed tokens including the prompt.
     prompt_len: int32 scalar.
     skip_L: bool[L] the skip set the draft uses.
-    skip_drafts: bool scalar, whether a round may draft with layers skipped; a policy turns
-      it off between segments to decode with prompt lookup alone (`layer_skip`).
     draft_limit: int32 scalar, the most drafts a layer-skip draft may propose in a round (K
       bounds it too); a policy lowers it to probe cheaply whether drafting pays.
     target_hidden_LD: [L+1, D] pre-norm hidden states of the last token the cache holds
@@ -43,7 +41,6 @@ class DecodeState:
   num_tokens: jax.Array
   prompt_len: jax.Array
   skip_L: jax.Array
-  skip_drafts: jax.Array
   draft_limit: jax.Array
   target_hidden_LD: jax.Array
   rng: jax.Array

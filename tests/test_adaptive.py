@@ -48,10 +48,10 @@ def test_picks_plain_decoding_when_drafting_cannot_pay():
 
 
 class _FakeState:
-  """The fields of a decode state the policy sets itself."""
+  """The field of a decode state the policy sets itself."""
 
-  def __init__(self, skip_drafts=True, draft_limit=8):
-    self.skip_drafts, self.draft_limit = skip_drafts, draft_limit
+  def __init__(self, draft_limit=8):
+    self.draft_limit = draft_limit
 
   def replace(self, **fields):
     return _FakeState(**{**vars(self), **fields})
@@ -68,10 +68,6 @@ class _FakeDecoder:
     self.refreshed.append(num_skip)
     return state
 
-  def put_skip_set(self, state, skip_L):
-    del skip_L
-    return state
-
 
 def _policy(costs, **settings):
   settings = dict(dict(candidates=(2, 4, 8, 12), initial_skip_layers=4, lookup=False),
@@ -85,7 +81,7 @@ def _drive(policy, decoder, accepted, drafted, segments, source=SKIP):
   schedule, state = [], _FakeState()
   for _ in range(segments):
     state, segment = policy.next_segment(decoder, state)
-    skipping = segment.draft and state.skip_drafts
+    skipping = segment.kind == 'draft'
     schedule.append((skipping, segment.rounds))
     if skipping:
       policy.observe(np.full(segment.rounds, accepted), np.full(segment.rounds, drafted),

@@ -258,7 +258,6 @@ class AdaptivePolicy(Policy):
     self.draft_segments = 0  # since drafting (re)started
     self.drafting = False  # whether the segment running drafts with layers skipped
     self.probing = False  # whether it is a probe (few rounds of few drafts)
-    self.skip_set_put = False  # whether this generation's state has a skip set in force
 
   def _observed(self) -> dict[int, tuple[float, float]]:
     """(acceptance, drafts per round) for every candidate M: as observed, or, not tried yet,
@@ -301,20 +300,13 @@ class AdaptivePolicy(Policy):
     self.drafting = self.plain_left == 0
     if not self.drafting:
       rounds = self.plain_left
-      if not self.s.lookup:
-        return state, Segment(draft=False, rounds=rounds)
-      if not self.skip_set_put:  # lookup rounds draft nothing else, but run the drafting round
-        state = decoder.put_skip_set(state, spread_skip_set(self.L, self.chosen))
-        self.skip_set_put = True
-      return state.replace(skip_drafts=jnp.zeros((), bool)), Segment(draft=True, rounds=rounds)
+      return state, Segment(draft=self.s.lookup, rounds=rounds, lookup_only=self.s.lookup)
     self.num_skip = self._explore_target()
     # The first drafting segment after plain decoding probes: a few rounds of a few drafts.
     self.probing = self.draft_segments == 0
     limit, rounds = ((self.s.probe_drafts, self.s.probe_rounds) if self.probing
                      else (self.draft_limit, self.s.loi))
-    state = decoder.refresh(state, self.num_skip).replace(skip_drafts=jnp.ones((), bool),
-                                                          draft_limit=jnp.int32(limit))
-    self.skip_set_put = True
+    state = decoder.refresh(state, self.num_skip).replace(draft_limit=jnp.int32(limit))
     return state, Segment(draft=True, rounds=rounds)
 
   def observe(self, accepted_R, drafted_R, source_R):

@@ -58,10 +58,19 @@ class Segment:
     draft: whether its rounds draft (False: plain decoding steps).
     rounds: the most rounds it runs; None: until the generation ends. A segment always stops
       at EOS or the token budget.
+    lookup_only: its rounds draft by prompt lookup alone (plain steps where the context has no
+      match): the rounds of the strategy's `lookup_strategy`, for a policy's stretches without
+      layer-skip drafts.
   """
 
   draft: bool
   rounds: int | None = None
+  lookup_only: bool = False
+
+  @property
+  def kind(self) -> str:
+    """'plain', 'draft' or 'lookup': which compiled program runs it."""
+    return 'lookup' if self.lookup_only else 'draft' if self.draft else 'plain'
 
 
 class Strategy(abc.ABC):
@@ -90,6 +99,12 @@ class Strategy(abc.ABC):
   def initial_skip(self, config: LlamaConfig) -> jax.Array:
     """The skip set in force before the first refresh: bool[L]."""
     return jax.numpy.zeros((config.num_layers,), bool)
+
+  @property
+  def lookup_strategy(self) -> Strategy | None:
+    """The prompt-lookup strategy whose rounds run the policy's `lookup_only` segments (with
+    the same K, so that its verify passes have the same shape); None: it has none."""
+    return None
 
   def skip_counts(self, config: LlamaConfig) -> tuple[int, ...]:
     """Every M a drafting round of this strategy may run with: on the accelerator path each

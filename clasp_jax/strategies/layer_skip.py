@@ -7,8 +7,8 @@ last, uncertain token is still verified: the verify pass has K+1 slots either wa
 
 With `lookup` on, a round first looks for an n-gram match of its last tokens in the context
 (prompt lookup): a match gives the round its drafts for free (no model runs), and only a round
-without one drafts with layers skipped, or, while the policy has turned layer-skip drafting off
-(`state.skip_drafts`), takes a plain step. Copied spans are long where text repeats its
+without one drafts with layers skipped. (A policy's stretches without layer-skip drafts run
+prompt lookup's own rounds: `lookup_strategy`.) Copied spans are long where text repeats its
 context (code, summaries, retrieval), layer-skip drafts cover the rest; both are verified by
 the same pass, so the output stays plain decoding's.
 """
@@ -97,6 +97,12 @@ class LayerSkipDrafting:
   skips_layers = True
   lookup = False
 
+  @property
+  def lookup_strategy(self):
+    if not self.lookup:
+      return None
+    return pld.PromptLookup(num_draft_tokens=self.num_draft_tokens)
+
   def validate_drafting(self) -> None:
     validate_draft_settings(self.num_draft_tokens, self.draft_exit_threshold)
 
@@ -112,7 +118,7 @@ class LayerSkipDrafting:
     skipped, state = draft_with_skip(params, config, state, sampling, key, attention,
                                      num_draft_tokens=self.num_draft_tokens,
                                      draft_exit_threshold=self.draft_exit_threshold,
-                                     enabled=~found & state.skip_drafts)
+                                     enabled=~found)
     return jax.tree.map(lambda c, s: jnp.where(found, c, s), copied, skipped), state
 
 
