@@ -298,9 +298,9 @@ class AdaptivePolicy(Policy):
     if self.plain_left == 0 and self.draft_segments == 0 and not self.drafting_can_pay():
       self._go_plain()
     self.drafting = self.plain_left == 0
-    if not self.drafting:
-      rounds = self.plain_left
-      return state, Segment(draft=self.s.lookup, rounds=rounds, lookup_only=self.s.lookup)
+    if not self.drafting:  # prompt lookup's own rounds, or plain steps without it
+      return state, Segment(draft=self.s.lookup, rounds=self.plain_left,
+                            lookup_only=self.s.lookup)
     self.num_skip = self._explore_target()
     # The first drafting segment after plain decoding probes: a few rounds of a few drafts.
     self.probing = self.draft_segments == 0

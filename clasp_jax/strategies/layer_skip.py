@@ -85,7 +85,6 @@ def draft_with_skip(params, config, state, sampling, key, attention, *, num_draf
           state.replace(cache=cache.rollback(length)))
 
 
-
 class LayerSkipDrafting:
   """Mixin: `propose` drafts with the model itself, the layers in `state.skip_L` skipped,
   after prompt lookup when the strategy's `lookup` is on (see the module docstring).
