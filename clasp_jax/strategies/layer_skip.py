@@ -110,9 +110,7 @@ class LayerSkipDrafting:
       return draft_with_skip(params, config, state, sampling, key, attention,
                              num_draft_tokens=self.num_draft_tokens,
                              draft_exit_threshold=self.draft_exit_threshold)
-    copied = pld.lookup_drafts(config, state, sampling, num_draft_tokens=self.num_draft_tokens,
-                               max_ngram=pld.PromptLookup.max_ngram,
-                               min_ngram=pld.PromptLookup.min_ngram)
+    copied, state = self.lookup_strategy.propose(params, config, state, sampling, key, attention)
     found = copied.count > 0
     skipped, state = draft_with_skip(params, config, state, sampling, key, attention,
                                      num_draft_tokens=self.num_draft_tokens,

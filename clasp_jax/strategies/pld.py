@@ -34,25 +34,6 @@ def lookup(tokens_N: jax.Array, num_tokens: jax.Array,
   return best + ngram, (best >= 0) & (num_tokens > ngram)
 
 
-def lookup_drafts(config, state, sampling, *, num_draft_tokens: int, max_ngram: int,
-                  min_ngram: int) -> Drafts:
-  """Up to K drafts copied from the context after the longest latest n-gram match of its
-  last tokens (none, a plain step, without a match)."""
-  K = num_draft_tokens
-  start, found = jnp.int32(0), jnp.zeros((), bool)
-  for ngram in range(max_ngram, min_ngram - 1, -1):
-    s, f = lookup(state.tokens_N, state.num_tokens, ngram)
-    start, found = jnp.where(found, start, s), found | f
-  tokens_K = jax.lax.dynamic_slice(state.tokens_N, (start,), (K,))
-  count = jnp.where(found, jnp.minimum(K, state.num_tokens - start), 0).astype(jnp.int32)
-  q_KV = None
-  if not sampling.greedy:
-    # A copied draft is a point mass: q(d) = 1, so it is accepted with probability p(d).
-    q_KV = jax.nn.one_hot(tokens_K, config.vocab_size, dtype=jnp.float32)
-  return Drafts(tokens_K=tokens_K, count=count, q_KV=q_KV,
-                source=jnp.where(count > 0, LOOKUP, PLAIN).astype(jnp.int32))
-
-
 @dataclasses.dataclass(frozen=True)
 class PromptLookup(Strategy):
   """Drafts by n-gram lookup in the prompt and the text generated so far.
@@ -80,5 +61,16 @@ class PromptLookup(Strategy):
 
   def propose(self, params, config, state, sampling, key, attention):
     del params, key, attention  # the drafts are copied from the context: no model runs
-    return lookup_drafts(config, state, sampling, num_draft_tokens=self.num_draft_tokens,
-                         max_ngram=self.max_ngram, min_ngram=self.min_ngram), state
+    K = self.num_draft_tokens
+    start, found = jnp.int32(0), jnp.zeros((), bool)
+    for ngram in range(self.max_ngram, self.min_ngram - 1, -1):
+      s, f = lookup(state.tokens_N, state.num_tokens, ngram)
+      start, found = jnp.where(found, start, s), found | f
+    tokens_K = jax.lax.dynamic_slice(state.tokens_N, (start,), (K,))
+    count = jnp.where(found, jnp.minimum(K, state.num_tokens - start), 0).astype(jnp.int32)
+    q_KV = None
+    if not sampling.greedy:
+      # A copied draft is a point mass: q(d) = 1, so it is accepted with probability p(d).
+      q_KV = jax.nn.one_hot(tokens_K, config.vocab_size, dtype=jnp.float32)
+    return Drafts(tokens_K=tokens_K, count=count, q_KV=q_KV,
+                  source=jnp.where(count > 0, LOOKUP, PLAIN).astype(jnp.int32)), state
