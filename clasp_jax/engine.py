@@ -379,7 +379,7 @@ class Decoder:
     self.config, self.strategy = config, strategy
     self.sampling, self.tokenizer, self.pass_width = sampling, tokenizer, pass_width
     if fast_path is None:
-      fast_path = jax.default_backend() != 'cpu'
+      fast_path = model_lib.per_layer_by_default()
     self.fast_path = fast_path
     self.params = sharding_lib.place_params(params, config, self.mesh, per_layer=fast_path)
     placement = None if self.mesh is None else sharding_lib.Placement(config, self.mesh)

@@ -253,6 +253,12 @@ def fuse_projections(lp: Params, num_shards: int = 1, fuse_qkv: bool = True) -> 
   return fused
 
 
+def per_layer_by_default() -> bool:
+  """Whether the per-layer layout (`unstack_layers`) is the default: on GPUs and TPUs, where it
+  pays; the CPU keeps the stacked reference layout."""
+  return jax.default_backend() != 'cpu'
+
+
 def unstack_layers(params: Params, num_shards: int = 1, fuse_qkv: bool = True) -> Params:
   """Params whose layers are a tuple of L separate trees, projections fused.
 

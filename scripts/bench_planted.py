@@ -30,6 +30,8 @@ from absl import flags
 import jax
 import jaxlib
 
+from clasp_jax import model
+from clasp_jax import weights
 from clasp_jax.bench import planted
 from clasp_jax.bench import planted_sweep
 from clasp_jax.configs import models
@@ -97,12 +99,12 @@ def _commit() -> str:
 
 def main(argv):
   del argv
-  on_cpu = jax.default_backend() == 'cpu'
   settings = planted_sweep.SweepSettings(
       max_new_tokens=_MAX_NEW.value, warmup=_WARMUP.value, num_draft_tokens=_K.value,
       draft_exit_threshold=_DET.value, loi=_LOI.value, temperature=_TEMPERATURE.value,
-      dtype=(('float32' if on_cpu else 'bfloat16') if _DTYPE.value == 'auto' else _DTYPE.value),
-      per_layer=(not on_cpu if _LAYOUT.value == 'auto' else _LAYOUT.value == 'per_layer'),
+      dtype=weights.default_dtype().name if _DTYPE.value == 'auto' else _DTYPE.value,
+      per_layer=(model.per_layer_by_default() if _LAYOUT.value == 'auto'
+                 else _LAYOUT.value == 'per_layer'),
       cost_cache_dir=_COST_CACHE.value or tempfile.mkdtemp(prefix='clasp_costs_'))
   jax.config.update('jax_compilation_cache_dir',
                     _XLA_CACHE.value or tempfile.mkdtemp(prefix='clasp_xla_'))

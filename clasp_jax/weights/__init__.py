@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax import model as model_lib
 from clasp_jax import sharding
 from clasp_jax.config import LlamaConfig
 from clasp_jax.tokenizer import Tokenizer
@@ -140,6 +141,6 @@ def load(path: str | None = None, *, dtype: Any = None, cache_dir: str | None = 
   else:
     config, params, tokenizer = store.cached_load(source, load_source, cache_dir, dtype)
   if per_layer is None:
-    per_layer = jax.default_backend() != 'cpu'
+    per_layer = model_lib.per_layer_by_default()
   params = sharding.place_params(params, config, mesh, per_layer=per_layer)
   return LoadedModel(config, params, tokenizer, source, mesh)
