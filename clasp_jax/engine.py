@@ -464,17 +464,20 @@ class Decoder:
     """Rows of a drafting round's verify pass: K + 1 in whole passes of `pass_width`."""
     return verify_rows(self.strategy.num_draft_tokens, self.pass_width)
 
-  def _segment_args(self, state, segment: Segment, max_new_tokens) -> tuple[Any, ...]:
+  def _segment_args(self, state, segment: Segment, max_new_tokens,
+                    round_params: Params | None = None) -> tuple[Any, ...]:
     if segment.kind == 'draft':
-      params = self._round_params
+      params = self._round_params if round_params is None else round_params
     else:  # no draft layers: the same program whatever skip set is in force
       params, state = self.params, state.replace(draft_ids_A=None)
     limit = state.cache.max_len if segment.rounds is None else segment.rounds
     return params, state, np.int32(max_new_tokens), np.int32(limit)
 
-  def compile_segment(self, state: DecodeState, segment: Segment) -> None:
-    """Compiles the segment `run_segment` would run on this state (concrete or abstract)."""
-    self._segments[segment.kind].compiled(*self._segment_args(state, segment, 0))
+  def compile_segment(self, state: DecodeState, segment: Segment,
+                      round_params: Params | None = None) -> None:
+    """Compiles the segment `run_segment` would run on this state (concrete or abstract);
+    `round_params` are a drafting segment's params (default: those of the skip set in force)."""
+    self._segments[segment.kind].compiled(*self._segment_args(state, segment, 0, round_params))
 
   def run_segment(self, state: DecodeState, segment: Segment,
                   max_new_tokens: int) -> DecodeState:
@@ -503,14 +506,12 @@ class Decoder:
     self.compile_segment(state, Segment(draft=False))
     if self.strategy.num_draft_tokens:
       if self.fast_path and self.strategy.skips_layers:
-        round_params = self._round_params
         for num_skip in self.strategy.skip_counts(self.config):
           num_active = self.config.num_layers - num_skip
-          self._round_params = dict(self.params, draft_layers=self.params['layers'][:num_active])
           self.compile_segment(
               state.replace(draft_ids_A=jax.ShapeDtypeStruct((num_active,), jnp.int32)),
-              Segment(draft=True))
-        self._round_params = round_params
+              Segment(draft=True),
+              round_params=dict(self.params, draft_layers=self.params['layers'][:num_active]))
       else:
         self.compile_segment(state, Segment(draft=True))
     if self.strategy.lookup_strategy is not None:
