@@ -3,7 +3,7 @@ weight-bytes roofline; optionally beside an older checkout measured in the same 
 
   python scripts/bench_decode.py --presets=smollm2-135m,llama3-8b --contexts=1024,4096 \
       --baseline=/path/to/older/checkout --out=docs/results/h200/decode.json
-  python scripts/bench_decode.py --presets=llama3-8b,llama3-70b --mesh=tp:2   # and one device
+  python scripts/bench_decode.py --presets=llama3-8b,llama3-70b --mesh=none,tp:2
 
 Writes the rows as JSON and a markdown table beside it (`.md`), and prints the table. See
 `clasp_jax/bench/decode.py` for what each figure is.
@@ -28,8 +28,8 @@ _ATTENTION = flags.DEFINE_list('attention', ['auto'], "The new engine's cache at
                                'xla, pallas (each measured).')
 _BASELINE = flags.DEFINE_string('baseline', None, 'An older checkout to measure beside this '
                                 'one (its plain and draft cases).')
-_MESH = flags.DEFINE_list('mesh', [], "Meshes to measure this commit's engine on as well, "
-                          "tensor parallel, beside one device: tp:N or auto (every device).")
+_MESH = flags.DEFINE_list('mesh', ['none'], "Where this commit's engine runs, each measured: "
+                          'none (one device), tp:N or auto (every device), tensor parallel.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Weight dtype.')
 _SHORT = flags.DEFINE_integer('short', 32, 'New tokens of the short generation.')
 _LONG = flags.DEFINE_integer('long', 160, 'New tokens of the long generation.')
@@ -43,7 +43,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'unknown presets {sorted(unknown)}; known: {sorted(models.PRESETS)}')
   try:
-    meshes = [str(m) for m in map(sharding.parse_mesh, _MESH.value) if m is not None]
+    meshes = ['' if m == 'none' else str(sharding.parse_mesh(m)) for m in _MESH.value]
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   configs = {p: dataclasses.asdict(models.PRESETS[p]()) for p in _PRESETS.value}
@@ -51,8 +51,8 @@ def main(argv):
            for w in _WHAT.value for a in _ATTENTION.value]
   settings = dict(dtype=_DTYPE.value, short=_SHORT.value, long=_LONG.value, reps=_REPS.value)
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  rows = decode.run_engine(here, 'this commit', cases, configs, **settings)
-  for mesh in meshes:  # each in a worker of its own: one model in memory at a time
+  rows = []
+  for mesh in meshes:  # a worker each: one model in memory at a time
     rows += decode.run_engine(here, 'this commit', cases, configs, mesh=mesh, **settings)
   if _BASELINE.value:
     old = [dataclasses.replace(c, attention='auto') for c in cases

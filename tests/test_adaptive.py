@@ -50,8 +50,8 @@ def test_picks_plain_decoding_when_drafting_cannot_pay():
 class _FakeState:
   """The field of a decode state the policy sets itself."""
 
-  def __init__(self, draft_limit=8):
-    self.draft_limit = draft_limit
+  def __init__(self, draft_limit=8, skip_L=None):
+    self.draft_limit, self.skip_L = draft_limit, skip_L
 
   def replace(self, **fields):
     return _FakeState(**{**vars(self), **fields})
@@ -59,14 +59,17 @@ class _FakeState:
 
 class _FakeDecoder:
   """Stands in for the decoder's skip-set calls so the policy can be driven by synthetic
-  segments."""
+  segments. Its DP returns the same set for an M every time, or, `changing`, a new one."""
 
-  def __init__(self):
-    self.refreshed = []
+  def __init__(self, changing=False):
+    self.refreshed, self.changing = [], changing
 
   def refresh(self, state, num_skip):
+    shift = len(self.refreshed) if self.changing else 0
     self.refreshed.append(num_skip)
-    return state
+    skip_L = np.zeros(L, bool)
+    skip_L[(np.arange(num_skip) + shift) % (L - 2) + 1] = True
+    return state.replace(skip_L=skip_L)
 
 
 def _policy(costs, **settings):
@@ -115,6 +118,16 @@ def test_policy_keeps_drafting_when_it_pays_and_explores_neighbours():
   assert all(draft for draft, _ in schedule)
   assert set(decoder.refreshed) > {8}  # neighbouring M values on the grid were tried
   assert set(decoder.refreshed) <= set(policy.s.candidates)
+
+
+def test_refreshes_grow_rarer_while_the_dp_keeps_the_skip_set():
+  probe = (True, 2)
+  policy = _policy(GPU_LIKE, candidates=(16,), initial_skip_layers=16, loi=4, max_loi=16)
+  schedule = _drive(policy, _FakeDecoder(), accepted=8, drafted=7, segments=6)
+  assert schedule == [probe, (True, 8), (True, 16), (True, 16), (True, 16), (True, 16)]
+  policy = _policy(GPU_LIKE, candidates=(16,), initial_skip_layers=16, loi=4, max_loi=16)
+  schedule = _drive(policy, _FakeDecoder(changing=True), accepted=8, drafted=7, segments=4)
+  assert schedule == [probe, (True, 4), (True, 4), (True, 4)]
 
 
 def test_with_lookup_plain_stretches_take_lookup_drafts_and_teach_nothing():

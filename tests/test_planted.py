@@ -161,11 +161,16 @@ def test_planted_text_is_diverse(vanilla):
     assert not planted.diversity(g.token_ids).degenerate, planted.diversity(g.token_ids)
 
 
-def test_a_tied_head_copies_the_input_token(spec, params, prompts):
-  tied = dataclasses.replace(spec, config=dataclasses.replace(spec.config, tie_embeddings=True))
-  tied_params = {k: w for k, w in params.items() if k != 'lm_head'}
-  for g in _generate(tied, tied_params, prompts, strategies.Vanilla()):
-    assert planted.diversity(g.token_ids).degenerate
+def test_screening_keeps_diverse_prompts_and_drops_loops(spec, params, prompts):
+  """A tied head copies the input token forever: screening drops every prompt of it."""
+  untied = Decoder(params, spec.config, strategies.Vanilla())
+  kept, tried = planted_sweep.screen_prompts(untied, prompts, 1, MAX_NEW)
+  assert kept == [0] and len(tried) == 1 and not tried[0].degenerate
+  tied_config = dataclasses.replace(spec.config, tie_embeddings=True)
+  tied = Decoder({k: w for k, w in params.items() if k != 'lm_head'}, tied_config,
+                 strategies.Vanilla())
+  kept, tried = planted_sweep.screen_prompts(tied, prompts, 1, MAX_NEW)
+  assert kept == [] and len(tried) == len(prompts) and all(d.degenerate for d in tried)
 
 
 def _tau(generations) -> float:

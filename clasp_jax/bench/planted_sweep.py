@@ -16,8 +16,11 @@ tokens/s and the speedup over plain decoding in the same run, the cost of a roun
 decoding rounds, refresh (DP) time, the precision and recall of the skip sets in force against
 the planted set, and whether the tokens equal plain decoding's (the engine computes a
 token's logits the same way in every pass, so any difference is a bug, reported with where
-it happens). Per point it reports how diverse plain decoding's text is; a point
-whose text is degenerate is flagged and must not be quoted.
+it happens). Per point it reports how diverse plain decoding's text is. A random model falls
+into a loop on some prompts, and on a loop every drafter looks perfect, so each point screens
+its prompts first: plain decoding runs on candidates until enough of them give diverse text,
+only those are timed, and the point says how many it dropped. A point where too few candidates
+give diverse text is flagged and must not be quoted.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ PAPER = {'llama3-8b': dict(tau=(3.68, 6.22), speedup=1.24),
          'llama3-70b': dict(tau=(4.05, 7.19), speedup=1.67)}
 _COMPILE_EVENTS = '/jax/core/compile/'
 _MAX_RERUNS = 2
+#: Candidate prompts per timed prompt that a point may screen (`screen_prompts`).
+CANDIDATES_PER_PROMPT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +219,29 @@ def _mean(values) -> float | None:
   return float(np.mean(values)) if values else None
 
 
+def screen_prompts(decoder: Decoder, candidates: Sequence[list[int]], count: int,
+                   max_new_tokens: int) -> tuple[list[int], list[planted_lib.Diversity]]:
+  """The first `count` candidates on which plain decoding writes diverse text.
+
+  Args:
+    decoder: a plain decoding `Decoder` of the point's model.
+    candidates: prompts, tried in order.
+    count: how many to keep.
+    max_new_tokens: tokens per generation.
+
+  Returns:
+    (the kept candidates' indices, the `Diversity` of every candidate tried).
+  """
+  kept, tried = [], []
+  for i, prompt in enumerate(candidates):
+    if len(kept) == count:
+      break
+    tried.append(planted_lib.diversity(decoder.generate(prompt, max_new_tokens).token_ids))
+    if not tried[-1].degenerate:
+      kept.append(i)
+  return kept, tried
+
+
 def find_mismatches(reference: Sequence[list[int]],
                     generations: Sequence[Generation]) -> list[dict[str, Any]]:
   """Where each generation first leaves plain decoding's tokens (any difference is a bug).
@@ -265,12 +293,15 @@ def summarise_method(spec: planted_lib.PlantedModel, generations: Sequence[Gener
 
 
 def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
-              prompts: Sequence[list[int]], warmup_prompt: list[int],
+              candidates: Sequence[list[int]], num_prompts: int, warmup_prompt: list[int],
               settings: SweepSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Builds the planted model, decodes every prompt with every method, returns the point.
+  """Builds the planted model, decodes `num_prompts` prompts with every method, returns the
+  point.
 
-  The params are built on the default device and dropped before returning, so that the next
-  point can build its own (a 70B model fits once).
+  The prompts are the first candidates on which plain decoding writes diverse text
+  (`screen_prompts`); with too few of those, the first `num_prompts` candidates, and the point
+  is degenerate. The params are built on the default device and dropped before returning, so
+  that the next point can build its own (a 70B model fits once).
   """
   sampling = SamplingConfig(temperature=settings.temperature)
   params = planted_lib.build_params(spec, settings.dtype, per_layer=settings.per_layer)
@@ -286,6 +317,13 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
     for _ in range(settings.warmup):
       decoders[m.label].generate(warmup_prompt, settings.max_new_tokens)
     log(f'  eps {spec.epsilon:g} {m.label}: warmed up in {time.perf_counter() - t0:.1f} s')
+  kept, tried = screen_prompts(decoders[BASELINE], candidates, num_prompts,
+                               settings.max_new_tokens)
+  log(f'  eps {spec.epsilon:g}: {len(tried) - len(kept)} of {len(tried)} candidate prompts '
+      f'dropped (degenerate plain text)')
+  if len(kept) < num_prompts:
+    kept = list(range(num_prompts))
+  prompts = [candidates[i] for i in kept]
   generations = {m.label: [] for m in methods}
   reruns, compiled = dict.fromkeys(generations, 0), dict.fromkeys(generations, 0)
   for i, prompt in enumerate(prompts):
@@ -317,6 +355,7 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
   diversity = [dict(dataclasses.asdict(d), degenerate=d.degenerate, reasons=d.reasons)
                for d in texts]
   return dict(epsilon=spec.epsilon, degenerate=any(d.degenerate for d in texts),
+              prompts=kept, dropped_prompts=len(tried) - sum(not d.degenerate for d in tried),
               diversity=diversity, methods=rows)
 
 
@@ -332,7 +371,8 @@ def run_sweep(model: str | LlamaConfig, epsilons: Sequence[float], labels: Seque
     epsilons: the points.
     labels: the methods (`METHODS`; vanilla always runs).
     settings: decoding and timing settings.
-    num_prompts: timed prompts per point.
+    num_prompts: timed prompts per point (screened from `CANDIDATES_PER_PROMPT` times as
+      many candidates).
     prompt_len: tokens per prompt.
     static_set: see `method_specs`.
     fraction: the share of the layers planted.
@@ -344,11 +384,12 @@ def run_sweep(model: str | LlamaConfig, epsilons: Sequence[float], labels: Seque
                                      **(knobs or {})) for e in epsilons]
   config = specs[0].config
   methods = method_specs(specs[0], labels, static_set)
-  prompts = make_prompts(config.vocab_size, num_prompts + 1, prompt_len, seed)
+  prompts = make_prompts(config.vocab_size, 1 + CANDIDATES_PER_PROMPT * num_prompts, prompt_len,
+                         seed)
   points = []
   for spec in specs:
     t0 = time.perf_counter()
-    points.append(run_point(spec, methods, prompts[1:], prompts[0], settings, log))
+    points.append(run_point(spec, methods, prompts[1:], num_prompts, prompts[0], settings, log))
     log(f'eps {spec.epsilon:g} done in {time.perf_counter() - t0:.0f} s')
     log(point_markdown(points[-1]))
   return dict(
@@ -386,15 +427,16 @@ def _method_line(point: dict, label: str) -> str:
 
 def _diversity_line(point: dict) -> str:
   d = point['diversity']
-  return (f"| {point['epsilon']:g} | {min(x['distinct_ratio'] for x in d):.2f} | "
+  return (f"| {point['epsilon']:g} | {point['dropped_prompts']} | "
+          f"{min(x['distinct_ratio'] for x in d):.2f} | "
           f"{min(x['distinct_3gram_ratio'] for x in d):.2f} | "
           f"{max(x['longest_repeat'] for x in d)} | {max(x['lag_match'] for x in d):.2f} | "
           f"{'yes' if point['degenerate'] else 'no'} |")
 
 
-_DIVERSITY_HEADER = ('| eps | distinct tokens (min) | distinct 3-grams (min) | '
-                     'longest repeat (max) | lag match (max) | degenerate |\n'
-                     '|---|---|---|---|---|---|')
+_DIVERSITY_HEADER = ('| eps | candidates dropped | distinct tokens (min) | '
+                     'distinct 3-grams (min) | longest repeat (max) | lag match (max) | '
+                     'degenerate |\n|---|---|---|---|---|---|---|')
 
 
 def point_markdown(point: dict) -> str:
@@ -405,7 +447,8 @@ def point_markdown(point: dict) -> str:
 def markdown(sweep: dict) -> str:
   """The sweep as markdown: every point's methods, then plain decoding's text diversity."""
   lines = [_HEADER] + [_method_line(p, label) for p in sweep['points'] for label in p['methods']]
-  lines += ['', 'Plain decoding\'s text, worst prompt per point:', '', _DIVERSITY_HEADER]
+  lines += ['', 'Plain decoding\'s text, worst timed prompt per point (candidate prompts whose '
+            'plain text was degenerate were dropped before timing):', '', _DIVERSITY_HEADER]
   lines += [_diversity_line(p) for p in sweep['points']]
   return '\n'.join(lines)
 

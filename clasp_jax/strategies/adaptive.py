@@ -18,8 +18,11 @@ compiles its own drafting round, all of them before a benchmark's timing starts.
 a drafting segment tries a neighbouring M on the grid.
 
 The policy works in segments of rounds that run on the device: a drafting segment is one
-refresh period (LOI rounds at one M, the DP run before it), a plain segment the whole
-back-off; it reads each drafting segment's per-round statistics when the segment ends.
+refresh period (the DP, then rounds at one M), a plain segment the whole back-off; it reads
+each drafting segment's per-round statistics when the segment ends. A refresh period starts at
+LOI rounds and doubles, up to `max_loi`, each time the DP returns the skip set already in
+force: the paper's sparse persistence (skip sets change slowly from token to token) measured
+rather than assumed, since a refresh costs a few verify passes.
 """
 
 from __future__ import annotations
@@ -251,6 +254,7 @@ class AdaptivePolicy(Policy):
     self.backoff = strategy.backoff_rounds
     self.start_generation(max_new_tokens=0)
 
+
   def start_generation(self, max_new_tokens: int) -> None:
     """Resets what is specific to one generation (the cache and skip set are new)."""
     self.max_new_tokens = max_new_tokens
@@ -258,6 +262,18 @@ class AdaptivePolicy(Policy):
     self.draft_segments = 0  # since drafting (re)started
     self.drafting = False  # whether the segment running drafts with layers skipped
     self.probing = False  # whether it is a probe (few rounds of few drafts)
+    self._restart_refreshes()
+
+  def _restart_refreshes(self) -> None:
+    self.interval = self.s.loi
+    self.last_skip_L = None  # the skip set the last refresh put in force
+
+  def _track_refresh(self, skip_L: np.ndarray) -> None:
+    """Doubles the refresh interval (up to `max_loi`) when the DP kept the set in force,
+    and goes back to LOI rounds when it changed it."""
+    same = self.last_skip_L is not None and np.array_equal(skip_L, self.last_skip_L)
+    self.interval = min(2 * self.interval, max(self.s.loi, self.s.max_loi)) if same else self.s.loi
+    self.last_skip_L = skip_L
 
   def _observed(self) -> dict[int, tuple[float, float]]:
     """(acceptance, drafts per round) for every candidate M: as observed, or, not tried yet,
@@ -273,8 +289,8 @@ class AdaptivePolicy(Policy):
     """Whether any M could beat plain decoding at an optimistic acceptance rate (the best
     seen, or `optimistic_alpha`) with K drafts per round: if not, probing only costs."""
     alpha = max([self.s.optimistic_alpha] + [a for a, _ in self._observed().values()])
-    rates = [expected_rate(alpha, self.s.num_draft_tokens, m, self.L, self.costs, self.s.loi)
-             for m in self.s.candidates]
+    rates = [expected_rate(alpha, self.s.num_draft_tokens, m, self.L, self.costs,
+                           self.interval) for m in self.s.candidates]
     return max(rates) > 1.0 / self.costs.full_step
 
   def _explore_target(self) -> int:
@@ -291,6 +307,7 @@ class AdaptivePolicy(Policy):
     self.plain_left = self.backoff
     self.backoff = min(2 * self.backoff, self.s.max_backoff_rounds)
     self.draft_segments = 0
+    self._restart_refreshes()
 
   def next_segment(self, decoder, state):
     if self.costs is None:
@@ -304,10 +321,11 @@ class AdaptivePolicy(Policy):
     self.num_skip = self._explore_target()
     # The first drafting segment after plain decoding probes: a few rounds of a few drafts.
     self.probing = self.draft_segments == 0
+    state = decoder.refresh(state, self.num_skip)
+    self._track_refresh(np.asarray(state.skip_L))
     limit, rounds = ((self.s.probe_drafts, self.s.probe_rounds) if self.probing
-                     else (self.draft_limit, self.s.loi))
-    state = decoder.refresh(state, self.num_skip).replace(draft_limit=jnp.int32(limit))
-    return state, Segment(draft=True, rounds=rounds)
+                     else (self.draft_limit, self.interval))
+    return state.replace(draft_limit=jnp.int32(limit)), Segment(draft=True, rounds=rounds)
 
   def observe(self, accepted_R, drafted_R, source_R):
     if not self.drafting:  # lookup or plain rounds only: nothing about M to learn
@@ -321,7 +339,7 @@ class AdaptivePolicy(Policy):
                                  np.asarray(drafted_R)[skipped_R]):
       tally.add(int(accepted) - 1, int(drafted), self.probing, self.s.decay)
     self.draft_segments += 1
-    best = choose_num_skip(self._observed(), self.costs, self.L, self.s.loi, self.s.margin)
+    best = choose_num_skip(self._observed(), self.costs, self.L, self.interval, self.s.margin)
     if best is None:  # drafting does not pay now: decode plainly, then probe again
       self._go_plain()
     else:
@@ -342,7 +360,10 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
       lookup): a copied draft costs nothing to make, so such a round is never slower than a
       plain step, and the policy's choice is then only what a round without a match does
       (draft with M layers skipped, or a plain step). False: the paper's CLaSp.
-    loi: rounds per DP refresh (one drafting segment).
+    loi: rounds per DP refresh (one drafting segment) after a refresh that changed the skip
+      set.
+    max_loi: the most rounds per refresh (never fewer than `loi`), reached by doubling while
+      refreshes keep the set.
     probe_rounds: rounds of the probe that opens every stretch of drafting (after plain
       decoding, or at a generation's start), decided on before drafting on.
     probe_drafts: the most drafts per probe round: probing costs little where nothing pays.
@@ -364,6 +385,7 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   draft_exit_threshold: float = 0.7
   lookup: bool = True
   loi: int = 4
+  max_loi: int = 32
   probe_rounds: int = 2
   probe_drafts: int = 2
   explore_every: int = 4
