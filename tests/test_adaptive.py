@@ -35,16 +35,17 @@ def test_picks_the_m_with_the_highest_expected_rate():
   assert max(rates, key=rates.get) == 15 and rates[8] < rate_15 and rates[20] < rate_15
   # At a = 0.9 the eighth draft is worth less than it costs: M = 15 with 3 drafts a round
   # (1.29 against 1.16 with all 8).
-  assert adaptive.choose_num_skip(observed, GPU_LIKE, L, loi=8) == (15, 3)
-  assert adaptive.expected_rate(0.9, 3, 15, L, GPU_LIKE, 8) > rate_15
+  (best, speedup) = adaptive.best_num_skip(observed, GPU_LIKE, L, loi=8)
+  assert best == (15, 3) and speedup > rate_15 > 1.0
+  assert speedup == pytest.approx(adaptive.expected_rate(0.9, 3, 15, L, GPU_LIKE, 8))
   # The same acceptance with a 3x verify pass (a CPU): no M beats plain decoding.
-  assert adaptive.choose_num_skip(observed, CPU_LIKE, L, loi=8) is None
+  assert adaptive.best_num_skip(observed, CPU_LIKE, L, loi=8)[1] < 1.0
 
 
 def test_picks_plain_decoding_when_drafting_cannot_pay():
   observed = {2: (0.7, 3.0), 6: (0.5, 2.0)}
-  assert adaptive.choose_num_skip(observed, CPU_LIKE, L, loi=4) is None
-  assert adaptive.choose_num_skip({}, GPU_LIKE, L, loi=4) is None
+  assert adaptive.best_num_skip(observed, CPU_LIKE, L, loi=4)[1] < 1.0
+  assert adaptive.best_num_skip({}, GPU_LIKE, L, loi=4) is None
 
 
 class _FakeState:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from clasp_jax.config import LlamaConfig
-from clasp_jax.strategies.adaptive import AdaptiveClasp, choose_num_skip
+from clasp_jax.strategies.adaptive import AdaptiveClasp, best_num_skip
 from clasp_jax.strategies.base import Drafts, Policy, SchedulePolicy, Segment, Strategy
 from clasp_jax.strategies.clasp import Clasp, clasp_dp
 from clasp_jax.strategies.conflayers import ConfLayers
@@ -131,5 +131,5 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
 
 __all__ = ['METHODS', 'AdaptiveClasp', 'Clasp', 'ConfLayers', 'Drafts', 'Policy', 'PromptLookup',
            'SchedulePolicy', 'Segment', 'StaticSkip', 'Strategy', 'Vanilla', 'auto_clasp',
-           'auto_skip_grid', 'build', 'choose_num_skip', 'clasp_dp', 'evenly_spaced_skip_set',
+           'auto_skip_grid', 'best_num_skip', 'build', 'clasp_dp', 'evenly_spaced_skip_set',
            'num_skip_for']

@@ -79,10 +79,10 @@ def expected_rate(alpha: float, num_drafts: float, num_skip: int, num_layers: in
   return expected_tokens(alpha, num_drafts) / seconds
 
 
-def choose_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_layers: int,
-                    loi: int, margin: float = 0.0) -> tuple[int, int] | None:
-  """The M and the draft limit with the highest expected rate, or None (plain decoding)
-  when none beats it.
+def best_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_layers: int,
+                  loi: int) -> tuple[tuple[int, int], float] | None:
+  """The M and the draft limit with the highest expected rate, and that rate over plain
+  decoding's (below 1 when drafting is not expected to pay).
 
   A round drafts until the draft-exit threshold stops it, or the limit: at an acceptance rate
   too low for K drafts to pay, fewer may (each draft is accepted less often than the last).
@@ -92,18 +92,16 @@ def choose_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_
     costs: the measured step costs.
     num_layers: L.
     loi: rounds per DP refresh.
-    margin: how much faster than plain decoding drafting must be expected to be.
 
   Returns:
-    (M, the most drafts per round), or None.
+    ((M, the most drafts per round), expected speedup), or None when nothing is observed.
   """
-  plain = 1.0 / costs.full_step
   rates = {(m, limit): expected_rate(a, min(d, limit), m, num_layers, costs, loi)
            for m, (a, d) in observed.items() for limit in range(1, math.ceil(d) + 1)}
   if not rates:
     return None
   best = max(rates, key=rates.get)
-  return best if rates[best] > plain * (1.0 + margin) else None
+  return best, rates[best] * costs.full_step
 
 
 def spread_skip_set(num_layers: int, num_skip: int) -> np.ndarray:
@@ -339,12 +337,14 @@ class AdaptivePolicy(Policy):
                                  np.asarray(drafted_R)[skipped_R]):
       tally.add(int(accepted) - 1, int(drafted), self.probing, self.s.decay)
     self.draft_segments += 1
-    best = choose_num_skip(self._observed(), self.costs, self.L, self.interval, self.s.margin)
-    if best is None:  # drafting does not pay now: decode plainly, then probe again
-      self._go_plain()
-    else:
-      self.chosen, self.draft_limit = best
+    # The next drafting (now, or the probe after a back-off) tries the most promising M,
+    # whether or not it is expected to pay now: a probe at an M that just failed teaches less.
+    (self.chosen, self.draft_limit), speedup = best_num_skip(self._observed(), self.costs,
+                                                             self.L, self.interval)
+    if speedup > 1.0 + self.s.margin:
       self.backoff = self.s.backoff_rounds
+    else:  # drafting does not pay now: decode plainly, then probe again
+      self._go_plain()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +390,7 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   probe_drafts: int = 2
   explore_every: int = 4
   backoff_rounds: int = 32
-  max_backoff_rounds: int = 256
+  max_backoff_rounds: int = 1024
   decay: float = 0.95
   prior_alpha: float = 0.5
   prior_weight: float = 2.0
