@@ -89,8 +89,11 @@ def _config():
 
 
 def _commit() -> str:
+  """The checkout's commit, '-dirty' when its files differ from it (then the commit alone does
+  not say what ran)."""
   try:
-    return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+    return subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=40'],
+                          capture_output=True, text=True,
                           check=True, cwd=os.path.dirname(os.path.abspath(__file__))
                           ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):

@@ -9,8 +9,9 @@ prompt, over the difference in tokens, so the prefill and per-call costs cancel:
   drafting round = the same per round, for a static skip set of M = L/2 with DET 0 (every
                    round drafts K tokens): draft step = (round - plain step) / K, since a
                    verify pass of up to `pass_width` tokens is the same pass as a plain step
-  refresh       = CLaSp's DP plus the skip-set switch, per round, at LOI 1: its round less
-                   the static round
+  refresh       = CLaSp's DP plus the skip-set switch, per round, at LOI 1 (layer-skip
+                   drafts only: a round with a lookup draft costs less than a static round):
+                   its round less the static round
 
 Random weights of a preset's shape (a random model writes degenerate text; speed does not
 care, and DET 0 fixes the drafts per round). The roofline is the time to read the weights
@@ -165,7 +166,7 @@ def measure(case: Case, params, config, short: int, long: int, reps: int, mesh=N
                                 num_draft_tokens=K, draft_exit_threshold=0.0)
   else:
     strategy = strategies.build('clasp', config, skip_layers=L // 2, num_draft_tokens=K,
-                                draft_exit_threshold=0.0, loi=1)
+                                draft_exit_threshold=0.0, loi=1, lookup=False)
   decoder = _decoder(params, config, strategy, case.attention, mesh)
   prompt = np.random.RandomState(0).randint(0, config.vocab_size,
                                             case.context - long).tolist()
