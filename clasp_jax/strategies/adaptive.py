@@ -8,12 +8,13 @@ tokens per second:
   E[tokens per round] = (1 - a^(d+1)) / (1 - a)        (d drafts, each accepted w.p. a)
   E[seconds per round] = d * draft_step(L - M) + verify + refresh / LOI
 
-with the per-token acceptance rate a(M) and the mean drafts per round d(M) observed at each
-M this generation, and the step costs measured once per device and model (`measure_costs`,
-through the decoder's own compiled rounds, so they are what a round really pays). Plain
-decoding runs at 1 / full_step; when no M beats it, the policy decodes plainly and probes
-drafting again after a back-off, so a generation that becomes predictable can still speed
-up. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators every M
+with the per-token acceptance rate a(M) (taken one standard error above its estimate: an
+optimism that a few more samples settle) and the mean drafts per round d(M) observed at each
+M, and the step costs measured once per device and model (`measure_costs`, through the
+decoder's own compiled rounds, so they are what a round really pays). Plain decoding runs at
+1 / full_step; when no M beats it, the policy decodes plainly and probes drafting again, at
+the most promising M, after a back-off, so a generation that becomes predictable can still
+speed up. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators every M
 compiles its own drafting round, all of them before a benchmark's timing starts. Now and then
 a drafting segment tries a neighbouring M on the grid.
 
@@ -210,12 +211,18 @@ class _Tally:
       self.drafted = decay * self.drafted + drafted
       self.full_rounds = decay * self.full_rounds + 1
 
-  def estimate(self, prior_alpha: float, prior_weight: float,
-               max_drafts: int) -> tuple[float, float]:
-    """(acceptance rate, drafts per round); a probe's limited rounds say nothing about the
-    drafts of a full round, taken as K until a full round is seen."""
-    alpha = ((self.accepted + prior_weight * prior_alpha)
-             / (self.accepted + self.rejected + prior_weight))
+  def estimate(self, prior_alpha: float, prior_weight: float, max_drafts: int,
+               optimism: float) -> tuple[float, float]:
+    """(acceptance rate, drafts per round).
+
+    The rate is the posterior mean plus `optimism` standard errors: a two-round probe's few
+    samples leave room to draft on and learn more, many samples pin it down. A probe's
+    limited rounds say nothing about the drafts of a full round, taken as K until a full round
+    is seen.
+    """
+    samples = self.accepted + self.rejected + prior_weight
+    alpha = (self.accepted + prior_weight * prior_alpha) / samples
+    alpha = min(1.0, alpha + optimism * math.sqrt(alpha * (1.0 - alpha) / samples))
     drafts = self.drafted / self.full_rounds if self.full_rounds else max_drafts
     return alpha, drafts
 
@@ -270,13 +277,15 @@ class AdaptivePolicy(Policy):
     """Doubles the refresh interval (up to `max_loi`) when the DP kept the set in force,
     and goes back to LOI rounds when it changed it."""
     same = self.last_skip_L is not None and np.array_equal(skip_L, self.last_skip_L)
-    self.interval = min(2 * self.interval, max(self.s.loi, self.s.max_loi)) if same else self.s.loi
+    longest = max(self.s.loi, self.s.max_loi)
+    self.interval = min(2 * self.interval, longest) if same else self.s.loi
     self.last_skip_L = skip_L
 
   def _observed(self) -> dict[int, tuple[float, float]]:
     """(acceptance, drafts per round) for every candidate M: as observed, or, not tried yet,
     as at the nearest M tried (none tried: nothing)."""
-    seen = {m: t.estimate(self.s.prior_alpha, self.s.prior_weight, self.s.num_draft_tokens)
+    seen = {m: t.estimate(self.s.prior_alpha, self.s.prior_weight, self.s.num_draft_tokens,
+                          self.s.optimism)
             for m, t in self.tallies.items() if t.rounds > 0}
     if not seen:
       return {}
@@ -374,6 +383,8 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
     decay: weight kept by older observations per new one (tracks changing text).
     prior_alpha: acceptance rate assumed before observing (pseudo-counts below).
     prior_weight: pseudo-count of the prior.
+    optimism: standard errors added to each observed acceptance rate when choosing (see
+      `_Tally.estimate`).
     optimistic_alpha: the acceptance rate assumed when deciding whether probing could pay.
     margin: required expected gain over plain decoding.
     cost_cache_dir: where measured costs are remembered (None: measure every process).
@@ -394,6 +405,7 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   decay: float = 0.95
   prior_alpha: float = 0.5
   prior_weight: float = 2.0
+  optimism: float = 1.0
   optimistic_alpha: float = 0.9
   margin: float = 0.0
   cost_cache_dir: str | None = None
