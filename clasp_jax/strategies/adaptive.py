@@ -14,9 +14,9 @@ M, and the step costs measured once per device and model (`measure_costs`, throu
 decoder's own compiled rounds, so they are what a round really pays). Plain decoding runs at
 1 / full_step; when no M beats it, the policy decodes plainly and probes drafting again, at
 the most promising M, after a back-off, so a generation that becomes predictable can still
-speed up. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators every M
-compiles its own drafting round, all of them before a benchmark's timing starts. Now and then
-a drafting segment tries a neighbouring M on the grid.
+speed up. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators
+every M compiles its own drafting round, all of them before a benchmark's timing starts. Now
+and then a drafting segment tries a neighbouring M on the grid.
 
 The policy works in segments of rounds that run on the device: a drafting segment is one
 refresh period (the DP, then rounds at one M), a plain segment the whole back-off; it reads
@@ -259,7 +259,6 @@ class AdaptivePolicy(Policy):
     self.backoff = strategy.backoff_rounds
     self.start_generation(max_new_tokens=0)
 
-
   def start_generation(self, max_new_tokens: int) -> None:
     """Resets what is specific to one generation (the cache and skip set are new)."""
     self.max_new_tokens = max_new_tokens
@@ -270,6 +269,7 @@ class AdaptivePolicy(Policy):
     self._restart_refreshes()
 
   def _restart_refreshes(self) -> None:
+    """Refreshes start over at LOI rounds (a new generation, or drafting after plain)."""
     self.interval = self.s.loi
     self.last_skip_L = None  # the skip set the last refresh put in force
 
