@@ -15,6 +15,9 @@ L = 30
 GPU_LIKE = Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.95 / L, verify=1.05, dp=0.3)
 # A device where a verify pass of K+1 tokens costs several steps (as on a CPU).
 CPU_LIKE = Costs(full_step=1.0, draft_base=0.1, draft_per_layer=0.9 / L, verify=3.0, dp=1.5)
+# A GPU whose skip-set refresh costs four steps (a large model's DP and switch).
+HEAVY_REFRESH = Costs(full_step=1.0, draft_base=0.1, draft_per_layer=0.84 / L, verify=1.0,
+                      dp=4.0)
 
 
 def test_expected_tokens():
@@ -129,6 +132,32 @@ def test_refreshes_grow_rarer_while_the_dp_keeps_the_skip_set():
   policy = _policy(GPU_LIKE, candidates=(16,), initial_skip_layers=16, loi=4, max_loi=16)
   schedule = _drive(policy, _FakeDecoder(changing=True), accepted=8, drafted=7, segments=4)
   assert schedule == [probe, (True, 4), (True, 4), (True, 4)]
+
+
+def test_a_probe_with_every_draft_accepted_drafts_on():
+  """Four of four probe drafts accepted are too few samples to rule drafting out: with the
+  estimate's optimism the policy drafts on, without it the mean (0.83) sends it plain."""
+  for optimism, after_probe in ((1.0, (True, 8)), (0.0, (False, 32))):
+    policy = _policy(HEAVY_REFRESH, candidates=(16,), initial_skip_layers=16,
+                     optimism=optimism)
+    schedule = _drive(policy, _FakeDecoder(), accepted=3, drafted=2, segments=2)
+    assert schedule == [(True, 2), after_probe]
+
+
+def test_after_a_failed_try_the_next_probe_goes_to_the_most_promising_m():
+  policy, decoder = _policy(HEAVY_REFRESH, candidates=(4, 19), initial_skip_layers=4,
+                            backoff_rounds=8), _FakeDecoder()
+  state, segment = policy.next_segment(decoder, _FakeState())  # the probe, at M = 4
+  policy.observe(np.full(2, 3), np.full(2, 2), np.full(2, SKIP))  # every draft accepted
+  state, segment = policy.next_segment(decoder, state)
+  assert decoder.refreshed == [4, 19]  # untried M = 19 is expected to do as well, cheaper
+  policy.observe(np.full(4, 1), np.full(4, 8), np.full(4, SKIP))  # every draft rejected
+  state, segment = policy.next_segment(decoder, state)  # plain: M = 4 does not pay either
+  assert not segment.draft
+  policy.observe(np.ones(segment.rounds), np.zeros(segment.rounds),
+                 np.full(segment.rounds, PLAIN))
+  policy.next_segment(decoder, state)
+  assert decoder.refreshed == [4, 19, 4]  # the probe goes back to where drafts were accepted
 
 
 def test_with_lookup_plain_stretches_take_lookup_drafts_and_teach_nothing():
