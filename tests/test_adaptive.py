@@ -160,6 +160,16 @@ def test_after_a_failed_try_the_next_probe_goes_to_the_most_promising_m():
   assert decoder.refreshed == [4, 19, 4]  # the probe goes back to where drafts were accepted
 
 
+def test_switches_m_only_for_a_clear_gain():
+  """M = 16 drafts each token a layer cheaper than M = 15 (about 5% a round, at the acceptance
+  seen at 15): worth a switch at a margin of 0, not at 0.1."""
+  for switch_margin, ms in ((0.0, {15, 16}), (0.1, {15})):
+    policy, decoder = _policy(GPU_LIKE, candidates=(15, 16), initial_skip_layers=15,
+                              explore_every=100, switch_margin=switch_margin), _FakeDecoder()
+    _drive(policy, decoder, accepted=8, drafted=7, segments=4)
+    assert set(decoder.refreshed) == ms
+
+
 def test_with_lookup_plain_stretches_take_lookup_drafts_and_teach_nothing():
   """With prompt lookup on, the back-off runs drafting segments with layer-skip drafts turned
   off (lookup drafts or plain steps), and rounds that a lookup drafted do not count for M."""

@@ -16,7 +16,8 @@ decoder's own compiled rounds, so they are what a round really pays). Plain deco
 the most promising M, after a back-off, so a generation that becomes predictable can still
 speed up. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators
 every M compiles its own drafting round, all of them before a benchmark's timing starts. Now
-and then a drafting segment tries a neighbouring M on the grid.
+and then a drafting segment tries a neighbouring M on the grid; the policy moves to another M
+only for an expected gain of `switch_margin` (a new M costs a refresh).
 
 The policy works in segments of rounds that run on the device: a drafting segment is one
 refresh period (the DP, then rounds at one M), a plain segment the whole back-off; it reads
@@ -348,8 +349,15 @@ class AdaptivePolicy(Policy):
     self.draft_segments += 1
     # The next drafting (now, or the probe after a back-off) tries the most promising M,
     # whether or not it is expected to pay now: a probe at an M that just failed teaches less.
-    (self.chosen, self.draft_limit), speedup = best_num_skip(self._observed(), self.costs,
-                                                             self.L, self.interval)
+    # It stays at the current M unless another is clearly better: a new M costs a refresh
+    # and restarts the refresh interval.
+    observed = self._observed()
+    best, speedup = best_num_skip(observed, self.costs, self.L, self.interval)
+    current, current_speedup = best_num_skip({self.chosen: observed[self.chosen]}, self.costs,
+                                             self.L, self.interval)
+    if current_speedup * (1.0 + self.s.switch_margin) >= speedup:
+      best, speedup = current, current_speedup
+    self.chosen, self.draft_limit = best
     if speedup > 1.0 + self.s.margin:
       self.backoff = self.s.backoff_rounds
     else:  # drafting does not pay now: decode plainly, then probe again
@@ -387,6 +395,7 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
       `_Tally.estimate`).
     optimistic_alpha: the acceptance rate assumed when deciding whether probing could pay.
     margin: required expected gain over plain decoding.
+    switch_margin: the expected gain over the current M another M must offer to be chosen.
     cost_cache_dir: where measured costs are remembered (None: measure every process).
   """
 
@@ -408,6 +417,7 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   optimism: float = 1.0
   optimistic_alpha: float = 0.9
   margin: float = 0.0
+  switch_margin: float = 0.05
   cost_cache_dir: str | None = None
 
   @property
