@@ -319,8 +319,9 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
     log(f'  eps {spec.epsilon:g} {m.label}: warmed up in {time.perf_counter() - t0:.1f} s')
   kept, tried = screen_prompts(decoders[BASELINE], candidates, num_prompts,
                                settings.max_new_tokens)
-  log(f'  eps {spec.epsilon:g}: {len(tried) - len(kept)} of {len(tried)} candidate prompts '
-      f'dropped (degenerate plain text)')
+  dropped = len(tried) - len(kept)
+  log(f'  eps {spec.epsilon:g}: {dropped} of {len(tried)} candidate prompts dropped '
+      f'(degenerate plain text)')
   if len(kept) < num_prompts:
     kept = list(range(num_prompts))
   prompts = [candidates[i] for i in kept]
@@ -355,7 +356,7 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
   diversity = [dict(dataclasses.asdict(d), degenerate=d.degenerate, reasons=d.reasons)
                for d in texts]
   return dict(epsilon=spec.epsilon, degenerate=any(d.degenerate for d in texts),
-              prompts=kept, dropped_prompts=len(tried) - sum(not d.degenerate for d in tried),
+              prompts=kept, dropped_prompts=dropped,
               diversity=diversity, methods=rows)
 
 
