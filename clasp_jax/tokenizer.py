@@ -120,13 +120,6 @@ class Tokenizer:
     self.eos_token_ids = tuple(eos_token_ids)
 
   @classmethod
-  def from_gguf(cls, path: str) -> Tokenizer:
-    """The tokenizer described by a GGUF file's metadata."""
-    # Deferred: clasp_jax.weights imports this module.
-    from clasp_jax.weights import gguf as gguf_weights  # pylint: disable=g-import-not-at-top
-    return cls.from_gguf_metadata(gguf_weights.read_metadata(gguf_weights.open_gguf(path)))
-
-  @classmethod
   def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
     """Rebuilds the byte-level BPE tokenizer that llama.cpp metadata describes.
 

@@ -5,6 +5,7 @@ import pytest
 import transformers
 
 from clasp_jax.tokenizer import Tokenizer
+from clasp_jax.weights import gguf as gguf_weights
 
 # No run of 2+ whitespace characters before a digit: there transformers' GGUF tokenizer is the
 # one that differs from llama.cpp (see test_whitespace_run_before_digits_splits_like_llama_cpp).
@@ -91,7 +92,7 @@ def test_from_gguf_file(tiny_hf_checkpoint, tmp_path):
   writer.write_kv_data_to_file()
   writer.close()
 
-  tokenizer = Tokenizer.from_gguf(path)
+  tokenizer = gguf_weights.load_tokenizer(path)
 
   assert tokenizer.encode('héllo') == Tokenizer.from_hf(tiny_hf_checkpoint).encode('héllo')
   assert tokenizer.decode(tokenizer.encode('héllo'), skip_special_tokens=True) == 'héllo'

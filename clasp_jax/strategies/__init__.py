@@ -13,6 +13,7 @@ from clasp_jax.strategies.adaptive import AdaptiveClasp, best_num_skip
 from clasp_jax.strategies.base import Drafts, Policy, SchedulePolicy, Segment, Strategy
 from clasp_jax.strategies.clasp import Clasp, clasp_dp
 from clasp_jax.strategies.conflayers import ConfLayers
+from clasp_jax.strategies.layer_skip import evenly_spaced_skip_set
 from clasp_jax.strategies.pld import PromptLookup
 from clasp_jax.strategies.static import StaticSkip
 from clasp_jax.strategies.vanilla import Vanilla
@@ -45,15 +46,6 @@ def num_skip_for(config: LlamaConfig, skip_layers: int | str | None,
   if not 0 <= skip_layers < L:
     raise ValueError(f'skip_layers (M) must be in [0, L) = [0, {L}), got {skip_layers}')
   return skip_layers
-
-
-def evenly_spaced_skip_set(config: LlamaConfig, num_skip: int) -> tuple[int, ...]:
-  """A static skip set of M layers spread evenly, never the first or last layer."""
-  inner = range(1, config.num_layers - 1)
-  if num_skip > len(inner):
-    raise ValueError(f'cannot spread {num_skip} skipped layers over {len(inner)} inner layers')
-  step = len(inner) / max(num_skip, 1)
-  return tuple(inner[int(i * step + step / 2)] for i in range(num_skip))
 
 
 def auto_skip_grid(config: LlamaConfig) -> tuple[int, ...]:

@@ -106,13 +106,6 @@ def best_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_la
   return best, rates[best] * costs.full_step
 
 
-def spread_skip_set(num_layers: int, num_skip: int) -> np.ndarray:
-  """bool[L]: M inner layers spread evenly (a skip set of the right size when any will do)."""
-  skip_L = np.zeros(num_layers, bool)
-  skip_L[np.linspace(1, num_layers - 2, num_skip).round().astype(int)] = True
-  return skip_L
-
-
 def _copy(state):
   """A copy of a decode state, for a measurement that must leave the original alone."""
   return jax.tree.map(jnp.copy, state)
@@ -156,7 +149,8 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
   per_draft = {}
   for num_skip in skip_counts:
     seconds, n, drafts = _timed_segment(
-        decoder, decoder.put_skip_set(state, spread_skip_set(L, num_skip)),
+        decoder, decoder.put_skip_set(state, layer_skip.skip_vector(
+            decoder.config, layer_skip.evenly_spaced_skip_set(decoder.config, num_skip))),
         Segment(True, rounds), max_new_tokens)
     per_draft[L - num_skip] = max(seconds - n * verify, 0.0) / max(drafts, 1)
   (a1, t1), (a2, t2) = sorted(per_draft.items())

@@ -21,6 +21,7 @@ import numpy as np
 
 from clasp_jax import model as model_lib
 from clasp_jax import sampling as sampling_lib
+from clasp_jax.config import LlamaConfig
 from clasp_jax.strategies import pld
 from clasp_jax.strategies.base import PLAIN, SKIP, Drafts
 
@@ -117,6 +118,15 @@ class LayerSkipDrafting:
                                      draft_exit_threshold=self.draft_exit_threshold,
                                      enabled=~found)
     return jax.tree.map(lambda c, s: jnp.where(found, c, s), copied, skipped), state
+
+
+def evenly_spaced_skip_set(config: LlamaConfig, num_skip: int) -> tuple[int, ...]:
+  """A static skip set of M layers spread evenly, never the first or last layer."""
+  inner = range(1, config.num_layers - 1)
+  if num_skip > len(inner):
+    raise ValueError(f'cannot spread {num_skip} skipped layers over {len(inner)} inner layers')
+  step = len(inner) / max(num_skip, 1)
+  return tuple(inner[int(i * step + step / 2)] for i in range(num_skip))
 
 
 def skip_vector(config, layers) -> jax.Array:

@@ -68,6 +68,11 @@ def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
   return {name: field.contents() for name, field in reader.fields.items()}
 
 
+def load_tokenizer(path: str) -> Tokenizer:
+  """The tokenizer a GGUF file's metadata describes (no tensor is read)."""
+  return Tokenizer.from_gguf_metadata(read_metadata(open_gguf(path)))
+
+
 def _int(metadata: Mapping[str, Any], key: str, default: int | None = None) -> int:
   """A required (or defaulted) positive integer metadata value (a count or a size)."""
   value = metadata.get(key, default)
