@@ -135,9 +135,9 @@ def _is_question(question: Any) -> bool:
 class _WarmGenerator:
   """Times generations, first compiling (untimed) what each one may run.
 
-  Before each timed generation Python's garbage collector runs a full collection: otherwise
-  one falls inside some generation now and then (0.1-0.16 s each, measured on the 2-core CPU:
-  up to a quarter of a short answer), whichever method happens to be running.
+  Before each timed generation Python's garbage collector runs a full collection: one costs
+  0.1-0.2 s on a 2-core CPU, and a collection that fell inside a timed generation would be
+  charged to whichever method happened to be running.
   """
 
   generator: Generator
