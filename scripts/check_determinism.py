@@ -4,9 +4,9 @@
 
 The engine's exactness rests on one token's logits coming out of every full pass bit for bit
 the same (`engine.full_pass`). This runs one 16-token pass over a filled cache and checks,
-bitwise: run to run (`--runs` times), between two separate compilations, inside a loop (as
-the engine's rounds run it), with XLA's deterministic-ops option, a 1-token pass against row 0
-of the 16-token one, and the prefill run to run. It prints one line per check and a hash of
+bitwise: run to run (`--runs` times), between two separate compilations, with XLA's
+deterministic-ops option, a 1-token pass against row 0 of the 16-token one, and the prefill
+run to run. It prints one line per check and a hash of
 the logits, to compare between processes and machines. A False here is a defect of the
 device's kernels or of the pass; all True does not show that separately compiled programs
 pick the same kernels (see docs/results/h200/exactness).
@@ -59,13 +59,8 @@ def main(argv):
     logits_TV, hiddens_LTD, _ = engine.full_pass(p, config, t, c, width=_WIDTH, attention=attend)
     return logits_TV, hiddens_LTD
 
-  def looped(p, t, c):
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one_pass, p, t, c))
-    return jax.lax.fori_loop(0, 2, lambda i, _: one_pass(p, t, c), zeros)
-
   first = {}
   variants = [('compiled once', one_pass, None), ('compiled again', lambda *a: one_pass(*a), None),
-              ('in a loop', looped, None),
               ('deterministic ops', one_pass, {'xla_gpu_deterministic_ops': True})]
   for name, fn, options in variants:
     compiled = jax.jit(fn).lower(params, tokens_W, cache).compile(compiler_options=options)
