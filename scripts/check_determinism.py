@@ -1,15 +1,18 @@
 """Is the full-model pass bit for bit reproducible on this device? Random weights of a preset.
 
-  python scripts/check_determinism.py --preset=smollm2-135m
+  python scripts/check_determinism.py --preset=smollm2-135m --methods=pld,static
 
 The engine's exactness rests on one token's logits coming out of every full pass bit for bit
 the same (`engine.full_pass`). This runs one 16-token pass over a filled cache and checks,
 bitwise: run to run (`--runs` times), between two separate compilations, with XLA's
 deterministic-ops option, a 1-token pass against row 0 of the 16-token one, and the prefill
-run to run. It prints one line per check and a hash of
-the logits, to compare between processes and machines. A False here is a defect of the
-device's kernels or of the pass; all True does not show that separately compiled programs
-pick the same kernels (see docs/results/h200/exactness).
+run to run. Then, for each of `--methods`, what exactness needs of the programs a user runs:
+a `Decoder` of plain decoding and one of the method, each compiling its own programs, decode
+the same prompt, and their prefills' keys and values, their tokens and the keys and values
+their passes wrote for the tokens are compared. It prints one line per check and hashes to
+compare between processes and machines. A False is a defect: of the device's kernels or the
+pass in the first checks, of how separately compiled programs compute in the last (see
+docs/results/h200/exactness).
 """
 
 import hashlib
@@ -30,12 +33,59 @@ from clasp_jax.configs import models
 _PRESET = flags.DEFINE_enum('preset', 'smollm2-135m', sorted(models.PRESETS), 'Model shape.')
 _CONTEXT = flags.DEFINE_integer('context', 900, 'Tokens in the cache before the pass.')
 _RUNS = flags.DEFINE_integer('runs', 40, 'Repetitions of each compiled pass.')
+_METHODS = flags.DEFINE_list('methods', ['pld', 'static'], 'Drafting methods whose decoders '
+                             'are compared with plain decoding\'s (none: skip that check).')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 32, 'Tokens each decoder of that check '
+                                   'generates.')
 
 _WIDTH = engine.DEFAULT_PASS_WIDTH
 
 
 def _equal(a, b) -> bool:
   return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _digest(x) -> str:
+  return hashlib.md5(np.asarray(x).tobytes()).hexdigest()[:8]
+
+
+class _KeepsLastState(engine.Decoder):
+  """A decoder that keeps the state its last segment left, to read the cache it wrote."""
+
+  def run_segment(self, state, segment, max_new_tokens):
+    self.last_state = super().run_segment(state, segment, max_new_tokens)
+    return self.last_state
+
+
+def _decode(params, config, method: str, prompt: list[int]):
+  """(tokens, keys_LSKh, values_LSKh): a fresh decoder's greedy tokens after `prompt`, and the
+  keys and values its passes wrote for the prompt and every token but the last."""
+  decoder = _KeepsLastState(params, config, strategies.build(method, config))
+  tokens = decoder.generate(prompt, _NEW_TOKENS.value).token_ids
+  cache = decoder.last_state.cache
+  end = len(prompt) + len(tokens) - 1
+  return (tokens, np.asarray(cache.k_LBSKh[:, 0, :end]), np.asarray(cache.v_LBSKh[:, 0, :end]))
+
+
+def check_programs(params, config, methods: list[str]) -> None:
+  """Plain decoding's decoder against each method's, bitwise (see the module docstring)."""
+  prompt = np.random.RandomState(2).randint(0, config.vocab_size, 100).tolist()
+  n = len(prompt)
+  plain_tokens, plain_k, plain_v = _decode(params, config, 'vanilla', prompt)
+  print(f'vanilla: tokens md5 {_digest(plain_tokens)}, prefill keys md5 {_digest(plain_k[:, :n])}',
+        flush=True)
+  for method in methods:
+    tokens, k, v = _decode(params, config, method, prompt)
+    same = 0  # tokens in common before the first difference
+    while same < min(len(tokens), len(plain_tokens)) and tokens[same] == plain_tokens[same]:
+      same += 1
+    end = n + max(same - 1, 0)
+    print(f'{method} vs vanilla: prefill keys and values identical '
+          f'{np.array_equal(k[:, :n], plain_k[:, :n]) and np.array_equal(v[:, :n], plain_v[:, :n])}; '
+          f'tokens identical {tokens == plain_tokens} ({same} of {len(plain_tokens)} before the '
+          f'first difference); keys and values of those tokens identical '
+          f'{np.array_equal(k[:, n:end], plain_k[:, n:end]) and np.array_equal(v[:, n:end], plain_v[:, n:end])}',
+          flush=True)
 
 
 def main(argv):
@@ -66,7 +116,7 @@ def main(argv):
     compiled = jax.jit(fn).lower(params, tokens_W, cache).compile(compiler_options=options)
     outs = [compiled(params, tokens_W, cache) for _ in range(_RUNS.value)]
     first[name] = outs[0]
-    digest = hashlib.md5(np.asarray(outs[0][0]).tobytes()).hexdigest()[:8]
+    digest = _digest(outs[0][0])
     print(f'{name}: run to run identical {all(_equal(o, outs[0]) for o in outs)}, '
           f'logits md5 {digest}', flush=True)
   for name, _, _ in variants[1:]:
@@ -79,6 +129,7 @@ def main(argv):
   prefill = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c, attention=attend).logits_BPV)
   outs = [prefill(params, prompt_BP, empty) for _ in range(_RUNS.value // 2)]
   print(f'prefill (512 tokens) run to run identical: {all(_equal(o, outs[0]) for o in outs)}')
+  check_programs(random, config, [m for m in _METHODS.value if m])
 
 
 if __name__ == '__main__':

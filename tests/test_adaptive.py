@@ -185,6 +185,30 @@ def test_with_lookup_plain_stretches_take_lookup_drafts_and_teach_nothing():
   assert {m: t.rounds for m, t in policy.tallies.items()} == tallies
 
 
+def test_a_refresh_is_paid_for_by_the_layer_skip_rounds_alone():
+  """With prompt lookup on, a drafting segment's rounds with a lookup match gain nothing from
+  its refresh. Layer-skip drafts that pay when every round uses them stop paying when lookup
+  takes three rounds in four: the policy then runs lookup-only segments."""
+  costly_dp = Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.5 / L, verify=1.0,
+                    dp=8.0)
+  kinds = {}
+  for skip_every in (1, 4):
+    policy = _policy(costly_dp, lookup=True, candidates=(16,), initial_skip_layers=16,
+                     loi=4, max_loi=4)
+    decoder, state, kinds[skip_every] = _FakeDecoder(), _FakeState(), []
+    for _ in range(8):
+      state, segment = policy.next_segment(decoder, state)
+      kinds[skip_every].append(segment.kind)
+      skipping = segment.kind == 'draft'
+      source_R = np.where(np.arange(segment.rounds) % skip_every == 0, SKIP, LOOKUP)
+      if not skipping:
+        source_R = np.full(segment.rounds, LOOKUP)
+      policy.observe(np.where(source_R == SKIP, 9, 3), np.where(source_R == SKIP, 8, 2),
+                     source_R)
+  assert kinds[1] == ['draft'] * 8
+  assert kinds[4][:2] == ['draft'] * 2 and kinds[4][-1] == 'lookup'
+
+
 def test_untried_m_is_expected_to_do_as_well_as_the_nearest_tried():
   """Drafting pays at the first M, so the policy moves on to try larger (cheaper) ones."""
   policy, decoder = _policy(GPU_LIKE, initial_skip_layers=2, explore_every=100), _FakeDecoder()

@@ -6,11 +6,13 @@ tokens per second:
 
   rate(M) = E[tokens per round] / E[seconds per round]
   E[tokens per round] = (1 - a^(d+1)) / (1 - a)        (d drafts, each accepted w.p. a)
-  E[seconds per round] = d * draft_step(L - M) + verify + refresh / LOI
+  E[seconds per round] = d * draft_step(L - M) + verify + refresh / (LOI * s)
 
 with the per-token acceptance rate a(M) (taken one standard error above its estimate: an
 optimism that a few more samples settle) and the mean drafts per round d(M) observed at each
-M, and the step costs measured once per device and model (`measure_costs`, through the
+M, the share s of a drafting segment's rounds that draft with layers skipped (with prompt
+lookup on, the others take lookup drafts, and a refresh pays off only over the former), and
+the step costs measured once per device and model (`measure_costs`, through the
 decoder's own compiled rounds, so they are what a round really pays). Plain decoding runs at
 1 / full_step; when no M beats it, the policy decodes plainly and probes drafting again, at
 the most promising M, after a back-off, so a generation that becomes predictable can still
@@ -74,15 +76,16 @@ def expected_tokens(alpha: float, num_drafts: float) -> float:
 
 
 def expected_rate(alpha: float, num_drafts: float, num_skip: int, num_layers: int,
-                  costs: Costs, loi: int) -> float:
-  """Expected tokens per second when drafting with M = num_skip."""
+                  costs: Costs, loi: float) -> float:
+  """Expected tokens per second of a round that drafts with M = num_skip, when one refresh
+  serves `loi` such rounds."""
   seconds = (num_drafts * costs.draft_step(num_layers - num_skip) + costs.verify
              + costs.dp / loi)
   return expected_tokens(alpha, num_drafts) / seconds
 
 
 def best_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_layers: int,
-                  loi: int) -> tuple[tuple[int, int], float] | None:
+                  loi: float) -> tuple[tuple[int, int], float] | None:
   """The M and the draft limit with the highest expected rate, and that rate over plain
   decoding's (below 1 when drafting is not expected to pay).
 
@@ -93,7 +96,7 @@ def best_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_la
     observed: M -> (acceptance rate a, mean drafts per round d).
     costs: the measured step costs.
     num_layers: L.
-    loi: rounds per DP refresh.
+    loi: rounds drafted with layers skipped per DP refresh.
 
   Returns:
     ((M, the most drafts per round), expected speedup), or None when nothing is observed.
@@ -222,6 +225,24 @@ class _Tally:
     return alpha, drafts
 
 
+@dataclasses.dataclass
+class _SkipShare:
+  """Decayed count of the rounds of drafting segments that drafted with layers skipped (the
+  others took lookup drafts)."""
+
+  skipped: float = 0.0
+  rounds: float = 0.0
+
+  def add(self, skipped_R: np.ndarray, decay: float) -> None:
+    for skipped in skipped_R:
+      self.skipped = decay * self.skipped + bool(skipped)
+      self.rounds = decay * self.rounds + 1
+
+  def estimate(self, prior_weight: float) -> float:
+    """The share, starting from all rounds (`prior_weight` pseudo-rounds)."""
+    return (self.skipped + prior_weight) / (self.rounds + prior_weight)
+
+
 class AdaptivePolicy(Policy):
   """Chooses M (or plain decoding) between segments from observed acceptance and measured
   costs.
@@ -235,7 +256,9 @@ class AdaptivePolicy(Policy):
   nearest one tried (optimism that makes it worth a try: acceptance only falls as more layers
   are skipped, so a try settles it). With prompt lookup on, only the rounds that drafted with
   layers skipped teach it anything, and "plain" means rounds that take lookup drafts when they
-  have a match and plain steps otherwise.
+  have a match and plain steps otherwise; since a refresh then pays off only over a drafting
+segment's layer-skip rounds, its cost is spread over those (their observed share), not over
+all of the segment's rounds.
 
   Args:
     strategy: the `AdaptiveClasp` settings.
@@ -248,6 +271,7 @@ class AdaptivePolicy(Policy):
   def __init__(self, strategy: AdaptiveClasp, num_layers: int, costs: Costs | None = None):
     self.s, self.L, self.costs = strategy, num_layers, costs
     self.tallies: dict[int, _Tally] = {}
+    self.skip_share = _SkipShare()
     self.chosen = strategy.initial_skip_layers
     self.draft_limit = strategy.num_draft_tokens
     self.plain_left = 0
@@ -276,6 +300,10 @@ class AdaptivePolicy(Policy):
     self.interval = min(2 * self.interval, longest) if same else self.s.loi
     self.last_skip_L = skip_L
 
+  def _skip_rounds_per_refresh(self) -> float:
+    """Rounds drafted with layers skipped that the next refresh is expected to serve."""
+    return self.interval * self.skip_share.estimate(self.s.prior_weight)
+
   def _observed(self) -> dict[int, tuple[float, float]]:
     """(acceptance, drafts per round) for every candidate M: as observed, or, not tried yet,
     as at the nearest M tried (none tried: nothing)."""
@@ -292,7 +320,7 @@ class AdaptivePolicy(Policy):
     seen, or `optimistic_alpha`) with K drafts per round: if not, probing only costs."""
     alpha = max([self.s.optimistic_alpha] + [a for a, _ in self._observed().values()])
     rates = [expected_rate(alpha, self.s.num_draft_tokens, m, self.L, self.costs,
-                           self.interval) for m in self.s.candidates]
+                           self._skip_rounds_per_refresh()) for m in self.s.candidates]
     return max(rates) > 1.0 / self.costs.full_step
 
   def _explore_target(self) -> int:
@@ -334,21 +362,24 @@ class AdaptivePolicy(Policy):
       self.plain_left -= len(accepted_R)  # what a generation's end left carries over
       return
     skipped_R = np.asarray(source_R) == SKIP
-    if not skipped_R.any():
-      return  # every round had a lookup match
-    tally = self.tallies.setdefault(self.num_skip, _Tally())
-    for accepted, drafted in zip(np.asarray(accepted_R)[skipped_R],
-                                 np.asarray(drafted_R)[skipped_R]):
-      tally.add(int(accepted) - 1, int(drafted), self.probing, self.s.decay)
-    self.draft_segments += 1
+    self.skip_share.add(skipped_R, self.s.decay)
+    if skipped_R.any():
+      tally = self.tallies.setdefault(self.num_skip, _Tally())
+      for accepted, drafted in zip(np.asarray(accepted_R)[skipped_R],
+                                   np.asarray(drafted_R)[skipped_R]):
+        tally.add(int(accepted) - 1, int(drafted), self.probing, self.s.decay)
+      self.draft_segments += 1
+    elif not self.tallies:
+      return  # every round had a lookup match, and no M has been seen drafting yet
     # The next drafting (now, or the probe after a back-off) tries the most promising M,
     # whether or not it is expected to pay now: a probe at an M that just failed teaches less.
     # It stays at the current M unless another is clearly better: a new M costs a refresh
     # and restarts the refresh interval.
     observed = self._observed()
-    best, speedup = best_num_skip(observed, self.costs, self.L, self.interval)
+    loi = self._skip_rounds_per_refresh()
+    best, speedup = best_num_skip(observed, self.costs, self.L, loi)
     current, current_speedup = best_num_skip({self.chosen: observed[self.chosen]}, self.costs,
-                                             self.L, self.interval)
+                                             self.L, loi)
     if current_speedup * (1.0 + self.s.switch_margin) >= speedup:
       best, speedup = current, current_speedup
     self.chosen, self.draft_limit = best
