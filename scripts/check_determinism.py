@@ -5,8 +5,8 @@
 The engine's exactness rests on one token's logits coming out of every full pass bit for bit
 the same (`engine.full_pass`). This runs one 16-token pass over a filled cache and checks,
 bitwise: run to run (`--runs` times), between two separate compilations, with XLA's
-deterministic-ops option, a 1-token pass against row 0 of the 16-token one, and the prefill
-run to run. Then, for each of `--methods`, what exactness needs of the programs a user runs:
+deterministic-ops option, a 1-token pass against row 0 of the 16-token one, each later row
+against row 0 of a pass that starts at its token, and the prefill run to run. Then, for each of `--methods`, what exactness needs of the programs a user runs:
 a `Decoder` of plain decoding and one of the method, each compiling its own programs, decode
 the same prompt, and their prefills' keys and values, their tokens and the keys and values
 their passes wrote for the tokens are compared. It prints one line per check and hashes to
@@ -15,6 +15,7 @@ pass in the first checks, of how separately compiled programs compute in the las
 docs/results/h200/exactness).
 """
 
+import functools
 import hashlib
 
 from absl import app
@@ -88,6 +89,23 @@ def check_programs(params, config, methods: list[str]) -> None:
           flush=True)
 
 
+def _rows_match_later_passes(params, config, tokens_W, cache, attend) -> bool:
+  """Whether every row j > 0 of a pass computes bit for bit what a pass starting at row j's
+  token computes for its row 0: what makes a verified draft's logits a plain step's."""
+  width = tokens_W.shape[0]
+  full = jax.jit(functools.partial(engine.full_pass, config=config, width=width,
+                                   attention=attend))
+  logits_WV, hiddens_LWD, written = full(params, tokens_T=tokens_W, cache=cache)
+  for j in range(1, width):
+    shifted_W = jnp.zeros_like(tokens_W).at[:width - j].set(tokens_W[j:])
+    logits, hiddens, _ = full(params, tokens_T=shifted_W,
+                              cache=written.rollback(cache.length + j))
+    if not (jnp.array_equal(logits[0], logits_WV[j])
+            and jnp.array_equal(hiddens[:, 0], hiddens_LWD[:, j])):
+      return False
+  return True
+
+
 def main(argv):
   del argv
   config = models.PRESETS[_PRESET.value]()
@@ -124,12 +142,17 @@ def main(argv):
   row0 = jax.jit(one_pass)(params, tokens_W[:1], cache)[0][0]
   print(f'1-token pass == row 0 of the 16-token pass: '
         f'{bool(jnp.array_equal(row0, first["compiled once"][0][0]))}')
+  print(f'row j of the 16-token pass == row 0 of the pass that starts at its token, over the '
+        f'keys and values the first wrote (a plain step after j accepted drafts), j = 1..'
+        f'{_WIDTH - 1}: {_rows_match_later_passes(params, config, tokens_W, cache, attend)}')
   prompt_BP = jnp.asarray(np.random.RandomState(1).randint(0, config.vocab_size, (1, 512)),
                           jnp.int32)
   prefill = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c, attention=attend).logits_BPV)
   outs = [prefill(params, prompt_BP, empty) for _ in range(_RUNS.value // 2)]
   print(f'prefill (512 tokens) run to run identical: {all(_equal(o, outs[0]) for o in outs)}')
-  check_programs(random, config, [m for m in _METHODS.value if m])
+  methods = [m for m in _METHODS.value if m]
+  if methods:
+    check_programs(random, config, methods)
 
 
 if __name__ == '__main__':

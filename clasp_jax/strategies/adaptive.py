@@ -257,8 +257,8 @@ class AdaptivePolicy(Policy):
   are skipped, so a try settles it). With prompt lookup on, only the rounds that drafted with
   layers skipped teach it anything, and "plain" means rounds that take lookup drafts when they
   have a match and plain steps otherwise; since a refresh then pays off only over a drafting
-segment's layer-skip rounds, its cost is spread over those (their observed share), not over
-all of the segment's rounds.
+  segment's layer-skip rounds, its cost is spread over those (their observed share), not over
+  all of the segment's rounds.
 
   Args:
     strategy: the `AdaptiveClasp` settings.
