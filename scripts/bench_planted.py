@@ -102,13 +102,20 @@ def _commit() -> str:
 
 def main(argv):
   del argv
-  settings = planted_sweep.SweepSettings(
-      max_new_tokens=_MAX_NEW.value, warmup=_WARMUP.value, num_draft_tokens=_K.value,
-      draft_exit_threshold=_DET.value, loi=_LOI.value, temperature=_TEMPERATURE.value,
-      dtype=weights.default_dtype().name if _DTYPE.value == 'auto' else _DTYPE.value,
-      per_layer=(model.per_layer_by_default() if _LAYOUT.value == 'auto'
-                 else _LAYOUT.value == 'per_layer'),
-      cost_cache_dir=_COST_CACHE.value or tempfile.mkdtemp(prefix='clasp_costs_'))
+  unknown = sorted(set(_METHODS.value) - set(planted_sweep.METHODS))
+  if unknown:
+    raise app.UsageError(f'--methods: unknown {",".join(unknown)}; choose from '
+                         f'{",".join(planted_sweep.METHODS)}')
+  try:
+    settings = planted_sweep.SweepSettings(
+        max_new_tokens=_MAX_NEW.value, warmup=_WARMUP.value, num_draft_tokens=_K.value,
+        draft_exit_threshold=_DET.value, loi=_LOI.value, temperature=_TEMPERATURE.value,
+        dtype=weights.default_dtype().name if _DTYPE.value == 'auto' else _DTYPE.value,
+        per_layer=(model.per_layer_by_default() if _LAYOUT.value == 'auto'
+                   else _LAYOUT.value == 'per_layer'),
+        cost_cache_dir=_COST_CACHE.value or tempfile.mkdtemp(prefix='clasp_costs_'))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   jax.config.update('jax_compilation_cache_dir',
                     _XLA_CACHE.value or tempfile.mkdtemp(prefix='clasp_xla_'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)

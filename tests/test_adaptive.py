@@ -209,6 +209,20 @@ def test_a_refresh_is_paid_for_by_the_layer_skip_rounds_alone():
   assert kinds[4][:2] == ['draft'] * 2 and kinds[4][-1] == 'lookup'
 
 
+def test_a_skip_set_that_no_round_used_is_not_refreshed():
+  """Drafting segments whose every round took a lookup draft leave the skip set unused: the
+  next segment keeps it rather than paying for another DP; a segment that drafts with it
+  ends that."""
+  cheap_drafts = Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.3 / L, verify=1.0,
+                       dp=0.3)
+  policy, decoder = _policy(cheap_drafts, lookup=True), _FakeDecoder()
+  schedule = _drive(policy, decoder, accepted=9, drafted=8, segments=5, source=LOOKUP)
+  assert all(draft for draft, _ in schedule)
+  assert decoder.refreshed == [policy.s.initial_skip_layers]
+  _drive(policy, decoder, accepted=9, drafted=8, segments=2, source=SKIP)
+  assert len(decoder.refreshed) == 2
+
+
 def test_untried_m_is_expected_to_do_as_well_as_the_nearest_tried():
   """Drafting pays at the first M, so the policy moves on to try larger (cheaper) ones."""
   policy, decoder = _policy(GPU_LIKE, initial_skip_layers=2, explore_every=100), _FakeDecoder()

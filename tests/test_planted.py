@@ -165,12 +165,26 @@ def test_screening_keeps_diverse_prompts_and_drops_loops(spec, params, prompts):
   """A tied head copies the input token forever: screening drops every prompt of it."""
   untied = Decoder(params, spec.config, strategies.Vanilla())
   kept, tried = planted_sweep.screen_prompts(untied, prompts, 1, MAX_NEW)
-  assert kept == [0] and len(tried) == 1 and not tried[0].degenerate
+  assert kept == [0] and len(tried) == 1 and not planted.diversity(tried[0]).degenerate
   tied_config = dataclasses.replace(spec.config, tie_embeddings=True)
   tied = Decoder({k: w for k, w in params.items() if k != 'lm_head'}, tied_config,
                  strategies.Vanilla())
   kept, tried = planted_sweep.screen_prompts(tied, prompts, 1, MAX_NEW)
-  assert kept == [] and len(tried) == len(prompts) and all(d.degenerate for d in tried)
+  assert kept == [] and len(tried) == len(prompts)
+  assert all(planted.diversity(tokens).degenerate for tokens in tried)
+
+
+def test_a_point_says_whether_plain_decoding_repeated_itself(spec, prompts):
+  """Screening decodes the timed prompt plainly before the timed run: on the CPU plain
+  decoding repeats itself token for token, and the point and its table say so."""
+  methods = planted_sweep.method_specs(spec, ['pld'])
+  settings = planted_sweep.SweepSettings(max_new_tokens=16, warmup=1)
+  point = planted_sweep.run_point(spec, methods, prompts, 1, prompts[0], settings,
+                                  log=lambda _: None)
+  assert point['plain_repeated'] == 1 == len(point['prompts'])
+  assert point['methods']['pld']['identical'] == 1
+  sweep = dict(points=[point])
+  assert planted_sweep.markdown(sweep).splitlines()[-1].endswith('| 1/1 |')
 
 
 def _tau(generations) -> float:

@@ -220,7 +220,7 @@ def _mean(values) -> float | None:
 
 
 def screen_prompts(decoder: Decoder, candidates: Sequence[list[int]], count: int,
-                   max_new_tokens: int) -> tuple[list[int], list[planted_lib.Diversity]]:
+                   max_new_tokens: int) -> tuple[list[int], list[list[int]]]:
   """The first `count` candidates on which plain decoding writes diverse text.
 
   Args:
@@ -230,14 +230,14 @@ def screen_prompts(decoder: Decoder, candidates: Sequence[list[int]], count: int
     max_new_tokens: tokens per generation.
 
   Returns:
-    (the kept candidates' indices, the `Diversity` of every candidate tried).
+    (the kept candidates' indices, plain decoding's tokens for every candidate tried).
   """
   kept, tried = [], []
   for i, prompt in enumerate(candidates):
     if len(kept) == count:
       break
-    tried.append(planted_lib.diversity(decoder.generate(prompt, max_new_tokens).token_ids))
-    if not tried[-1].degenerate:
+    tried.append(decoder.generate(prompt, max_new_tokens).token_ids)
+    if not planted_lib.diversity(tried[-1]).degenerate:
       kept.append(i)
   return kept, tried
 
@@ -300,8 +300,12 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
 
   The prompts are the first candidates on which plain decoding writes diverse text
   (`screen_prompts`); with too few of those, the first `num_prompts` candidates, and the point
-  is degenerate. The params are built on the default device and dropped before returning, so
-  that the next point can build its own (a 70B model fits once).
+  is degenerate. Screening decodes each timed prompt plainly once before the timed run, so
+  the point also says how many of them plain decoding repeated token for token
+  (`plain_repeated`): below all of them, plain decoding is not reproducible within one
+  program, and a method's differences from it say nothing about the method. The params are
+  built on the default device and dropped before returning, so that the next point can build
+  its own (a 70B model fits once).
   """
   sampling = SamplingConfig(temperature=settings.temperature)
   params = planted_lib.build_params(spec, settings.dtype, per_layer=settings.per_layer)
@@ -317,10 +321,10 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
     for _ in range(settings.warmup):
       decoders[m.label].generate(warmup_prompt, settings.max_new_tokens)
     log(f'  eps {spec.epsilon:g} {m.label}: warmed up in {time.perf_counter() - t0:.1f} s')
-  kept, tried = screen_prompts(decoders[BASELINE], candidates, num_prompts,
-                               settings.max_new_tokens)
-  dropped = len(tried) - len(kept)
-  log(f'  eps {spec.epsilon:g}: {dropped} of {len(tried)} candidate prompts dropped '
+  kept, screened = screen_prompts(decoders[BASELINE], candidates, num_prompts,
+                                  settings.max_new_tokens)
+  dropped = len(screened) - len(kept)
+  log(f'  eps {spec.epsilon:g}: {dropped} of {len(screened)} candidate prompts dropped '
       f'(degenerate plain text)')
   if len(kept) < num_prompts:
     kept = list(range(num_prompts))
@@ -336,6 +340,10 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
       reruns[label] += rerun
       compiled[label] += still_compiled
   reference = [g.token_ids for g in generations[BASELINE]]
+  plain_repeated = sum(screened[i] == tokens for i, tokens in zip(kept, reference))
+  if plain_repeated < len(kept):
+    log(f'  NOT REPRODUCIBLE: eps {spec.epsilon:g}: plain decoding repeated its screening '
+        f'tokens on {plain_repeated} of {len(kept)} prompts')
   mismatches = {label: find_mismatches(reference, gens) if settings.temperature == 0 else None
                 for label, gens in generations.items()}
   del decoders, params
@@ -356,7 +364,7 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
   diversity = [dict(dataclasses.asdict(d), degenerate=d.degenerate, reasons=d.reasons)
                for d in texts]
   return dict(epsilon=spec.epsilon, degenerate=any(d.degenerate for d in texts),
-              prompts=kept, dropped_prompts=dropped,
+              prompts=kept, dropped_prompts=dropped, plain_repeated=plain_repeated,
               diversity=diversity, methods=rows)
 
 
@@ -432,12 +440,14 @@ def _diversity_line(point: dict) -> str:
           f"{min(x['distinct_ratio'] for x in d):.2f} | "
           f"{min(x['distinct_3gram_ratio'] for x in d):.2f} | "
           f"{max(x['longest_repeat'] for x in d)} | {max(x['lag_match'] for x in d):.2f} | "
-          f"{'yes' if point['degenerate'] else 'no'} |")
+          f"{'yes' if point['degenerate'] else 'no'} | "
+          f"{point.get('plain_repeated', '?')}/{len(point['prompts'])} |")
 
 
 _DIVERSITY_HEADER = ('| eps | candidates dropped | distinct tokens (min) | '
                      'distinct 3-grams (min) | longest repeat (max) | lag match (max) | '
-                     'degenerate |\n|---|---|---|---|---|---|---|')
+                     'degenerate | plain decoding repeated itself |\n'
+                     '|---|---|---|---|---|---|---|---|')
 
 
 def point_markdown(point: dict) -> str:

@@ -258,7 +258,7 @@ class AdaptivePolicy(Policy):
   layers skipped teach it anything, and "plain" means rounds that take lookup drafts when they
   have a match and plain steps otherwise; since a refresh then pays off only over a drafting
   segment's layer-skip rounds, its cost is spread over those (their observed share), not over
-  all of the segment's rounds.
+  all of the segment's rounds, and a set that a whole segment left unused is kept.
 
   Args:
     strategy: the `AdaptiveClasp` settings.
@@ -285,6 +285,7 @@ class AdaptivePolicy(Policy):
     self.draft_segments = 0  # since drafting (re)started
     self.drafting = False  # whether the segment running drafts with layers skipped
     self.probing = False  # whether it is a probe (few rounds of few drafts)
+    self.unused_skip = None  # M of a skip set in force that no round has drafted with yet
     self._restart_refreshes()
 
   def _restart_refreshes(self) -> None:
@@ -351,8 +352,11 @@ class AdaptivePolicy(Policy):
     self.num_skip = self._explore_target()
     # The first drafting segment after plain decoding probes: a few rounds of a few drafts.
     self.probing = self.draft_segments == 0
-    state = decoder.refresh(state, self.num_skip)
-    self._track_refresh(np.asarray(state.skip_L))
+    # A set that every round of the last segment left unused (they all took lookup drafts)
+    # serves again: a refresh would pay a DP for rounds that may not draft with it either.
+    if self.unused_skip != self.num_skip:
+      state = decoder.refresh(state, self.num_skip)
+      self._track_refresh(np.asarray(state.skip_L))
     limit, rounds = ((self.s.probe_drafts, self.s.probe_rounds) if self.probing
                      else (self.draft_limit, self.interval))
     return state.replace(draft_limit=jnp.int32(limit)), Segment(draft=True, rounds=rounds)
@@ -360,9 +364,11 @@ class AdaptivePolicy(Policy):
   def observe(self, accepted_R, drafted_R, source_R):
     if not self.drafting:  # lookup or plain rounds only: nothing about M to learn
       self.plain_left -= len(accepted_R)  # what a generation's end left carries over
+      self.unused_skip = None  # the context moved on: the next drafting refreshes
       return
     skipped_R = np.asarray(source_R) == SKIP
     self.skip_share.add(skipped_R, self.s.decay)
+    self.unused_skip = None if skipped_R.any() else self.num_skip
     if skipped_R.any():
       tally = self.tallies.setdefault(self.num_skip, _Tally())
       for accepted, drafted in zip(np.asarray(accepted_R)[skipped_R],
