@@ -102,11 +102,10 @@ def _commit() -> str:
 
 def main(argv):
   del argv
-  unknown = sorted(set(_METHODS.value) - set(planted_sweep.METHODS))
-  if unknown:
-    raise app.UsageError(f'--methods: unknown {",".join(unknown)}; choose from '
-                         f'{",".join(planted_sweep.METHODS)}')
-  try:
+  config = _config()
+  try:  # the library's own checks, before anything compiles
+    planted_sweep.method_specs(planted.planted_model(config, epsilon=1.0), _METHODS.value,
+                               _STATIC_SET.value)
     settings = planted_sweep.SweepSettings(
         max_new_tokens=_MAX_NEW.value, warmup=_WARMUP.value, num_draft_tokens=_K.value,
         draft_exit_threshold=_DET.value, loi=_LOI.value, temperature=_TEMPERATURE.value,
@@ -122,7 +121,7 @@ def main(argv):
   knobs = {f: flags.FLAGS[f].value for f in ('embed_std', 'qk_gain', 'attn_gain', 'mlp_gain',
                                               'logit_std')}
   sweep = planted_sweep.run_sweep(
-      _config(), [float(e) for e in _EPSILONS.value], _METHODS.value, settings=settings,
+      config, [float(e) for e in _EPSILONS.value], _METHODS.value, settings=settings,
       num_prompts=_NUM_PROMPTS.value, prompt_len=_PROMPT_LEN.value,
       static_set=_STATIC_SET.value, fraction=_FRACTION.value, seed=_SEED.value, knobs=knobs,
       log=lambda line: print(line, flush=True))

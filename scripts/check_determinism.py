@@ -6,10 +6,11 @@ The engine's exactness rests on one token's logits coming out of every full pass
 the same (`engine.full_pass`). This runs one 16-token pass over a filled cache and checks,
 bitwise: run to run (`--runs` times), between two separate compilations, with XLA's
 deterministic-ops option, a 1-token pass against row 0 of the 16-token one, each later row
-against row 0 of a pass that starts at its token, and the prefill run to run. Then, for each of `--methods`, what exactness needs of the programs a user runs:
-a `Decoder` of plain decoding and one of the method, each compiling its own programs, decode
-the same prompt, and their prefills' keys and values, their tokens and the keys and values
-their passes wrote for the tokens are compared. It prints one line per check and hashes to
+against row 0 of a pass that starts at its token, and the prefill run to run. Then, for each
+of `--methods`, what exactness needs of the programs a user runs: a `Decoder` of plain
+decoding and one of the method, each compiling its own programs, decode the same prompt, and
+their prefills' keys and values, their tokens and the keys and values their passes wrote for
+the tokens are compared. It prints one line per check and hashes to
 compare between processes and machines. A False is a defect: of the device's kernels or the
 pass in the first checks, of how separately compiled programs compute in the last (see
 docs/results/h200/exactness).
@@ -81,12 +82,11 @@ def check_programs(params, config, methods: list[str]) -> None:
     while same < min(len(tokens), len(plain_tokens)) and tokens[same] == plain_tokens[same]:
       same += 1
     end = n + max(same - 1, 0)
-    print(f'{method} vs vanilla: prefill keys and values identical '
-          f'{np.array_equal(k[:, :n], plain_k[:, :n]) and np.array_equal(v[:, :n], plain_v[:, :n])}; '
-          f'tokens identical {tokens == plain_tokens} ({same} of {len(plain_tokens)} before the '
-          f'first difference); keys and values of those tokens identical '
-          f'{np.array_equal(k[:, n:end], plain_k[:, n:end]) and np.array_equal(v[:, n:end], plain_v[:, n:end])}',
-          flush=True)
+    prefill_same = _equal((k[:, :n], v[:, :n]), (plain_k[:, :n], plain_v[:, :n]))
+    passes_same = _equal((k[:, n:end], v[:, n:end]), (plain_k[:, n:end], plain_v[:, n:end]))
+    print(f'{method} vs vanilla: prefill keys and values identical {prefill_same}; tokens '
+          f'identical {tokens == plain_tokens} ({same} of {len(plain_tokens)} before the first '
+          f'difference); keys and values of those tokens identical {passes_same}', flush=True)
 
 
 def _rows_match_later_passes(params, config, tokens_W, cache, attend) -> bool:

@@ -441,7 +441,7 @@ def _diversity_line(point: dict) -> str:
           f"{min(x['distinct_3gram_ratio'] for x in d):.2f} | "
           f"{max(x['longest_repeat'] for x in d)} | {max(x['lag_match'] for x in d):.2f} | "
           f"{'yes' if point['degenerate'] else 'no'} | "
-          f"{point.get('plain_repeated', '?')}/{len(point['prompts'])} |")
+          f"{point['plain_repeated']}/{len(point['prompts'])} |")
 
 
 _DIVERSITY_HEADER = ('| eps | candidates dropped | distinct tokens (min) | '

@@ -367,9 +367,10 @@ class AdaptivePolicy(Policy):
       self.unused_skip = None  # the context moved on: the next drafting refreshes
       return
     skipped_R = np.asarray(source_R) == SKIP
+    used = bool(skipped_R.any())
     self.skip_share.add(skipped_R, self.s.decay)
-    self.unused_skip = None if skipped_R.any() else self.num_skip
-    if skipped_R.any():
+    self.unused_skip = None if used else self.num_skip
+    if used:
       tally = self.tallies.setdefault(self.num_skip, _Tally())
       for accepted, drafted in zip(np.asarray(accepted_R)[skipped_R],
                                    np.asarray(drafted_R)[skipped_R]):
