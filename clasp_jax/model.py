@@ -160,6 +160,12 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
     The layer output [B, T, D] and the chunk's roped keys and values [B, T, KV, hd].
   """
   q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+  # One computation of the keys and values for the attention and for the cache write. Left
+  # to itself XLA may fuse them into both consumers, each fusion summing a split-K product's
+  # partials and roping on its own (seen on an H200 at the LLaMA-3-8B shape), so that now and
+  # then the keys a pass attends to differ in a bit from those it caches, and a later pass
+  # reading them computes another token than a verified draft's: exactness lost.
+  k_BTKh, v_BTKh = jax.lax.optimization_barrier((k_BTKh, v_BTKh))
   return _finish_layer(lp, config, x_BTD, attend(q_BTHh, k_BTKh, v_BTKh)), k_BTKh, v_BTKh
 
 

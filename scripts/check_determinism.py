@@ -6,7 +6,8 @@ The engine's exactness rests on one token's logits coming out of every full pass
 the same (`engine.full_pass`). This runs one 16-token pass over a filled cache and checks,
 bitwise: run to run (`--runs` times), between two separate compilations, with XLA's
 deterministic-ops option, a 1-token pass against row 0 of the 16-token one, each later row
-against row 0 of a pass that starts at its token, and the prefill run to run. Then, for each
+against row 0 of a pass that starts at its token (at several cache lengths and token draws;
+a failure names the first hidden state that differs), and the prefill run to run. Then, for each
 of `--methods`, what exactness needs of the programs a user runs: a `Decoder` of plain
 decoding and one of the method, each compiling its own programs, decode the same prompt, and
 their prefills' keys and values, their tokens and the keys and values their passes wrote for
@@ -35,6 +36,9 @@ from clasp_jax.configs import models
 _PRESET = flags.DEFINE_enum('preset', 'smollm2-135m', sorted(models.PRESETS), 'Model shape.')
 _CONTEXT = flags.DEFINE_integer('context', 900, 'Tokens in the cache before the pass.')
 _RUNS = flags.DEFINE_integer('runs', 40, 'Repetitions of each compiled pass.')
+_ROW_CONTEXTS = flags.DEFINE_list('row_contexts', ['333', '900', '1777'], 'Cache lengths at '
+                                  'which rows are checked against later passes (two token draws '
+                                  'each: a defect there showed at some draws only).')
 _METHODS = flags.DEFINE_list('methods', ['pld', 'static'], 'Drafting methods whose decoders '
                              'are compared with plain decoding\'s (none: skip that check).')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 32, 'Tokens each decoder of that check '
@@ -89,39 +93,63 @@ def check_programs(params, config, methods: list[str]) -> None:
           f'difference); keys and values of those tokens identical {passes_same}', flush=True)
 
 
-def _rows_match_later_passes(params, config, tokens_W, cache, attend) -> bool:
-  """Whether every row j > 0 of a pass computes bit for bit what a pass starting at row j's
-  token computes for its row 0: what makes a verified draft's logits a plain step's."""
+def _rows_against_later_passes(params, config, tokens_W, cache, attend) -> list[str]:
+  """Where row j > 0 of a pass differs from row 0 of the pass that starts at row j's token
+  (over the keys and values the first wrote): a verified draft's logits that are not a plain
+  step's. One 'j<j>:h<l>' per such row, l the first hidden state that differs (0: the
+  embeddings, L: the last layer's output), or 'j<j>:logits' when only the logits do."""
   width = tokens_W.shape[0]
   full = jax.jit(functools.partial(engine.full_pass, config=config, width=width,
                                    attention=attend))
   logits_WV, hiddens_LWD, written = full(params, tokens_T=tokens_W, cache=cache)
+  found = []
   for j in range(1, width):
     shifted_W = jnp.zeros_like(tokens_W).at[:width - j].set(tokens_W[j:])
-    logits, hiddens, _ = full(params, tokens_T=shifted_W,
-                              cache=written.rollback(cache.length + j))
-    if not (jnp.array_equal(logits[0], logits_WV[j])
-            and jnp.array_equal(hiddens[:, 0], hiddens_LWD[:, j])):
-      return False
-  return True
+    logits_WV2, hiddens_LWD2, _ = full(params, tokens_T=shifted_W,
+                                       cache=written.rollback(cache.length + j))
+    layers = [l for l in range(hiddens_LWD.shape[0])
+              if not jnp.array_equal(hiddens_LWD2[l, 0], hiddens_LWD[l, j])]
+    if layers:
+      found.append(f'j{j}:h{layers[0]}')
+    elif not jnp.array_equal(logits_WV2[0], logits_WV[j]):
+      found.append(f'j{j}:logits')
+  return found
+
+
+def _empty_cache(config, context: int):
+  """A bfloat16 cache with room for `context` tokens and a pass."""
+  return init_cache(config, engine.cache_bucket(context, _WIDTH, _WIDTH), dtype=jnp.bfloat16)
+
+
+def _random_cache(config, context: int):
+  """A cache of random keys and values, `context` tokens long."""
+  empty = _empty_cache(config, context)
+  return empty.replace(
+      k_LBSKh=jax.random.normal(jax.random.key(1), empty.k_LBSKh.shape, jnp.bfloat16),
+      v_LBSKh=jax.random.normal(jax.random.key(2), empty.v_LBSKh.shape, jnp.bfloat16),
+      length=jnp.int32(context))
+
+
+def _random_tokens(config, seed: int):
+  return jnp.asarray(np.random.RandomState(seed).randint(0, config.vocab_size, _WIDTH),
+                     jnp.int32)
 
 
 def main(argv):
   del argv
   config = models.PRESETS[_PRESET.value]()
-  if not 0 < _CONTEXT.value <= config.max_position_embeddings - _WIDTH:
-    raise app.UsageError(f'--context must be in [1, {config.max_position_embeddings - _WIDTH}]')
+  limit = config.max_position_embeddings - 2 * _WIDTH
+  if not all(c.isdigit() for c in _ROW_CONTEXTS.value):
+    raise app.UsageError(f'--row_contexts must be whole numbers, got {_ROW_CONTEXTS.value}')
+  row_contexts = [int(c) for c in _ROW_CONTEXTS.value]
+  for name, value in [('context', _CONTEXT.value)] + [('row_contexts', c) for c in row_contexts]:
+    if not 0 < value <= limit:
+      raise app.UsageError(f'--{name} must be in [1, {limit}], got {value}')
   random = decode.random_params(config, jax.random.key(0), 'bfloat16')
   params = engine.Decoder(random, config, strategies.build('vanilla', config)).params
   attend = engine.resolve_attention('auto', config)
-  capacity = engine.cache_bucket(_CONTEXT.value, _WIDTH, _WIDTH)
-  empty = init_cache(config, capacity, dtype=jnp.bfloat16)
-  cache = empty.replace(
-      k_LBSKh=jax.random.normal(jax.random.key(1), empty.k_LBSKh.shape, jnp.bfloat16),
-      v_LBSKh=jax.random.normal(jax.random.key(2), empty.v_LBSKh.shape, jnp.bfloat16),
-      length=jnp.int32(_CONTEXT.value))
-  tokens_W = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, _WIDTH),
-                         jnp.int32)
+  cache = _random_cache(config, _CONTEXT.value)
+  tokens_W = _random_tokens(config, 0)
 
   def one_pass(p, t, c):
     logits_TV, hiddens_LTD, _ = engine.full_pass(p, config, t, c, width=_WIDTH, attention=attend)
@@ -142,12 +170,20 @@ def main(argv):
   row0 = jax.jit(one_pass)(params, tokens_W[:1], cache)[0][0]
   print(f'1-token pass == row 0 of the 16-token pass: '
         f'{bool(jnp.array_equal(row0, first["compiled once"][0][0]))}')
-  print(f'row j of the 16-token pass == row 0 of the pass that starts at its token, over the '
-        f'keys and values the first wrote (a plain step after j accepted drafts), j = 1..'
-        f'{_WIDTH - 1}: {_rows_match_later_passes(params, config, tokens_W, cache, attend)}')
+  print(f'row j of the {_WIDTH}-token pass == row 0 of the pass that starts at its token, over '
+        f'the keys and values the first wrote (a plain step after j accepted drafts), j = 1..'
+        f'{_WIDTH - 1}:')
+  for context in row_contexts:
+    for seed in range(2):
+      found = _rows_against_later_passes(params, config, _random_tokens(config, seed),
+                                         _random_cache(config, context), attend)
+      print(f'  context {context}, tokens {seed}: {not found}'
+            + (f' (first differing hidden state per row: {" ".join(found)})' if found else ''),
+            flush=True)
   prompt_BP = jnp.asarray(np.random.RandomState(1).randint(0, config.vocab_size, (1, 512)),
                           jnp.int32)
   prefill = jax.jit(lambda p, t, c: model_lib.forward(p, config, t, c, attention=attend).logits_BPV)
+  empty = _empty_cache(config, _CONTEXT.value)
   outs = [prefill(params, prompt_BP, empty) for _ in range(_RUNS.value // 2)]
   print(f'prefill (512 tokens) run to run identical: {all(_equal(o, outs[0]) for o in outs)}')
   methods = [m for m in _METHODS.value if m]

@@ -96,6 +96,34 @@ def test_the_check_can_fail(tiny_model):
              for k in wide if k[0] != 'plain')
 
 
+def test_a_layer_attends_to_the_keys_and_values_it_caches(tiny_model):
+  """The attention and the cache write take one computation of a layer's keys and values.
+
+  On an H200 at the LLaMA-3-8B shape XLA fused the roped keys into both consumers, each
+  fusion summing the split-K partials on its own, and a later pass then attended to keys that
+  differed in a bit from those the verify pass saw (scripts/check_determinism.py found it; the
+  CPU here does not show it). So this checks the structure that rules it out: what `decoder_layer`
+  hands the attention and returns for the cache is one optimization barrier's output."""
+  config, params = tiny_model
+  lp = model_lib.layer_params(params, 0)
+  handed = {}
+
+  def attend(q_BTHh, k_BTKh, v_BTKh):
+    handed['kv'] = (k_BTKh, v_BTKh)
+    return q_BTHh.reshape(q_BTHh.shape[:2] + (-1,))
+
+  def layer_kv(x_BTD):
+    cos_BTh, sin_BTh = model_lib.rope_tables(config, jnp.arange(4)[None])
+    _, k_BTKh, v_BTKh = model_lib.decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, attend)
+    assert handed['kv'][0] is k_BTKh and handed['kv'][1] is v_BTKh
+    return k_BTKh, v_BTKh
+
+  jaxpr = jax.make_jaxpr(layer_kv)(jnp.ones((1, 4, config.hidden_size), jnp.bfloat16)).jaxpr
+  from_barrier = {id(v) for eqn in jaxpr.eqns if eqn.primitive.name == 'optimization_barrier'
+                  for v in eqn.outvars}
+  assert all(id(v) in from_barrier for v in jaxpr.outvars)
+
+
 # Every method, on both layer paths, token for token against plain decoding, in bfloat16.
 METHODS = {
     'pld': ('pld', dict(num_draft_tokens=5)),
