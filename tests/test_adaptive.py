@@ -27,28 +27,36 @@ def test_expected_tokens():
 
 
 def test_picks_the_m_with_the_highest_expected_rate():
-  # Acceptance falls as more layers are skipped; drafts per round observed per M.
-  observed = {8: (0.95, 8.0), 15: (0.9, 8.0), 20: (0.7, 4.0)}
+  # Acceptance falls as more layers are skipped; the rate at which a draft step is followed by
+  # another (1: rounds draft up to their limit), per M.
+  observed = {8: (0.95, 1.0), 15: (0.9, 1.0), 20: (0.7, 0.75)}
   # By hand for M = 15: (1 - 0.9^9) / 0.1 tokens over 8 drafts of 15 layers, a verify pass
   # and an eighth of a DP.
   rate_15 = ((1 - 0.9 ** 9) / 0.1) / (8 * (0.05 + 15 * 0.95 / L) + 1.05 + 0.3 / 8)
   assert adaptive.expected_rate(0.9, 8.0, 15, L, GPU_LIKE, 8) == pytest.approx(rate_15)
   assert rate_15 == pytest.approx(1.159, abs=1e-3)
-  rates = {m: adaptive.expected_rate(a, d, m, L, GPU_LIKE, 8) for m, (a, d) in observed.items()}
+  rates = {m: adaptive.expected_rate(a, adaptive.expected_drafts(c, 8), m, L, GPU_LIKE, 8)
+           for m, (a, c) in observed.items()}
   assert max(rates, key=rates.get) == 15 and rates[8] < rate_15 and rates[20] < rate_15
   # At a = 0.9 the eighth draft is worth less than it costs: M = 15 with 3 drafts a round
   # (1.29 against 1.16 with all 8).
-  (best, speedup) = adaptive.best_num_skip(observed, GPU_LIKE, L, loi=8)
+  (best, speedup) = adaptive.best_num_skip(observed, GPU_LIKE, L, loi=8, max_drafts=8)
   assert best == (15, 3) and speedup > rate_15 > 1.0
   assert speedup == pytest.approx(adaptive.expected_rate(0.9, 3, 15, L, GPU_LIKE, 8))
   # The same acceptance with a 3x verify pass (a CPU): no M beats plain decoding.
-  assert adaptive.best_num_skip(observed, CPU_LIKE, L, loi=8)[1] < 1.0
+  assert adaptive.best_num_skip(observed, CPU_LIKE, L, loi=8, max_drafts=8)[1] < 1.0
 
 
 def test_picks_plain_decoding_when_drafting_cannot_pay():
-  observed = {2: (0.7, 3.0), 6: (0.5, 2.0)}
-  assert adaptive.best_num_skip(observed, CPU_LIKE, L, loi=4)[1] < 1.0
-  assert adaptive.best_num_skip({}, GPU_LIKE, L, loi=4) is None
+  observed = {2: (0.7, 0.6), 6: (0.5, 0.5)}
+  assert adaptive.best_num_skip(observed, CPU_LIKE, L, loi=4, max_drafts=8)[1] < 1.0
+  assert adaptive.best_num_skip({}, GPU_LIKE, L, loi=4, max_drafts=8) is None
+
+
+def test_expected_drafts():
+  assert adaptive.expected_drafts(1.0, 5) == 5.0
+  assert adaptive.expected_drafts(0.0, 5) == 1.0
+  assert adaptive.expected_drafts(0.5, 3) == pytest.approx(1.75)
 
 
 class _FakeState:
@@ -221,6 +229,26 @@ def test_a_skip_set_that_no_round_used_is_not_refreshed():
   assert decoder.refreshed == [policy.s.initial_skip_layers]
   _drive(policy, decoder, accepted=9, drafted=8, segments=2, source=SKIP)
   assert len(decoder.refreshed) == 2
+
+
+def test_a_draft_limit_set_low_rises_again_when_drafts_get_accepted():
+  """While a draft is accepted with probability 0.6, one or two drafts pay best and the
+  policy limits rounds to that; once every draft is accepted, the limit goes back up to K.
+  The rounds it cut short say nothing of how far drafting would go (the threshold never
+  stopped one), so they must not be taken for what drafting does: that kept the limit low."""
+  policy, decoder = _policy(GPU_LIKE, candidates=(20,), initial_skip_layers=20), _FakeDecoder()
+  state, limits, rng = _FakeState(), [], np.random.RandomState(0)
+  for acceptance in [0.6] * 8 + [1.0] * 12:
+    state, segment = policy.next_segment(decoder, state)
+    assert segment.kind == 'draft'  # drafting pays in both stretches
+    drafted = min(int(state.draft_limit), policy.s.num_draft_tokens)  # never stopped early
+    leading_R = (rng.geometric(1.0 - acceptance, segment.rounds) - 1 if acceptance < 1
+                 else np.full(segment.rounds, drafted))  # accepted drafts, were there no limit
+    policy.observe(1 + np.minimum(leading_R, drafted), np.full(segment.rounds, drafted),
+                   np.full(segment.rounds, SKIP))
+    limits.append(policy.draft_limit)
+  assert max(limits[4:8]) <= 2
+  assert limits[-1] == policy.s.num_draft_tokens
 
 
 def test_untried_m_is_expected_to_do_as_well_as_the_nearest_tried():

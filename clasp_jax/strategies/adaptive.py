@@ -9,10 +9,11 @@ tokens per second:
   E[seconds per round] = d * draft_step(L - M) + verify + refresh / (LOI * s)
 
 with the per-token acceptance rate a(M) (taken one standard error above its estimate: an
-optimism that a few more samples settle) and the mean drafts per round d(M) observed at each
-M, the share s of a drafting segment's rounds that draft with layers skipped (with prompt
-lookup on, the others take lookup drafts, and a refresh pays off only over the former), and
-the step costs measured once per device and model (`measure_costs`, through the
+optimism that a few more samples settle), the drafts per round d = 1 + c + ... + c^(limit-1)
+under a draft limit, from the rate c(M) at which a draft step is followed by another (a round
+the limit ended counts as one that might have drafted on), the share s of a drafting
+segment's rounds that draft with layers skipped (with prompt lookup on, the others take
+lookup drafts, and a refresh pays off only over the former), and the step costs measured once per device and model (`measure_costs`, through the
 decoder's own compiled rounds, so they are what a round really pays). Plain decoding runs at
 1 / full_step; when no M beats it, the policy decodes plainly and probes drafting again, at
 the most promising M, after a back-off, so a generation that becomes predictable can still
@@ -75,6 +76,12 @@ def expected_tokens(alpha: float, num_drafts: float) -> float:
   return (1.0 - alpha ** (num_drafts + 1.0)) / (1.0 - alpha)
 
 
+def expected_drafts(continue_rate: float, limit: int) -> float:
+  """Expected drafts of a round that drafts at most `limit`, each draft followed by another
+  with probability `continue_rate` (until the draft-exit threshold stops it)."""
+  return float(sum(continue_rate ** i for i in range(limit)))
+
+
 def expected_rate(alpha: float, num_drafts: float, num_skip: int, num_layers: int,
                   costs: Costs, loi: float) -> float:
   """Expected tokens per second of a round that drafts with M = num_skip, when one refresh
@@ -85,7 +92,7 @@ def expected_rate(alpha: float, num_drafts: float, num_skip: int, num_layers: in
 
 
 def best_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_layers: int,
-                  loi: float) -> tuple[tuple[int, int], float] | None:
+                  loi: float, max_drafts: int) -> tuple[tuple[int, int], float] | None:
   """The M and the draft limit with the highest expected rate, and that rate over plain
   decoding's (below 1 when drafting is not expected to pay).
 
@@ -93,16 +100,17 @@ def best_num_skip(observed: dict[int, tuple[float, float]], costs: Costs, num_la
   too low for K drafts to pay, fewer may (each draft is accepted less often than the last).
 
   Args:
-    observed: M -> (acceptance rate a, mean drafts per round d).
+    observed: M -> (acceptance rate a, rate c at which a draft is followed by another).
     costs: the measured step costs.
     num_layers: L.
     loi: rounds drafted with layers skipped per DP refresh.
+    max_drafts: K, the most drafts a round may make.
 
   Returns:
     ((M, the most drafts per round), expected speedup), or None when nothing is observed.
   """
-  rates = {(m, limit): expected_rate(a, min(d, limit), m, num_layers, costs, loi)
-           for m, (a, d) in observed.items() for limit in range(1, math.ceil(d) + 1)}
+  rates = {(m, limit): expected_rate(a, expected_drafts(c, limit), m, num_layers, costs, loi)
+           for m, (a, c) in observed.items() for limit in range(1, max_drafts + 1)}
   if not rates:
     return None
   best = max(rates, key=rates.get)
@@ -198,31 +206,31 @@ class _Tally:
   accepted: float = 0.0  # accepted drafts
   rejected: float = 0.0  # rounds that ended in a rejection
   rounds: float = 0.0
-  drafted: float = 0.0  # drafts proposed in rounds not limited by a probe
-  full_rounds: float = 0.0  # rounds not limited by a probe
+  continued: float = 0.0  # draft steps followed by another
+  stopped: float = 0.0  # rounds the draft-exit threshold stopped before their limit
 
-  def add(self, accepted: int, drafted: int, limited: bool, decay: float) -> None:
+  def add(self, accepted: int, drafted: int, limit: int, decay: float) -> None:
     self.accepted = decay * self.accepted + accepted
     self.rejected = decay * self.rejected + (accepted < drafted)
     self.rounds = decay * self.rounds + 1
-    if not limited:
-      self.drafted = decay * self.drafted + drafted
-      self.full_rounds = decay * self.full_rounds + 1
+    self.continued = decay * self.continued + max(drafted - 1, 0)
+    self.stopped = decay * self.stopped + (drafted < limit)
 
-  def estimate(self, prior_alpha: float, prior_weight: float, max_drafts: int,
+  def estimate(self, prior_alpha: float, prior_weight: float,
                optimism: float) -> tuple[float, float]:
-    """(acceptance rate, drafts per round).
+    """(acceptance rate, rate at which a draft is followed by another).
 
-    The rate is the posterior mean plus `optimism` standard errors: a two-round probe's few
-    samples leave room to draft on and learn more, many samples pin it down. A probe's
-    limited rounds say nothing about the drafts of a full round, taken as K until a full round
-    is seen.
+    The acceptance rate is the posterior mean plus `optimism` standard errors: a two-round
+    probe's few samples leave room to draft on and learn more, many samples pin it down. A
+    round that its limit (a probe's, or one the policy set) ended says only that its drafts
+    went on up to there, so a low limit, once set, is not taken for what drafting does: until
+    the threshold has stopped a round, every draft is taken to be followed by another.
     """
     samples = self.accepted + self.rejected + prior_weight
     alpha = (self.accepted + prior_weight * prior_alpha) / samples
     alpha = min(1.0, alpha + optimism * math.sqrt(alpha * (1.0 - alpha) / samples))
-    drafts = self.drafted / self.full_rounds if self.full_rounds else max_drafts
-    return alpha, drafts
+    steps = self.continued + self.stopped
+    return alpha, self.continued / steps if steps else 1.0
 
 
 @dataclasses.dataclass
@@ -285,6 +293,7 @@ class AdaptivePolicy(Policy):
     self.draft_segments = 0  # since drafting (re)started
     self.drafting = False  # whether the segment running drafts with layers skipped
     self.probing = False  # whether it is a probe (few rounds of few drafts)
+    self.segment_limit = self.s.num_draft_tokens  # the running segment's drafts per round
     self.unused_skip = None  # M of a skip set in force that no round has drafted with yet
     self._restart_refreshes()
 
@@ -306,10 +315,9 @@ class AdaptivePolicy(Policy):
     return self.interval * self.skip_share.estimate(self.s.prior_weight)
 
   def _observed(self) -> dict[int, tuple[float, float]]:
-    """(acceptance, drafts per round) for every candidate M: as observed, or, not tried yet,
+    """(acceptance, continuation rate) for every candidate M: as observed, or, not tried yet,
     as at the nearest M tried (none tried: nothing)."""
-    seen = {m: t.estimate(self.s.prior_alpha, self.s.prior_weight, self.s.num_draft_tokens,
-                          self.s.optimism)
+    seen = {m: t.estimate(self.s.prior_alpha, self.s.prior_weight, self.s.optimism)
             for m, t in self.tallies.items() if t.rounds > 0}
     if not seen:
       return {}
@@ -359,6 +367,7 @@ class AdaptivePolicy(Policy):
       self._track_refresh(np.asarray(state.skip_L))
     limit, rounds = ((self.s.probe_drafts, self.s.probe_rounds) if self.probing
                      else (self.draft_limit, self.interval))
+    self.segment_limit = min(limit, self.s.num_draft_tokens)
     return state.replace(draft_limit=jnp.int32(limit)), Segment(draft=True, rounds=rounds)
 
   def observe(self, accepted_R, drafted_R, source_R):
@@ -374,7 +383,7 @@ class AdaptivePolicy(Policy):
       tally = self.tallies.setdefault(self.num_skip, _Tally())
       for accepted, drafted in zip(np.asarray(accepted_R)[skipped_R],
                                    np.asarray(drafted_R)[skipped_R]):
-        tally.add(int(accepted) - 1, int(drafted), self.probing, self.s.decay)
+        tally.add(int(accepted) - 1, int(drafted), self.segment_limit, self.s.decay)
       self.draft_segments += 1
     elif not self.tallies:
       return  # every round had a lookup match, and no M has been seen drafting yet
@@ -384,9 +393,10 @@ class AdaptivePolicy(Policy):
     # and restarts the refresh interval.
     observed = self._observed()
     loi = self._skip_rounds_per_refresh()
-    best, speedup = best_num_skip(observed, self.costs, self.L, loi)
+    K = self.s.num_draft_tokens
+    best, speedup = best_num_skip(observed, self.costs, self.L, loi, K)
     current, current_speedup = best_num_skip({self.chosen: observed[self.chosen]}, self.costs,
-                                             self.L, loi)
+                                             self.L, loi, K)
     if current_speedup * (1.0 + self.s.switch_margin) >= speedup:
       best, speedup = current, current_speedup
     self.chosen, self.draft_limit = best
