@@ -107,6 +107,26 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   return out_BKGTh.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
+def prefix_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
+                     cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
+                     layer: jax.Array | int, pos: jax.Array) -> jax.Array:
+  """Attention of T queries that all sit at position `pos`, each seeing the cached keys of
+  layer `layer` below `pos` and its own key only (the CLaSp DP's pseudo-tokens).
+
+  Args: as `cache_attention`, with `pos` for `start`; batch row 0 of the cache is read (B = 1).
+
+  Returns:
+    The attention output [1, T, H*hd] in the queries' dtype.
+  """
+  T = q_BTHh.shape[1]
+  k_1SKh, v_1SKh = cache_k_LBSKh[layer, :1], cache_v_LBSKh[layer, :1]
+  prefix_11S = (jnp.arange(cache_k_LBSKh.shape[2]) < pos)[None, None]
+  return segment_attention(
+      q_BTHh, [(k_1SKh, v_1SKh, prefix_11S),
+               (k_BTKh.astype(k_1SKh.dtype), v_BTKh.astype(v_1SKh.dtype),
+                jnp.eye(T, dtype=bool)[None])]).astype(q_BTHh.dtype)
+
+
 def segment_attention(q_BTHh: jax.Array,
                       segments: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
   """Grouped-query attention of T queries over several key/value segments at once.

@@ -22,6 +22,9 @@ built so, not tuned so:
 The cache is only read, and only below `start`: positions from `start` on come from the
 chunk's own keys and values (cast to the cache's dtype), and positions after the chunk are
 loaded as zeros, so whatever the cache holds there never enters the arithmetic.
+
+`prefix_attention_pallas` runs the same kernel for the CLaSp DP's pseudo-tokens, whose queries
+all sit at one position and see the cache below it (and, outside the kernel, their own keys).
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ NUM_STAGES = 2
 
 
 def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_v_ref,
-                  m_ref, l_ref, o_ref, *, num_tokens: int, group: int):
+                  m_ref, l_ref, o_ref, *, num_tokens: int, group: int, own_keys: bool):
   """One (KV head, row block, split) program: the online softmax over the split's keys.
 
   Refs: start_ref, layer_ref int32 scalars; q_ref [R, hd] (the row block, row r of the KV
   head being token r // G, query head r % G); k_ref, v_ref [T, hd] (the chunk's rows of
   this KV head, in the cache's dtype); cache_k_ref, cache_v_ref the whole [L, S, KV, hd]
   caches (batch squeezed); m_ref, l_ref [R] and o_ref [R, hd] the split's float32 statistics.
+  `own_keys` False: every row sees the cache below `start` only (see `prefix_attention`).
   """
   kv = pl.program_id(0)
   row_block = pl.program_id(1)
@@ -64,10 +68,16 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
   layer = layer_ref[()]
   q_Rh = q_ref[...]
   R, hd = q_Rh.shape
-  pos_R = start + lax.div(row_block * R + jnp.arange(R, dtype=jnp.int32), group)
+  # The last position each row sees, and one past the last any row sees.
+  if own_keys:
+    last_R = start + lax.div(row_block * R + jnp.arange(R, dtype=jnp.int32), group)
+    end = start + num_tokens
+  else:
+    last_R = jnp.full((R,), start - 1, jnp.int32)
+    end = start
   hd_h = jnp.arange(hd, dtype=jnp.int32)
-  # Blocks up to the chunk's last position; none for a split wholly after it.
-  span = jnp.minimum(jnp.maximum(start + num_tokens - split_start, 0), SPLIT_SIZE)
+  # Blocks up to `end`; none for a split wholly after it.
+  span = jnp.minimum(jnp.maximum(end - split_start, 0), SPLIT_SIZE)
   num_blocks = lax.div(span + KEY_BLOCK - 1, KEY_BLOCK)
 
   def merged(cache_ref, chunk_ref, block_start, pos_C):
@@ -90,7 +100,7 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
     pos_C = block_start + jnp.arange(KEY_BLOCK, dtype=jnp.int32)
     k_Ch = merged(cache_k_ref, k_ref, block_start, pos_C)
     v_Ch = merged(cache_v_ref, v_ref, block_start, pos_C)
-    visible_RC = pos_C[None, :] <= pos_R[:, None]
+    visible_RC = pos_C[None, :] <= last_R[:, None]
     # HIGHEST: float32 products in IEEE float32 (Triton would use TF32 otherwise).
     s_RC = lax.dot_general(q_Rh, k_Ch, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32) / math.sqrt(hd)
@@ -115,11 +125,12 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
 
 def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
                 cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array, layer: jax.Array | int,
-                start: jax.Array | int, *,
+                start: jax.Array | int, *, own_keys: bool = True,
                 interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Runs the kernel: every split's online-softmax statistics, before the fold.
 
-  Args: as `cache_attention_pallas`.
+  Args: as `cache_attention_pallas`; `own_keys` False: every query sees the cache below
+    `start` only, none of the chunk's keys.
 
   Returns:
     (m_PKX, l_PKX, o_PKXh), float32: per split P, KV head K and query row X (row t * G + g
@@ -150,7 +161,7 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   cache_spec = pl.BlockSpec((L, None, S, KV, hd), lambda k, r, p: (0, 0, 0, 0, 0))
   stat_spec = pl.BlockSpec((None, None, rows), lambda k, r, p: (p, k, r))
   return pl.pallas_call(
-      functools.partial(_split_kernel, num_tokens=T, group=G),
+      functools.partial(_split_kernel, num_tokens=T, group=G, own_keys=own_keys),
       grid=(KV, num_row_blocks, num_splits),
       in_specs=[scalar_spec, scalar_spec,
                 pl.BlockSpec((None, rows, hd), lambda k, r, p: (k, r, 0)),
@@ -192,20 +203,62 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
     The attention output [B, T, H*hd] in the queries' dtype.
   """
   assert cache_k_LBSKh.shape[2] % attention_lib.ATTENTION_BLOCK == 0, cache_k_LBSKh.shape
+  B, T, H, _ = q_BTHh.shape
+  m_PKX, l_PKX, o_PKXh = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh,
+                                     layer, start, interpret=interpret)
+  _, l_KX, o_KXh = _fold(m_PKX, l_PKX, o_PKXh)
+  return _normalise(l_KX, o_KXh, B, T, H, q_BTHh.dtype)
+
+
+def prefix_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
+                            cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
+                            layer: jax.Array | int, pos: jax.Array | int, *,
+                            interpret: bool = False) -> jax.Array:
+  """`attention.prefix_attention`, fused: T queries at position `pos`, each seeing the
+  cached keys below `pos` and its own key only (the CLaSp DP's pseudo-tokens).
+
+  The kernel reduces the cached prefix for every query; each query's own key joins that
+  softmax outside it. Its numerics decide no committed token, so it keeps no contract with
+  the reference beyond closeness. Args and returns as `cache_attention_pallas`, `pos` for
+  `start`.
+  """
   B, T, H, hd = q_BTHh.shape
   KV = k_BTKh.shape[2]
   G = H // KV
   m_PKX, l_PKX, o_PKXh = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh,
-                                     layer, start, interpret=interpret)
-  # A fixed-order fold over the splits: split 0 holds position 0, so m is finite from there
-  # on, and a split a row sees nothing of (m = -inf, l = 0, o = 0) adds exact zeros.
-  m_KX, l_KX, o_KXh = m_PKX[0], l_PKX[0], o_PKXh[0]
+                                     layer, pos, own_keys=False, interpret=interpret)
+  m_KX, l_KX, o_KXh = (x[:, :T * G] for x in _fold(m_PKX, l_PKX, o_PKXh))
+  # Row t * G + g of a KV head is token t's query head g: its own key is token t's.
+  q_KXh = q_BTHh[0].reshape(T, KV, G, hd).transpose(1, 0, 2, 3).reshape(KV, T * G, hd)
+  k_KXh, v_KXh = (jnp.repeat(x[0].transpose(1, 0, 2), G, axis=1).astype(jnp.float32)
+                  for x in (k_BTKh, v_BTKh))
+  s_KX = jnp.einsum('kxh,kxh->kx', q_KXh.astype(jnp.float32), k_KXh,
+                    precision=lax.Precision.HIGHEST) / math.sqrt(hd)
+  _, l_KX, o_KXh = _merge((m_KX, l_KX, o_KXh), (s_KX, jnp.ones_like(s_KX), v_KXh))
+  return _normalise(l_KX, o_KXh, B, T, H, q_BTHh.dtype)
+
+
+def _merge(a, b):
+  """Two online-softmax statistics (m, l, o) over disjoint keys merged into one; one whose
+  keys a query sees none of (m = -inf, l = 0, o = 0) adds exact zeros."""
+  (m_a, l_a, o_a), (m_b, l_b, o_b) = a, b
+  m = jnp.maximum(m_a, m_b)
+  alpha = jnp.where(m == m_a, 1.0, jnp.exp(m_a - m))
+  beta = jnp.where(m == m_b, 1.0, jnp.exp(m_b - m))
+  return m, l_a * alpha + l_b * beta, o_a * alpha[..., None] + o_b * beta[..., None]
+
+
+def _fold(m_PKX, l_PKX, o_PKXh):
+  """The splits' statistics merged one after the other in position order (a fixed order:
+  split 0 holds position 0, so m is finite from there on)."""
+  stats = (m_PKX[0], l_PKX[0], o_PKXh[0])
   for p in range(1, m_PKX.shape[0]):
-    m_new_KX = jnp.maximum(m_KX, m_PKX[p])
-    alpha_KX = jnp.where(m_new_KX == m_KX, 1.0, jnp.exp(m_KX - m_new_KX))
-    beta_KX = jnp.where(m_new_KX == m_PKX[p], 1.0, jnp.exp(m_PKX[p] - m_new_KX))
-    l_KX = l_KX * alpha_KX + l_PKX[p] * beta_KX
-    o_KXh = o_KXh * alpha_KX[..., None] + o_PKXh[p] * beta_KX[..., None]
-    m_KX = m_new_KX
-  out_KXh = (o_KXh[:, :T * G] / l_KX[:, :T * G, None]).astype(q_BTHh.dtype)
-  return out_KXh.reshape(KV, T, G, hd).transpose(1, 0, 2, 3).reshape(B, T, H * hd)
+    stats = _merge(stats, (m_PKX[p], l_PKX[p], o_PKXh[p]))
+  return stats
+
+
+def _normalise(l_KX, o_KXh, B, T, H, dtype):
+  """The attention output [B, T, H*hd] from the folded sums of the T * G rows per KV head."""
+  KV, _, hd = o_KXh.shape
+  out_KXh = (o_KXh[:, :T * (H // KV)] / l_KX[:, :T * (H // KV), None]).astype(dtype)
+  return out_KXh.reshape(KV, T, H // KV, hd).transpose(1, 0, 2, 3).reshape(B, T, H * hd)

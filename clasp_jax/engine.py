@@ -274,8 +274,8 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
 
 
 def _choose_skip_set(params: Params, state: DecodeState, num_skip: jax.Array, *,
-                     config: LlamaConfig, strategy: Strategy) -> jax.Array:
-  return strategy.refresh(params, config, state, num_skip)
+                     config: LlamaConfig, strategy: Strategy, attention) -> jax.Array:
+  return strategy.refresh(params, config, state, num_skip, attention=attention)
 
 
 def _signature(args) -> tuple[Any, ...]:
@@ -329,17 +329,20 @@ def enable_compilation_cache(cache_dir: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def resolve_attention(name: str, config: LlamaConfig | None = None, mesh=None):
+def resolve_attention(name: str, config: LlamaConfig | None = None, mesh=None, *,
+                      prefix: bool = False):
   """The cache attention for 'auto' (the fused kernel on GPUs, plain `jnp` elsewhere),
   'xla' (plain `jnp` everywhere) or 'pallas' (the fused GPU kernel); on a mesh, as each
-  device runs it on its own heads (`sharding.shard_attention`)."""
+  device runs it on its own heads (`sharding.shard_attention`). `prefix`: the CLaSp DP's
+  attention (`attention.prefix_attention`) of the same kind instead."""
   if name == 'auto':
     name = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
   if name == 'xla':
-    attention = attention_lib.cache_attention
+    attention = attention_lib.prefix_attention if prefix else attention_lib.cache_attention
   elif name == 'pallas':
     from clasp_jax import attention_pallas  # pylint: disable=g-import-not-at-top
-    attention = attention_pallas.cache_attention_pallas
+    attention = (attention_pallas.prefix_attention_pallas if prefix
+                 else attention_pallas.cache_attention_pallas)
   else:
     raise ValueError(f"attention must be 'auto', 'xla' or 'pallas', got {name!r}")
   if mesh is None:
@@ -403,7 +406,9 @@ class Decoder:
         for kind, (runs, draft) in kinds.items()}
     # M is traced: one compile serves every M.
     self._choose_skip_set = _CompiledFunction(
-        functools.partial(_choose_skip_set, config=config, strategy=strategy),
+        functools.partial(_choose_skip_set, config=config, strategy=strategy,
+                          attention=resolve_attention(attention, config, self.mesh,
+                                                      prefix=True)),
         precision=precision, placement=placement)
     self.refresh_seconds = []
 

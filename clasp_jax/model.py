@@ -170,7 +170,8 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
 
 
 def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: jax.Array,
-                       cache: KVCache, layer: jax.Array | int) -> jax.Array:
+                       cache: KVCache, layer: jax.Array | int,
+                       attention: Attention = attention_lib.prefix_attention) -> jax.Array:
   """One layer on M independent pseudo-tokens that all sit at position `pos`.
 
   Each pseudo-token attends to the cached prefix [0, pos) and to itself only, never to the
@@ -184,20 +185,17 @@ def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: ja
     pos: int32 scalar, the target token's position.
     cache: the KV cache (batch row 0 is read).
     layer: the layer's index in the cache.
+    attention: the prefix attention (`attention.prefix_attention` or a kernel with its
+      signature).
 
   Returns:
     The M layer outputs [M, D].
   """
   M = x_MD.shape[0]
   cos_1Mh, sin_1Mh = rope_tables(config, jnp.full((1, M), pos, jnp.int32))
-  k_1SKh, v_1SKh = cache.k_LBSKh[layer, :1], cache.v_LBSKh[layer, :1]
-  prefix_11S = (jnp.arange(cache.max_len) < pos)[None, None]
 
   def attend(q_1MHh, k_1MKh, v_1MKh):
-    return attention_lib.segment_attention(
-        q_1MHh, [(k_1SKh, v_1SKh, prefix_11S),
-                 (k_1MKh.astype(k_1SKh.dtype), v_1MKh.astype(v_1SKh.dtype),
-                  jnp.eye(M, dtype=bool)[None])])
+    return attention(q_1MHh, k_1MKh, v_1MKh, cache.k_LBSKh, cache.v_LBSKh, layer, pos)
 
   out_1MD, _, _ = decoder_layer(lp, config, x_MD[None], cos_1Mh, sin_1Mh, attend)
   return out_1MD[0]

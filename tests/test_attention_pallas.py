@@ -135,3 +135,39 @@ def test_every_statistic_written():
                                     interpret=INTERPRET))(*args)
     ref = np.asarray(attention.cache_attention(*args))
   assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-5
+
+
+@functools.partial(jax.jit, static_argnames='static_layer')
+def _prefix_kernel_and_reference(q, k, v, cache_k, cache_v, layer, pos, static_layer):
+  """The DP's prefix attention: the kernel with the layer traced, with it static, and the
+  reference."""
+  pallas = functools.partial(attention_pallas.prefix_attention_pallas, interpret=INTERPRET)
+  return (pallas(q, k, v, cache_k, cache_v, layer, pos),
+          pallas(q, k, v, cache_k, cache_v, static_layer, pos),
+          attention.prefix_attention(q, k, v, cache_k, cache_v, layer, pos))
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize('T', [1, 16])
+@pytest.mark.parametrize('G', [1, 3, 4])
+def test_prefix_attention_matches_reference(dtype, tol, T, G):
+  """T pseudo-tokens at `pos`, each seeing the cache below it and its own key (none before
+  position 0: its own key alone); the cache from `pos` on is NaN for the kernel, which never
+  reads it, and finite garbage for the reference, which weighs it by zero."""
+  S = 384
+  for pos in STARTS:
+    q, k, v, cache_k, cache_v = _case(_rng('prefix', dtype, T, G, pos), dtype, T, G, S, pos,
+                                      GARBAGE)
+    below_S = (jnp.arange(S) < pos)[:, None, None]
+    nan_k, nan_v = (jnp.where(below_S, c, jnp.nan) for c in (cache_k, cache_v))
+    with jax.default_matmul_precision('highest'):
+      traced, static, _ = _prefix_kernel_and_reference(q, k, v, nan_k, nan_v, jnp.int32(LAYER),
+                                                       jnp.int32(pos), static_layer=LAYER)
+      _, _, ref = _prefix_kernel_and_reference(q, k, v, cache_k, cache_v, jnp.int32(LAYER),
+                                               jnp.int32(pos), static_layer=LAYER)
+    ref = np.asarray(ref, np.float32)
+    for out in (traced, static):
+      assert out.shape == (1, T, G * KV * HD) and out.dtype == dtype
+      out = np.asarray(out, np.float32)
+      assert not np.isnan(out).any(), pos
+      assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol, pos

@@ -1,5 +1,7 @@
 """The CLaSp dynamic programme (Algorithm 1) on tiny random models."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from clasp_jax import attention
+from clasp_jax import attention_pallas
 from clasp_jax import model as model_lib
 from clasp_jax.cache import init_cache
 from clasp_jax.strategies import clasp_dp
@@ -95,12 +98,23 @@ def test_identity_layers_are_the_ones_skipped(identity_layers):
   assert np.flatnonzero(np.asarray(skip_L)).tolist() == list(identity_layers)
 
 
+# The pseudo-tokens' attention: the `jnp` reference, and the fused GPU kernel (in Pallas's
+# interpret mode off the GPU), which the engine gives the DP on GPUs.
+PREFIX_ATTENTIONS = {
+    'xla': attention.prefix_attention,
+    'pallas': functools.partial(attention_pallas.prefix_attention_pallas,
+                                interpret=jax.default_backend() != 'gpu'),
+}
+
+
+@pytest.mark.parametrize('attend', list(PREFIX_ATTENTIONS))
 @pytest.mark.parametrize('seed,num_skip', [(0, 2), (1, 3), (2, 4), (5, 5)])
-def test_batched_dp_equals_per_state_loop(seed, num_skip):
+def test_batched_dp_equals_per_state_loop(seed, num_skip, attend):
   config = tiny.tiny_config()
   params = tiny.tiny_params(config, seed=seed)
   cache, hidden_LD = _prefill_target(config, params, seed=seed)
-  fast = np.flatnonzero(np.asarray(clasp_dp(params, config, cache, hidden_LD, num_skip)))
+  fast = np.flatnonzero(np.asarray(clasp_dp(params, config, cache, hidden_LD, num_skip,
+                                            attention=PREFIX_ATTENTIONS[attend])))
   assert fast.tolist() == _naive_dp(config, params, cache, hidden_LD, num_skip)
 
 

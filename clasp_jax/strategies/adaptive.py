@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax import attention as attention_lib
 from clasp_jax.strategies import layer_skip
 from clasp_jax.strategies.base import SKIP, Policy, Segment, Strategy
 from clasp_jax.strategies.clasp import backtrack, clasp_dp_table
@@ -486,9 +487,9 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
     if self.loi < 1:
       raise ValueError(f'loi must be >= 1, got {self.loi}')
 
-  def refresh(self, params, config, state, num_skip):
+  def refresh(self, params, config, state, num_skip, attention=attention_lib.prefix_attention):
     table_LJ = clasp_dp_table(params, config, state.cache, state.target_hidden_LD,
-                              self.max_skip_layers)
+                              self.max_skip_layers, attention=attention)
     return backtrack(table_LJ, num_skip)  # one compiled DP serves every M
 
   def make_policy(self, decoder, max_new_tokens):

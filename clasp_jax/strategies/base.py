@@ -15,8 +15,9 @@ import dataclasses
 import jax
 import numpy as np
 
+from clasp_jax import attention as attention_lib
 from clasp_jax.config import LlamaConfig
-from clasp_jax.model import Params
+from clasp_jax.model import Attention, Params
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.state import DecodeState
 
@@ -121,10 +122,12 @@ class Strategy(abc.ABC):
     `attention` is the cache attention the model runs with (see `model.forward`).
     """
 
-  def refresh(self, params: Params, config: LlamaConfig, state: DecodeState,
-              num_skip: int) -> jax.Array:
+  def refresh(self, params: Params, config: LlamaConfig, state: DecodeState, num_skip: int,
+              attention: Attention = attention_lib.prefix_attention) -> jax.Array:
     """A new skip set bool[L] of `num_skip` layers from `state.target_hidden_LD` (jittable;
-    `num_skip` may be traced, so that one compile serves every M)."""
+    `num_skip` may be traced, so that one compile serves every M). `attention` is the
+    prefix attention a DP's pseudo-tokens run with (`attention.prefix_attention`'s
+    signature)."""
     return state.skip_L
 
   def make_policy(self, decoder, max_new_tokens: int) -> Policy:

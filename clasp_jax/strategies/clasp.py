@@ -17,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from clasp_jax import attention as attention_lib
 from clasp_jax import model as model_lib
 from clasp_jax.strategies import layer_skip
 from clasp_jax.strategies.base import Strategy
@@ -29,7 +30,8 @@ def _cosine(a_MD: jax.Array, b_D: jax.Array) -> jax.Array:
   return num_M / (jnp.linalg.norm(a_MD, axis=-1) * jnp.linalg.norm(b_D) + 1e-30)
 
 
-def clasp_dp_table(params, config, cache, hidden_LD: jax.Array, max_skip: int) -> jax.Array:
+def clasp_dp_table(params, config, cache, hidden_LD: jax.Array, max_skip: int, *,
+                   attention=attention_lib.prefix_attention) -> jax.Array:
   """The DP's choice table: bool[L, max_skip + 1], True where cell (layer l, j) skipped l.
 
   Cell j of the table does not depend on how many layers are finally skipped, so one table
@@ -42,13 +44,15 @@ def clasp_dp_table(params, config, cache, hidden_LD: jax.Array, max_skip: int) -
       [0, length - 1) the pseudo-tokens attend to.
     hidden_LD: [L+1, D] the target token's pre-norm hidden states (h_0 = embedding output).
     max_skip: the largest M asked for, static.
+    attention: the pseudo-tokens' attention (`attention.prefix_attention` or a kernel with
+      its signature; see `engine.resolve_attention`).
   """
   M = max_skip
   pos = cache.length - 1
   j_M = jnp.arange(1, M + 1)
 
   def layer_step(i, lp, g_JD):  # g_JD[j] = g(i, j) for j = 0..M
-    run_MD = model_lib.pseudo_token_layer(lp, config, g_JD[1:], pos, cache, i)
+    run_MD = model_lib.pseudo_token_layer(lp, config, g_JD[1:], pos, cache, i, attention)
     skip_MD = g_JD[:-1]
     h_D = hidden_LD[i + 1]
     # j == i + 1 means every layer so far is skipped: the only way there is to skip.
@@ -77,12 +81,14 @@ def backtrack(choice_LJ: jax.Array, num_skip: jax.Array | int) -> jax.Array:
   return skip_L
 
 
-def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int) -> jax.Array:
+def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int, *,
+             attention=attention_lib.prefix_attention) -> jax.Array:
   """Algorithm 1: the skip set bool[L] of exactly `num_skip` (static) layers that best
   preserves h_L. See `clasp_dp_table` for the arguments."""
   if num_skip == 0:
     return jnp.zeros((config.num_layers,), bool)
-  return backtrack(clasp_dp_table(params, config, cache, hidden_LD, num_skip), num_skip)
+  table_LJ = clasp_dp_table(params, config, cache, hidden_LD, num_skip, attention=attention)
+  return backtrack(table_LJ, num_skip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +122,7 @@ class Clasp(layer_skip.LayerSkipDrafting, Strategy):
     if self.loi < 1:
       raise ValueError(f'loi must be >= 1, got {self.loi}')
 
-  def refresh(self, params, config, state, num_skip):
+  def refresh(self, params, config, state, num_skip, attention=attention_lib.prefix_attention):
     del num_skip  # always self.num_skip
-    return clasp_dp(params, config, state.cache, state.target_hidden_LD, self.num_skip)
+    return clasp_dp(params, config, state.cache, state.target_hidden_LD, self.num_skip,
+                    attention=attention)
