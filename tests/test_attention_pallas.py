@@ -45,13 +45,27 @@ def _case(rng, dtype, T, G, S, start, garbage):
           jnp.asarray(normal(1, T, KV, HD), dtype), *caches)
 
 
-@functools.partial(jax.jit, static_argnames='static_layer')
-def _kernel_and_reference(q, k, v, cache_k, cache_v, layer, start, static_layer):
-  """The kernel with the layer traced, with it static, and the reference."""
-  pallas = functools.partial(attention_pallas.cache_attention_pallas, interpret=INTERPRET)
+@functools.partial(jax.jit, static_argnames=('static_layer', 'prefix'))
+def _kernel_and_reference(q, k, v, cache_k, cache_v, layer, start, static_layer, prefix=False):
+  """The kernel with the layer traced, with it static, and the reference: of the cache
+  attention, or (`prefix`) of the DP's prefix attention."""
+  kernel, reference = ((attention_pallas.prefix_attention_pallas, attention.prefix_attention)
+                       if prefix else
+                       (attention_pallas.cache_attention_pallas, attention.cache_attention))
+  pallas = functools.partial(kernel, interpret=INTERPRET)
   return (pallas(q, k, v, cache_k, cache_v, layer, start),
           pallas(q, k, v, cache_k, cache_v, static_layer, start),
-          attention.cache_attention(q, k, v, cache_k, cache_v, layer, start))
+          reference(q, k, v, cache_k, cache_v, layer, start))
+
+
+def _assert_close(outs, ref, shape, dtype, tol, where):
+  """Each kernel output has the shape and dtype, no NaN, and is within `tol` of `ref`."""
+  ref = np.asarray(ref, np.float32)
+  for out in outs:
+    assert out.shape == shape and out.dtype == dtype
+    out = np.asarray(out, np.float32)
+    assert not np.isnan(out).any(), where
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol, where
 
 
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -65,12 +79,7 @@ def test_matches_reference(dtype, tol, T, G):
     with jax.default_matmul_precision('highest'):
       traced, static, ref = _kernel_and_reference(*inputs, jnp.int32(LAYER), jnp.int32(start),
                                                   static_layer=LAYER)
-    ref = np.asarray(ref, np.float32)
-    for out in (traced, static):
-      assert out.shape == (1, T, G * KV * HD) and out.dtype == dtype
-      out = np.asarray(out, np.float32)
-      assert not np.isnan(out).any(), start
-      assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol, start
+    _assert_close((traced, static), ref, (1, T, G * KV * HD), dtype, tol, start)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -137,16 +146,6 @@ def test_every_statistic_written():
   assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-5
 
 
-@functools.partial(jax.jit, static_argnames='static_layer')
-def _prefix_kernel_and_reference(q, k, v, cache_k, cache_v, layer, pos, static_layer):
-  """The DP's prefix attention: the kernel with the layer traced, with it static, and the
-  reference."""
-  pallas = functools.partial(attention_pallas.prefix_attention_pallas, interpret=INTERPRET)
-  return (pallas(q, k, v, cache_k, cache_v, layer, pos),
-          pallas(q, k, v, cache_k, cache_v, static_layer, pos),
-          attention.prefix_attention(q, k, v, cache_k, cache_v, layer, pos))
-
-
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize('T', [1, 16])
 @pytest.mark.parametrize('G', [1, 3, 4])
@@ -161,13 +160,8 @@ def test_prefix_attention_matches_reference(dtype, tol, T, G):
     below_S = (jnp.arange(S) < pos)[:, None, None]
     nan_k, nan_v = (jnp.where(below_S, c, jnp.nan) for c in (cache_k, cache_v))
     with jax.default_matmul_precision('highest'):
-      traced, static, _ = _prefix_kernel_and_reference(q, k, v, nan_k, nan_v, jnp.int32(LAYER),
-                                                       jnp.int32(pos), static_layer=LAYER)
-      _, _, ref = _prefix_kernel_and_reference(q, k, v, cache_k, cache_v, jnp.int32(LAYER),
-                                               jnp.int32(pos), static_layer=LAYER)
-    ref = np.asarray(ref, np.float32)
-    for out in (traced, static):
-      assert out.shape == (1, T, G * KV * HD) and out.dtype == dtype
-      out = np.asarray(out, np.float32)
-      assert not np.isnan(out).any(), pos
-      assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol, pos
+      traced, static, _ = _kernel_and_reference(q, k, v, nan_k, nan_v, jnp.int32(LAYER),
+                                                jnp.int32(pos), static_layer=LAYER, prefix=True)
+      _, _, ref = _kernel_and_reference(q, k, v, cache_k, cache_v, jnp.int32(LAYER),
+                                        jnp.int32(pos), static_layer=LAYER, prefix=True)
+    _assert_close((traced, static), ref, (1, T, G * KV * HD), dtype, tol, pos)
