@@ -177,3 +177,21 @@ def test_hybrid_drafts_from_the_context_and_the_skipped_model(tiny_model, tiny_v
     assert len(out.draft_sources) == len(out.accept_lengths)
     sources |= set(out.draft_sources)
   assert sources == {'lookup', 'skip'}
+
+
+@pytest.mark.parametrize('name', ['auto', 'xla'])
+def test_the_dp_attends_with_the_decoders_kind_of_attention(tiny_model, name):
+  """The skip-set refresh gets the prefix attention of the decoder's kind (on a GPU the fused
+  kernel, as the passes; here the jnp reference)."""
+  config, params = tiny_model
+  handed = []
+
+  class Recording(strategies.Clasp):
+    def refresh(self, params, config, state, num_skip, attention=None):
+      handed.append(attention)
+      return super().refresh(params, config, state, num_skip, attention=attention)
+
+  decoder = Decoder(params, config, Recording(num_skip=2), attention=name)
+  decoder.generate(tiny.prompts(config)[0], 4)
+  assert handed and handed[0] is engine.resolve_attention(name, config, prefix=True)
+  assert engine.resolve_attention('xla', prefix=True) is not engine.resolve_attention('xla')
