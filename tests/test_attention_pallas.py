@@ -147,7 +147,7 @@ def test_every_statistic_written():
 
 
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize('T', [1, 16])
+@pytest.mark.parametrize('T', [1, 16, 20])  # 20 * 4 rows: two row blocks
 @pytest.mark.parametrize('G', [1, 3, 4])
 def test_prefix_attention_matches_reference(dtype, tol, T, G):
   """T pseudo-tokens at `pos`, each seeing the cache below it and its own key (none before
