@@ -149,8 +149,8 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   rows = min(MAX_ROW_BLOCK, max(16, pl.next_power_of_2(T * G)))  # tl.dot wants >= 16
   num_row_blocks = pl.cdiv(T * G, rows)
   num_splits = pl.cdiv(S, SPLIT_SIZE)
-  q_KXh = q_BTHh[0].reshape(T, KV, G, hd).transpose(1, 0, 2, 3).reshape(KV, T * G, hd)
-  q_KXh = jnp.pad(q_KXh, ((0, 0), (0, num_row_blocks * rows - T * G), (0, 0)))
+  q_KXh = jnp.pad(_rows_by_kv_head(q_BTHh, KV),
+                  ((0, 0), (0, num_row_blocks * rows - T * G), (0, 0)))
   k_KTh = k_BTKh[0].astype(dtype).transpose(1, 0, 2)
   v_KTh = v_BTKh[0].astype(dtype).transpose(1, 0, 2)
   X = num_row_blocks * rows
@@ -229,13 +229,21 @@ def prefix_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Ar
                                      layer, pos, own_keys=False, interpret=interpret)
   m_KX, l_KX, o_KXh = (x[:, :T * G] for x in _fold(m_PKX, l_PKX, o_PKXh))
   # Row t * G + g of a KV head is token t's query head g: its own key is token t's.
-  q_KXh = q_BTHh[0].reshape(T, KV, G, hd).transpose(1, 0, 2, 3).reshape(KV, T * G, hd)
+  q_KXh = _rows_by_kv_head(q_BTHh, KV)
   k_KXh, v_KXh = (jnp.repeat(x[0].transpose(1, 0, 2), G, axis=1).astype(jnp.float32)
                   for x in (k_BTKh, v_BTKh))
   s_KX = jnp.einsum('kxh,kxh->kx', q_KXh.astype(jnp.float32), k_KXh,
                     precision=lax.Precision.HIGHEST) / math.sqrt(hd)
   _, l_KX, o_KXh = _merge((m_KX, l_KX, o_KXh), (s_KX, jnp.ones_like(s_KX), v_KXh))
   return _normalise(l_KX, o_KXh, B, T, H, q_BTHh.dtype)
+
+
+def _rows_by_kv_head(q_BTHh: jax.Array, num_kv: int) -> jax.Array:
+  """Queries [KV, T * G, hd] as the kernel holds them: row t * G + g of a KV head is token
+  t's query head g (batch 1)."""
+  _, T, H, hd = q_BTHh.shape
+  G = H // num_kv
+  return q_BTHh[0].reshape(T, num_kv, G, hd).transpose(1, 0, 2, 3).reshape(num_kv, T * G, hd)
 
 
 def _merge(a, b):

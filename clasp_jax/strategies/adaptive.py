@@ -13,8 +13,9 @@ optimism that a few more samples settle), the drafts per round d = 1 + c + ... +
 under a draft limit, from the rate c(M) at which a draft step is followed by another (a round
 the limit ended counts as one that might have drafted on), the share s of a drafting
 segment's rounds that draft with layers skipped (with prompt lookup on, the others take
-lookup drafts, and a refresh pays off only over the former), and the step costs measured once per device and model (`measure_costs`, through the
-decoder's own compiled rounds, so they are what a round really pays). Plain decoding runs at
+lookup drafts, and a refresh pays off only over the former), and the step costs measured once
+per device and model (`measure_costs`, through the decoder's own compiled rounds, so they are
+what a round really pays). Plain decoding runs at
 1 / full_step; when no M beats it, the policy decodes plainly and probes drafting again, at
 the most promising M, after a back-off, so a generation that becomes predictable can still
 speed up. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators
@@ -294,7 +295,6 @@ class AdaptivePolicy(Policy):
     self.draft_segments = 0  # since drafting (re)started
     self.drafting = False  # whether the segment running drafts with layers skipped
     self.probing = False  # whether it is a probe (few rounds of few drafts)
-    self.segment_limit = self.s.num_draft_tokens  # the running segment's drafts per round
     self.unused_skip = None  # M of a skip set in force that no round has drafted with yet
     self._restart_refreshes()
 
@@ -343,6 +343,11 @@ class AdaptivePolicy(Policy):
     step = 1 if (self.draft_segments // self.s.explore_every) % 2 else -1
     return grid[int(np.clip(i + step, 0, len(grid) - 1))]
 
+  def _segment_limit(self) -> int:
+    """The most drafts a round of the drafting segment running (or about to) may make."""
+    return min(self.s.probe_drafts if self.probing else self.draft_limit,
+               self.s.num_draft_tokens)
+
   def _go_plain(self) -> None:
     self.plain_left = self.backoff
     self.backoff = min(2 * self.backoff, self.s.max_backoff_rounds)
@@ -366,10 +371,9 @@ class AdaptivePolicy(Policy):
     if self.unused_skip != self.num_skip:
       state = decoder.refresh(state, self.num_skip)
       self._track_refresh(np.asarray(state.skip_L))
-    limit, rounds = ((self.s.probe_drafts, self.s.probe_rounds) if self.probing
-                     else (self.draft_limit, self.interval))
-    self.segment_limit = min(limit, self.s.num_draft_tokens)
-    return state.replace(draft_limit=jnp.int32(limit)), Segment(draft=True, rounds=rounds)
+    rounds = self.s.probe_rounds if self.probing else self.interval
+    return (state.replace(draft_limit=jnp.int32(self._segment_limit())),
+            Segment(draft=True, rounds=rounds))
 
   def observe(self, accepted_R, drafted_R, source_R):
     if not self.drafting:  # lookup or plain rounds only: nothing about M to learn
@@ -381,10 +385,10 @@ class AdaptivePolicy(Policy):
     self.skip_share.add(skipped_R, self.s.decay)
     self.unused_skip = None if used else self.num_skip
     if used:
-      tally = self.tallies.setdefault(self.num_skip, _Tally())
+      tally, limit = self.tallies.setdefault(self.num_skip, _Tally()), self._segment_limit()
       for accepted, drafted in zip(np.asarray(accepted_R)[skipped_R],
                                    np.asarray(drafted_R)[skipped_R]):
-        tally.add(int(accepted) - 1, int(drafted), self.segment_limit, self.s.decay)
+        tally.add(int(accepted) - 1, int(drafted), limit, self.s.decay)
       self.draft_segments += 1
     elif not self.tallies:
       return  # every round had a lookup match, and no M has been seen drafting yet
