@@ -48,7 +48,7 @@ from clasp_jax.config import LlamaConfig
 from clasp_jax.model import Params
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.state import DecodeState
-from clasp_jax.strategies.base import DRAFT_SOURCES, PLAIN, Segment, Strategy
+from clasp_jax.strategies.base import DRAFT_SOURCES, LOOKUP, PLAIN, Segment, Strategy
 
 #: Tokens per full-model pass. On GPUs and TPUs a 16-row pass costs about what a 1-row step
 #: costs (the weights are read once either way); it covers K + 1 for K up to 15 in one pass.
@@ -255,6 +255,10 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
              **round_settings) -> DecodeState:
   """Rounds on the device until `max_rounds` of them ran, EOS or the token budget.
 
+  A round that took a copied draft (prompt lookup) does not count towards `max_rounds`: it
+  needs no skip set and costs about a plain step, so a segment's budget (a refresh period, a
+  back-off) is spent by the rounds that draft with layers skipped or decode plainly.
+
   On a mesh each round's state is pinned to the rules' shardings, so that the loop carries
   the cache as the segment received it (the compiler could otherwise pick a layout of its
   own and convert at the segment's end).
@@ -267,7 +271,9 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
   def one(carry):
     state, rounds = carry
     state = _round(params, state, max_new_tokens, **round_settings)
-    return (state if placement is None else placement.constrain(state)), rounds + 1
+    counted = state.source_R[state.num_rounds - 1] != LOOKUP
+    return ((state if placement is None else placement.constrain(state)),
+            rounds + counted.astype(jnp.int32))
 
   state, _ = jax.lax.while_loop(more, one, (state, jnp.zeros((), jnp.int32)))
   return state
@@ -525,17 +531,24 @@ class Decoder:
       self._choose_skip_set.compiled(self.params, state, jax.ShapeDtypeStruct((), jnp.int32))
     return self.compile_seconds - before
 
+  def start(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> DecodeState:
+    """The decode state after the prompt's prefill: the first token drawn, no round run yet
+    (what `generate` runs its segments on; for benchmarks that time the pieces of a round)."""
+    self.check_request(prompt_ids, max_new_tokens)
+    n = len(prompt_ids)
+    bucket, capacity = self._shapes(n, max_new_tokens)
+    tokens_P = np.zeros((bucket,), np.int32)
+    tokens_P[:n] = prompt_ids
+    return self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed),
+                         self._new_cache(capacity))
+
   def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Generation:
     """Generates up to `max_new_tokens` tokens after `prompt_ids`."""
     self.check_request(prompt_ids, max_new_tokens)
     start = time.perf_counter()
     compiled_before = self.compile_seconds
     n = len(prompt_ids)
-    bucket, capacity = self._shapes(n, max_new_tokens)
-    tokens_P = np.zeros((bucket,), np.int32)
-    tokens_P[:n] = prompt_ids
-    state = self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed),
-                          self._new_cache(capacity))
+    state = self.start(prompt_ids, max_new_tokens, seed)
     self.refresh_seconds = []
     policy = self.strategy.make_policy(self, max_new_tokens)
     rounds = 0

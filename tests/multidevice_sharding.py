@@ -97,12 +97,7 @@ def test_params_and_cache_carry_the_rules_shardings(tiny_model, fast_path):
   assert wq.sharding.spec[-1] == ('tp', 'kv_replica') and wk.sharding.spec[-1] == 'tp'
   assert wq.addressable_shards[0].data.shape[-1] == config.num_heads * config.head_dim // 4
   assert wk.addressable_shards[0].data.shape[-1] == config.head_dim
-  tokens_P = np.zeros((32,), np.int32)
-  tokens_P[:20] = tiny.prompts(config)[0]
-  # pylint: disable=protected-access
-  state = decoder._prefill(decoder.params, tokens_P, np.int32(20), jax.random.key(0),
-                           decoder._new_cache(256))
-  # pylint: enable=protected-access
+  state = decoder.start(tiny.prompts(config)[0], 40)
   state = decoder.run_segment(decoder.refresh(state, 2), strategies.base.Segment(True, 2), 40)
   _assert_placed_by_the_rules(state, config, mesh)
   assert state.cache.k_LBSKh.sharding.is_equivalent_to(

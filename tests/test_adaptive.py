@@ -101,9 +101,9 @@ def _drive(policy, decoder, accepted, drafted, segments, source=SKIP):
     if skipping:
       policy.observe(np.full(segment.rounds, accepted), np.full(segment.rounds, drafted),
                      np.full(segment.rounds, source))
-    else:  # plain steps, or lookup drafts where the context had a match
+    else:  # plain steps (the rounds a segment counts; lookup rounds come on top)
       policy.observe(np.ones(segment.rounds), np.zeros(segment.rounds),
-                     np.full(segment.rounds, LOOKUP if segment.draft else PLAIN))
+                     np.full(segment.rounds, PLAIN))
   return schedule
 
 
@@ -193,42 +193,27 @@ def test_with_lookup_plain_stretches_take_lookup_drafts_and_teach_nothing():
   assert {m: t.rounds for m, t in policy.tallies.items()} == tallies
 
 
-def test_a_refresh_is_paid_for_by_the_layer_skip_rounds_alone():
-  """With prompt lookup on, a drafting segment's rounds with a lookup match gain nothing from
-  its refresh. Layer-skip drafts that pay when every round uses them stop paying when lookup
-  takes three rounds in four: the policy then runs lookup-only segments."""
+def test_lookup_rounds_between_layer_skip_rounds_leave_drafting_paying():
+  """With prompt lookup on, a drafting segment runs its rounds drafted with layers skipped and
+  any lookup rounds between them (`Segment.rounds` does not count those), so its refresh is
+  paid for by the rounds that use it however many lookup rounds come between: layer-skip
+  drafts that pay keep paying when lookup takes three rounds in four."""
   costly_dp = Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.5 / L, verify=1.0,
                     dp=8.0)
   kinds = {}
-  for skip_every in (1, 4):
+  for lookups_per_skip in (0, 3):
     policy = _policy(costly_dp, lookup=True, candidates=(16,), initial_skip_layers=16,
                      loi=4, max_loi=4)
-    decoder, state, kinds[skip_every] = _FakeDecoder(), _FakeState(), []
+    decoder, state, kinds[lookups_per_skip] = _FakeDecoder(), _FakeState(), []
     for _ in range(8):
       state, segment = policy.next_segment(decoder, state)
-      kinds[skip_every].append(segment.kind)
-      skipping = segment.kind == 'draft'
-      source_R = np.where(np.arange(segment.rounds) % skip_every == 0, SKIP, LOOKUP)
-      if not skipping:
-        source_R = np.full(segment.rounds, LOOKUP)
+      kinds[lookups_per_skip].append(segment.kind)
+      source_R = np.repeat([[SKIP] + [LOOKUP] * lookups_per_skip], segment.rounds, 0).ravel()
+      if segment.kind != 'draft':
+        source_R = np.where(source_R == SKIP, PLAIN, LOOKUP)
       policy.observe(np.where(source_R == SKIP, 9, 3), np.where(source_R == SKIP, 8, 2),
                      source_R)
-  assert kinds[1] == ['draft'] * 8
-  assert kinds[4][:2] == ['draft'] * 2 and kinds[4][-1] == 'lookup'
-
-
-def test_a_skip_set_that_no_round_used_is_not_refreshed():
-  """Drafting segments whose every round took a lookup draft leave the skip set unused: the
-  next segment keeps it rather than paying for another DP; a segment that drafts with it
-  ends that."""
-  cheap_drafts = Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.3 / L, verify=1.0,
-                       dp=0.3)
-  policy, decoder = _policy(cheap_drafts, lookup=True), _FakeDecoder()
-  schedule = _drive(policy, decoder, accepted=9, drafted=8, segments=5, source=LOOKUP)
-  assert all(draft for draft, _ in schedule)
-  assert decoder.refreshed == [policy.s.initial_skip_layers]
-  _drive(policy, decoder, accepted=9, drafted=8, segments=2, source=SKIP)
-  assert len(decoder.refreshed) == 2
+  assert kinds[0] == kinds[3] == ['draft'] * 8
 
 
 def test_a_draft_limit_set_low_rises_again_when_drafts_get_accepted():

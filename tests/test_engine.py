@@ -46,7 +46,8 @@ def test_full_model_draft_accepts_everything(tiny_model):
 def test_statistics_shapes(tiny_model):
   config, params = tiny_model
   decoder = Decoder(params, config, strategies.build(
-      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=2))
+      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=2,
+      lookup=False))
   out = decoder.generate(tiny.prompts(config)[0], tiny.MAX_NEW)
   rounds = len(out.accept_lengths)
   chex.assert_shape(out.skip_sets, (rounds, config.num_layers))
@@ -177,6 +178,32 @@ def test_hybrid_drafts_from_the_context_and_the_skipped_model(tiny_model, tiny_v
     assert len(out.draft_sources) == len(out.accept_lengths)
     sources |= set(out.draft_sources)
   assert sources == {'lookup', 'skip'}
+
+
+def test_lookup_rounds_do_not_use_up_a_refresh_period(tiny_model):
+  """A refresh period of LOI rounds counts the rounds that draft with layers skipped: rounds
+  with a lookup match between them copy their drafts and need no skip set."""
+  config, params = tiny_model
+  loi = 2
+  decoder = Decoder(params, config, strategies.build(
+      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=loi))
+  refresh = decoder.refresh
+  starts = []  # the round at which each segment (one refresh period) started
+
+  def recording_refresh(state, num_skip):
+    starts.append(int(state.num_rounds))
+    return refresh(state, num_skip)
+
+  decoder.refresh = recording_refresh
+  periods_with_lookup = 0
+  for prompt in tiny.prompts(config):
+    starts.clear()
+    sources = decoder.generate(prompt, tiny.MAX_NEW).draft_sources
+    periods = [sources[a:b] for a, b in zip(starts, starts[1:] + [len(sources)])]
+    for period in periods[:-1]:  # the last one may end with the token budget
+      assert sum(s != 'lookup' for s in period) == loi, period
+      periods_with_lookup += 'lookup' in period
+  assert periods_with_lookup
 
 
 @pytest.mark.parametrize('name', ['auto', 'xla'])

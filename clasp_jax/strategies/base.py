@@ -57,8 +57,9 @@ class Segment:
 
   Attributes:
     draft: whether its rounds draft (False: plain decoding steps).
-    rounds: the most rounds it runs; None: until the generation ends. A segment always stops
-      at EOS or the token budget.
+    rounds: the most rounds it runs, not counting those that took a copied draft (prompt
+      lookup: they need no skip set and cost about a plain step); None: until the generation
+      ends. A segment always stops at EOS or the token budget.
     lookup_only: its rounds draft by prompt lookup alone (plain steps where the context has no
       match): the rounds of the strategy's `lookup_strategy`, for a policy's stretches without
       layer-skip drafts.

@@ -1,0 +1,108 @@
+"""Where a CLaSp round's skip-set refresh spends its time, piece by piece, on random weights
+of preset shapes (what `bench_decode.py --what=refresh` measures as a whole).
+
+  python scripts/profile_refresh.py --presets=smollm2-135m,llama3-8b
+
+CLaSp at M = L/2 with layer-skip drafts only, K = 8 and DET 0, after a prefill of `--context`
+random tokens. Each piece is a call of its own, timed on the host from dispatch to completion
+(the median of `--reps`, after an untimed one), so each includes its own dispatch and
+read-back:
+
+  dp_table        the DP's choice table (a pseudo-token pass through every layer), with the
+                  fused prefix attention and with the plain jnp one
+  backtrack       reading a skip set of M layers back from the table
+  refresh         `Decoder.refresh`: the DP in one call, then the switch to its skip set (read
+                  back, the active layers picked on the host)
+  segment_1       one drafting round run as a segment of its own, its statistics read back
+  segment_8       the same, per round of an 8-round segment
+  plain_16        a plain step, per round of a 16-round plain segment
+
+segment_1 less segment_8 is what a segment costs beyond its rounds: with LOI 1 a round pays it
+and a refresh on top of its drafting and verifying.
+"""
+
+import functools
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clasp_jax import engine
+from clasp_jax import strategies
+from clasp_jax.bench import decode
+from clasp_jax.configs import models
+from clasp_jax.strategies import clasp
+
+_PRESETS = flags.DEFINE_list('presets', ['smollm2-135m', 'llama3-8b'], 'Model shapes.')
+_CONTEXT = flags.DEFINE_integer('context', 860, 'Prompt tokens before the timed pieces.')
+_REPS = flags.DEFINE_integer('reps', 15, 'Timed calls per piece (median).')
+_OUT = flags.DEFINE_string('out', '', 'Write the rows as JSON here.')
+
+
+def _median_ms(fn, reps: int, prepare=lambda: ()) -> float:
+  """Median milliseconds of `fn(*prepare())` to completion; `prepare` runs untimed."""
+  jax.block_until_ready(fn(*prepare()))
+  seconds = []
+  for _ in range(reps):
+    args = jax.block_until_ready(prepare())
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    seconds.append(time.perf_counter() - start)
+  return 1e3 * sorted(seconds)[reps // 2]
+
+
+def profile(preset: str, context: int, reps: int) -> dict:
+  """The pieces' milliseconds for one preset."""
+  config = models.PRESETS[preset]()
+  params = decode.random_params(config, jax.random.key(0), 'bfloat16')
+  M = config.num_layers // 2
+  decoder = engine.Decoder(params, config, strategies.build(
+      'clasp', config, skip_layers=M, num_draft_tokens=8, draft_exit_threshold=0.0, loi=1,
+      lookup=False))
+  prompt = np.random.RandomState(0).randint(0, config.vocab_size, context).tolist()
+  state = decoder.refresh(decoder.start(prompt, max_new_tokens=256), M)
+  copy = lambda: (jax.tree.map(jnp.copy, state),)  # a segment consumes (donates) its state
+  row = dict(preset=preset, context=context, num_skip=M, device_kind=jax.devices()[0].device_kind,
+             jax_version=jax.__version__)
+  for name in ('pallas', 'xla') if jax.default_backend() == 'gpu' else ('xla',):
+    table = jax.jit(functools.partial(
+        clasp.clasp_dp_table, config=config, max_skip=M,
+        attention=engine.resolve_attention(name, config, prefix=True)))
+    row[f'dp_table_{name}'] = _median_ms(
+        lambda: table(decoder.params, cache=state.cache, hidden_LD=state.target_hidden_LD), reps)
+  choice_LJ = table(decoder.params, cache=state.cache, hidden_LD=state.target_hidden_LD)
+  row['backtrack'] = _median_ms(lambda: jax.jit(clasp.backtrack)(choice_LJ, M), reps)
+  row['refresh'] = _median_ms(lambda s: decoder.refresh(s, M).skip_L, reps, copy)
+
+  def segment(state, draft, rounds):
+    state = decoder.run_segment(state, strategies.Segment(draft=draft, rounds=rounds), 256)
+    return jax.device_get((state.done, state.num_rounds, state.accepted_R, state.drafted_R,
+                           state.source_R))
+
+  row['segment_1'] = _median_ms(lambda s: segment(s, True, 1), reps, copy)
+  row['segment_8'] = _median_ms(lambda s: segment(s, True, 8), reps, copy) / 8
+  row['plain_16'] = _median_ms(lambda s: segment(s, False, 16), reps, copy) / 16
+  return row
+
+
+def main(argv):
+  del argv
+  unknown = set(_PRESETS.value) - set(models.PRESETS)
+  if unknown:
+    raise app.UsageError(f'unknown presets {sorted(unknown)}; known: {sorted(models.PRESETS)}')
+  rows = []
+  for preset in _PRESETS.value:
+    rows.append(profile(preset, _CONTEXT.value, _REPS.value))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                      for k, v in rows[-1].items()}), flush=True)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
