@@ -96,12 +96,12 @@ def main(argv):
     raise app.UsageError(f'unknown presets {sorted(unknown)}; known: {sorted(models.PRESETS)}')
   rows = []
   for preset in _PRESETS.value:
-    rows.append(profile(preset, _CONTEXT.value, _REPS.value))
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                      for k, v in rows[-1].items()}), flush=True)
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(rows, f, indent=1)
+    rows.append({k: round(v, 3) if isinstance(v, float) else v
+                 for k, v in profile(preset, _CONTEXT.value, _REPS.value).items()})
+    print(json.dumps(rows[-1]), flush=True)
+    if _OUT.value:  # after every preset: a run cut short keeps what it measured
+      with open(_OUT.value, 'w') as f:
+        json.dump(rows, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -62,7 +62,8 @@ flags.DEFINE_integer('num_draft_tokens', strategies.DEFAULT_NUM_DRAFT_TOKENS,
 flags.DEFINE_float('draft_exit_threshold', strategies.DEFAULT_DRAFT_EXIT_THRESHOLD,
                    'DET: a layer-skip draft stops when its top probability falls below this.')
 flags.DEFINE_integer('loi', strategies.DEFAULT_LOI, 'CLaSp re-optimises its skip set every LOI '
-                     'rounds (with M auto, at first: the interval doubles while the set holds).')
+                     'rounds, rounds with a lookup match not counted (with M auto, at first: '
+                     'the interval doubles while the set holds).')
 flags.DEFINE_bool('lookup', True, 'clasp: take a round\'s drafts from the context when it has an '
                   'n-gram match (prompt lookup) and draft with layers skipped otherwise; '
                   '--nolookup: the paper\'s CLaSp, layer-skip drafts only.')

@@ -103,7 +103,8 @@ class Clasp(layer_skip.LayerSkipDrafting, Strategy):
     num_skip: M, the number of skipped layers (0 <= M < L).
     num_draft_tokens: K, the most drafts per round.
     draft_exit_threshold: DET, stop drafting below this top-1 probability.
-    loi: layer-optimisation interval, in verify rounds.
+    loi: layer-optimisation interval, in verify rounds (rounds with a lookup match, which need
+      no skip set, not counted).
     lookup: take a round's K drafts from the context when it has an n-gram match (prompt
       lookup), drafting with layers skipped only otherwise; False is the paper's CLaSp.
   """
