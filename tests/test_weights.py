@@ -245,6 +245,24 @@ def test_store_reuses_entry_without_calling_loader(tiny_hf_checkpoint, tmp_path)
   assert len(calls) == 1 and config.num_layers == 4
 
 
+def test_store_removes_entries_no_load_can_reach(tiny_hf_checkpoint, tmp_path):
+  """A new entry removes those of the same source name whose source is gone (a deleted
+  virtualenv's packaged model) or changed in place; entries of sources still there stay."""
+  cache_dir = tmp_path / 'cache'
+  copies = {n: shutil.copytree(tiny_hf_checkpoint, tmp_path / n / 'model') for n in 'abc'}
+  load = lambda folder: store.cached_load(
+      str(folder), lambda: hf.load_hf(str(folder), np.dtype(np.float32)), str(cache_dir),
+      np.float32)
+  for folder in copies.values():
+    load(folder)
+  assert len(os.listdir(cache_dir)) == 3
+  shutil.rmtree(tmp_path / 'a')  # gone
+  os.utime(copies['b'] / 'model.safetensors', ns=(0, 0))  # changed in place
+  load(copies['b'])
+  assert sorted(os.listdir(cache_dir)) == sorted(
+      store.cache_key(str(copies[n]), np.float32) for n in 'bc')
+
+
 def test_missing_path():
   with pytest.raises(ValueError, match='no such file or directory'):
     weights.load('/nonexistent/model.gguf')

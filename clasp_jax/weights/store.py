@@ -2,8 +2,11 @@
 
 Each entry is a folder named after the source and a hash of (absolute path, size and mtime of its
 files, dtype, format version): editing or replacing the source starts a new entry. It holds the
-params pytree as an orbax checkpoint, the tokenizer as tokenizer.json, and the LlamaConfig as
-config.json, written last so that a half-written entry is never read.
+params pytree as an orbax checkpoint, the tokenizer as tokenizer.json, where it came from as
+source.json, and the LlamaConfig as config.json, written last so that a half-written entry is
+never read. Writing an entry removes the entries of the same source name that no load can reach
+again (their source changed in place, or is gone, as a deleted virtualenv's packaged model is),
+so that reinstalling does not leave a converted copy behind each time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from clasp_jax.tokenizer import Tokenizer
 # Bump when the conversion changes, so stale entries are not reused.
 _FORMAT_VERSION = 1
 _CONFIG = 'config.json'
+_SOURCE = 'source.json'
 _PARAMS = 'params'
 _TOKENIZER = 'tokenizer'
 
@@ -58,11 +62,13 @@ def config_from_dict(d: dict[str, Any]) -> LlamaConfig:
                         'eos_token_ids': tuple(d['eos_token_ids'])})
 
 
-def _save(entry: str, loaded: Loaded) -> None:
+def _save(entry: str, loaded: Loaded, source: dict[str, str]) -> None:
   """Writes an entry; config.json last, as the mark of a complete entry."""
   config, params, tokenizer = loaded
   shutil.rmtree(entry, ignore_errors=True)  # A leftover from an interrupted save.
   os.makedirs(entry)
+  with open(os.path.join(entry, _SOURCE), 'w', encoding='utf-8') as f:
+    json.dump(source, f)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(entry, _PARAMS), params)
     checkpointer.wait_until_finished()
@@ -71,6 +77,29 @@ def _save(entry: str, loaded: Loaded) -> None:
   with open(partial, 'w', encoding='utf-8') as f:
     json.dump(dataclasses.asdict(config), f, indent=2)
   os.replace(partial, os.path.join(entry, _CONFIG))
+
+
+def _unreachable(entry: str, source: dict[str, str]) -> bool:
+  """Whether no load can reach `entry` (another entry of the same source name) any more: its
+  source is gone, or is `source` itself (same path and dtype) since changed; or it is a
+  complete entry from before entries recorded their source."""
+  try:
+    with open(os.path.join(entry, _SOURCE), encoding='utf-8') as f:
+      theirs = json.load(f)
+  except FileNotFoundError:
+    return os.path.isfile(os.path.join(entry, _CONFIG))
+  return not os.path.exists(theirs['path']) or theirs == source
+
+
+def _remove_unreachable(cache_dir: str, entry: str, source: dict[str, str]) -> None:
+  """Removes the entries of `entry`'s source name, other than `entry`, that `_unreachable`
+  finds."""
+  source_name = os.path.basename(entry).rsplit('-', 1)[0]
+  for name in os.listdir(cache_dir):
+    other = os.path.join(cache_dir, name)
+    if (name.rsplit('-', 1)[0] == source_name and other != entry
+        and _unreachable(other, source)):
+      shutil.rmtree(other, ignore_errors=True)
 
 
 def _restore(entry: str) -> Loaded:
@@ -97,10 +126,12 @@ def cached_load(source_path: str, loader_fn: Callable[[], Loaded], cache_dir: st
   Returns:
     (config, params, tokenizer); params are host numpy arrays.
   """
-  entry = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)),
-                       cache_key(source_path, dtype))
+  cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+  entry = os.path.join(cache_dir, cache_key(source_path, dtype))
   if os.path.isfile(os.path.join(entry, _CONFIG)):
     return _restore(entry)
   loaded = loader_fn()
-  _save(entry, loaded)
+  source = dict(path=os.path.abspath(source_path), dtype=np.dtype(dtype).name)
+  _save(entry, loaded, source)
+  _remove_unreachable(cache_dir, entry, source)
   return loaded
