@@ -197,6 +197,16 @@ def test_dp_finds_the_planted_layers_and_clasp_is_lossless(spec, vanilla, clasp_
   assert [g.token_ids for g in clasp_planted_m] == [g.token_ids for g in vanilla]
 
 
+def test_a_methods_row_counts_rounds_by_source_and_m(spec, clasp_planted_m):
+  """The row says where each round's drafts came from, and at which M the layer-skip rounds
+  drafted."""
+  row = planted_sweep.summarise_method(spec, clasp_planted_m, mismatches=None)
+  by_source = row['rounds_by_source']
+  assert sum(by_source.values()) == sum(len(g.accept_lengths) for g in clasp_planted_m)
+  assert by_source['skip'] > 0
+  assert row['skip_rounds_by_m'] == {len(spec.planted): by_source['skip']}
+
+
 def test_drafts_must_be_earned(spec, params, prompts, clasp_planted_m):
   """Skipping the planted layers drafts well; skipping as many other layers does not."""
   others = tuple(i for i in range(L) if i not in spec.planted)[:len(spec.planted)]

@@ -25,6 +25,7 @@ give diverse text is flagged and must not be quoted.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 import dataclasses
 import functools
@@ -43,6 +44,7 @@ from clasp_jax.bench import planted as planted_lib
 from clasp_jax.config import LlamaConfig
 from clasp_jax.engine import Decoder, Generation
 from clasp_jax.sampling import SamplingConfig
+from clasp_jax.strategies.base import DRAFT_SOURCES
 
 BASELINE = 'vanilla'
 #: Method labels, in the order they run and are reported. 'default' is `--method=clasp` as
@@ -272,8 +274,9 @@ def summarise_method(spec: planted_lib.PlantedModel, generations: Sequence[Gener
   """
   accepted = [a for g in generations for a in g.accept_lengths]
   drafted = [d for g in generations for d in g.draft_lengths]
-  drafting_sets = [s for g in generations for s, d in zip(g.skip_sets, g.draft_lengths)
-                   if d and s.any()]
+  sources = collections.Counter(s for g in generations for s in g.draft_sources)
+  drafting_sets = [s for g in generations for s, source in zip(g.skip_sets, g.draft_sources)
+                   if source == 'skip']
   scores = [spec.skip_precision_recall(s) for s in drafting_sets]
   refresh = [sum(g.refresh_times) for g in generations]
   wall = sum(g.wall_time for g in generations)
@@ -285,6 +288,9 @@ def summarise_method(spec: planted_lib.PlantedModel, generations: Sequence[Gener
       refreshes_per_generation=_mean(len(g.refresh_times) for g in generations),
       refresh_seconds=float(sum(refresh)), refresh_seconds_per_generation=_mean(refresh),
       refresh_share=float(sum(refresh)) / wall if wall else None,
+      rounds_by_source={source: sources[source] for source in DRAFT_SOURCES},
+      skip_rounds_by_m=dict(sorted(collections.Counter(int(s.sum()) for s in drafting_sets)
+                                   .items())),
       mean_skip=_mean(int(s.sum()) for s in drafting_sets),
       precision=_mean(p for p, _ in scores), recall=_mean(r for _, r in scores))
   if mismatches is not None:
