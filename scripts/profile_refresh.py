@@ -75,7 +75,8 @@ def profile(preset: str, context: int, reps: int) -> dict:
     row[f'dp_table_{name}'] = _median_ms(
         lambda: table(decoder.params, cache=state.cache, hidden_LD=state.target_hidden_LD), reps)
   choice_LJ = table(decoder.params, cache=state.cache, hidden_LD=state.target_hidden_LD)
-  row['backtrack'] = _median_ms(lambda: jax.jit(clasp.backtrack)(choice_LJ, M), reps)
+  backtrack = jax.jit(clasp.backtrack)
+  row['backtrack'] = _median_ms(lambda: backtrack(choice_LJ, M), reps)
   row['refresh'] = _median_ms(lambda s: decoder.refresh(s, M).skip_L, reps, copy)
 
   def segment(state, draft, rounds):

@@ -26,10 +26,10 @@ refresh period (the DP, then rounds at one M), a plain segment the whole back-of
 each drafting segment's per-round statistics when the segment ends. With prompt lookup on,
 rounds with a lookup match take the copied drafts and do not count towards a segment's rounds
 (`Segment.rounds`): a refresh period is LOI rounds drafted with layers skipped, however many
-lookup rounds come between them, so a refresh is paid for by the rounds that use it. A refresh period starts at
-LOI rounds and doubles, up to `max_loi`, each time the DP returns the skip set already in
-force: the paper's sparse persistence (skip sets change slowly from token to token) measured
-rather than assumed, since a refresh costs a few verify passes.
+lookup rounds come between them, so a refresh is paid for by the rounds that use it. A
+refresh period starts at LOI rounds and doubles, up to `max_loi`, each time the DP returns
+the skip set already in force: the paper's sparse persistence (skip sets change slowly from
+token to token) measured rather than assumed, since a refresh costs a few verify passes.
 """
 
 from __future__ import annotations
