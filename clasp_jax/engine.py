@@ -544,11 +544,10 @@ class Decoder:
 
   def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Generation:
     """Generates up to `max_new_tokens` tokens after `prompt_ids`."""
-    self.check_request(prompt_ids, max_new_tokens)
     start = time.perf_counter()
     compiled_before = self.compile_seconds
     n = len(prompt_ids)
-    state = self.start(prompt_ids, max_new_tokens, seed)
+    state = self.start(prompt_ids, max_new_tokens, seed)  # checks the request first
     self.refresh_seconds = []
     policy = self.strategy.make_policy(self, max_new_tokens)
     rounds = 0

@@ -42,6 +42,8 @@ _CONTEXT = flags.DEFINE_integer('context', 860, 'Prompt tokens before the timed 
 _REPS = flags.DEFINE_integer('reps', 15, 'Timed calls per piece (median).')
 _OUT = flags.DEFINE_string('out', '', 'Write the rows as JSON here.')
 
+_MAX_NEW_TOKENS = 256  # the token budget the state is prefilled for and segments run under
+
 
 def _median_ms(fn, reps: int, prepare=lambda: ()) -> float:
   """Median milliseconds of `fn(*prepare())` to completion; `prepare` runs untimed."""
@@ -64,7 +66,7 @@ def profile(preset: str, context: int, reps: int) -> dict:
       'clasp', config, skip_layers=M, num_draft_tokens=8, draft_exit_threshold=0.0, loi=1,
       lookup=False))
   prompt = np.random.RandomState(0).randint(0, config.vocab_size, context).tolist()
-  state = decoder.refresh(decoder.start(prompt, max_new_tokens=256), M)
+  state = decoder.refresh(decoder.start(prompt, _MAX_NEW_TOKENS), M)
   copy = lambda: (jax.tree.map(jnp.copy, state),)  # a segment consumes (donates) its state
   row = dict(preset=preset, context=context, num_skip=M, device_kind=jax.devices()[0].device_kind,
              jax_version=jax.__version__)
@@ -80,7 +82,8 @@ def profile(preset: str, context: int, reps: int) -> dict:
   row['refresh'] = _median_ms(lambda s: decoder.refresh(s, M).skip_L, reps, copy)
 
   def segment(state, draft, rounds):
-    state = decoder.run_segment(state, strategies.Segment(draft=draft, rounds=rounds), 256)
+    state = decoder.run_segment(state, strategies.Segment(draft=draft, rounds=rounds),
+                                 _MAX_NEW_TOKENS)
     return jax.device_get((state.done, state.num_rounds, state.accepted_R, state.drafted_R,
                            state.source_R))
 
