@@ -1,5 +1,7 @@
 """The adaptive skip budget: the M-selection rule, the policy, and losslessness."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -259,3 +261,28 @@ def test_auto_is_lossless_and_reports_m_per_round():
   assert len(per_round) == len(out.accept_lengths)
   assert all(m is None or m in strategy.candidates for m in per_round)
   assert any(m is not None for m in per_round)
+
+
+def test_cost_table_is_remembered_per_pair_of_measured_m(tmp_path, monkeypatch):
+  """A cost cache entry is reused only by a grid that would measure at the same two M."""
+  measured = []
+
+  def fake_measure(decoder, state, max_new_tokens, skip_counts):
+    measured.append(skip_counts)
+    return GPU_LIKE
+
+  monkeypatch.setattr(adaptive, 'measure_costs', fake_measure)
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config)
+
+  def costs(candidates):
+    decoder = types.SimpleNamespace(
+        config=config, params=params, fast_path=False, pass_width=16,
+        strategy=strategies.AdaptiveClasp(candidates=candidates,
+                                          initial_skip_layers=candidates[0]))
+    return adaptive.cached_costs(decoder, None, 32, str(tmp_path))
+
+  assert costs((1, 2, 3)) == GPU_LIKE
+  assert costs((2, 3)) == GPU_LIKE  # the same largest M, another smallest
+  assert costs((1, 2, 3)) == GPU_LIKE
+  assert measured == [(1, 3), (2, 3)]

@@ -186,21 +186,21 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
 
 
 def cached_costs(decoder, state, max_new_tokens: int, cache_dir: str | None) -> Costs:
-  """`measure_costs`, remembered per device, model shape, dtype and decoder settings in a
-  JSON file under `cache_dir` (None: measured in every process)."""
+  """`measure_costs`, remembered per device, model shape, dtype, decoder settings and the two
+  M it is measured at, in a JSON file under `cache_dir` (None: measured in every process)."""
   config, params, strategy = decoder.config, decoder.params, decoder.strategy
+  grid = strategy.candidates
+  pair = (grid[0], grid[-1]) if len(grid) > 1 else (grid[0], max(1, grid[0] // 2))
   key = '|'.join(map(str, (jax.devices()[0].device_kind, config.num_layers, config.hidden_size,
                            config.intermediate_size, config.vocab_size, params['embed'].dtype,
                            strategy.num_draft_tokens, strategy.draft_exit_threshold,
-                           decoder.fast_path, decoder.pass_width, strategy.max_skip_layers)))
+                           decoder.fast_path, decoder.pass_width, *pair)))
   path = os.path.join(cache_dir, 'costs.json') if cache_dir else None
   table = {}
   if path and os.path.exists(path):
     with open(path) as f:
       table = json.load(f)
   if key not in table:
-    grid = strategy.candidates
-    pair = (grid[0], grid[-1]) if len(grid) > 1 else (grid[0], max(1, grid[0] // 2))
     table[key] = dataclasses.asdict(measure_costs(decoder, state, max_new_tokens, pair))
     if path:
       os.makedirs(cache_dir, exist_ok=True)
