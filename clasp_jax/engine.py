@@ -111,8 +111,9 @@ class Generation:
 
   @property
   def mean_accepted(self) -> float:
-    """tau: mean tokens committed per round (1.0 for plain decoding)."""
-    return float(np.mean(self.accept_lengths)) if self.accept_lengths else 0.0
+    """tau: mean tokens committed per round (1.0 for plain decoding, and for a generation
+    the prefill finished: its one token took one full pass)."""
+    return float(np.mean(self.accept_lengths)) if self.accept_lengths else 1.0
 
 
 def _next_power_of_two(n: int) -> int:
@@ -551,7 +552,9 @@ class Decoder:
     self.refresh_seconds = []
     policy = self.strategy.make_policy(self, max_new_tokens)
     rounds = 0
-    while True:
+    # A prefill that drew EOS or the whole budget leaves no round to run (nor to compile).
+    done = max_new_tokens == 1 or bool(state.done)
+    while not done:
       state, segment = policy.next_segment(self, state)
       state = self.run_segment(state, segment, max_new_tokens)
       if policy.observes:
@@ -562,8 +565,6 @@ class Decoder:
       else:
         done, num_rounds = jax.device_get((state.done, state.num_rounds))
       rounds = int(num_rounds)
-      if done:
-        break
     num_tokens, tokens_N, accepted_R, drafted_R, source_R, skip_RL = jax.device_get(
         (state.num_tokens, state.tokens_N, state.accepted_R, state.drafted_R, state.source_R,
          state.skip_RL))

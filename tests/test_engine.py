@@ -69,6 +69,21 @@ def test_stops_at_eos(tiny_model):
   assert out == free[:free.index(eos) + 1]
 
 
+def test_a_generation_the_prefill_finishes_runs_no_round(tiny_model, tiny_vanilla_outputs,
+                                                        monkeypatch):
+  """One new token, or EOS as the first: the prefill's token is the answer, with no segment
+  (nor skip-set choice) run or compiled after it."""
+  config, params = tiny_model
+  prompt, expected = tiny.prompts(config)[0], tiny_vanilla_outputs[0]
+  eos_config = config.__class__(**{**config.__dict__, 'eos_token_ids': (expected[0],)})
+  for model_config, max_new in ((config, 1), (eos_config, tiny.MAX_NEW)):
+    decoder = Decoder(params, model_config, strategies.build('clasp', model_config))
+    monkeypatch.setattr(decoder, 'run_segment', lambda *args: pytest.fail('ran a segment'))
+    out = decoder.generate(prompt, max_new)
+    assert out.token_ids == expected[:1] and out.accept_lengths == []
+    assert out.mean_accepted == 1.0
+
+
 @pytest.mark.parametrize('fast_path', [False, True])
 def test_no_retrace_across_prompts_and_skip_sets(tiny_model, monkeypatch, fast_path):
   """After warm-up, new skip sets and acceptance counts reuse the compiled functions."""
