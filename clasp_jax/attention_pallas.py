@@ -178,6 +178,15 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
     cache_k_LBSKh, cache_v_LBSKh)
 
 
+# The kernels below are jitted with `inline=True`: a program that calls one per layer (the
+# accelerator path's unrolled layers) traces and lowers it once per shape instead of once per
+# layer, while the program it builds is unchanged (inlined where it is called), so are its
+# numerics. At the SmolLM2 shape that cut tracing and lowering a decoder's GPU programs from
+# 6.9 s to 2.5 s (`tests/test_attention_pallas.py` checks the programs are the same).
+_traced_once = functools.partial(jax.jit, static_argnames=('interpret',), inline=True)
+
+
+@_traced_once
 def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
                            cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
                            layer: jax.Array | int, start: jax.Array | int, *,
@@ -210,6 +219,7 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
   return _normalise(l_KX, o_KXh, B, T, H, q_BTHh.dtype)
 
 
+@_traced_once
 def prefix_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
                             cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
                             layer: jax.Array | int, pos: jax.Array | int, *,

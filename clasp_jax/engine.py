@@ -323,6 +323,13 @@ class _CompiledFunction:
       self.seconds += time.perf_counter() - start
     return executable
 
+  def lower(self, *args, platform: str) -> jax.stages.Lowered:
+    """These arguments' program lowered for `platform`, not compiled (nor kept)."""
+    if self._placement is not None:
+      args = self._placement.abstract(args)
+    with jax.default_matmul_precision(self._precision):
+      return self._jitted.trace(*args).lower(lowering_platforms=(platform,))
+
   def __call__(self, *args):
     return self.compiled(*args)(*args)
 
@@ -485,11 +492,9 @@ class Decoder:
     limit = state.cache.max_len if segment.rounds is None else segment.rounds
     return params, state, np.int32(max_new_tokens), np.int32(limit)
 
-  def compile_segment(self, state: DecodeState, segment: Segment,
-                      round_params: Params | None = None) -> None:
-    """Compiles the segment `run_segment` would run on this state (concrete or abstract);
-    `round_params` are a drafting segment's params (default: those of the skip set in force)."""
-    self._segments[segment.kind].compiled(*self._segment_args(state, segment, 0, round_params))
+  def compile_segment(self, state: DecodeState, segment: Segment) -> None:
+    """Compiles the segment `run_segment` would run on this state (concrete or abstract)."""
+    self._segments[segment.kind].compiled(*self._segment_args(state, segment, 0))
 
   def run_segment(self, state: DecodeState, segment: Segment,
                   max_new_tokens: int) -> DecodeState:
@@ -507,30 +512,53 @@ class Decoder:
     Returns:
       The seconds spent compiling (0 when everything was compiled already).
     """
-    self.check_request([0] * num_prompt_tokens, max_new_tokens)
     before = self.compile_seconds
+    for _, function, args in self._programs(num_prompt_tokens, max_new_tokens):
+      function.compiled(*args)
+    return self.compile_seconds - before
+
+  def lower(self, num_prompt_tokens: int, max_new_tokens: int,
+            platform: str) -> dict[str, jax.stages.Lowered]:
+    """The programs `compile` would build, lowered for `platform` ('cuda', 'rocm', 'tpu' or
+    'cpu') and not compiled: what an accelerator would run, inspected from any machine.
+
+    Keyed by program: 'prefill', 'plain', 'draft M=<M>' (or 'draft'), 'lookup', 'refresh'.
+    """
+    lowered = {}
+    for name, function, args in self._programs(num_prompt_tokens, max_new_tokens):
+      lowered[name] = function.lower(*args, platform=platform)
+    return lowered
+
+  def _programs(self, num_prompt_tokens: int, max_new_tokens: int):
+    """(name, `_CompiledFunction`, abstract arguments) of every program a request may run."""
+    self.check_request([0] * num_prompt_tokens, max_new_tokens)
     bucket, capacity = self._shapes(num_prompt_tokens, max_new_tokens)
     args = (self.params, jax.ShapeDtypeStruct((bucket,), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)),
             jax.eval_shape(lambda: self._new_cache(capacity)))
-    self._prefill.compiled(*args)
+    yield 'prefill', self._prefill, args
     state = jax.eval_shape(self._prefill_fn, *args)
-    self.compile_segment(state, Segment(draft=False))
+
+    def segment(name, segment, state=state, round_params=None):
+      return (name, self._segments[segment.kind],
+              self._segment_args(state, segment, 0, round_params))
+
+    yield segment('plain', Segment(draft=False))
     if self.strategy.num_draft_tokens:
       if self.fast_path and self.strategy.skips_layers:
         for num_skip in self.strategy.skip_counts(self.config):
           num_active = self.config.num_layers - num_skip
-          self.compile_segment(
+          yield segment(
+              f'draft M={num_skip}', Segment(draft=True),
               state.replace(draft_ids_A=jax.ShapeDtypeStruct((num_active,), jnp.int32)),
-              Segment(draft=True),
-              round_params=dict(self.params, draft_layers=self.params['layers'][:num_active]))
+              dict(self.params, draft_layers=self.params['layers'][:num_active]))
       else:
-        self.compile_segment(state, Segment(draft=True))
+        yield segment('draft', Segment(draft=True))
     if self.strategy.lookup_strategy is not None:
-      self.compile_segment(state, Segment(draft=True, lookup_only=True))
+      yield segment('lookup', Segment(draft=True, lookup_only=True))
     if self.strategy.skips_layers:
-      self._choose_skip_set.compiled(self.params, state, jax.ShapeDtypeStruct((), jnp.int32))
-    return self.compile_seconds - before
+      yield ('refresh', self._choose_skip_set,
+             (self.params, state, jax.ShapeDtypeStruct((), jnp.int32)))
 
   def start(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> DecodeState:
     """The decode state after the prompt's prefill: the first token drawn, no round run yet

@@ -15,6 +15,9 @@ import pytest
 
 from clasp_jax import attention
 from clasp_jax import attention_pallas
+from clasp_jax import strategies
+from clasp_jax.engine import Decoder
+import tiny
 
 INTERPRET = jax.default_backend() != 'gpu'
 KV = 2
@@ -165,3 +168,25 @@ def test_prefix_attention_matches_reference(dtype, tol, T, G):
       _, _, ref = _kernel_and_reference(q, k, v, cache_k, cache_v, jnp.int32(LAYER),
                                         jnp.int32(pos), static_layer=LAYER, prefix=True)
     _assert_close((traced, static), ref, (1, T, G * KV * HD), dtype, tol, pos)
+
+
+def test_a_program_traces_the_kernel_once_and_is_unchanged_by_it(monkeypatch):
+  """The accelerator path calls the kernel once per layer; it is traced once per program, and
+  the program is the one the kernel traced at every layer would build."""
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config)
+
+  def decoder():
+    return Decoder(params, config, strategies.Vanilla(), fast_path=True, attention='pallas')
+
+  traces = []
+  split_stats = attention_pallas.split_stats
+  monkeypatch.setattr(attention_pallas, 'split_stats',
+                      lambda *a, **k: traces.append(1) or split_stats(*a, **k))
+  jax.clear_caches()
+  once = decoder().lower(20, 8, 'cuda')['plain'].as_text(debug_info=False)
+  assert len(traces) == 1 and config.num_layers > 1
+  monkeypatch.setattr(attention_pallas, 'cache_attention_pallas',
+                      attention_pallas.cache_attention_pallas.__wrapped__)
+  assert decoder().lower(20, 8, 'cuda')['plain'].as_text(debug_info=False) == once
+  assert len(traces) == 1 + config.num_layers
