@@ -29,6 +29,7 @@ compiler's collectives inside the passes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import dataclasses
 import functools
 import os
@@ -529,8 +530,9 @@ class Decoder:
       lowered[name] = function.lower(*args, platform=platform)
     return lowered
 
-  def _programs(self, num_prompt_tokens: int, max_new_tokens: int):
-    """(name, `_CompiledFunction`, abstract arguments) of every program a request may run."""
+  def _programs(self, num_prompt_tokens: int, max_new_tokens: int
+                ) -> Iterator[tuple[str, _CompiledFunction, tuple[Any, ...]]]:
+    """(name, compiled function, abstract arguments) of every program a request may run."""
     self.check_request([0] * num_prompt_tokens, max_new_tokens)
     bucket, capacity = self._shapes(num_prompt_tokens, max_new_tokens)
     args = (self.params, jax.ShapeDtypeStruct((bucket,), jnp.int32),
@@ -539,23 +541,23 @@ class Decoder:
     yield 'prefill', self._prefill, args
     state = jax.eval_shape(self._prefill_fn, *args)
 
-    def segment(name, segment, state=state, round_params=None):
+    def segment_program(name, segment, state=state, round_params=None):
       return (name, self._segments[segment.kind],
               self._segment_args(state, segment, 0, round_params))
 
-    yield segment('plain', Segment(draft=False))
+    yield segment_program('plain', Segment(draft=False))
     if self.strategy.num_draft_tokens:
       if self.fast_path and self.strategy.skips_layers:
         for num_skip in self.strategy.skip_counts(self.config):
           num_active = self.config.num_layers - num_skip
-          yield segment(
+          yield segment_program(
               f'draft M={num_skip}', Segment(draft=True),
               state.replace(draft_ids_A=jax.ShapeDtypeStruct((num_active,), jnp.int32)),
               dict(self.params, draft_layers=self.params['layers'][:num_active]))
       else:
-        yield segment('draft', Segment(draft=True))
+        yield segment_program('draft', Segment(draft=True))
     if self.strategy.lookup_strategy is not None:
-      yield segment('lookup', Segment(draft=True, lookup_only=True))
+      yield segment_program('lookup', Segment(draft=True, lookup_only=True))
     if self.strategy.skips_layers:
       yield ('refresh', self._choose_skip_set,
              (self.params, state, jax.ShapeDtypeStruct((), jnp.int32)))
