@@ -29,7 +29,7 @@ compiler's collectives inside the passes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import dataclasses
 import functools
 import os
@@ -573,12 +573,23 @@ class Decoder:
     return self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed),
                          self._new_cache(capacity))
 
-  def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> Generation:
-    """Generates up to `max_new_tokens` tokens after `prompt_ids`."""
+  def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0,
+               on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+    """Generates up to `max_new_tokens` tokens after `prompt_ids`.
+
+    Args:
+      prompt_ids: the prompt's token ids.
+      max_new_tokens: the most new tokens (an EOS ends the generation sooner).
+      seed: the sampling seed.
+      on_tokens: for streaming: called with each run of new tokens as soon as the host has
+        it (the prefill's token, then each segment's), cut at EOS and the budget as the
+        result is; the runs together are the result's `token_ids`.
+    """
     start = time.perf_counter()
     compiled_before = self.compile_seconds
     n = len(prompt_ids)
     state = self.start(prompt_ids, max_new_tokens, seed)  # checks the request first
+    streamed = self._stream(state, n, max_new_tokens, 0, on_tokens)
     self.refresh_seconds = []
     policy = self.strategy.make_policy(self, max_new_tokens)
     rounds = 0
@@ -587,6 +598,7 @@ class Decoder:
     while not done:
       state, segment = policy.next_segment(self, state)
       state = self.run_segment(state, segment, max_new_tokens)
+      streamed = self._stream(state, n, max_new_tokens, streamed, on_tokens)
       if policy.observes:
         done, num_rounds, accepted_R, drafted_R, source_R = jax.device_get(
             (state.done, state.num_rounds, state.accepted_R, state.drafted_R, state.source_R))
@@ -595,10 +607,9 @@ class Decoder:
       else:
         done, num_rounds = jax.device_get((state.done, state.num_rounds))
       rounds = int(num_rounds)
-    num_tokens, tokens_N, accepted_R, drafted_R, source_R, skip_RL = jax.device_get(
-        (state.num_tokens, state.tokens_N, state.accepted_R, state.drafted_R, state.source_R,
-         state.skip_RL))
-    tokens = self._truncate(tokens_N[n:int(num_tokens)].tolist(), max_new_tokens)
+    tokens = self._committed(state, n, max_new_tokens)
+    accepted_R, drafted_R, source_R, skip_RL = jax.device_get(
+        (state.accepted_R, state.drafted_R, state.source_R, state.skip_RL))
     wall_time = time.perf_counter() - start
     text = (self.tokenizer.decode(tokens, skip_special_tokens=True)
             if self.tokenizer is not None else '')
@@ -608,6 +619,23 @@ class Decoder:
         accept_lengths=accepted_R[:rounds].tolist(), draft_lengths=drafted_R[:rounds].tolist(),
         draft_sources=[DRAFT_SOURCES[i] for i in source_R[:rounds]], skip_sets=skip_RL[:rounds],
         refresh_times=self.refresh_seconds)
+
+  def _committed(self, state: DecodeState, num_prompt_tokens: int,
+                 max_new_tokens: int) -> list[int]:
+    """The new tokens committed so far, cut after the first EOS and at the token budget."""
+    num_tokens, tokens_N = jax.device_get((state.num_tokens, state.tokens_N))
+    return self._truncate(tokens_N[num_prompt_tokens:int(num_tokens)].tolist(), max_new_tokens)
+
+  def _stream(self, state: DecodeState, num_prompt_tokens: int, max_new_tokens: int,
+              streamed: int, on_tokens: Callable[[list[int]], None] | None) -> int:
+    """Hands `on_tokens` the committed tokens after the first `streamed` (none: nothing is
+    read back); returns how many it has been handed in all."""
+    if on_tokens is None:
+      return streamed
+    tokens = self._committed(state, num_prompt_tokens, max_new_tokens)
+    if len(tokens) > streamed:
+      on_tokens(tokens[streamed:])
+    return max(streamed, len(tokens))
 
   def _truncate(self, tokens: list[int], max_new_tokens: int) -> list[int]:
     """Cuts the committed tokens after the first EOS and at the token budget."""

@@ -208,3 +208,49 @@ def test_summary_command_is_portable(tmp_path, monkeypatch):
       'python scripts/bench.py --resume')
   assert bench.portable_path(str(cwd)) == '.'
   assert bench.portable_path(str(home / '.cache/clasp_jax')) == '~/.cache/clasp_jax'
+
+
+class _ByteTokenizer:
+  """Token i is byte i of UTF-8 text; 'tidy' drops a space before a comma, as some
+  tokenizers' clean-up of spaces does."""
+
+  def __init__(self, tidy: bool = False):
+    self.tidy = tidy
+
+  def decode(self, token_ids, skip_special_tokens=True):
+    del skip_special_tokens
+    text = bytes(token_ids).decode('utf-8', errors='replace')
+    return text.replace(' ,', ',') if self.tidy else text
+
+
+@pytest.mark.parametrize('text', ['Résumé, then 日本 done.', 'a ,b', 'ends in space '])
+@pytest.mark.parametrize('tidy', [False, True])
+@pytest.mark.parametrize('chunk', [1, 3])
+def test_text_stream_prints_the_whole_text_once(text, tidy, chunk):
+  """Token runs of any size, split inside a character or before a tidied space, print the
+  generation's text once, and a line end."""
+  out = io.StringIO()
+  stream = generate.TextStream(_ByteTokenizer(tidy), out)
+  ids = list(text.encode())
+  shown = []
+  for i in range(0, len(ids), chunk):
+    stream(ids[i:i + chunk])
+    shown.append(out.getvalue())
+  final = _ByteTokenizer(tidy).decode(ids)
+  stream.finish(final)
+  assert out.getvalue() == final + '\n'
+  assert '\ufffd' not in ''.join(shown)
+  assert len(shown[-1]) >= len(final.rstrip()) - 1  # printed as it came, not at the end
+
+
+def test_text_stream_that_cannot_extend_its_text_prints_it_whole():
+  class Rewriting:
+    def decode(self, token_ids, skip_special_tokens=True):
+      return 'abc' if len(token_ids) < 3 else 'xyz!'
+
+  out = io.StringIO()
+  stream = generate.TextStream(Rewriting(), out)
+  for token in range(4):
+    stream([token])
+  stream.finish('xyz!')
+  assert out.getvalue() == 'abc\nxyz!\n'

@@ -84,6 +84,24 @@ def test_a_generation_the_prefill_finishes_runs_no_round(tiny_model, tiny_vanill
     assert out.mean_accepted == 1.0
 
 
+@pytest.mark.parametrize('method,settings', [
+    ('vanilla', {}), ('pld', dict(num_draft_tokens=4)),
+    ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=2))])
+def test_streamed_tokens_are_the_generation(tiny_model, tiny_vanilla_outputs, method, settings):
+  """`on_tokens` is handed every new token once, in order, cut at EOS and the budget."""
+  config, params = tiny_model
+  prompt, expected = tiny.prompts(config)[0], tiny_vanilla_outputs[0]
+  eos_config = config.__class__(**{**config.__dict__, 'eos_token_ids': (expected[9],)})
+  for model_config, max_new in ((config, tiny.MAX_NEW), (config, 7), (eos_config, tiny.MAX_NEW)):
+    decoder = Decoder(params, model_config, strategies.build(method, model_config, **settings))
+    runs = []
+    out = decoder.generate(prompt, max_new, on_tokens=runs.append)
+    assert [t for run in runs for t in run] == out.token_ids
+    assert out.token_ids == expected[:min(max_new, expected.index(expected[9]) + 1)
+                                     if model_config is eos_config else max_new]
+    assert len(runs) >= 2 and len(runs[0]) == 1  # the prefill's token first, then segments'
+
+
 @pytest.mark.parametrize('fast_path', [False, True])
 def test_no_retrace_across_prompts_and_skip_sets(tiny_model, monkeypatch, fast_path):
   """After warm-up, new skip sets and acceptance counts reuse the compiled functions."""

@@ -3,7 +3,7 @@
   clasp-generate --prompt="Why is the sky blue?" --chat --method=clasp
   clasp-generate --prompt_file=question.txt --chat      (--prompt_file=- reads standard input)
 
-Prints the text, then one line: prompt tokens, new tokens, the time spent decoding and its
+Prints the text as it is generated, then one line: prompt tokens, new tokens, the time spent decoding and its
 tokens/s, the time spent compiling (apart: the first run compiles before its first token; later
 runs load the compiled programs from --cache_dir) and, for speculative methods, tau (mean tokens
 per round) and the number of rounds. clasp-bench measures steady-state speed. Progress messages
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import re
 import sys
 
 from absl import flags
@@ -64,8 +65,48 @@ def read_prompt() -> str:
   return text.rstrip('\n')
 
 
+# Trailing whitespace and U+FFFD: text a later token may still change.
+_UNSETTLED_END = re.compile(r'[\s\ufffd]+$')
+
+
+class TextStream:
+  """Prints a generation's text while its tokens arrive (`Decoder.generate`'s `on_tokens`).
+
+  Only settled text is printed: a token may end inside a UTF-8 character (decoded as U+FFFD
+  until the rest arrives), and a tokenizer may tidy the spaces before what comes next, so text
+  ending in either waits for more tokens. Should a longer decode still not extend what was
+  printed, streaming stops and `finish` prints the whole text on a line of its own.
+  """
+
+  def __init__(self, tokenizer, out=sys.stdout):
+    self.tokenizer, self.out = tokenizer, out
+    self.token_ids: list[int] = []
+    self.printed = ''
+    self.broken = False
+
+  def __call__(self, token_ids: list[int]) -> None:
+    self.token_ids += token_ids
+    text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+    settled = _UNSETTLED_END.sub('', text)
+    if self.broken or not settled.startswith(self.printed):
+      self.broken = True
+      return
+    self.out.write(settled[len(self.printed):])
+    self.out.flush()
+    self.printed = settled
+
+  def finish(self, text: str) -> None:
+    """Prints the rest of the generation's `text` and ends the line."""
+    if self.broken:
+      self.out.write('\n' if self.printed else '')
+      self.printed = ''
+    self.out.write(text[len(self.printed):] + '\n')
+    self.out.flush()
+
+
 def generate_from_flags() -> Generation:
-  """Loads the model and generates as the flags say; every check runs before compiling.
+  """Loads the model and generates as the flags say, printing the text as it comes; every
+  check runs before compiling.
 
   Raises:
     ValueError: for settings or a request the model cannot serve.
@@ -78,7 +119,11 @@ def generate_from_flags() -> Generation:
   prompt_ids = encode_prompt(model, prompt, chat=FLAGS.chat)
   flags_lib.progress('compiling, then generating (the first run compiles; later ones load the '
                      'compiled programs from --cache_dir) ...')
-  return decoder.generate(prompt_ids, FLAGS.max_new_tokens, seed=FLAGS.seed)
+  stream = TextStream(model.tokenizer)
+  generation = decoder.generate(prompt_ids, FLAGS.max_new_tokens, seed=FLAGS.seed,
+                                on_tokens=stream)
+  stream.finish(generation.text)
+  return generation
 
 
 def stats_line(generation: Generation, speculative: bool) -> str:
@@ -105,7 +150,6 @@ def stats_line(generation: Generation, speculative: bool) -> str:
 def main(argv: Sequence[str]) -> None:
   with flags_lib.usage_errors(argv):
     generation = generate_from_flags()
-  print(generation.text)
   print(stats_line(generation, speculative=FLAGS.method != 'vanilla'))
 
 
