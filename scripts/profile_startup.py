@@ -54,7 +54,7 @@ def build(config, params, kernel: str) -> tuple[float, dict[str, str]]:
 
 def main(argv):
   del argv
-  print(f'| preset | programs | kernel traced once: s | at every layer: s | ratio | same programs |')
+  print('| preset | programs | kernel traced once: s | at every layer: s | ratio | same programs |')
   print('|---|---|---|---|---|---|')
   for preset in _PRESETS.value:
     config = models.PRESETS[preset]()

@@ -91,14 +91,16 @@ def test_streamed_tokens_are_the_generation(tiny_model, tiny_vanilla_outputs, me
   """`on_tokens` is handed every new token once, in order, cut at EOS and the budget."""
   config, params = tiny_model
   prompt, expected = tiny.prompts(config)[0], tiny_vanilla_outputs[0]
-  eos_config = config.__class__(**{**config.__dict__, 'eos_token_ids': (expected[9],)})
-  for model_config, max_new in ((config, tiny.MAX_NEW), (config, 7), (eos_config, tiny.MAX_NEW)):
+  eos = expected[9]
+  eos_config = config.__class__(**{**config.__dict__, 'eos_token_ids': (eos,)})
+  cases = ((config, tiny.MAX_NEW, expected), (config, 7, expected[:7]),
+           (eos_config, tiny.MAX_NEW, expected[:expected.index(eos) + 1]))
+  for model_config, max_new, want in cases:
     decoder = Decoder(params, model_config, strategies.build(method, model_config, **settings))
     runs = []
     out = decoder.generate(prompt, max_new, on_tokens=runs.append)
     assert [t for run in runs for t in run] == out.token_ids
-    assert out.token_ids == expected[:min(max_new, expected.index(expected[9]) + 1)
-                                     if model_config is eos_config else max_new]
+    assert out.token_ids == want
     assert len(runs) >= 2 and len(runs[0]) == 1  # the prefill's token first, then segments'
 
 

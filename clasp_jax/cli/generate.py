@@ -3,11 +3,12 @@
   clasp-generate --prompt="Why is the sky blue?" --chat --method=clasp
   clasp-generate --prompt_file=question.txt --chat      (--prompt_file=- reads standard input)
 
-Prints the text as it is generated, then one line: prompt tokens, new tokens, the time spent decoding and its
-tokens/s, the time spent compiling (apart: the first run compiles before its first token; later
-runs load the compiled programs from --cache_dir) and, for speculative methods, tau (mean tokens
-per round) and the number of rounds. clasp-bench measures steady-state speed. Progress messages
-(loading, converting, compiling) go to stderr unless --quiet is given.
+Prints the text as it is generated, then one line: prompt tokens, new tokens, the time spent
+decoding and its tokens/s, the time spent compiling (apart: the first run compiles before its
+first token; later runs load the compiled programs from --cache_dir) and, for speculative
+methods, tau (mean tokens per round) and the number of rounds. clasp-bench measures
+steady-state speed. Progress messages (loading, converting, compiling) go to stderr unless
+--quiet is given.
 """
 
 from __future__ import annotations
