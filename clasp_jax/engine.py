@@ -178,9 +178,12 @@ def _is_eos(config: LlamaConfig, tokens: jax.Array) -> jax.Array:
   return jnp.isin(tokens, jnp.asarray(config.eos_token_ids or (-1,)))
 
 
-def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: jax.Array,
+def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: jax.Array,
              cache: KVCache, *, config: LlamaConfig, sampling: SamplingConfig) -> DecodeState:
   """Runs the padded prompt, picks the first new token and builds the decode state.
+
+  The sampling key is made from `seed` (int32) here rather than passed in: making it on its
+  own would be one more program for a new process to load before its first token.
 
   The prefill is the same program for every method (plain `jnp` attention over the prompt,
   no skip set: the policy puts a method's first skip set in force), so all of them start
@@ -192,7 +195,7 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, rng: ja
   out = model_lib.forward(params, config, tokens_P[None], cache,
                           out_idx_BP=(prompt_len - 1).reshape(1, 1),
                           attention=attention_lib.cache_attention)
-  rng, key = jax.random.split(rng)
+  rng, key = jax.random.split(jax.random.key(seed))
   first = _first_token(key, out.logits_BPV[0, 0], sampling)
   tokens_N = jnp.zeros((max_len + 1,), jnp.int32)
   tokens_N = jax.lax.dynamic_update_slice(tokens_N, tokens_P, (0,))
@@ -536,7 +539,7 @@ class Decoder:
     self.check_request([0] * num_prompt_tokens, max_new_tokens)
     bucket, capacity = self._shapes(num_prompt_tokens, max_new_tokens)
     args = (self.params, jax.ShapeDtypeStruct((bucket,), jnp.int32),
-            jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)),
+            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
             jax.eval_shape(lambda: self._new_cache(capacity)))
     yield 'prefill', self._prefill, args
     state = jax.eval_shape(self._prefill_fn, *args)
@@ -566,11 +569,13 @@ class Decoder:
     """The decode state after the prompt's prefill: the first token drawn, no round run yet
     (what `generate` runs its segments on; for benchmarks that time the pieces of a round)."""
     self.check_request(prompt_ids, max_new_tokens)
+    if not np.iinfo(np.int32).min <= seed <= np.iinfo(np.int32).max:
+      raise ValueError(f'seed must fit in 32 bits (signed), got {seed}')
     n = len(prompt_ids)
     bucket, capacity = self._shapes(n, max_new_tokens)
     tokens_P = np.zeros((bucket,), np.int32)
     tokens_P[:n] = prompt_ids
-    return self._prefill(self.params, tokens_P, np.int32(n), jax.random.key(seed),
+    return self._prefill(self.params, tokens_P, np.int32(n), np.int32(seed),
                          self._new_cache(capacity))
 
   def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0,

@@ -241,10 +241,11 @@ def _put(tree: Any, config: LlamaConfig, mesh: Mesh | None) -> Any:
 
   Host arrays go to each device as its own slice (`make_array_from_callback`): no device
   ever receives a whole tensor that the rules split; device arrays are resharded (no-op when
-  already in place).
+  already in place). Only transfers: no program is compiled (nor loaded from a cache), which a
+  GPU process pays for at start-up, once per array shape.
   """
   if mesh is None:
-    return jax.tree.map(jnp.asarray, tree)
+    return jax.device_put(tree)
 
   def put(x, sharding):
     if isinstance(x, jax.Array):
@@ -296,15 +297,16 @@ def place_params(params: model_lib.Params, config: LlamaConfig, mesh: Mesh | Non
 
 
 @functools.lru_cache(maxsize=16)
-def _cache_maker(config: LlamaConfig, max_len: int, dtype: Any, mesh: Mesh):
+def _cache_maker(config: LlamaConfig, max_len: int, dtype: Any, mesh: Mesh | None):
   make = functools.partial(init_cache, config, max_len, dtype=dtype)
+  if mesh is None:
+    return jax.jit(make)
   return jax.jit(make, out_shardings=tree_shardings(jax.eval_shape(make), config, mesh))
 
 
 def new_cache(config: LlamaConfig, max_len: int, dtype: Any, mesh: Mesh | None) -> KVCache:
-  """An empty cache (`cache.init_cache`), created on the devices in its sharding."""
-  if mesh is None:
-    return init_cache(config, max_len, dtype=dtype)
+  """An empty cache (`cache.init_cache`), created on the devices in its sharding by one
+  program (rather than one per array, each of which a new process would load)."""
   return _cache_maker(config, max_len, jnp.dtype(dtype), mesh)()
 
 

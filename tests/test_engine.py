@@ -150,6 +150,13 @@ def test_bad_requests(tiny_model, prompt, max_new, match):
     Decoder(params, config, strategies.Vanilla()).generate(prompt, max_new)
 
 
+@pytest.mark.parametrize('seed', [2**31, -2**31 - 1])
+def test_a_seed_beyond_32_bits_is_refused(tiny_model, seed):
+  config, params = tiny_model
+  with pytest.raises(ValueError, match='seed must fit in 32 bits'):
+    Decoder(params, config, strategies.Vanilla()).generate([5, 6], 4, seed=seed)
+
+
 @pytest.mark.parametrize('method,settings,match', [
     ('clasp', dict(skip_layers=6), r'\[0, L\)'),
     ('clasp', dict(skip_layers=-1), r'\[0, L\)'),

@@ -1,8 +1,10 @@
 """Tests of clasp_jax.weights: HF and GGUF loading against transformers, the cache, and errors."""
 
 import json
+import logging
 import math
 import os
+import re
 import shutil
 
 import gguf
@@ -15,9 +17,11 @@ import torch
 import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+from clasp_jax import strategies
 from clasp_jax import weights
 from clasp_jax.config import LlamaConfig
 from clasp_jax.config import RopeScaling
+from clasp_jax.engine import Decoder
 from clasp_jax.weights import hf
 from clasp_jax.weights import store
 
@@ -341,3 +345,24 @@ def test_hf_missing_tensor(tiny_hf_checkpoint, tmp_path):
   safetensors.numpy.save_file(tensors, shard)
   with pytest.raises(ValueError, match=r'lacks model\.layers\.3\.mlp\.up_proj\.weight'):
     weights.load(str(folder))
+
+
+def test_a_loaded_model_reaches_its_first_token_through_three_programs(tiny_hf_checkpoint,
+                                                                     tmp_path, caplog):
+  """What a new process compiles, or loads from the persistent cache, between loading a cached
+  model and its first token: the layer fusion of the accelerator layout, the empty cache and
+  the prefill. No program per weight array nor for the sampling key: on a GPU each is one more
+  executable to load before the first token."""
+  cache_dir = str(tmp_path / 'cache')
+  weights.load(tiny_hf_checkpoint, dtype='float32', cache_dir=cache_dir)  # converts
+  jax.clear_caches()
+  caplog.set_level(logging.WARNING)
+  with jax.log_compiles(True):
+    model = weights.load(tiny_hf_checkpoint, dtype='float32', cache_dir=cache_dir,
+                         per_layer=True)
+    decoder = Decoder(model.params, model.config, strategies.Vanilla(), fast_path=True,
+                      attention='xla')
+    decoder.start([5, 6, 7], 4, seed=3)
+  compiled = [m.group(1) for r in caplog.records
+              if (m := re.match(r'Compiling jit\((\w+)\)', r.getMessage()))]
+  assert compiled == ['fuse_projections', 'init_cache', '_prefill']
