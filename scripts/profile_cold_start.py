@@ -3,8 +3,11 @@ one cache folder, each timed from its start to each thing it says.
 
   python scripts/profile_cold_start.py --processes=3 --max_new_tokens=64
   python scripts/profile_cold_start.py --cache_dir=~/.cache/clasp_jax -- --method=vanilla
-  PYTHONPATH=<older checkout> python scripts/profile_cold_start.py \
+  cd /tmp && PYTHONPATH=<older checkout> python <this checkout>/scripts/profile_cold_start.py \
       --command="python -m clasp_jax.cli.generate"
+
+(`python -m` puts the current folder first on the module path: run it from the repository
+root and it measures that checkout whatever PYTHONPATH says.)
 
 The first process (with a new, empty folder) converts the model and compiles; the ones after
 it load both from the folder. For each process the table gives the seconds from its start to
