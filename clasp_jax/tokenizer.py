@@ -1,10 +1,13 @@
 """Text <-> token ids for a loaded model, built from a GGUF file or a Hugging Face folder.
 
-`Tokenizer` wraps a transformers `PreTrainedTokenizerFast` (the Rust `tokenizers` backend; no
-torch). A GGUF file carries no `tokenizer.json`, only llama.cpp metadata (vocabulary, merges, token
-types, pre-tokenizer name, chat template), so `Tokenizer.from_gguf_metadata` rebuilds the byte-level
-BPE tokenizer from those fields. transformers can do the same (`gguf_file=`), but its GGUF reader
-imports torch, which this library must not need at run time.
+`Tokenizer` runs on the Rust `tokenizers` library, which transformers' fast tokenizers wrap, and
+renders chat templates with transformers' own Jinja renderer, so ids and chat text are the ones
+transformers gives. It does not use transformers' tokenizer classes: their module imports torch
+where torch is installed (transformers 5.17 does, through its GGUF reader: 1.5-3.4 s of a start on
+an H200 machine), and this library must not need torch at run time. A GGUF file carries no
+`tokenizer.json`, only llama.cpp metadata (vocabulary, merges, token types, pre-tokenizer name,
+chat template), so `Tokenizer.from_gguf_metadata` rebuilds the byte-level BPE tokenizer from those
+fields.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
-import transformers
+
+# Hugging Face's file names: the Rust tokenizer, and the settings transformers keeps beside it.
+_TOKENIZER_FILE = 'tokenizer.json'
+_CONFIG_FILE = 'tokenizer_config.json'
+_TEMPLATE_FILE = 'chat_template.jinja'
+# The special tokens a chat template may name, as transformers passes them to it.
+_SPECIAL_TOKEN_NAMES = ('bos_token', 'eos_token', 'unk_token', 'pad_token')
 
 # llama.cpp token types (`tokenizer.ggml.token_type`).
 _CONTROL = 3
@@ -96,6 +105,25 @@ def _as_list(value: int | Sequence[int] | None) -> list[int]:
   return [value] if isinstance(value, int) else list(value)
 
 
+def _token_text(value: str | Mapping[str, Any] | None) -> str | None:
+  """A special token as tokenizer_config.json writes it (its text, or a serialised AddedToken)."""
+  return value.get('content') if isinstance(value, Mapping) else value
+
+
+def _chat_template(folder: str, settings: Mapping[str, Any]) -> str | None:
+  """The folder's default chat template: chat_template.jinja, else tokenizer_config.json's
+  (a string, or a list of named templates)."""
+  path = os.path.join(folder, _TEMPLATE_FILE)
+  if os.path.isfile(path):
+    with open(path, encoding='utf-8') as f:
+      return f.read()
+  template = settings.get('chat_template')
+  if isinstance(template, list):
+    named = {t['name']: t['template'] for t in template}
+    return named.get('default')
+  return template
+
+
 def _read_json(path: str) -> dict[str, Any]:
   """A JSON file's object, or {} when the file does not exist."""
   if not os.path.isfile(path):
@@ -108,16 +136,23 @@ class Tokenizer:
   """Encodes text and chat messages to token ids and decodes ids back to text.
 
   Attributes:
-    hf_tokenizer: the wrapped transformers tokenizer.
+    backend: the `tokenizers.Tokenizer` that encodes and decodes (adding BOS/EOS as its
+      post-processor says).
     bos_token_id: the model's beginning-of-sequence id, or None.
     eos_token_ids: every id that ends a generation (eos and the chat end-of-turn token).
+    chat_template: the model's Jinja chat template, or None.
+    special_tokens: the special tokens by the names chat templates use (`bos_token`,
+      `eos_token`, ...), as text.
   """
 
-  def __init__(self, hf_tokenizer: transformers.PreTrainedTokenizerFast,
-               bos_token_id: int | None, eos_token_ids: Sequence[int]):
-    self.hf_tokenizer = hf_tokenizer
+  def __init__(self, backend: tokenizers.Tokenizer, bos_token_id: int | None,
+               eos_token_ids: Sequence[int], chat_template: str | None = None,
+               special_tokens: Mapping[str, str] | None = None):
+    self.backend = backend
     self.bos_token_id = bos_token_id
     self.eos_token_ids = tuple(eos_token_ids)
+    self.chat_template = chat_template
+    self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
 
   @classmethod
   def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
@@ -161,14 +196,31 @@ class Tokenizer:
         bos if metadata.get('tokenizer.ggml.add_bos_token') else None,
         eos if metadata.get('tokenizer.ggml.add_eos_token') else None, vocab)
     chat_template = metadata.get('tokenizer.chat_template')
-    hf_tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=token('unknown_token_id'),
-        pad_token=token('padding_token_id'), chat_template=chat_template)
     eos_ids = _unique([metadata.get('tokenizer.ggml.eos_token_id'),
                        metadata.get('tokenizer.ggml.eot_token_id'),
                        metadata.get('tokenizer.ggml.eom_token_id'),
                        *_end_of_turn_ids(chat_template, vocab)])
-    return cls(hf_tokenizer, metadata.get('tokenizer.ggml.bos_token_id'), eos_ids)
+    special = dict(bos_token=bos, eos_token=eos, unk_token=token('unknown_token_id'),
+                   pad_token=token('padding_token_id'))
+    return cls(backend, metadata.get('tokenizer.ggml.bos_token_id'), eos_ids, chat_template,
+               special)
+
+  @classmethod
+  def from_folder(cls, folder: str, bos_token_id: int | None,
+                  eos_token_ids: Sequence[int]) -> Tokenizer:
+    """The tokenizer in a folder of Hugging Face's tokenizer files (what `save` writes), with
+    the model's BOS and EOS ids given.
+
+    Raises:
+      ValueError: the folder has no tokenizer.json.
+    """
+    path = os.path.join(folder, _TOKENIZER_FILE)
+    if not os.path.isfile(path):
+      raise ValueError(f'cannot read the tokenizer: {folder} has no {_TOKENIZER_FILE}')
+    settings = _read_json(os.path.join(folder, _CONFIG_FILE))
+    special = {name: _token_text(settings.get(name)) for name in _SPECIAL_TOKEN_NAMES}
+    return cls(tokenizers.Tokenizer.from_file(path), bos_token_id, eos_token_ids,
+               _chat_template(folder, settings), special)
 
   @classmethod
   def from_hf(cls, folder: str) -> Tokenizer:
@@ -178,32 +230,44 @@ class Tokenizer:
     instruct lists `<|eot_id|>` only in the latter), the tokenizer's eos token, and the chat
     template's end-of-turn token.
     """
-    try:
-      hf_tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(
-          folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-      raise ValueError(f'cannot read the tokenizer (need tokenizer.json): {e}') from e
+    tokenizer = cls.from_folder(folder, None, ())
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+
+    def token_id(name: str) -> int | None:
+      return vocab.get(tokenizer.special_tokens.get(name))
+
     config = _read_json(os.path.join(folder, 'config.json'))
     generation = _read_json(os.path.join(folder, 'generation_config.json'))
-    eos_ids = _unique([*_as_list(config.get('eos_token_id')),
-                       *_as_list(generation.get('eos_token_id')),
-                       hf_tokenizer.eos_token_id,
-                       *_end_of_turn_ids(hf_tokenizer.chat_template, hf_tokenizer.get_vocab())])
-    bos_id = config.get('bos_token_id', hf_tokenizer.bos_token_id)
-    return cls(hf_tokenizer, bos_id, eos_ids)
+    tokenizer.eos_token_ids = _unique([*_as_list(config.get('eos_token_id')),
+                                       *_as_list(generation.get('eos_token_id')),
+                                       token_id('eos_token'),
+                                       *_end_of_turn_ids(tokenizer.chat_template, vocab)])
+    tokenizer.bos_token_id = config.get('bos_token_id', token_id('bos_token'))
+    return tokenizer
+
+  def save(self, folder: str) -> None:
+    """Writes tokenizer.json and tokenizer_config.json (chat template, special tokens) into
+    `folder`, as Hugging Face lays them out: `from_folder` and transformers both read them."""
+    os.makedirs(folder, exist_ok=True)
+    self.backend.save(os.path.join(folder, _TOKENIZER_FILE))
+    settings = dict(self.special_tokens, chat_template=self.chat_template,
+                    tokenizer_class='PreTrainedTokenizerFast')
+    with open(os.path.join(folder, _CONFIG_FILE), 'w', encoding='utf-8') as f:
+      json.dump({k: v for k, v in settings.items() if v is not None}, f, indent=2)
 
   @property
   def vocab_size(self) -> int:
     """Number of token ids, added special tokens included."""
-    return len(self.hf_tokenizer)
+    return self.backend.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, with BOS only when the model's tokenizer adds it by default."""
-    return self.hf_tokenizer.encode(text)
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text`; BOS/EOS as the model's tokenizer adds them by default, unless
+    `add_special_tokens` is False."""
+    return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
     """The text of `ids` (special tokens kept unless `skip_special_tokens`)."""
-    return self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
   def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a chat rendered by the model's template, ending with the assistant prompt.
@@ -214,9 +278,12 @@ class Tokenizer:
     Raises:
       ValueError: the model has no chat template.
     """
-    if not self.hf_tokenizer.chat_template:
+    if not self.chat_template:
       raise ValueError('this model has no chat template; use encode() on plain text instead')
-    text = self.hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=False)
+    # transformers' renderer (its Jinja environment and helpers): imported here, as only a chat
+    # needs it, and it costs a start 0.3-3 s.
+    from transformers.utils.chat_template_utils import render_jinja_template
+    (text,), _ = render_jinja_template(conversations=[messages], chat_template=self.chat_template,
+                                       add_generation_prompt=True, **self.special_tokens)
     # The template writes any BOS itself, so the tokenizer must not add another.
-    return self.hf_tokenizer.encode(text, add_special_tokens=False)
+    return self.encode(text, add_special_tokens=False)

@@ -1,5 +1,8 @@
 """Tests of clasp_jax.tokenizer against transformers' own GGUF tokenizer and a tiny HF one."""
 
+import subprocess
+import sys
+
 import gguf
 import pytest
 import transformers
@@ -46,8 +49,8 @@ def test_whitespace_run_before_digits_splits_like_llama_cpp(smollm2_tokenizer):
   transformers' GGUF rebuild lacks that step (it uses plain GPT-2 splitting), so it alone cuts a
   whitespace run before a digit into single characters, e.g. 'a', 'Ċ', 'Ċ', '1'.
   """
-  tokens = smollm2_tokenizer.hf_tokenizer.convert_ids_to_tokens(
-      smollm2_tokenizer.encode('a\n\n1  2'))
+  tokens = [smollm2_tokenizer.backend.id_to_token(i)
+            for i in smollm2_tokenizer.encode('a\n\n1  2')]
   assert tokens == ['a', 'ĊĊ', '1', 'ĠĠ', '2']
 
 
@@ -118,3 +121,32 @@ def test_unsupported_gguf_tokenizer_model():
   with pytest.raises(ValueError, match="tokenizer model 'llama' is not supported"):
     Tokenizer.from_gguf_metadata({'tokenizer.ggml.model': 'llama',
                                   'tokenizer.ggml.tokens': ['<unk>']})
+
+
+def test_saved_tokenizer_reads_back_alike(smollm2_tokenizer, tmp_path):
+  """`save` writes what `from_folder` reads (the model cache's copy), and what transformers
+  reads too."""
+  smollm2_tokenizer.save(str(tmp_path))
+  again = Tokenizer.from_folder(str(tmp_path), smollm2_tokenizer.bos_token_id,
+                                smollm2_tokenizer.eos_token_ids)
+  messages = [{'role': 'user', 'content': 'What is 2+2?'}]
+  assert again.apply_chat_template(messages) == smollm2_tokenizer.apply_chat_template(messages)
+  assert [again.encode(t) for t in TEXTS] == [smollm2_tokenizer.encode(t) for t in TEXTS]
+  hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+  assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+      smollm2_tokenizer.decode(smollm2_tokenizer.apply_chat_template(messages))
+
+
+def test_tokenizing_a_chat_imports_neither_torch_nor_transformers_tokenizers(smollm2_path):
+  """transformers' tokenizer classes import torch where it is installed (5.17 does, through
+  their GGUF reader); a run must not: only the chat template renderer is used."""
+  code = ('import sys, clasp_jax.cli.generate\n'
+          'from clasp_jax.weights import gguf\n'
+          f'tokenizer = gguf.load_tokenizer({smollm2_path!r})\n'
+          "ids = tokenizer.apply_chat_template([{'role': 'user', 'content': 'Hi'}])\n"
+          'tokenizer.decode(ids, skip_special_tokens=True)\n'
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith("
+          "'transformers.tokenization') or m.startswith('transformers.models')))\n")
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True)
+  assert result.stdout.strip() == '[]'

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
-import transformers
 
 from clasp_jax.config import LlamaConfig
 from clasp_jax.config import RopeScaling
@@ -72,7 +71,7 @@ def _save(entry: str, loaded: Loaded, source: dict[str, str]) -> None:
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(entry, _PARAMS), params)
     checkpointer.wait_until_finished()
-  tokenizer.hf_tokenizer.save_pretrained(os.path.join(entry, _TOKENIZER))
+  tokenizer.save(os.path.join(entry, _TOKENIZER))
   partial = os.path.join(entry, _CONFIG + '.partial')
   with open(partial, 'w', encoding='utf-8') as f:
     json.dump(dataclasses.asdict(config), f, indent=2)
@@ -108,9 +107,9 @@ def _restore(entry: str) -> Loaded:
     config = config_from_dict(json.load(f))
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(os.path.join(entry, _PARAMS))
-  hf_tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(
-      os.path.join(entry, _TOKENIZER), local_files_only=True)
-  return config, params, Tokenizer(hf_tokenizer, config.bos_token_id, config.eos_token_ids)
+  tokenizer = Tokenizer.from_folder(os.path.join(entry, _TOKENIZER), config.bos_token_id,
+                                    config.eos_token_ids)
+  return config, params, tokenizer
 
 
 def cached_load(source_path: str, loader_fn: Callable[[], Loaded], cache_dir: str,
