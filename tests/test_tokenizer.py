@@ -1,5 +1,7 @@
 """Tests of clasp_jax.tokenizer against transformers' own GGUF tokenizer and a tiny HF one."""
 
+import json
+import pathlib
 import subprocess
 import sys
 
@@ -150,3 +152,25 @@ def test_tokenizing_a_chat_imports_neither_torch_nor_transformers_tokenizers(smo
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True)
   assert result.stdout.strip() == '[]'
+
+
+@pytest.mark.parametrize('layout', ['named_templates', 'jinja_file'])
+def test_folder_chat_templates_and_token_objects(tiny_hf_checkpoint, tmp_path, layout):
+  """tokenizer_config.json may hold special tokens as serialised AddedTokens and the chat
+  template as a list of named ones; transformers 5 writes the template to chat_template.jinja."""
+  template = '{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}'
+  settings = dict(bos_token=dict(content='<s>', lstrip=False), eos_token='</s>')
+  if layout == 'named_templates':
+    settings['chat_template'] = [dict(name='tool_use', template='unused'),
+                                 dict(name='default', template=template)]
+  else:
+    (tmp_path / 'chat_template.jinja').write_text(template, encoding='utf-8')
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps(settings), encoding='utf-8')
+  (tmp_path / 'tokenizer.json').write_bytes(
+      (pathlib.Path(tiny_hf_checkpoint) / 'tokenizer.json').read_bytes())
+
+  tokenizer = Tokenizer.from_hf(str(tmp_path))
+
+  ids = tokenizer.apply_chat_template([{'role': 'user', 'content': 'hi'}])
+  assert tokenizer.decode(ids) == '<s>[user] hi\n'
+  assert ids[0] == tokenizer.bos_token_id == 1 and tokenizer.eos_token_ids == (2,)
