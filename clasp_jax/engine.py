@@ -49,6 +49,7 @@ from clasp_jax.config import LlamaConfig
 from clasp_jax.model import Params
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.state import DecodeState
+from clasp_jax.strategies import clasp as clasp_lib
 from clasp_jax.strategies.base import DRAFT_SOURCES, LOOKUP, PLAIN, Segment, Strategy
 
 #: Tokens per full-model pass. On GPUs and TPUs a 16-row pass costs about what a 1-row step
@@ -139,33 +140,44 @@ def cache_bucket(num_tokens: int, max_new_tokens: int, scratch: int) -> int:
 
 
 def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: KVCache, *,
-              width: int, attention) -> tuple[jax.Array, jax.Array, KVCache]:
+              width: int, attention, ride: model_lib.Ride | None = None
+              ) -> tuple[jax.Array, jax.Array, KVCache, Any]:
   """The full model over T tokens, as passes of exactly `width` tokens (the last padded).
 
   Every full-model pass of decoding goes through here, plain steps and verification alike,
   so that a token's logits do not depend on which pass computed them (see the module
   docstring). The padding rows' keys and values land in the cache past the chunk, where
-  nothing reads them before a later pass overwrites them.
+  nothing reads them before a later pass overwrites them. A `ride` (its `first_row` counted
+  from the first token, at least T) runs in the padding rows of the last pass.
 
   Returns:
-    (logits_TV, hiddens_LTD, cache): float32 logits and the L+1 pre-norm hidden states of the
-    T tokens, and the cache with every row written and its length advanced past the padding.
+    (logits_TV, hiddens_LTD, cache, ride_ys): float32 logits and the L+1 pre-norm hidden
+    states of the T tokens, the cache with every row written and its length advanced past
+    the padding, and the ride's per-layer outputs (None without one).
   """
   T = tokens_T.shape[0]
   padded_P = jnp.zeros((verify_rows(T - 1, width),), jnp.int32).at[:T].set(tokens_T)
-  logits, hiddens = [], []
+  last = padded_P.shape[0] - width
+  if ride is not None:
+    if not (T <= ride.first_row and ride.rows.stop <= padded_P.shape[0]):
+      raise ValueError(f'riders in rows {ride.rows} do not fit the padding of a pass of {T} '
+                       f'tokens at width {width}')
+    ride = dataclasses.replace(ride, first_row=ride.first_row - last)
+  logits, hiddens, ride_ys = [], [], None
   for start in range(0, padded_P.shape[0], width):
     # The barriers keep XLA from specialising the pass to the rows its caller reads (a plain
     # step reads one: the LM head and last layer would shrink to a 1-row product, rounded
     # differently) or to padding it can see is constant.
     chunk_1W = jax.lax.optimization_barrier(padded_P[None, start:start + width])
-    out = model_lib.forward(params, config, chunk_1W, cache, attention=attention)
+    out = model_lib.forward(params, config, chunk_1W, cache, attention=attention,
+                            ride=ride if start == last else None)
     logits_WV, hiddens_LWD = jax.lax.optimization_barrier(
         (out.logits_BPV[0], out.hiddens_LBPD[:, 0]))
     cache = out.cache
     logits.append(logits_WV)
     hiddens.append(hiddens_LWD)
-  return (jnp.concatenate(logits)[:T], jnp.concatenate(hiddens, axis=1)[:, :T], cache)
+    ride_ys = out.ride_ys
+  return (jnp.concatenate(logits)[:T], jnp.concatenate(hiddens, axis=1)[:, :T], cache, ride_ys)
 
 
 def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -214,11 +226,13 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
 
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
            config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig, width: int,
-           attention, draft: bool) -> DecodeState:
+           attention, draft: bool, search_rows: int = 0, prefix_attention=None) -> DecodeState:
   """One round: propose, verify `[last] + drafts` with the full model, commit, roll back.
 
   With `draft` False (or a strategy that never drafts) the round is one plain decoding step:
-  the same full pass with no drafts in it.
+  the same full pass with no drafts in it. With `search_rows` (F > 0) the verify pass also
+  computes the next F columns of the CLaSp DP's table (`state.search`) in its padding rows,
+  the candidates attending with `prefix_attention`.
   """
   K = strategy.num_draft_tokens if draft else 0
   rng, key_draft, key_accept = jax.random.split(state.rng, 3)
@@ -231,9 +245,15 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   else:
     tokens_K, count, q_KV = jnp.zeros((0,), jnp.int32), jnp.zeros((), jnp.int32), None
     source = jnp.int32(PLAIN)
-  logits_TV, hiddens_LTD, cache = full_pass(params, config,
-                                            jnp.concatenate([last[None], tokens_K]),
-                                            state.cache, width=width, attention=attention)
+  search, ride = state.search, None
+  if search_rows:
+    search, ride = clasp_lib.band_ride(search, state.target_hidden_LD, length, first_row=K + 1,
+                                       num_rows=search_rows, attention=prefix_attention)
+  logits_TV, hiddens_LTD, cache, ride_ys = full_pass(
+      params, config, jnp.concatenate([last[None], tokens_K]), state.cache, width=width,
+      attention=attention, ride=ride)
+  if search_rows:
+    search = clasp_lib.finish_band(search, ride_ys)
   if sampling.greedy:
     n, next_token = sampling_lib.accept_greedy(tokens_K, count, logits_TV)
   else:
@@ -252,7 +272,8 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
       cache=cache.rollback(length + n + 1), tokens_N=tokens_N, num_tokens=num_tokens,
       target_hidden_LD=hiddens_LTD[:, n], rng=rng, done=done, num_rounds=r + 1,
       accepted_R=state.accepted_R.at[r].set(n + 1), drafted_R=state.drafted_R.at[r].set(count),
-      source_R=state.source_R.at[r].set(source), skip_RL=state.skip_RL.at[r].set(state.skip_L))
+      source_R=state.source_R.at[r].set(source), skip_RL=state.skip_RL.at[r].set(state.skip_L),
+      search=search)
 
 
 def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
@@ -412,23 +433,32 @@ class Decoder:
     self._prefill = _CompiledFunction(self._prefill_fn, donate_argnums=(4,),
                                       precision=precision, placement=placement)
     attend = resolve_attention(attention, config, self.mesh)
-    kinds = {'plain': (strategy, False), 'draft': (strategy, True)}
+    prefix_attend = resolve_attention(attention, config, self.mesh, prefix=True)
+    # The CLaSp DP inside verify passes: F candidates in the rows a verify pass pads.
+    self._search_columns = strategy.search_columns(config)
+    K = strategy.num_draft_tokens
+    search_rows = verify_rows(K, pass_width) - (K + 1) if self._search_columns else 0
+    self._search_columns *= search_rows > 0
+    #: Verify passes that fill one DP table (1 when there is no such search).
+    self.search_passes = -(-(self._search_columns - 1) // search_rows) if search_rows else 1
+    kinds = {'plain': (strategy, False, 0), 'draft': (strategy, True, search_rows)}
     if strategy.lookup_strategy is not None:
-      kinds['lookup'] = (strategy.lookup_strategy, True)
+      kinds['lookup'] = (strategy.lookup_strategy, True, 0)
     self._segments = {
         kind: _CompiledFunction(
             functools.partial(_segment, strategy=runs, draft=draft, width=pass_width,
                               attention=attend, placement=placement, config=config,
-                              sampling=sampling),
+                              sampling=sampling, search_rows=rows,
+                              prefix_attention=prefix_attend),
             donate_argnums=(1,), precision=precision, placement=placement)
-        for kind, (runs, draft) in kinds.items()}
+        for kind, (runs, draft, rows) in kinds.items()}
     # M is traced: one compile serves every M.
     self._choose_skip_set = _CompiledFunction(
         functools.partial(_choose_skip_set, config=config, strategy=strategy,
-                          attention=resolve_attention(attention, config, self.mesh,
-                                                      prefix=True)),
+                          attention=prefix_attend),
         precision=precision, placement=placement)
     self.refresh_seconds = []
+    self._tables_used = 0  # DP tables of this generation's verify passes put in force
 
   @property
   def compile_seconds(self) -> float:
@@ -438,14 +468,34 @@ class Decoder:
 
   def refresh(self, state: DecodeState, num_skip: int) -> DecodeState:
     """Re-chooses the skip set (the strategy's `refresh`, e.g. the CLaSp DP) and puts it in
-    force; timed into `refresh_seconds`."""
+    force; timed into `refresh_seconds`.
+
+    Where the verify passes fill the DP's table (`state.search`), the newest table they
+    completed since the last refresh is read back and its skip set of `num_skip` layers put
+    in force; with none, the skip set in force stays if it has `num_skip` layers, and the
+    DP runs as a pass of its own otherwise (a generation's first refresh).
+    """
     start = time.perf_counter()
-    bare = state.replace(draft_ids_A=None)  # whose presence and size vary
-    skip_L = self._choose_skip_set(self.params, bare, np.int32(num_skip))
-    state = self.put_skip_set(state, skip_L)
+    if self._search_columns:
+      completed, ready_LJ, skip_L = jax.device_get(
+          (state.search.completed, state.search.ready_LJ, state.skip_L))
+      if completed > self._tables_used:
+        self._tables_used = int(completed)
+        state = self.put_skip_set(state, clasp_lib.backtrack_host(ready_LJ, num_skip))
+      elif self._tables_used and skip_L.sum() == num_skip:
+        pass  # no newer table: the set in force stays
+      else:
+        state = self._choose_and_put(state, num_skip)
+    else:
+      state = self._choose_and_put(state, num_skip)
     jax.block_until_ready(state.skip_L)
     self.refresh_seconds.append(time.perf_counter() - start)
     return state
+
+  def _choose_and_put(self, state: DecodeState, num_skip: int) -> DecodeState:
+    """The strategy's refresh as a program of its own, its skip set put in force."""
+    bare = state.replace(draft_ids_A=None, search=None)  # whose presence and size vary
+    return self.put_skip_set(state, self._choose_skip_set(self.params, bare, np.int32(num_skip)))
 
   def put_skip_set(self, state: DecodeState, skip_L: jax.Array) -> DecodeState:
     """Makes `skip_L` the skip set the draft uses.
@@ -491,8 +541,8 @@ class Decoder:
                     round_params: Params | None = None) -> tuple[Any, ...]:
     if segment.kind == 'draft':
       params = self._round_params if round_params is None else round_params
-    else:  # no draft layers: the same program whatever skip set is in force
-      params, state = self.params, state.replace(draft_ids_A=None)
+    else:  # no draft layers nor search: the same program whatever the strategy
+      params, state = self.params, state.replace(draft_ids_A=None, search=None)
     limit = state.cache.max_len if segment.rounds is None else segment.rounds
     return params, state, np.int32(max_new_tokens), np.int32(limit)
 
@@ -502,8 +552,10 @@ class Decoder:
 
   def run_segment(self, state: DecodeState, segment: Segment,
                   max_new_tokens: int) -> DecodeState:
-    """Runs a segment of rounds on the device (the state is donated)."""
-    return self._segments[segment.kind](*self._segment_args(state, segment, max_new_tokens))
+    """Runs a segment of rounds on the device (the state is donated; a segment that does
+    not search hands the search it was not given back unchanged)."""
+    out = self._segments[segment.kind](*self._segment_args(state, segment, max_new_tokens))
+    return out if out.search is not None else out.replace(search=state.search)
 
   def compile(self, num_prompt_tokens: int, max_new_tokens: int) -> float:
     """Compiles everything a request of this size may run, without running it.
@@ -542,7 +594,8 @@ class Decoder:
             jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
             jax.eval_shape(lambda: self._new_cache(capacity)))
     yield 'prefill', self._prefill, args
-    state = jax.eval_shape(self._prefill_fn, *args)
+    state = self._with_search(jax.eval_shape(self._prefill_fn, *args),
+                              put=lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype))
 
     def segment_program(name, segment, state=state, round_params=None):
       return (name, self._segments[segment.kind],
@@ -563,7 +616,7 @@ class Decoder:
       yield segment_program('lookup', Segment(draft=True, lookup_only=True))
     if self.strategy.skips_layers:
       yield ('refresh', self._choose_skip_set,
-             (self.params, state, jax.ShapeDtypeStruct((), jnp.int32)))
+             (self.params, state.replace(search=None), jax.ShapeDtypeStruct((), jnp.int32)))
 
   def start(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> DecodeState:
     """The decode state after the prompt's prefill: the first token drawn, no round run yet
@@ -575,8 +628,20 @@ class Decoder:
     bucket, capacity = self._shapes(n, max_new_tokens)
     tokens_P = np.zeros((bucket,), np.int32)
     tokens_P[:n] = prompt_ids
-    return self._prefill(self.params, tokens_P, np.int32(n), np.int32(seed),
-                         self._new_cache(capacity))
+    self._tables_used = 0
+    state = self._prefill(self.params, tokens_P, np.int32(n), np.int32(seed),
+                          self._new_cache(capacity))
+    return self._with_search(
+        state, put=lambda x: sharding_lib.put(x, self.config, self.mesh))
+
+  def _with_search(self, state: DecodeState, put) -> DecodeState:
+    """The state with an empty DP search (`clasp.empty_search`, each array through `put`)
+    when the verify passes fill the DP's table; unchanged otherwise."""
+    if not self._search_columns:
+      return state
+    empty = clasp_lib.empty_search(self.config, self._search_columns,
+                                   state.target_hidden_LD.dtype)
+    return state.replace(search=jax.tree.map(put, empty))
 
   def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0,
                on_tokens: Callable[[list[int]], None] | None = None) -> Generation:

@@ -19,7 +19,8 @@ accelerator path); a bool[L] `skip` vector turns layers into identities (one `la
 layer, reference path), and `layer_ids_A` runs only some layers' own trees (the accelerator
 draft). Attention over the cache is `attention.cache_attention`, whose reduction order does
 not depend on the pass a token sits in. `pseudo_token_layer` runs one layer on M independent
-pseudo-tokens sharing one position, for the CLaSp dynamic programme.
+pseudo-tokens sharing one position, for the CLaSp dynamic programme; a `Ride` carries such
+pseudo-tokens through a pass's padding rows instead, so one reading of the weights serves both.
 """
 
 from __future__ import annotations
@@ -53,15 +54,51 @@ class ForwardOutput:
     cache: the cache with the chunk written and `length` advanced by T.
     hiddens_LBPD: [L+1, B, P, D] pre-final-norm hidden states (embedding output, then each
       layer's output) at the requested positions.
+    ride_ys: what a `Ride`'s `after` returned at every layer, stacked on a leading L axis
+      (None without a ride).
   """
 
   logits_BPV: jax.Array
   cache: KVCache
   hiddens_LBPD: jax.Array
+  ride_ys: Any = None
 
 
 jax.tree_util.register_dataclass(
-    ForwardOutput, data_fields=['logits_BPV', 'cache', 'hiddens_LBPD'], meta_fields=[])
+    ForwardOutput, data_fields=['logits_BPV', 'cache', 'hiddens_LBPD', 'ride_ys'],
+    meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class Ride:
+  """Pseudo-tokens that ride along a full-model pass in rows past its real tokens, so that
+  one reading of each weight serves both (the CLaSp DP inside a verify pass).
+
+  The F riders all sit at position `pos` and, as in `pseudo_token_layer`, each attends to the
+  cached keys below `pos` and to its own key only. Between layers `after` may replace their
+  states (the DP keeps, per candidate, the better of running a layer and skipping it). The
+  chunk's real rows come before the riders and attention within a chunk is causal, so the
+  real rows never see them and compute bit for bit what they compute without riders; the
+  riders' keys and values land in the cache past the real rows, where padding rows' land.
+
+  Attributes:
+    first_row: the chunk row of the first rider (static); rows [first_row, first_row + F).
+    pos: int32 scalar, the riders' position (at most the chunk's start).
+    init_FD: the riders' states entering the first layer.
+    after: (layer index a, states_FD entering layer a, outputs_FD of layer a) ->
+      (states_FD entering layer a + 1, y); `ForwardOutput.ride_ys` stacks the y's.
+    attention: the riders' attention (`attention.prefix_attention`'s signature).
+  """
+
+  first_row: int
+  pos: jax.Array
+  init_FD: jax.Array
+  after: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+  attention: Attention = attention_lib.prefix_attention
+
+  @property
+  def rows(self) -> slice:
+    return slice(self.first_row, self.first_row + self.init_FD.shape[0])
 
 
 def rms_norm(x_XD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
@@ -166,7 +203,12 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
   # then the keys a pass attends to differ in a bit from those it caches, and a later pass
   # reading them computes another token than a verified draft's: exactness lost.
   k_BTKh, v_BTKh = jax.lax.optimization_barrier((k_BTKh, v_BTKh))
-  return _finish_layer(lp, config, x_BTD, attend(q_BTHh, k_BTKh, v_BTKh)), k_BTKh, v_BTKh
+  # Likewise the output projection's input comes through a barrier, so that its kernel is
+  # the same whatever produced the attention output (a pass with riders, `Ride`, writes
+  # their rows into it): a product fused with another producer may be tuned to another
+  # split of its sum, which would round the real rows differently.
+  attn_BTq = jax.lax.optimization_barrier(attend(q_BTHh, k_BTKh, v_BTKh))
+  return _finish_layer(lp, config, x_BTD, attn_BTq), k_BTKh, v_BTKh
 
 
 def pseudo_token_layer(lp: Params, config: LlamaConfig, x_MD: jax.Array, pos: jax.Array,
@@ -315,7 +357,8 @@ def lm_head(params: Params, config: LlamaConfig, x_XD: jax.Array) -> jax.Array:
 def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KVCache, *,
             skip_L: jax.Array | None = None, layer_ids_A: jax.Array | None = None,
             out_idx_BP: jax.Array | None = None,
-            attention: Attention = attention_lib.cache_attention) -> ForwardOutput:
+            attention: Attention = attention_lib.cache_attention,
+            ride: Ride | None = None) -> ForwardOutput:
   """Runs a chunk of T tokens through the model, reading and writing the cache.
 
   The chunk sits at positions [cache.length, cache.length + T). Inside the layer loop the
@@ -338,13 +381,18 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
       None means every position (P = T).
     attention: the cache attention (`attention.cache_attention` or a kernel with its
       signature and numerics contract).
+    ride: optional pseudo-tokens carried in rows past the real tokens (see `Ride`); B = 1,
+      every layer run (no `skip_L`, no `layer_ids_A`).
 
   Returns:
     A `ForwardOutput`; its hidden states are [A+1, B, P, D].
   """
   B, T = tokens_BT.shape
   start = cache.length
-  cos_BTh, sin_BTh = rope_tables(config, start + jnp.broadcast_to(jnp.arange(T), (B, T)))
+  positions_BT = start + jnp.broadcast_to(jnp.arange(T), (B, T))
+  if ride is not None:
+    positions_BT = positions_BT.at[:, ride.rows].set(ride.pos)
+  cos_BTh, sin_BTh = rope_tables(config, positions_BT)
   x_BTD = params['embed'][tokens_BT]
 
   def select(x_BTD):
@@ -352,12 +400,24 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
       return x_BTD
     return jnp.take_along_axis(x_BTD, out_idx_BP[..., None], axis=1)
 
-  def step(a, lp, x_BTD):
+  def step(a, lp, carry):
+    x_BTD, riders_FD = carry
     i = a if layer_ids_A is None else layer_ids_A[a]
+    if ride is not None:
+      x_BTD = x_BTD.at[:, ride.rows].set(riders_FD[None].astype(x_BTD.dtype))
+    # Each layer starts from a materialised input, the riders' rows written or not, so that
+    # a pass with riders runs the real rows through the same kernels as one without.
+    x_BTD = jax.lax.optimization_barrier(x_BTD)
 
     def run(x_BTD):
       def attend(q_BTHh, k_BTKh, v_BTKh):
-        return attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh, cache.v_LBSKh, i, start)
+        out_BTq = attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh, cache.v_LBSKh, i, start)
+        if ride is None:
+          return out_BTq
+        rows = ride.rows
+        riders_BFq = ride.attention(q_BTHh[:, rows], k_BTKh[:, rows], v_BTKh[:, rows],
+                                    cache.k_LBSKh, cache.v_LBSKh, i, ride.pos)
+        return out_BTq.at[:, rows].set(riders_BFq.astype(out_BTq.dtype))
       return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, attend)
 
     def keep(x_BTD):  # a skipped layer leaves its cache rows as they were
@@ -367,10 +427,17 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
 
     x_BTD, k_BTKh, v_BTKh = (run(x_BTD) if skip_L is None
                              else jax.lax.cond(skip_L[a], keep, run, x_BTD))
+    ride_y = None
+    if ride is not None:
+      riders_FD, ride_y = ride.after(a, riders_FD, x_BTD[0, ride.rows])
     dtype = cache.k_LBSKh.dtype
-    return x_BTD, (select(x_BTD), k_BTKh.astype(dtype), v_BTKh.astype(dtype))
+    return (x_BTD, riders_FD), (select(x_BTD), k_BTKh.astype(dtype), v_BTKh.astype(dtype),
+                                ride_y)
 
-  x_BTD, (hiddens_ABPD, k_ABTKh, v_ABTKh) = scan_layers(params, step, x_BTD)
+  if ride is not None and (B != 1 or skip_L is not None or layer_ids_A is not None):
+    raise ValueError('a ride needs a batch of one and every layer run')
+  init = (x_BTD, None if ride is None else ride.init_FD)
+  (x_BTD, _), (hiddens_ABPD, k_ABTKh, v_ABTKh, ride_ys) = scan_layers(params, step, init)
   if layer_ids_A is None:  # every layer's rows at once
     k_LBSKh = jax.lax.dynamic_update_slice(cache.k_LBSKh, k_ABTKh, (0, 0, start, 0, 0))
     v_LBSKh = jax.lax.dynamic_update_slice(cache.v_LBSKh, v_ABTKh, (0, 0, start, 0, 0))
@@ -384,7 +451,7 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
   hiddens_ABPD = jnp.concatenate([select(params['embed'][tokens_BT])[None], hiddens_ABPD])
   return ForwardOutput(logits_BPV=lm_head(params, config, select(x_BTD)),
                        cache=KVCache(k_LBSKh=k_LBSKh, v_LBSKh=v_LBSKh, length=start + T),
-                       hiddens_LBPD=hiddens_ABPD)
+                       hiddens_LBPD=hiddens_ABPD, ride_ys=ride_ys)
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32,

@@ -236,7 +236,7 @@ def tree_shardings(tree: Any, config: LlamaConfig, mesh: Mesh) -> Any:
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def _put(tree: Any, config: LlamaConfig, mesh: Mesh | None) -> Any:
+def put(tree: Any, config: LlamaConfig, mesh: Mesh | None) -> Any:
   """Host or device arrays on the mesh by the rules (the default device without a mesh).
 
   Host arrays go to each device as its own slice (`make_array_from_callback`): no device
@@ -247,13 +247,13 @@ def _put(tree: Any, config: LlamaConfig, mesh: Mesh | None) -> Any:
   if mesh is None:
     return jax.device_put(tree)
 
-  def put(x, sharding):
+  def one(x, sharding):
     if isinstance(x, jax.Array):
       return jax.device_put(x, sharding)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-  return jax.tree.map(put, tree, tree_shardings(tree, config, mesh))
+  return jax.tree.map(one, tree, tree_shardings(tree, config, mesh))
 
 
 def place_params(params: model_lib.Params, config: LlamaConfig, mesh: Mesh | None = None, *,
@@ -281,18 +281,18 @@ def place_params(params: model_lib.Params, config: LlamaConfig, mesh: Mesh | Non
       if shards != n:
         raise ValueError(f'the per-layer params are fused for {shards} devices, the mesh has {n}:'
                          ' place stacked params (or load with this mesh)')
-    return _put(params, config, mesh)
+    return put(params, config, mesh)
   if not per_layer:
-    return _put(params, config, mesh)
+    return put(params, config, mesh)
   fuse = functools.partial(model_lib.fuse_projections, num_shards=n,
                            fuse_qkv=fuse_qkv(config, n))
   stacked = params['layers']
   one = {k: w[0] for k, w in stacked.items()}
   fuse = (jax.jit(fuse) if mesh is None else
           jax.jit(fuse, out_shardings=tree_shardings(jax.eval_shape(fuse, one), config, mesh)))
-  layers = tuple(fuse(_put({k: w[i] for k, w in stacked.items()}, config, mesh))
+  layers = tuple(fuse(put({k: w[i] for k, w in stacked.items()}, config, mesh))
                  for i in range(model_lib.num_layers_in(params)))
-  top = _put({k: w for k, w in params.items() if k != 'layers'}, config, mesh)
+  top = put({k: w for k, w in params.items() if k != 'layers'}, config, mesh)
   return dict(top, layers=layers)
 
 

@@ -9,6 +9,36 @@ from clasp_jax.cache import KVCache
 
 
 @flax.struct.dataclass
+class SearchState:
+  """The CLaSp DP's table, filled inside verify passes (`strategies.clasp.band_ride`).
+
+  A verify pass has rows to spare past its K + 1 tokens; the DP's candidate states ride
+  there, F of the table's columns (a band) per pass, all L layers each time, so that the DP
+  reads no weight the verify pass does not already read. A table of M columns fills in
+  ceil(M / F) passes, all for one target token (the last token in the cache when its first
+  band ran), whose states and prefix do not change meanwhile.
+
+  Attributes:
+    band: int32 scalar, the band the next verify pass computes (0: it starts a new table).
+    pos: int32 scalar, the target token's position.
+    target_LD: [L+1, D] the target's pre-norm hidden states (h_0 = its embedding).
+    edge_LD: [L+1, D] per layer input i, the state in the column before the next band's
+      first, g(i, j0 - 1) (band 0: the target's own states, g(i, 0)).
+    table_LJ: bool[L, J] the table being filled (J = the largest M + 1).
+    ready_LJ: bool[L, J] the newest complete table (see `strategies.clasp.backtrack`).
+    completed: int32 scalar, tables completed so far in this generation.
+  """
+
+  band: jax.Array
+  pos: jax.Array
+  target_LD: jax.Array
+  edge_LD: jax.Array
+  table_LJ: jax.Array
+  ready_LJ: jax.Array
+  completed: jax.Array
+
+
+@flax.struct.dataclass
 class DecodeState:
   """Everything a generation carries between rounds (donated to each segment of rounds).
 
@@ -34,6 +64,8 @@ class DecodeState:
     skip_RL: bool[R, L] the skip set in force in each round.
     draft_ids_A: int32[L - M] the active layers' indices on the accelerator path, whose
       draft runs those layers' own weights (`Decoder.put_skip_set`); None otherwise.
+    search: the CLaSp DP filled inside verify passes, for strategies that search so;
+      None otherwise.
   """
 
   cache: KVCache
@@ -51,3 +83,4 @@ class DecodeState:
   source_R: jax.Array
   skip_RL: jax.Array
   draft_ids_A: jax.Array | None = None
+  search: SearchState | None = None

@@ -55,6 +55,28 @@ def _digest(x) -> str:
   return hashlib.md5(np.asarray(x).tobytes()).hexdigest()[:8]
 
 
+def _riders_change_nothing(params, config, tokens_T, cache) -> bool:
+  """Whether riders in a pass's padding rows (`model.Ride`) leave its tokens' logits, hidden
+  states and cached keys and values bit for bit as they are without them."""
+  T = tokens_T.shape[0]
+  riders_FD = jax.random.normal(jax.random.key(1), (_WIDTH - T, config.hidden_size),
+                                jnp.bfloat16)
+  attend = engine.resolve_attention('auto', config)
+
+  def run(p, t, c, riders_FD):
+    ride = None if riders_FD is None else model_lib.Ride(
+        first_row=T, pos=c.length - 1, init_FD=riders_FD,
+        after=lambda a, g_FD, out_FD: (out_FD, out_FD[0]),
+        attention=engine.resolve_attention('auto', config, prefix=True))
+    logits_TV, hiddens_LTD, c, _ = engine.full_pass(p, config, t, c, width=_WIDTH,
+                                                    attention=attend, ride=ride)
+    rows = slice(int(cache.length), int(cache.length) + T)
+    return logits_TV, hiddens_LTD, c.k_LBSKh[:, :, rows], c.v_LBSKh[:, :, rows]
+
+  return _equal(jax.jit(run)(params, tokens_T, cache, riders_FD),
+                jax.jit(run, static_argnums=3)(params, tokens_T, cache, None))
+
+
 class _KeepsLastState(engine.Decoder):
   """A decoder that keeps the state its last segment left, to read the cache it wrote."""
 
@@ -101,11 +123,11 @@ def _rows_against_later_passes(params, config, tokens_W, cache, attend) -> list[
   width = tokens_W.shape[0]
   full = jax.jit(functools.partial(engine.full_pass, config=config, width=width,
                                    attention=attend))
-  logits_WV, hiddens_LWD, written = full(params, tokens_T=tokens_W, cache=cache)
+  logits_WV, hiddens_LWD, written, _ = full(params, tokens_T=tokens_W, cache=cache)
   found = []
   for j in range(1, width):
     shifted_W = jnp.zeros_like(tokens_W).at[:width - j].set(tokens_W[j:])
-    logits_WV2, hiddens_LWD2, _ = full(params, tokens_T=shifted_W,
+    logits_WV2, hiddens_LWD2, _, _ = full(params, tokens_T=shifted_W,
                                        cache=written.rollback(cache.length + j))
     layers = [l for l in range(hiddens_LWD.shape[0])
               if not jnp.array_equal(hiddens_LWD2[l, 0], hiddens_LWD[l, j])]
@@ -152,7 +174,8 @@ def main(argv):
   tokens_W = _random_tokens(config, 0)
 
   def one_pass(p, t, c):
-    logits_TV, hiddens_LTD, _ = engine.full_pass(p, config, t, c, width=_WIDTH, attention=attend)
+    logits_TV, hiddens_LTD, _, _ = engine.full_pass(p, config, t, c, width=_WIDTH,
+                                                    attention=attend)
     return logits_TV, hiddens_LTD
 
   first = {}
@@ -170,6 +193,8 @@ def main(argv):
   row0 = jax.jit(one_pass)(params, tokens_W[:1], cache)[0][0]
   print(f'1-token pass == row 0 of the 16-token pass: '
         f'{bool(jnp.array_equal(row0, first["compiled once"][0][0]))}')
+  print(f'a 9-token pass carrying {_WIDTH - 9} riders (the CLaSp DP in a verify pass) == the '
+        f'same pass without them: {_riders_change_nothing(params, config, tokens_W[:9], cache)}')
   print(f'row j of the {_WIDTH}-token pass == row 0 of the pass that starts at its token, over '
         f'the keys and values the first wrote (a plain step after j accepted drafts), j = 1..'
         f'{_WIDTH - 1}:')

@@ -10,9 +10,15 @@ import pytest
 
 from clasp_jax import attention
 from clasp_jax import attention_pallas
+from clasp_jax import engine
 from clasp_jax import model as model_lib
 from clasp_jax.cache import init_cache
+from clasp_jax.engine import Decoder
+from clasp_jax.strategies import clasp
 from clasp_jax.strategies import clasp_dp
+from clasp_jax.strategies import layer_skip
+from clasp_jax.strategies.base import Segment
+from clasp_jax.strategies.clasp import clasp_dp_table
 import tiny
 
 PROMPT_LEN = 24
@@ -143,3 +149,59 @@ def test_pseudo_token_ignores_other_candidates_and_target_row():
   alone = jnp.stack([model_lib.pseudo_token_layer(lp, config, x_MD[m:m + 1], pos, poisoned, 2)[0]
                      for m in range(4)])
   np.testing.assert_allclose(np.asarray(together), np.asarray(alone), atol=1e-5)
+
+
+def _band_rounds(config, params, *, num_skip, num_draft_tokens, pass_width, fast_path):
+  """A decoder whose verify passes fill the DP's table, its state after the prefill with a
+  skip set in force, and the standalone DP's table for that state's target."""
+  strategy = clasp.Clasp(num_skip=num_skip, num_draft_tokens=num_draft_tokens,
+                         draft_exit_threshold=0.0, lookup=False)
+  decoder = Decoder(params, config, strategy, pass_width=pass_width, fast_path=fast_path)
+  state = decoder.start(tiny.prompts(config, 1)[0], 64)
+  table_LJ = np.asarray(clasp_dp_table(decoder.params, config, state.cache,
+                                       state.target_hidden_LD, num_skip))
+  state = decoder.put_skip_set(state, layer_skip.skip_vector(config, (1, 3)))
+  return decoder, state, table_LJ
+
+
+@pytest.mark.parametrize('fast_path', [False, True])
+@pytest.mark.parametrize('num_skip,num_draft_tokens,pass_width', [
+    (3, 4, 16),  # 11 spare rows: one band
+    (5, 4, 8),   # 3 spare rows: two bands
+    (5, 5, 8),   # 2 spare rows: three bands
+])
+def test_verify_passes_fill_the_standalone_dp_table(num_skip, num_draft_tokens, pass_width,
+                                                     fast_path):
+  config = tiny.tiny_config(eos_token_ids=())
+  params = tiny.tiny_params(config, seed=2)
+  decoder, state, table_LJ = _band_rounds(config, params, num_skip=num_skip,
+                                          num_draft_tokens=num_draft_tokens,
+                                          pass_width=pass_width, fast_path=fast_path)
+  spare = engine.verify_rows(num_draft_tokens, pass_width) - num_draft_tokens - 1
+  bands = -(-num_skip // spare)
+  for band in range(bands):
+    assert int(state.search.completed) == 0 and int(state.search.band) == band
+    state = decoder.run_segment(state, Segment(draft=True, rounds=1), 64)
+  assert int(state.search.completed) == 1 and int(state.search.band) == 0
+  np.testing.assert_array_equal(np.asarray(state.search.ready_LJ), table_LJ)
+
+
+def test_refreshes_read_the_verify_passes_tables():
+  """A generation runs the DP as a pass of its own once (its first refresh, before any
+  verify pass); every later refresh reads a table the verify passes filled."""
+  config = tiny.tiny_config()
+  params = tiny.tiny_params(config)
+  own_passes = []
+  for in_verify in (True, False):
+    strategy = clasp.Clasp(num_skip=2, num_draft_tokens=4, lookup=False,
+                           dp_in_verify=in_verify)
+    decoder = Decoder(params, config, strategy)
+    choose = decoder._choose_and_put  # pylint: disable=protected-access
+    calls = []
+    decoder._choose_and_put = lambda *a, calls=calls, choose=choose: (  # pylint: disable=protected-access
+        calls.append(1), choose(*a))[1]
+    out = decoder.generate(tiny.prompts(config, 1)[0], tiny.MAX_NEW)
+    own_passes.append((len(calls), len(out.refresh_times)))
+  (with_table, refreshes), (without, refreshes_without) = own_passes
+  assert refreshes > 2 and with_table == 1
+  assert without == refreshes_without

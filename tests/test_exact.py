@@ -33,6 +33,17 @@ def _pass(params, config, tokens_T, cache, width):
                           attention=engine.resolve_attention('auto'))
 
 
+@functools.partial(jax.jit, static_argnames=('config', 'width'))
+def _pass_with_riders(params, config, tokens_T, cache, riders_FD, width):
+  """`_pass` with riders (the CLaSp DP's candidates) in the rows past the tokens, each
+  replaced by its own output between layers."""
+  ride = model_lib.Ride(first_row=tokens_T.shape[0], pos=cache.length - 1, init_FD=riders_FD,
+                        after=lambda a, g_FD, out_FD: (out_FD, out_FD),
+                        attention=engine.resolve_attention('auto', prefix=True))
+  return engine.full_pass(params, config, tokens_T, cache, width=width,
+                          attention=engine.resolve_attention('auto'), ride=ride)
+
+
 @functools.partial(jax.jit, static_argnames=('config',))
 def _prefill(params, config, tokens_1P):
   return model_lib.forward(params, config, tokens_1P,
@@ -57,10 +68,10 @@ def _plain_and_verified(params, config, width, starts=(0, 3, 7, NUM_TOKENS - 1))
   results, cache = {}, _prefill(params, config, prompt_1P)
   for t in range(NUM_TOKENS):
     if t in starts:  # a pass over the rest, from the cache the plain steps wrote so far
-      logits_TV, hiddens_LTD, _ = _pass(params, config, tokens_T[t:], cache, width)
+      logits_TV, hiddens_LTD, _, _ = _pass(params, config, tokens_T[t:], cache, width)
       for row in range(NUM_TOKENS - t):
         results[(t, t + row)] = (logits_TV[row], hiddens_LTD[:, row])
-    logits_TV, hiddens_LTD, cache = _pass(params, config, tokens_T[t:t + 1], cache, width)
+    logits_TV, hiddens_LTD, cache, _ = _pass(params, config, tokens_T[t:t + 1], cache, width)
     cache = cache.rollback(PROMPT_LEN + t + 1)
     results[('plain', t)] = (logits_TV[0], hiddens_LTD[:, 0])
   return results
@@ -83,6 +94,32 @@ def test_logits_are_bit_equal_in_every_row_of_every_pass(tiny_model, width, fast
       mismatches.append(f'token {t}, verify pass from token {start} (row {t - start}): '
                         + _first_difference(hiddens_LD, plain_LD))
   assert not mismatches, '\n'.join(mismatches)
+
+
+@pytest.mark.parametrize('width,num_tokens,num_riders', [(16, 5, 11), (4, 6, 2)])
+@pytest.mark.parametrize('fast_path', [False, True])
+def test_riders_leave_the_real_rows_bit_equal(tiny_model, width, num_tokens, num_riders,
+                                              fast_path):
+  """bfloat16: a pass carrying riders in its padding rows computes its tokens' logits,
+  hidden states and cached keys and values bit for bit as the same pass without them."""
+  config, params = tiny_model
+  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+  if fast_path:
+    params = model_lib.unstack_layers(params)
+  rng = np.random.RandomState(0)
+  cache = _prefill(params, config,
+                   jnp.asarray(rng.randint(4, config.vocab_size, (1, PROMPT_LEN)), jnp.int32))
+  tokens_T = jnp.asarray(rng.randint(4, config.vocab_size, num_tokens), jnp.int32)
+  riders_FD = jnp.asarray(rng.normal(size=(num_riders, config.hidden_size)), jnp.bfloat16)
+  alone = _pass(params, config, tokens_T, cache, width)
+  ridden = _pass_with_riders(params, config, tokens_T, cache, riders_FD, width)
+  assert ridden[3].shape == (config.num_layers, num_riders, config.hidden_size)
+  for a, b in [(alone[0], ridden[0]), (alone[1], ridden[1])]:
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  written = slice(PROMPT_LEN, PROMPT_LEN + num_tokens)
+  for a, b in [(alone[2].k_LBSKh, ridden[2].k_LBSKh), (alone[2].v_LBSKh, ridden[2].v_LBSKh)]:
+    np.testing.assert_array_equal(np.asarray(a[:, :, :written.stop], np.float32),
+                                  np.asarray(b[:, :, :written.stop], np.float32))
 
 
 def test_the_check_can_fail(tiny_model):
@@ -132,6 +169,9 @@ METHODS = {
                                loi=1)),
     'clasp_M3_K20': ('clasp', dict(skip_layers=3, num_draft_tokens=20,
                                    draft_exit_threshold=0.0, loi=3)),
+    # one spare row in a verify pass: the DP's table takes three passes to fill
+    'clasp_M3_K14': ('clasp', dict(skip_layers=3, num_draft_tokens=14,
+                                   draft_exit_threshold=0.0, loi=1)),
     'clasp_auto': ('clasp', dict(skip_layers='auto', num_draft_tokens=4,
                                  draft_exit_threshold=0.0)),
     'conflayers': ('conflayers', dict(num_draft_tokens=4, conflayers_settings=dict(

@@ -49,9 +49,12 @@ from clasp_jax.strategies.base import DRAFT_SOURCES
 BASELINE = 'vanilla'
 #: Method labels, in the order they run and are reported. 'default' is `--method=clasp` as
 #: a user gets it (M online, prompt lookup first); the other clasp runs are the paper's CLaSp.
-METHODS = ('vanilla', 'clasp-0.4L', 'clasp-0.5L', 'clasp-auto', 'default', 'static', 'pld')
+METHODS = ('vanilla', 'clasp-0.4L', 'clasp-0.5L', 'clasp-0.5L-dp-pass', 'clasp-auto',
+           'clasp-auto-dp-pass', 'default', 'static', 'pld')
 #: The fixed-M CLaSp runs: label -> M as a share of L.
-FIXED_M_SHARES = {'clasp-0.4L': 0.4, 'clasp-0.5L': 0.5}
+FIXED_M_SHARES = {'clasp-0.4L': 0.4, 'clasp-0.5L': 0.5, 'clasp-0.5L-dp-pass': 0.5}
+#: Suffix of the runs whose DP is a pass of its own at each refresh (`Clasp.dp_in_verify` off).
+DP_PASS = '-dp-pass'
 STATIC_SETS = ('planted', 'even')
 #: The CLaSp paper's overall Spec-Bench speedups and the tau ranges they came with.
 PAPER = {'llama3-8b': dict(tau=(3.68, 6.22), speedup=1.24),
@@ -72,6 +75,7 @@ class MethodSpec:
     skip_layers: M for clasp (an integer, or 'auto').
     skip_set: the static skip set.
     lookup: clasp's prompt lookup first (the default method), or layer-skip drafts only.
+    dp_in_verify: clasp's DP filled inside the verify passes, or a pass of its own.
   """
 
   label: str
@@ -79,6 +83,7 @@ class MethodSpec:
   skip_layers: int | str | None = None
   skip_set: tuple[int, ...] | None = None
   lookup: bool = False
+  dp_in_verify: bool = True
 
 
 def method_specs(spec: planted_lib.PlantedModel, labels: Sequence[str],
@@ -103,10 +108,12 @@ def method_specs(spec: planted_lib.PlantedModel, labels: Sequence[str],
   L = spec.config.num_layers
   specs = []
   for label in [BASELINE] + [m for m in METHODS if m in labels and m != BASELINE]:
+    in_verify = not label.endswith(DP_PASS)
     if label in FIXED_M_SHARES:
-      specs.append(MethodSpec(label, 'clasp', skip_layers=round(FIXED_M_SHARES[label] * L)))
-    elif label == 'clasp-auto':
-      specs.append(MethodSpec(label, 'clasp', skip_layers='auto'))
+      specs.append(MethodSpec(label, 'clasp', skip_layers=round(FIXED_M_SHARES[label] * L),
+                              dp_in_verify=in_verify))
+    elif label.startswith('clasp-auto'):
+      specs.append(MethodSpec(label, 'clasp', skip_layers='auto', dp_in_verify=in_verify))
     elif label == 'default':
       specs.append(MethodSpec(label, 'clasp', skip_layers='auto', lookup=True))
     elif label == 'static':
@@ -321,7 +328,8 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
                                 skip_set=m.skip_set, num_draft_tokens=settings.num_draft_tokens,
                                 draft_exit_threshold=settings.draft_exit_threshold,
                                 loi=settings.loi, lookup=m.lookup,
-                                cost_cache_dir=settings.cost_cache_dir)
+                                cost_cache_dir=settings.cost_cache_dir,
+                                dp_in_verify=m.dp_in_verify)
     decoders[m.label] = Decoder(params, spec.config, strategy, sampling=sampling)
     t0 = time.perf_counter()
     for _ in range(settings.warmup):

@@ -67,6 +67,9 @@ flags.DEFINE_integer('loi', strategies.DEFAULT_LOI, 'CLaSp re-optimises its skip
 flags.DEFINE_bool('lookup', True, 'clasp: take a round\'s drafts from the context when it has an '
                   'n-gram match (prompt lookup) and draft with layers skipped otherwise; '
                   '--nolookup: the paper\'s CLaSp, layer-skip drafts only.')
+flags.DEFINE_bool('dp_in_verify', True, 'clasp: fill the DP\'s table inside the verify passes, '
+                  'in the rows they pad (a refresh then reads the newest complete table); '
+                  '--nodp_in_verify: the DP as a pass of its own at every refresh (the paper\'s).')
 
 # ConfLayers' search (--method=conflayers); defaults are the published ones (`ConfLayers`).
 _CONFLAYERS = strategies.ConfLayers()
@@ -260,7 +263,7 @@ def strategy_kwargs() -> dict[str, Any]:
               skip_set=_layer_indices(FLAGS.skip_set),
               num_draft_tokens=FLAGS.num_draft_tokens,
               draft_exit_threshold=FLAGS.draft_exit_threshold, loi=FLAGS.loi,
-              lookup=FLAGS.lookup, cost_cache_dir=cache_dir(),
+              lookup=FLAGS.lookup, dp_in_verify=FLAGS.dp_in_verify, cost_cache_dir=cache_dir(),
               conflayers_settings={name: FLAGS[f'conflayers_{name}'].value
                                    for name in _CONFLAYERS_SETTINGS})
 

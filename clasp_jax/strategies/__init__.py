@@ -58,14 +58,14 @@ def auto_skip_grid(config: LlamaConfig) -> tuple[int, ...]:
 def auto_clasp(config: LlamaConfig, *, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
                draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD,
                loi: int = DEFAULT_LOI, lookup: bool = True,
-               cost_cache_dir: str | None = None) -> AdaptiveClasp:
+               cost_cache_dir: str | None = None, dp_in_verify: bool = True) -> AdaptiveClasp:
   """CLaSp with M chosen online (`--skip_layers=auto`), its grid of M scaled to L."""
   grid = auto_skip_grid(config)
   initial = min(grid, key=lambda m: abs(m - AUTO_INITIAL_SKIP_RATIO * config.num_layers))
   return AdaptiveClasp(candidates=grid, initial_skip_layers=initial,
                        num_draft_tokens=num_draft_tokens,
                        draft_exit_threshold=draft_exit_threshold, loi=loi, lookup=lookup,
-                       cost_cache_dir=cost_cache_dir)
+                       cost_cache_dir=cost_cache_dir, dp_in_verify=dp_in_verify)
 
 
 def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = None,
@@ -73,13 +73,15 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
           num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
           draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD,
           loi: int = DEFAULT_LOI, lookup: bool = True, cost_cache_dir: str | None = None,
-          conflayers_settings: Mapping[str, Any] | None = None) -> Strategy:
+          conflayers_settings: Mapping[str, Any] | None = None,
+          dp_in_verify: bool = True) -> Strategy:
   """The strategy `method` with the given settings, validated against `config`.
 
   For clasp, `skip_layers='auto'` (the default when neither skip_layers nor skip_ratio is
   given) chooses M online; an integer or a ratio fixes it. `lookup` (clasp only) takes a
   round's drafts from the context when it has an n-gram match and drafts with layers skipped
-  only otherwise; False is the paper's CLaSp. conflayers searches its own skip
+  only otherwise; False is the paper's CLaSp. `dp_in_verify` (clasp only) fills the DP's
+  table inside the verify passes (`Clasp.dp_in_verify`). conflayers searches its own skip
   sets (the M settings do not apply); `conflayers_settings` overrides `ConfLayers` fields
   besides K and DET.
 
@@ -98,12 +100,13 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
         raise ValueError("skip_layers='auto' chooses M itself: drop skip_ratio")
       strategy = auto_clasp(config, num_draft_tokens=num_draft_tokens,
                             draft_exit_threshold=draft_exit_threshold, loi=loi, lookup=lookup,
-                            cost_cache_dir=cost_cache_dir)
+                            cost_cache_dir=cost_cache_dir, dp_in_verify=dp_in_verify)
       strategy.validate(config)
       return strategy
     strategy = Clasp(num_skip=num_skip_for(config, skip_layers, skip_ratio),
                      num_draft_tokens=num_draft_tokens,
-                     draft_exit_threshold=draft_exit_threshold, loi=loi, lookup=lookup)
+                     draft_exit_threshold=draft_exit_threshold, loi=loi, lookup=lookup,
+                     dp_in_verify=dp_in_verify)
   elif method == 'static':
     if skip_set is None:
       skip_set = evenly_spaced_skip_set(config, num_skip_for(config, skip_layers, skip_ratio))

@@ -418,6 +418,7 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
     margin: required expected gain over plain decoding.
     switch_margin: the expected gain over the current M another M must offer to be chosen.
     cost_cache_dir: where measured costs are remembered (None: measure every process).
+    dp_in_verify: fill the DP's table inside the verify passes (see `clasp.Clasp`).
   """
 
   candidates: tuple[int, ...] = (1, 2, 4, 6, 8)
@@ -440,10 +441,15 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   margin: float = 0.0
   switch_margin: float = 0.05
   cost_cache_dir: str | None = None
+  dp_in_verify: bool = True
 
   @property
   def name(self) -> str:
     return 'clasp'
+
+  def search_columns(self, config):
+    del config
+    return self.max_skip_layers + 1 if self.dp_in_verify else 0
 
   @property
   def max_skip_layers(self) -> int:

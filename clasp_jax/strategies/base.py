@@ -108,6 +108,12 @@ class Strategy(abc.ABC):
     the same K, so that its verify passes have the same shape); None: it has none."""
     return None
 
+  def search_columns(self, config: LlamaConfig) -> int:
+    """Columns J (the largest M + 1) of a CLaSp DP table that verify passes fill in their
+    spare rows (`strategies.clasp.band_ride`); 0: the strategy has no such search."""
+    del config
+    return 0
+
   def skip_counts(self, config: LlamaConfig) -> tuple[int, ...]:
     """Every M a drafting round of this strategy may run with: on the accelerator path each
     compiles its own round, so a run compiles them all before timing anything."""
@@ -158,7 +164,9 @@ class Policy(abc.ABC):
 
 class SchedulePolicy(Policy):
   """A fixed schedule: draft in every round (plain decoding if K is 0), refreshing the skip
-  set every `loi` rounds, or putting a fixed skip set in force once."""
+  set every `loi` rounds (or every `Decoder.search_passes` rounds, if more: where the verify
+  passes fill the DP's table, no newer table is ready sooner), or putting a fixed skip set in
+  force once."""
 
   def __init__(self, strategy: Strategy):
     self.strategy = strategy
@@ -169,7 +177,8 @@ class SchedulePolicy(Policy):
     if not s.num_draft_tokens:
       return state, Segment(draft=False)
     if s.loi:
-      return decoder.refresh(state, s.num_skip), Segment(draft=True, rounds=s.loi)
+      return (decoder.refresh(state, s.num_skip),
+              Segment(draft=True, rounds=max(s.loi, decoder.search_passes)))
     if s.skips_layers and not self.started:  # a fixed set: in force from the start
       state = decoder.put_skip_set(state, s.initial_skip(decoder.config))
     self.started = True

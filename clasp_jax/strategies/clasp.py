@@ -8,6 +8,10 @@ better of running layer i-1 on g(i-1, j) and skipping it from g(i-1, j-1). All M
 go through a layer in one call, as pseudo-tokens at the target's position that attend to the
 cached prefix and to themselves only (`model.pseudo_token_layer`); nothing is written to the
 cache. The choices are backtracked from (L, M) into a skip set of exactly M layers.
+
+The same table can be filled inside verify passes instead of by a pass of its own
+(`band_ride`, `finish_band`): the candidates ride in the verify pass's spare rows, a band of
+columns per pass, so the DP reads no weight the verify pass does not read anyway.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clasp_jax import attention as attention_lib
 from clasp_jax import model as model_lib
+from clasp_jax.state import SearchState
 from clasp_jax.strategies import layer_skip
 from clasp_jax.strategies.base import Strategy
 
@@ -86,6 +92,76 @@ def backtrack(choice_LJ: jax.Array, num_skip: jax.Array | int) -> jax.Array:
   return skip_L
 
 
+def backtrack_host(choice_LJ: np.ndarray, num_skip: int) -> np.ndarray:
+  """`backtrack` on the host, for a table already read back: bool[L]."""
+  skip_L = np.zeros((choice_LJ.shape[0],), bool)
+  j = num_skip
+  for i in reversed(range(choice_LJ.shape[0])):
+    skip_L[i] = choice_LJ[i, j]
+    j -= int(skip_L[i])
+  return skip_L
+
+
+def empty_search(config, num_columns: int, dtype) -> SearchState:
+  """A search with no table yet, as host arrays: J = `num_columns` (the largest M + 1)."""
+  L, D = config.num_layers, config.hidden_size
+  return SearchState(
+      band=np.zeros((), np.int32), pos=np.zeros((), np.int32),
+      target_LD=np.zeros((L + 1, D), dtype), edge_LD=np.zeros((L + 1, D), dtype),
+      table_LJ=np.zeros((L, num_columns), bool), ready_LJ=np.zeros((L, num_columns), bool),
+      completed=np.zeros((), np.int32))
+
+
+def band_ride(search: SearchState, target_LD: jax.Array, cache_length: jax.Array, *,
+              first_row: int, num_rows: int, attention) -> tuple[SearchState, model_lib.Ride]:
+  """The next band of the DP's table, as riders of a verify pass (`model.Ride`).
+
+  At band 0 a new table starts, for the last token in the cache (position
+  `cache_length - 1`, hidden states `target_LD`: the token the standalone DP would take now).
+  The band's F = `num_rows` candidates are columns j = band * F + 1 ... of Algorithm 1:
+  entering layer i they hold g(i, j); after it, each keeps the better of its output and
+  g(i, j - 1) (layer i skipped), the band's first column taking g(i, j - 1) from `edge_LD`.
+
+  Returns:
+    The search (its target set when a table starts) and the ride; `finish_band` takes the
+    ride's per-layer outputs.
+  """
+  new = search.band == 0
+  search = search.replace(pos=jnp.where(new, cache_length - 1, search.pos),
+                          target_LD=jnp.where(new, target_LD, search.target_LD),
+                          edge_LD=jnp.where(new, target_LD, search.edge_LD))
+  j_F = search.band * num_rows + 1 + jnp.arange(num_rows)
+  h_LD, edge_LD = search.target_LD, search.edge_LD
+
+  def after(i, g_FD, run_FD):  # g_FD[f] = g(i, j_F[f]); returns g(i + 1, j_F)
+    skip_FD = jnp.concatenate([edge_LD[i][None], g_FD[:-1]])
+    h_D = h_LD[i + 1]
+    # j >= i + 1 means every layer so far is skipped: the only way there is to skip.
+    take_skip_F = (_cosine(skip_FD, h_D) >= _cosine(run_FD, h_D)) | (j_F >= i + 1)
+    g_FD = jnp.where(take_skip_F[:, None], skip_FD, run_FD.astype(g_FD.dtype))
+    return g_FD, (take_skip_F, g_FD[-1])
+
+  init_FD = jnp.broadcast_to(h_LD[0], (num_rows, h_LD.shape[-1]))
+  return search, model_lib.Ride(first_row=first_row, pos=search.pos, init_FD=init_FD,
+                                after=after, attention=attention)
+
+
+def finish_band(search: SearchState, ride_ys) -> SearchState:
+  """The search after a band's verify pass: its columns in the table, the next band's
+  edge, and the table made ready when it is complete."""
+  take_LF, last_LD = ride_ys
+  L, F = take_LF.shape
+  J = search.table_LJ.shape[1]
+  table_LJ = search.table_LJ.at[:, search.band * F + 1 + jnp.arange(F)].set(take_LF,
+                                                                            mode='drop')
+  complete = (search.band + 1) * F >= J - 1
+  return search.replace(
+      band=jnp.where(complete, 0, search.band + 1),
+      edge_LD=jnp.concatenate([search.target_LD[:1], last_LD]),
+      table_LJ=table_LJ, ready_LJ=jnp.where(complete, table_LJ, search.ready_LJ),
+      completed=search.completed + complete.astype(jnp.int32))
+
+
 def clasp_dp(params, config, cache, hidden_LD: jax.Array, num_skip: int, *,
              attention=attention_lib.prefix_attention) -> jax.Array:
   """Algorithm 1: the skip set bool[L] of exactly `num_skip` (static) layers that best
@@ -108,6 +184,11 @@ class Clasp(layer_skip.LayerSkipDrafting, Strategy):
       no skip set, not counted).
     lookup: take a round's K drafts from the context when it has an n-gram match (prompt
       lookup), drafting with layers skipped only otherwise; False is the paper's CLaSp.
+    dp_in_verify: fill the DP's table inside the verify passes, in the rows they pad, a
+      band of columns per pass (`band_ride`), and refresh from the newest complete table;
+      False: the DP as a pass of its own at every refresh (the paper's). Either way drafts
+      are verified, so the tokens are the same; the in-pass DP costs no weight reading of
+      its own, and its table is up to a few rounds older.
   """
 
   num_skip: int = 4
@@ -115,6 +196,7 @@ class Clasp(layer_skip.LayerSkipDrafting, Strategy):
   draft_exit_threshold: float = 0.7
   loi: int = 1
   lookup: bool = True
+  dp_in_verify: bool = True
 
   @property
   def name(self) -> str:
@@ -127,6 +209,10 @@ class Clasp(layer_skip.LayerSkipDrafting, Strategy):
                        f'got {self.num_skip}')
     if self.loi < 1:
       raise ValueError(f'loi must be >= 1, got {self.loi}')
+
+  def search_columns(self, config):
+    del config
+    return self.num_skip + 1 if self.dp_in_verify and self.num_skip else 0
 
   def refresh(self, params, config, state, num_skip, attention=attention_lib.prefix_attention):
     del num_skip  # always self.num_skip
