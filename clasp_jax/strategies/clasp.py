@@ -36,6 +36,15 @@ def _cosine(a_MD: jax.Array, b_D: jax.Array) -> jax.Array:
   return num_M / (jnp.linalg.norm(a_MD, axis=-1) * jnp.linalg.norm(b_D) + 1e-30)
 
 
+def _choose(run_XD: jax.Array, skip_XD: jax.Array, h_D: jax.Array, j_X: jax.Array,
+            i) -> tuple[jax.Array, jax.Array]:
+  """One layer i of Algorithm 1 for columns j_X: whether each cell skips the layer (the
+  skipped state is at least as close to h_{i+1} as the run one) and the states it keeps."""
+  # j >= i + 1 means every layer so far is skipped: the only way there is to skip.
+  take_skip_X = (_cosine(skip_XD, h_D) >= _cosine(run_XD, h_D)) | (j_X >= i + 1)
+  return take_skip_X, jnp.where(take_skip_X[:, None], skip_XD, run_XD.astype(skip_XD.dtype))
+
+
 def clasp_dp_table(params, config, cache, hidden_LD: jax.Array, max_skip: int, *,
                    attention=attention_lib.prefix_attention) -> jax.Array:
   """The DP's choice table: bool[L, max_skip + 1], True where cell (layer l, j) skipped l.
@@ -59,11 +68,8 @@ def clasp_dp_table(params, config, cache, hidden_LD: jax.Array, max_skip: int, *
 
   def layer_step(i, lp, g_JD):  # g_JD[j] = g(i, j) for j = 0..M
     run_MD = model_lib.pseudo_token_layer(lp, config, g_JD[1:], pos, cache, i, attention)
-    skip_MD = g_JD[:-1]
     h_D = hidden_LD[i + 1]
-    # j == i + 1 means every layer so far is skipped: the only way there is to skip.
-    take_skip_M = (_cosine(skip_MD, h_D) >= _cosine(run_MD, h_D)) | (j_M >= i + 1)
-    g_MD = jnp.where(take_skip_M[:, None], skip_MD, run_MD.astype(g_JD.dtype))
+    take_skip_M, g_MD = _choose(run_MD, g_JD[:-1], h_D, j_M, i)
     choice_J = jnp.concatenate([jnp.zeros((1,), bool), take_skip_M])
     return jnp.concatenate([h_D[None], g_MD], axis=0), choice_J
 
@@ -135,10 +141,7 @@ def band_ride(search: SearchState, target_LD: jax.Array, cache_length: jax.Array
 
   def after(i, g_FD, run_FD):  # g_FD[f] = g(i, j_F[f]); returns g(i + 1, j_F)
     skip_FD = jnp.concatenate([edge_LD[i][None], g_FD[:-1]])
-    h_D = h_LD[i + 1]
-    # j >= i + 1 means every layer so far is skipped: the only way there is to skip.
-    take_skip_F = (_cosine(skip_FD, h_D) >= _cosine(run_FD, h_D)) | (j_F >= i + 1)
-    g_FD = jnp.where(take_skip_F[:, None], skip_FD, run_FD.astype(g_FD.dtype))
+    take_skip_F, g_FD = _choose(run_FD, skip_FD, h_LD[i + 1], j_F, i)
     return g_FD, (take_skip_F, g_FD[-1])
 
   init_FD = jnp.broadcast_to(h_LD[0], (num_rows, h_LD.shape[-1]))
@@ -150,7 +153,7 @@ def finish_band(search: SearchState, ride_ys) -> SearchState:
   """The search after a band's verify pass: its columns in the table, the next band's
   edge, and the table made ready when it is complete."""
   take_LF, last_LD = ride_ys
-  L, F = take_LF.shape
+  F = take_LF.shape[1]
   J = search.table_LJ.shape[1]
   table_LJ = search.table_LJ.at[:, search.band * F + 1 + jnp.arange(F)].set(take_LF,
                                                                             mode='drop')
