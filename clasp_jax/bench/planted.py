@@ -39,14 +39,16 @@ stays diverse and the drafts have to be earned:
   at any tau), where on a real model it tends to stop. Drafting here wastes more draft steps
   than on a real model of the same tau.
 
-Every weight is generated one layer at a time, directly in the requested dtype, so that the
-70B shape (141 GB in bfloat16) can be built on one accelerator without float32 temporaries or a
+Every weight is generated one layer at a time, straight into its buffer of the requested
+dtype, so that the 70B shape (141 GB in bfloat16) can be built on one accelerator without a
 second copy of the stack, in the per-layer, projection-fused layout the accelerator path runs
 (`per_layer=True`, see `model.unstack_layers`). The stacked layout (`per_layer=False`, for the
 CPU reference path) holds the same values. The random bits come from XLA's RngBitGenerator
-('rbg' keys), written straight into each weight: XLA's memory analysis of the 70B layer and LM
-head generators shows no temporary buffers, where JAX's default threefry bits needed up to 8x
-the weight's size. bfloat16 draws take 128 distinct values within 2.9 standard deviations.
+('rbg' keys): compiled for the CPU, XLA's memory analysis of the 70B layer and LM head
+generators shows no temporary buffers, where JAX's default threefry bits needed up to 8x the
+weight's size; compiled for an H200 it shows 1.4 GB (a layer) and 4.2 GB (the head), which
+fit. The draws are unbiased (`_normal`): JAX's own bfloat16 normals are not, and on bfloat16
+weights their bias alone made the text degenerate at large widths.
 
 `diversity` measures a text's diversity from its token ids; a `Diversity` that is `degenerate`
 marks a benchmark point whose figures must not be quoted.
@@ -174,9 +176,22 @@ def planted_model(model: str | LlamaConfig, *, epsilon: float,
 
 
 def _normal(key: jax.Array, shape: tuple[int, ...], std, dtype) -> jax.Array:
-  """normal(0, std^2) drawn directly in `dtype` (no float32 copy of a bfloat16 weight); `std`
-  may be a traced scalar or a per-column vector."""
-  return jax.random.normal(key, shape, dtype) * jnp.asarray(std).astype(dtype)
+  """normal(0, std^2) in `dtype`; `std` may be a traced scalar or a per-column vector.
+
+  The random bits have the weight's own width (no wider temporaries than JAX's own draws)
+  and map to a grid symmetric about 0.5 (at most 24 bits, exact in float32) before erfinv,
+  so that the draws have mean 0. JAX's own bfloat16 normals do not: their 128 uniform values
+  are not symmetric, and their mean of -0.012 std, shared by every weight and summed
+  coherently by every D-wide product, made every prompt write the same token at the 70B
+  width (`docs/results/h200/planted_unbiased/`).
+  """
+  dtype = jnp.dtype(dtype)
+  width = 8 * dtype.itemsize
+  kept = min(width, 24)
+  # Every array below has the weight's shape.
+  bits = jax.random.bits(key, shape, jnp.dtype(f'uint{width}'))
+  uniform = ((bits >> (width - kept)).astype(jnp.float32) + 0.5) / 2 ** kept  # in (0, 1)
+  return (math.sqrt(2) * jax.lax.erf_inv(2 * uniform - 1) * std).astype(dtype)
 
 
 _matrix = jax.jit(_normal, static_argnums=(1, 2, 3))
