@@ -388,6 +388,8 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     A `ForwardOutput`; its hidden states are [A+1, B, P, D].
   """
   B, T = tokens_BT.shape
+  if ride is not None and (B != 1 or skip_L is not None or layer_ids_A is not None):
+    raise ValueError('a ride needs a batch of one and every layer run')
   start = cache.length
   positions_BT = start + jnp.broadcast_to(jnp.arange(T), (B, T))
   if ride is not None:
@@ -434,8 +436,6 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     return (x_BTD, riders_FD), (select(x_BTD), k_BTKh.astype(dtype), v_BTKh.astype(dtype),
                                 ride_y)
 
-  if ride is not None and (B != 1 or skip_L is not None or layer_ids_A is not None):
-    raise ValueError('a ride needs a batch of one and every layer run')
   init = (x_BTD, None if ride is None else ride.init_FD)
   (x_BTD, _), (hiddens_ABPD, k_ABTKh, v_ABTKh, ride_ys) = scan_layers(params, step, init)
   if layer_ids_A is None:  # every layer's rows at once
