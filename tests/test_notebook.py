@@ -10,10 +10,10 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / 'notebooks' / 'clasp_demo.ipynb
 # Replaces the values of the notebook's `parameters` cell, as papermill would, so that the run
 # stays within a couple of minutes on 2 CPU cores.
 PARAMETERS = '''
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = 16
 SPEC_BENCH_PER_GROUP = 1
-SPEC_BENCH_GROUPS = ['mt_bench', 'qa', 'math_reasoning']
-SPEC_BENCH_MAX_NEW_TOKENS = 12
+SPEC_BENCH_GROUPS = ['qa', 'math_reasoning']
+SPEC_BENCH_MAX_NEW_TOKENS = 8
 '''
 CELL_TIMEOUT_S = 300
 NOISE = ('PyTorch was not found', 'TqdmWarning', 'IProgress not found', 'Traceback')
