@@ -3,9 +3,11 @@
 Environment: OUT (output folder), PRESET (llama3-8b), EPS (0.02), NEW (new tokens, 192),
 REPS (passes over the three prompts, 2), ONLY (methods, comma-separated), TRACE (methods to
 trace, static,clasp), SHAPE (JSON of LlamaConfig overrides, for a quick CPU check). Writes
-summary.json and <method>.perfetto.json.gz to OUT (see analyse_trace.py).
+summary.json and <method>.perfetto.json.gz to OUT (see analyse_trace.py). Since the runs in
+README.md, each trace goes to a fresh folder (it went to a fixed one, which a second run on the
+same machine found its predecessor's trace in).
 """
-import json, os, sys, time, glob
+import json, os, sys, time, glob, tempfile
 import numpy as np
 import jax
 from clasp_jax import strategies
@@ -63,7 +65,7 @@ json.dump(dict(summary=summary, runs={k: [{kk: vv for kk, vv in r.items() if kk 
                                       for k, v in res.items()}), open(f'{OUT}/summary.json', 'w'), indent=1)
 for name in os.environ.get('TRACE', 'static,clasp').split(','):
   if name not in decs: continue
-  d = f'/tmp/trace_{name}'
+  d = tempfile.mkdtemp(prefix=f'trace_{name}_')
   with jax.profiler.trace(d, create_perfetto_trace=True):
     g = decs[name].generate(prompts[1], NEW)
     print('traced', name, g.wall_time, len(g.accept_lengths), flush=True)
