@@ -253,7 +253,7 @@ def test_greedy_is_identical_to_vanilla_and_the_search_moves(tiny_model, tiny_va
     for module, name in ((engine, '_round'), (conflayers, 'layer_confidence')):
       monkeypatch.setattr(module, name, chex.assert_max_traces(getattr(module, name), n=1))
   strategy = strategies.build('conflayers', config, num_draft_tokens=4, draft_exit_threshold=0.0,
-                              conflayers_settings=dict(QUICK, window=16))
+                              conflayers_settings=tiny.QUICK_CONFLAYERS)
   decoder = Decoder(params, config, strategy, fast_path=fast_path)
   skip_sets = set()
   for prompt, tokens in zip(tiny.prompts(config, count=2), tiny_vanilla_outputs):

@@ -19,14 +19,13 @@ from clasp_jax.bench.specbench import load_questions
 from clasp_jax.cache import init_cache
 from clasp_jax.engine import Decoder
 from clasp_jax.generation import encode_prompt
+import tiny
 
 # Every group once at 16 new tokens; the benchmarks in docs/results check 30 questions. In
 # float32 the CLaSp settings and ConfLayers; the default method (prompt lookup first) in the
 # bfloat16 test below. Every method runs in both dtypes on the tiny model (tests/test_exact.py
 # bit for bit, tests/test_engine.py), static and prompt lookup there only.
 MAX_NEW = 16
-# ConfLayers with a search short enough to move within one generation.
-CONFLAYERS_SETTINGS = dict(eval_rounds=4, early_rounds=2, window=16)
 
 SETTINGS = {
     'clasp_M4_K8_LOI1_DET0.7': ('clasp', dict(skip_layers=4, num_draft_tokens=8, loi=1,
@@ -120,7 +119,7 @@ def test_conflayers_is_identical_to_vanilla_and_its_search_moves(smollm2, prompt
   """ConfLayers gives vanilla's tokens on every prompt, never skips the first or last layer,
   and its confidence search changes the skip set within the generations."""
   strategy = strategies.build('conflayers', smollm2.config,
-                              conflayers_settings=CONFLAYERS_SETTINGS)
+                              conflayers_settings=tiny.QUICK_CONFLAYERS)
   decoder = Decoder(smollm2.params, smollm2.config, strategy)
   skip_sets = set()
   for prompt, expected in zip(prompts, vanilla):
@@ -137,7 +136,7 @@ BF16_NEW = 16
 BF16_SETTINGS = {
     'clasp_default': ('clasp', {}),
     'clasp_M4_nolookup': ('clasp', dict(skip_layers=4, lookup=False, loi=1)),
-    'conflayers': ('conflayers', dict(conflayers_settings=CONFLAYERS_SETTINGS)),
+    'conflayers': ('conflayers', dict(conflayers_settings=tiny.QUICK_CONFLAYERS)),
 }
 
 

@@ -174,8 +174,8 @@ METHODS = {
                                    draft_exit_threshold=0.0, loi=1)),
     'clasp_auto': ('clasp', dict(skip_layers='auto', num_draft_tokens=4,
                                  draft_exit_threshold=0.0)),
-    'conflayers': ('conflayers', dict(num_draft_tokens=4, conflayers_settings=dict(
-        eval_rounds=4, early_rounds=2, window=16))),
+    'conflayers': ('conflayers', dict(num_draft_tokens=4,
+                                      conflayers_settings=tiny.QUICK_CONFLAYERS)),
 }
 
 

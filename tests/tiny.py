@@ -37,3 +37,7 @@ def prompts(config: LlamaConfig, count: int = 3, length: int = 20) -> list[list[
 #: verify pass one plain step), given to `auto` so that it drafts on the CPU in tests.
 GPU_LIKE_COSTS = adaptive.Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.15,
                                 verify=1.0, dp=0.3)
+
+#: ConfLayers settings whose confidence search moves within one short generation (the
+#: `conflayers_settings` of `strategies.build`).
+QUICK_CONFLAYERS = dict(eval_rounds=4, early_rounds=2, window=16)
