@@ -134,6 +134,19 @@ def test_policy_keeps_drafting_when_it_pays_and_explores_neighbours():
   assert set(decoder.refreshed) <= set(policy.s.candidates)
 
 
+def test_short_generations_still_take_turns_exploring_neighbours():
+  """Generations of two drafting segments each, fewer than `explore_every`: the neighbours
+  are still tried, the count of segments carrying over (a margin too high for any switch
+  leaves exploring as the only way to another M)."""
+  policy, decoder = _policy(GPU_LIKE, initial_skip_layers=8, explore_every=3,
+                            switch_margin=10.0), _FakeDecoder()
+  for _ in range(6):
+    policy.start_generation(max_new_tokens=64)
+    _drive(policy, decoder, accepted=8, drafted=7, segments=2)
+  assert set(decoder.refreshed) == {4, 8, 12}
+  assert policy.chosen == 8
+
+
 def test_refreshes_grow_rarer_while_the_dp_keeps_the_skip_set():
   probe = (True, 2)
   policy = _policy(GPU_LIKE, candidates=(16,), initial_skip_layers=16, loi=4, max_loi=16)

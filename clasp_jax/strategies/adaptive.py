@@ -273,6 +273,8 @@ class AdaptivePolicy(Policy):
     self.draft_limit = strategy.num_draft_tokens
     self.plain_left = 0
     self.backoff = strategy.backoff_rounds
+    self.since_try = 0  # drafting segments since a neighbouring M was last tried
+    self.tries = 0  # neighbouring M values tried (alternately above and below)
     self.start_generation(max_new_tokens=0)
 
   def start_generation(self, max_new_tokens: int) -> None:
@@ -316,13 +318,20 @@ class AdaptivePolicy(Policy):
     return max(rates) > 1.0 / self.costs.full_step
 
   def _explore_target(self) -> int:
-    """Every `explore_every` drafting segments, a neighbour of the chosen M on the grid
-    (below and above by turns)."""
-    if self.draft_segments == 0 or self.draft_segments % self.s.explore_every:
+    """After `explore_every` drafting segments at the chosen M, a neighbour of it on the grid
+    (above and below by turns); never in a stretch's opening probe.
+
+    The segments are counted over every generation: with refresh periods doubling, a
+    generation of a few hundred tokens drafts in only a few segments (four, at 192 tokens on
+    the planted 8B model), and a count that started over with each would never reach a try,
+    leaving an estimate from one unlucky stretch to stand for good.
+    """
+    if self.draft_segments == 0 or self.since_try < self.s.explore_every:
       return self.chosen
+    self.since_try, self.tries = 0, self.tries + 1
     grid = self.s.candidates
     i = grid.index(self.chosen)
-    step = 1 if (self.draft_segments // self.s.explore_every) % 2 else -1
+    step = 1 if self.tries % 2 else -1
     return grid[int(np.clip(i + step, 0, len(grid) - 1))]
 
   def _segment_limit(self) -> int:
@@ -367,6 +376,7 @@ class AdaptivePolicy(Policy):
                                  np.asarray(drafted_R)[skipped_R]):
       tally.add(int(accepted) - 1, int(drafted), limit, self.s.decay)
     self.draft_segments += 1
+    self.since_try += 1
     # The next drafting (now, or the probe after a back-off) tries the most promising M,
     # whether or not it is expected to pay now: a probe at an M that just failed teaches less.
     # It stays at the current M unless another is clearly better: a new M costs a refresh
