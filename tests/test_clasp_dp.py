@@ -193,8 +193,8 @@ def test_refreshes_read_the_verify_passes_tables():
   params = tiny.tiny_params(config)
   own_passes = []
   for in_verify in (True, False):
-    strategy = clasp.Clasp(num_skip=2, num_draft_tokens=4, lookup=False,
-                           dp_in_verify=in_verify)
+    strategy = clasp.Clasp(num_skip=2, num_draft_tokens=4, draft_exit_threshold=0.0,
+                           lookup=False, dp_in_verify=in_verify)
     decoder = Decoder(params, config, strategy)
     choose = decoder._choose_and_put  # pylint: disable=protected-access
     calls = []

@@ -2,6 +2,7 @@
 their flags, a run says what it is doing on stderr and nothing else, and the stats line and the
 benchmark summary's header."""
 
+import concurrent.futures
 import io
 import os
 import subprocess
@@ -29,6 +30,12 @@ def _run_cli(module: str, *args: str, stdin: str | None = None) -> subprocess.Co
                         env=_ENV, timeout=120, check=False, input=stdin)
 
 
+def _run_stdin_bytes(stdin: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'clasp_jax.cli.generate', '--prompt_file=-'],
+                        capture_output=True, env=_ENV, timeout=120, check=False,
+                        input=stdin.encode('utf-8', 'surrogateescape'))
+
+
 def _run_console_script(name: str, *args: str) -> subprocess.CompletedProcess:
   """Runs `clasp-generate` or `clasp-bench` as its console script would."""
   module = name.removeprefix('clasp-')
@@ -44,7 +51,7 @@ def _assert_usage_error(result: subprocess.CompletedProcess, reason: str) -> Non
   assert result.stdout == ''
 
 
-@pytest.mark.parametrize('args, reason', [
+_GENERATE_REJECTIONS = [
     (['--prompt='], 'the prompt is empty'),
     (['--max_new_tokens=100'], 'give exactly one of --prompt and --prompt_file'),
     (['--prompt=hi', '--prompt_file=p.txt'], 'give exactly one of --prompt and --prompt_file'),
@@ -59,42 +66,64 @@ def _assert_usage_error(result: subprocess.CompletedProcess, reason: str) -> Non
     (['--prompt=hi', '--temperature=1', '--top_p=1.5'], 'top_p must be in (0, 1]'),
     (['--prompt=hi', '--method=static', '--skip_set=2,x'], '--skip_set must list layer indices'),
     (['--prompt=hi', '--model=/nope'], '/nope: no such file or directory'),
-])
-def test_generate_rejects_before_loading(args, reason):
-  result = _run_cli('clasp_jax.cli.generate', *args)
-  _assert_usage_error(result, reason)
-  assert 'Compiling' not in result.stderr
-
-
-@pytest.mark.parametrize('stdin, reason', [
+]
+_STDIN_REJECTIONS = [
     ('\n  \n', 'the prompt is empty (--prompt_file=-)'),
     ('caf\udce9', '--prompt_file=-: not UTF-8 text'),
-])
-def test_generate_rejects_a_bad_prompt_from_stdin(stdin, reason):
-  result = subprocess.run([sys.executable, '-m', 'clasp_jax.cli.generate', '--prompt_file=-'],
-                          capture_output=True, env=_ENV, timeout=120, check=False,
-                          input=stdin.encode('utf-8', 'surrogateescape'))
-  assert result.returncode == 2, result.stderr
-  assert result.stderr.decode().strip().splitlines()[-1] == f'error: {reason}'
-
-
-def test_generate_rejects_too_many_skipped_layers_before_compiling():
-  result = _run_cli('clasp_jax.cli.generate', '--prompt=hi', '--skip_layers=1000',
-                    '--cache_dir=')
-  _assert_usage_error(result, 'skip_layers (M) must be in [0, L)')
-  assert 'Compiling jit(_prefill)' not in result.stderr
-
-
-@pytest.mark.parametrize('args, reason', [
+]
+_TOO_MANY_SKIPPED = ('--prompt=hi', '--skip_layers=1000', '--cache_dir=')
+_BENCH_REJECTIONS = [
     (['--methods=vanilla,beam'], "unknown method 'beam'"),
     (['--methods=clasp:depth=3'], "method 'clasp:depth=3': expected setting=value"),
     (['--methods=clasp:skip_layers=x'], "skip_layers must be an integer or 'auto'"),
     (['--methods=vanilla:loi=2'], 'vanilla takes no settings'),
     (['--questions=/nope.jsonl'], 'questions file /nope.jsonl does not exist'),
     (['--num_questions=0'], '--num_questions=0'),
-])
-def test_bench_rejects_before_loading(args, reason):
-  result = _run_cli('clasp_jax.cli.bench', *args)
+]
+
+
+@pytest.fixture(scope='module')
+def rejections():
+  """`get(key) -> CompletedProcess` of every rejected CLI run below, all started at once, two
+  at a time: each is a fresh interpreter importing the package on one core for ~4 s, so two
+  run side by side on 2 cores (each test still checks its own run)."""
+  runs = {('generate', *args): (_run_cli, 'clasp_jax.cli.generate', *args)
+          for args, _ in _GENERATE_REJECTIONS}
+  runs[('generate', *_TOO_MANY_SKIPPED)] = (_run_cli, 'clasp_jax.cli.generate',
+                                            *_TOO_MANY_SKIPPED)
+  runs.update({('stdin', stdin): (_run_stdin_bytes, stdin) for stdin, _ in _STDIN_REJECTIONS})
+  runs.update({('bench', *args): (_run_cli, 'clasp_jax.cli.bench', *args)
+               for args, _ in _BENCH_REJECTIONS})
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    futures = {key: pool.submit(*call) for key, call in runs.items()}
+    yield lambda key: futures[key].result()
+    for future in futures.values():
+      future.cancel()
+
+
+@pytest.mark.parametrize('args, reason', _GENERATE_REJECTIONS)
+def test_generate_rejects_before_loading(rejections, args, reason):
+  result = rejections(('generate', *args))
+  _assert_usage_error(result, reason)
+  assert 'Compiling' not in result.stderr
+
+
+@pytest.mark.parametrize('stdin, reason', _STDIN_REJECTIONS)
+def test_generate_rejects_a_bad_prompt_from_stdin(rejections, stdin, reason):
+  result = rejections(('stdin', stdin))
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.decode().strip().splitlines()[-1] == f'error: {reason}'
+
+
+def test_generate_rejects_too_many_skipped_layers_before_compiling(rejections):
+  result = rejections(('generate', *_TOO_MANY_SKIPPED))
+  _assert_usage_error(result, 'skip_layers (M) must be in [0, L)')
+  assert 'Compiling jit(_prefill)' not in result.stderr
+
+
+@pytest.mark.parametrize('args, reason', _BENCH_REJECTIONS)
+def test_bench_rejects_before_loading(rejections, args, reason):
+  result = rejections(('bench', *args))
   _assert_usage_error(result, reason)
   assert 'Compiling' not in result.stderr
 

@@ -165,15 +165,14 @@ def test_a_layer_attends_to_the_keys_and_values_it_caches(tiny_model):
 METHODS = {
     'pld': ('pld', dict(num_draft_tokens=5)),
     'static': ('static', dict(skip_set=(1, 4), num_draft_tokens=6, draft_exit_threshold=0.1)),
-    'clasp_M2': ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0,
-                               loi=1)),
     'clasp_M3_K20': ('clasp', dict(skip_layers=3, num_draft_tokens=20,
                                    draft_exit_threshold=0.0, loi=3)),
     # one spare row in a verify pass: the DP's table takes three passes to fill
     'clasp_M3_K14': ('clasp', dict(skip_layers=3, num_draft_tokens=14,
                                    draft_exit_threshold=0.0, loi=1)),
-    'clasp_auto': ('clasp', dict(skip_layers='auto', num_draft_tokens=4,
-                                 draft_exit_threshold=0.0)),
+    # `auto` on a grid of two M (each M one more drafting program on the fast path)
+    'clasp_auto': ('clasp_auto', dict(candidates=(2, 4), initial_skip_layers=2,
+                                      num_draft_tokens=4, draft_exit_threshold=0.0)),
     'conflayers': ('conflayers', dict(num_draft_tokens=4,
                                       conflayers_settings=tiny.QUICK_CONFLAYERS)),
 }
@@ -201,7 +200,8 @@ def test_every_method_equals_plain_decoding_in_bfloat16(bf16_model, bf16_vanilla
                                                         fast_path):
   config, params = bf16_model
   method, settings = METHODS[name]
-  strategy = strategies.build(method, config, **settings)
+  strategy = (strategies.AdaptiveClasp(**settings) if method == 'clasp_auto'
+              else strategies.build(method, config, **settings))
   decoder = Decoder(params, config, strategy, fast_path=fast_path)
   if name == 'clasp_auto':  # costs of a device where drafting pays, so that it drafts here
     decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, config.num_layers,

@@ -33,10 +33,16 @@ def prompts(config: LlamaConfig, count: int = 3, length: int = 20) -> list[list[
   return [rng.randint(4, config.vocab_size, length).tolist() for _ in range(count)]
 
 
-#: Step costs of a device where drafting pays (a draft step costs its share of the layers, a
-#: verify pass one plain step), given to `auto` so that it drafts on the CPU in tests.
-GPU_LIKE_COSTS = adaptive.Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.15,
-                                verify=1.0, dp=0.3)
+def gpu_like_costs(num_layers: int) -> adaptive.Costs:
+  """Step costs of a device where drafting pays (a draft step costs its share of the layers,
+  a verify pass one plain step), given to `auto` so that it drafts on the CPU in tests (where
+  a verify pass costs several plain steps)."""
+  return adaptive.Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.9 / num_layers,
+                        verify=1.0, dp=0.3)
+
+
+#: `gpu_like_costs` of the tiny model's 6 layers.
+GPU_LIKE_COSTS = gpu_like_costs(6)
 
 #: ConfLayers settings whose confidence search moves within one short generation (the
 #: `conflayers_settings` of `strategies.build`).
