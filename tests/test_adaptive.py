@@ -267,7 +267,7 @@ def test_auto_is_lossless_and_reports_m_per_round():
                               draft_exit_threshold=0.0)
   assert isinstance(strategy, strategies.AdaptiveClasp)
   decoder = Decoder(params, config, strategy)
-  decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, config.num_layers, GPU_LIKE)
+  tiny.set_costs(decoder, GPU_LIKE)
   out = decoder.generate(prompt, 40)
   assert out.token_ids == expected
   per_round = out.skip_layers_per_round

@@ -19,7 +19,6 @@ from clasp_jax.bench.specbench import load_questions
 from clasp_jax.cache import init_cache
 from clasp_jax.engine import Decoder
 from clasp_jax.generation import encode_prompt
-from clasp_jax.strategies import adaptive
 import tiny
 
 # Every group once at 16 new tokens; the benchmarks in docs/results check 30 questions. In
@@ -165,10 +164,7 @@ def test_bfloat16_greedy_output_is_identical_to_vanilla(bf16_model, bf16_prompts
   method, settings = BF16_SETTINGS[setting]
   decoder = Decoder(params, config, strategies.build(method, config, **settings))
   if isinstance(decoder.strategy, strategies.AdaptiveClasp):
-    # Costs measured on this CPU would have `auto` (the default method) decode plainly, and
-    # measuring them runs segments of their own; the notebook runs it with measured costs.
-    decoder.adaptive_policy = adaptive.AdaptivePolicy(decoder.strategy, config.num_layers,
-                                                      tiny.gpu_like_costs(config.num_layers))
+    tiny.set_costs(decoder)  # `auto`, the default method (the notebook measures its costs)
   outs = [decoder.generate(p, BF16_NEW) for p in bf16_prompts]
   assert [o.token_ids for o in outs] == bf16_vanilla
   assert any(d > 0 for o in outs for d in o.draft_lengths)  # it did draft

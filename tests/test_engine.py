@@ -8,7 +8,6 @@ from clasp_jax import engine
 from clasp_jax import strategies
 from clasp_jax.engine import Decoder
 from clasp_jax.sampling import SamplingConfig
-from clasp_jax.strategies import adaptive
 import tiny
 
 
@@ -131,8 +130,7 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path):
   strategy = strategies.AdaptiveClasp(candidates=(2, 4), initial_skip_layers=2,
                                       num_draft_tokens=4, draft_exit_threshold=0.0)
   decoder = Decoder(params, config, strategy, fast_path=fast_path)
-  decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, config.num_layers,
-                                                    tiny.GPU_LIKE_COSTS)
+  tiny.set_costs(decoder)
   prompts = [tiny.prompts(config, count=1, length=n)[0] for n in (20, 40)]  # buckets 32, 64
   for prompt in prompts:
     assert decoder.compile(len(prompt), tiny.MAX_NEW) > 0

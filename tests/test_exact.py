@@ -19,7 +19,6 @@ from clasp_jax import model as model_lib
 from clasp_jax import strategies
 from clasp_jax.cache import init_cache
 from clasp_jax.engine import Decoder
-from clasp_jax.strategies import adaptive
 import tiny
 
 
@@ -203,9 +202,8 @@ def test_every_method_equals_plain_decoding_in_bfloat16(bf16_model, bf16_vanilla
   strategy = (strategies.AdaptiveClasp(**settings) if method == 'clasp_auto'
               else strategies.build(method, config, **settings))
   decoder = Decoder(params, config, strategy, fast_path=fast_path)
-  if name == 'clasp_auto':  # costs of a device where drafting pays, so that it drafts here
-    decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, config.num_layers,
-                                                      tiny.GPU_LIKE_COSTS)
+  if method == 'clasp_auto':
+    tiny.set_costs(decoder)
   outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config)]
   assert [o.token_ids for o in outs] == bf16_vanilla[fast_path]
   assert any(d > 0 for o in outs for d in o.draft_lengths)  # it did draft

@@ -78,7 +78,7 @@ def prompts():
 def _generate(spec, params, prompts, strategy, costs=None):
   decoder = Decoder(params, spec.config, strategy)
   if costs is not None:  # what auto would have measured on the accelerator
-    decoder.adaptive_policy = adaptive.AdaptivePolicy(strategy, L, costs)
+    tiny.set_costs(decoder, costs)
   return [decoder.generate(p, MAX_NEW) for p in prompts]
 
 

@@ -34,15 +34,19 @@ def prompts(config: LlamaConfig, count: int = 3, length: int = 20) -> list[list[
 
 
 def gpu_like_costs(num_layers: int) -> adaptive.Costs:
-  """Step costs of a device where drafting pays (a draft step costs its share of the layers,
-  a verify pass one plain step), given to `auto` so that it drafts on the CPU in tests (where
-  a verify pass costs several plain steps)."""
+  """Step costs of a device where drafting pays: a draft step costs its share of the layers,
+  a verify pass one plain step."""
   return adaptive.Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.9 / num_layers,
                         verify=1.0, dp=0.3)
 
 
-#: `gpu_like_costs` of the tiny model's 6 layers.
-GPU_LIKE_COSTS = gpu_like_costs(6)
+def set_costs(decoder, costs: adaptive.Costs | None = None) -> None:
+  """Has `auto` on `decoder` choose M by `costs` (default: `gpu_like_costs`) instead of
+  measuring them: on this CPU a verify pass costs several plain steps, so measured costs would
+  have it decode plainly (and measuring runs segments of its own)."""
+  num_layers = decoder.config.num_layers
+  decoder.adaptive_policy = adaptive.AdaptivePolicy(
+      decoder.strategy, num_layers, costs or gpu_like_costs(num_layers))
 
 #: ConfLayers settings whose confidence search moves within one short generation (the
 #: `conflayers_settings` of `strategies.build`).
