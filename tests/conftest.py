@@ -25,26 +25,50 @@ _SPEC_BENCH_QUESTIONS = (Path(__file__).resolve().parents[2] /
                          'shared/data/spec_bench/question.jsonl')
 
 
-_COMPILED = pytest.StashKey[str]()
+_COMPILED = pytest.StashKey[str]()  # the folder this process made (and removes)
+_CACHE_FOLDER = pytest.StashKey[str]()
+_CACHE_KEY = 'clasp_jax_compilation_cache'
 _CACHE_ENV = ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
               'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES')
 
 
 def pytest_configure(config):
-  """One persistent compilation cache for the run and every process it starts (the CLIs, the
-  notebook's kernel, the multi-device run): most tests build decoders whose programs an
-  earlier test compiled, and a decoder built again compiles nothing (on 2 cores, a tiny
-  CLaSp decoder's first generation took 1.3 s instead of 7-9 s)."""
-  folder = tempfile.mkdtemp(prefix='clasp_jax_tests_')
-  config.stash[_COMPILED] = folder
+  """One persistent compilation cache for the run and every process it starts (pytest-xdist's
+  workers, the CLIs, the notebook's kernel, the multi-device run): most tests build decoders
+  whose programs an earlier test compiled, and a decoder built again compiles nothing (on 2
+  cores, a tiny CLaSp decoder's first generation took 1.3 s instead of 7-9 s)."""
+  worker_input = getattr(config, 'workerinput', None)
+  if worker_input is None:  # the run itself (or its xdist controller) owns the folder
+    folder = tempfile.mkdtemp(prefix='clasp_jax_tests_')
+    config.stash[_COMPILED] = folder
+  else:
+    folder = worker_input[_CACHE_KEY]
   enable_compilation_cache(folder)
   os.environ.update(zip(_CACHE_ENV, (os.path.join(folder, 'xla'), '0', '0')))
+  config.stash[_CACHE_FOLDER] = folder
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """An xdist worker shares its controller's compilation cache."""
+  node.workerinput[_CACHE_KEY] = node.config.stash[_CACHE_FOLDER]
 
 
 def pytest_unconfigure(config):
   for name in _CACHE_ENV:
     os.environ.pop(name, None)
-  shutil.rmtree(config.stash[_COMPILED], ignore_errors=True)
+  if _COMPILED in config.stash:
+    shutil.rmtree(config.stash[_COMPILED], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items):
+  """Files that hold a `slow` test first, each file's tests in their order (a stable sort).
+
+  Split over processes (README's command: pytest-xdist hands whole files to whichever
+  process is free), a long file started last would run on its own at the end.
+  """
+  slow = {item.path for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.fixture(scope='session')

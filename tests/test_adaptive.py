@@ -258,6 +258,22 @@ def test_untried_m_is_expected_to_do_as_well_as_the_nearest_tried():
   assert decoder.refreshed[0] == 2 and max(decoder.refreshed) > 2
 
 
+def test_an_untried_m_is_judged_by_the_nearest_smaller_m_tried():
+  """Drafts are accepted up to M = 15 and rejected beyond (a planted model's cliff): after the
+  largest M fails, the M just below it is tried, not written off with it, and kept."""
+  policy, decoder = _policy(GPU_LIKE, candidates=(8, 15, 16), initial_skip_layers=8,
+                            explore_every=100), _FakeDecoder()
+  state = _FakeState()
+  for _ in range(6):
+    state, segment = policy.next_segment(decoder, state)
+    assert segment.kind == 'draft'
+    accepted, drafted = (8, 7) if policy.num_skip <= 15 else (1, 4)
+    policy.observe(np.full(segment.rounds, accepted), np.full(segment.rounds, drafted),
+                   np.full(segment.rounds, SKIP))
+  assert decoder.refreshed[:3] == [8, 16, 15]  # all untried M looked as good as 8 at first
+  assert set(decoder.refreshed[3:]) == {15}
+
+
 def test_auto_is_lossless_and_reports_m_per_round():
   config = tiny.tiny_config()
   params = tiny.tiny_params(config)

@@ -21,6 +21,8 @@ from clasp_jax.engine import Decoder
 from clasp_jax.generation import encode_prompt
 import tiny
 
+pytestmark = pytest.mark.slow  # minutes in all on 2 cores: started first (conftest.py)
+
 # Every group once at 16 new tokens; the benchmarks in docs/results check 30 questions. In
 # float32 the CLaSp settings and ConfLayers; the default method (prompt lookup first) in the
 # bfloat16 test below. Every method runs in both dtypes on the tiny model (tests/test_exact.py

@@ -10,6 +10,8 @@ from clasp_jax.engine import Decoder
 from clasp_jax.sampling import SamplingConfig
 import tiny
 
+pytestmark = pytest.mark.slow  # minutes in all on 2 cores: started first (conftest.py)
+
 
 
 

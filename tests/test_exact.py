@@ -21,6 +21,8 @@ from clasp_jax.cache import init_cache
 from clasp_jax.engine import Decoder
 import tiny
 
+pytestmark = pytest.mark.slow  # minutes in all on 2 cores: started first (conftest.py)
+
 
 PROMPT_LEN = 20
 NUM_TOKENS = 12

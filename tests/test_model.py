@@ -26,6 +26,8 @@ from clasp_jax.engine import Decoder
 from clasp_jax.generation import encode_prompt
 import tiny
 
+pytestmark = pytest.mark.slow  # minutes in all on 2 cores: started first (conftest.py)
+
 # The first question of three groups whose chat-templated prompts are short (qa, ~40 tokens),
 # medium (mt_bench, ~50) and long (summarization, ~770): chosen by length, not by outcome.
 PARITY_GROUPS = ('qa', 'mt_bench', 'summarization')

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / 'notebooks' / 'clasp_demo.ipynb'
 # Replaces the values of the notebook's `parameters` cell, as papermill would, so that the run
@@ -29,6 +30,7 @@ def _with_parameters(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
   return notebook
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom():
   notebook = _with_parameters(nbformat.read(NOTEBOOK, as_version=4))
   client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name='python3',

@@ -163,6 +163,7 @@ def test_cli_rejects_a_bad_mesh_before_compiling(mesh, reason):
   assert 'Compiling' not in result.stderr
 
 
+@pytest.mark.slow
 def test_sharded_runs_on_8_cpu_devices():
   """`multidevice_sharding.py` in a pytest process of its own, with 8 host devices."""
   result = subprocess.run(

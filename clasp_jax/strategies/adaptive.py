@@ -253,10 +253,10 @@ class AdaptivePolicy(Policy):
   and so does the plain-decoding back-off, so that later prompts start from informed estimates
   and a model on which drafting does not pay is probed (a few rounds of a few drafts) ever more
   rarely, not at every prompt. A value of M not tried yet is expected to do as well as the
-  nearest one tried (optimism that makes it worth a try: acceptance only falls as more layers
-  are skipped, so a try settles it). With prompt lookup on, only the rounds that drafted with
-  layers skipped teach it anything, and "plain" means rounds that take lookup drafts when they
-  have a match and plain steps otherwise.
+  nearest smaller one tried (optimism that makes it worth a try: acceptance only falls as more
+  layers are skipped, so a try settles it). With prompt lookup on, only the rounds that
+  drafted with layers skipped teach it anything, and "plain" means rounds that take lookup
+  drafts when they have a match and plain steps otherwise.
 
   Args:
     strategy: the `AdaptiveClasp` settings.
@@ -301,13 +301,24 @@ class AdaptivePolicy(Policy):
 
   def _observed(self) -> dict[int, tuple[float, float]]:
     """(acceptance, continuation rate) for every candidate M: as observed, or, not tried yet,
-    as at the nearest M tried (none tried: nothing)."""
+    as at the nearest smaller M tried (none smaller: the nearest larger; none tried: nothing).
+
+    Acceptance only falls as more layers are skipped, so a smaller M's figures bound an
+    untried M's from above: optimism that makes it worth a try, and that a try settles. A
+    larger M's figures bound it from below: taken for it, they would write off the M between
+    a good one and a bad one (on the planted models, whose redundant layers run out one step
+    below the bad M).
+    """
     seen = {m: t.estimate(self.s.prior_alpha, self.s.prior_weight, self.s.optimism)
             for m, t in self.tallies.items() if t.rounds > 0}
     if not seen:
       return {}
-    return {m: seen[m] if m in seen else seen[min(seen, key=lambda s: (abs(s - m), s))]
-            for m in self.s.candidates}
+
+    def nearest_tried(m):
+      below = [s for s in seen if s <= m]
+      return max(below) if below else min(seen)
+
+    return {m: seen[nearest_tried(m)] for m in self.s.candidates}
 
   def drafting_can_pay(self) -> bool:
     """Whether any M could beat plain decoding at an optimistic acceptance rate (the best
