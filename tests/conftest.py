@@ -26,7 +26,6 @@ _SPEC_BENCH_QUESTIONS = (Path(__file__).resolve().parents[2] /
 
 
 _COMPILED = pytest.StashKey[str]()  # the folder this process made (and removes)
-_CACHE_FOLDER = pytest.StashKey[str]()
 _CACHE_KEY = 'clasp_jax_compilation_cache'
 _CACHE_ENV = ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
               'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES')
@@ -45,13 +44,12 @@ def pytest_configure(config):
     folder = worker_input[_CACHE_KEY]
   enable_compilation_cache(folder)
   os.environ.update(zip(_CACHE_ENV, (os.path.join(folder, 'xla'), '0', '0')))
-  config.stash[_CACHE_FOLDER] = folder
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
-  """An xdist worker shares its controller's compilation cache."""
-  node.workerinput[_CACHE_KEY] = node.config.stash[_CACHE_FOLDER]
+  """An xdist worker shares the compilation cache of its controller (where this runs)."""
+  node.workerinput[_CACHE_KEY] = node.config.stash[_COMPILED]
 
 
 def pytest_unconfigure(config):

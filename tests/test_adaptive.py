@@ -251,7 +251,7 @@ def test_a_draft_limit_set_low_rises_again_when_drafts_get_accepted():
   assert limits[-1] == policy.s.num_draft_tokens
 
 
-def test_untried_m_is_expected_to_do_as_well_as_the_nearest_tried():
+def test_untried_larger_m_is_expected_to_do_as_well_as_a_smaller_m_tried():
   """Drafting pays at the first M, so the policy moves on to try larger (cheaper) ones."""
   policy, decoder = _policy(GPU_LIKE, initial_skip_layers=2, explore_every=100), _FakeDecoder()
   _drive(policy, decoder, accepted=8, drafted=7, segments=6)

@@ -13,8 +13,6 @@ import tiny
 pytestmark = pytest.mark.slow  # minutes in all on 2 cores: started first (conftest.py)
 
 
-
-
 @pytest.mark.parametrize('method,settings', [
     ('clasp', dict(skip_layers=0, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
     ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
