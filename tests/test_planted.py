@@ -214,6 +214,14 @@ def test_a_methods_row_counts_rounds_by_source_and_m(spec, clasp_planted_m):
   assert sum(by_source.values()) == sum(len(g.accept_lengths) for g in clasp_planted_m)
   assert by_source['skip'] > 0
   assert row['skip_rounds_by_m'] == {len(spec.planted): by_source['skip']}
+  # Every layer-skip round once, by (drafts, tokens committed); CLaSp at a fixed M without
+  # lookup drafts with layers skipped in every round, so they hold all its tokens.
+  assert by_source['skip'] == sum(by_source.values())
+  outcomes = {tuple(map(int, k.split(':'))): n for k, n in row['skip_round_outcomes'].items()}
+  assert sum(outcomes.values()) == by_source['skip']
+  assert all(1 <= committed <= drafts + 1 for drafts, committed in outcomes)
+  assert sum(c * n for (_, c), n in outcomes.items()) == sum(
+      a for g in clasp_planted_m for a in g.accept_lengths)
 
 
 def test_drafts_must_be_earned(spec, params, prompts, clasp_planted_m):
