@@ -7,6 +7,10 @@
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.99 python scripts/bench_planted.py --preset=llama3-70b \
       --out=docs/results/h200/planted_70b.json
 
+  # The 70B shape tensor-parallel over two GPUs, each weight built in its shards
+  python scripts/bench_planted.py --preset=llama3-70b --mesh=tp:2 \
+      --out=runs/planted_70b/planted.json
+
   # A quick CPU run at a reduced shape
   python scripts/bench_planted.py --shape=num_layers=16,hidden_size=256,num_heads=4,\
 num_kv_heads=2,head_dim=64,intermediate_size=768,vocab_size=8192 --max_new_tokens=96 \
@@ -31,6 +35,7 @@ import jax
 import jaxlib
 
 from clasp_jax import model
+from clasp_jax import sharding
 from clasp_jax import weights
 from clasp_jax.bench import planted
 from clasp_jax.bench import planted_sweep
@@ -69,6 +74,9 @@ _COST_CACHE = flags.DEFINE_string('cost_cache_dir', '', 'Where auto keeps its me
 _XLA_CACHE = flags.DEFINE_string('compilation_cache_dir', '', 'JAX\'s persistent compilation '
                                  'cache, where every point after the first finds the programs '
                                  'its new decoders compile; "": a fresh folder.')
+_MESH = flags.DEFINE_string('mesh', '', "Run tensor-parallel: 'tp:N' (N devices) or 'auto' "
+                            '(every device); the params are built in their shards (per-layer '
+                            'layout). Unset: one device.')
 _OUT = flags.DEFINE_string('out', '', 'JSON output path (.md and .png written beside it).')
 for _field in ('embed_std', 'qk_gain', 'attn_gain', 'mlp_gain', 'logit_std'):
   flags.DEFINE_float(_field, getattr(planted.PlantedModel, _field),
@@ -102,17 +110,19 @@ def _commit() -> str:
 
 def main(argv):
   del argv
-  config = _config()
   try:  # the library's own checks, before anything compiles
+    config = _config()
     planted_sweep.method_specs(planted.planted_model(config, epsilon=1.0), _METHODS.value,
                                _STATIC_SET.value)
     settings = planted_sweep.SweepSettings(
         max_new_tokens=_MAX_NEW.value, warmup=_WARMUP.value, num_draft_tokens=_K.value,
         draft_exit_threshold=_DET.value, loi=_LOI.value, temperature=_TEMPERATURE.value,
         dtype=weights.default_dtype().name if _DTYPE.value == 'auto' else _DTYPE.value,
-        per_layer=(model.per_layer_by_default() if _LAYOUT.value == 'auto'
-                   else _LAYOUT.value == 'per_layer'),
-        cost_cache_dir=_COST_CACHE.value or tempfile.mkdtemp(prefix='clasp_costs_'))
+        per_layer=(model.per_layer_by_default() or bool(_MESH.value)
+                   if _LAYOUT.value == 'auto' else _LAYOUT.value == 'per_layer'),
+        cost_cache_dir=_COST_CACHE.value or tempfile.mkdtemp(prefix='clasp_costs_'),
+        mesh=_MESH.value)
+    sharding.check(config, sharding.make_mesh(_MESH.value))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   jax.config.update('jax_compilation_cache_dir',

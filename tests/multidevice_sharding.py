@@ -3,8 +3,9 @@ under XLA_FLAGS=--xla_force_host_platform_device_count=8 (skipped with fewer dev
 
 On meshes of 2 and 4 devices (KV heads split, then each held by two devices) the tiny
 model's tokens equal the single-device run's for plain decoding, CLaSp and prompt lookup, on
-both layer paths; params and cache carry the rules' shardings; the loaders place weights
-straight into them; the Pallas kernel runs per device on its own heads.
+both layer paths; params and cache carry the rules' shardings; the loaders and the planted
+benchmark models place weights straight into them; the Pallas kernel runs per device on its
+own heads.
 """
 
 import functools
@@ -21,6 +22,7 @@ from clasp_jax import model as model_lib
 from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax import weights
+from clasp_jax.bench import planted
 from clasp_jax.engine import Decoder
 import tiny
 
@@ -108,6 +110,24 @@ def test_params_and_cache_carry_the_rules_shardings(tiny_model, fast_path):
   assert state.cache.k_LBSKh.sharding.is_equivalent_to(
       NamedSharding(view, P(None, None, None, 'tp', None)), 5)
   assert state.cache.k_LBSKh.addressable_shards[0].data.shape[3] == 1  # one KV head each
+
+
+def test_planted_params_are_built_in_their_shards(tiny_model):
+  """`planted.build_params` on a mesh: every weight where the rules put it, holding the
+  one-device model's values (fused per shard as `model.fuse_projections` lays them out)."""
+  spec = planted.planted_model(tiny_model[0], epsilon=0.1)
+  config, mesh = spec.config, sharding.make_mesh('tp:2')
+  sharded = planted.build_params(spec, per_layer=True, mesh=mesh)
+  _assert_placed_by_the_rules(sharded, config, mesh)
+  one = planted.build_params(spec)  # stacked, one device
+  for name in ('embed', 'final_norm', 'lm_head'):
+    np.testing.assert_array_equal(sharded[name], one[name], err_msg=name)
+  for i, lp in enumerate(sharded['layers']):
+    expected = model_lib.fuse_projections(model_lib.layer_params(one, i), 2,
+                                          sharding.fuse_qkv(config, 2))
+    assert lp.keys() == expected.keys()
+    for name in lp:
+      np.testing.assert_array_equal(lp[name], expected[name], err_msg=f'layer {i} {name}')
 
 
 def test_fused_params_on_two_devices(tiny_model):

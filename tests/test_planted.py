@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from clasp_jax import model as model_lib
+from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax.bench import planted
 from clasp_jax.bench import planted_sweep
@@ -137,23 +138,31 @@ def test_bfloat16_params_are_bfloat16_throughout(spec):
 def test_bfloat16_draws_are_unbiased():
   """JAX's own bfloat16 normals have a mean of -0.012 std; summed over a wide product, a bias
   shared by every weight pushes every prompt towards the same token."""
-  draws = planted._matrix(jax.random.key(0, impl='rbg'), (1024, 4096), 1.0,
-                          jnp.dtype(jnp.bfloat16))
+  draws = jax.jit(planted._normal, static_argnums=(1, 2, 3))(
+      jax.random.key(0, impl='rbg'), (1024, 4096), 1.0, jnp.dtype(jnp.bfloat16))
   assert draws.dtype == jnp.bfloat16
   assert abs(float(jnp.mean(draws.astype(jnp.float32)))) < 0.002  # 4 standard errors
 
 
 def test_70b_generators_need_no_temporaries():
-  """Compiled for the 70B shape (nothing allocated): on the CPU a layer and the LM head are
-  written in place. (On an H200, XLA keeps 1.4 GB and 4.2 GB of temporaries, which fit.)"""
+  """Compiled for the 70B shape (nothing allocated): on the CPU a layer, and the embedding
+  with the LM head, are written in place. (On an H200, XLA keeps 1.4 GB and 4.2 GB of
+  temporaries for a layer and the head, which fit.)"""
   spec = planted.planted_model('llama3-70b', epsilon=0.1)
   key = jax.eval_shape(lambda: jax.random.key(0, impl='rbg'))
   bf16 = jnp.dtype(jnp.bfloat16)
-  layer = planted._one_layer.lower(key, jax.ShapeDtypeStruct((), jnp.float32),
-                                   dataclasses.replace(spec, planted=(), epsilon=1.0), bf16)
-  head = planted._matrix.lower(key, (8192, 128256), 0.1, bf16)
-  for lowered in (layer, head):  # a few scalars and keys at most, against 1.7-2.1 GB weights
+  weights = dataclasses.replace(spec, planted=(), epsilon=1.0)
+  layer = planted._one_layer.lower(key, jax.ShapeDtypeStruct((), jnp.float32), weights, bf16)
+  top = planted._one_top.lower(key, key, weights, bf16)
+  for lowered in (layer, top):  # a few scalars and keys at most, against 1.7-4.2 GB weights
     assert lowered.compile().memory_analysis().temp_size_in_bytes < 2 ** 20
+
+
+def test_a_mesh_needs_the_per_layer_layout(spec):
+  with pytest.raises(ValueError, match='per-layer'):
+    planted_sweep.SweepSettings(mesh='tp:1')
+  with pytest.raises(ValueError, match='per-layer'):
+    planted.build_params(spec, mesh=sharding.make_mesh('tp:1'))
 
 
 def test_diversity_flags_loops_and_repeats():

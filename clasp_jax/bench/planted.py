@@ -42,8 +42,9 @@ stays diverse and the drafts have to be earned:
 Every weight is generated one layer at a time, straight into its buffer of the requested
 dtype, so that the 70B shape (141 GB in bfloat16) can be built on one accelerator without a
 second copy of the stack, in the per-layer, projection-fused layout the accelerator path runs
-(`per_layer=True`, see `model.unstack_layers`). The stacked layout (`per_layer=False`, for the
-CPU reference path) holds the same values. The random bits come from XLA's RngBitGenerator
+(`per_layer=True`, see `model.unstack_layers`); on a tensor-parallel mesh each weight is
+generated straight into its shards. The stacked layout (`per_layer=False`, for the CPU
+reference path) holds the same values. The random bits come from XLA's RngBitGenerator
 ('rbg' keys): compiled for the CPU, XLA's memory analysis of the 70B layer and LM head
 generators shows no temporary buffers, where JAX's default threefry bits needed up to 8x the
 weight's size; compiled for an H200 it shows 1.4 GB (a layer) and 4.2 GB (the head), which
@@ -64,6 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax import model as model_lib
+from clasp_jax import sharding
 from clasp_jax.config import LlamaConfig
 from clasp_jax.configs import models
 from clasp_jax.model import Params
@@ -194,7 +197,16 @@ def _normal(key: jax.Array, shape: tuple[int, ...], std, dtype) -> jax.Array:
   return (math.sqrt(2) * jax.lax.erf_inv(2 * uniform - 1) * std).astype(dtype)
 
 
-_matrix = jax.jit(_normal, static_argnums=(1, 2, 3))
+def _top(k_embed: jax.Array, k_head: jax.Array, weights: PlantedModel, dtype) -> Params:
+  """The params besides the layers: embedding, final norm and the LM head (if untied)."""
+  c = weights.config
+  D, V = c.hidden_size, c.vocab_size
+  params = dict(embed=_normal(k_embed, (V, D), weights.embed_std, dtype),
+                final_norm=jnp.ones((D,), dtype))
+  if not c.tie_embeddings:
+    # Unit-RMS final states: logits ~ normal(0, logit_std^2).
+    params['lm_head'] = _normal(k_head, (D, V), weights.logit_std / math.sqrt(D), dtype)
+  return params
 
 
 def _layer(key: jax.Array, factor: jax.Array, spec: PlantedModel, dtype,
@@ -231,6 +243,7 @@ def _layer(key: jax.Array, factor: jax.Array, spec: PlantedModel, dtype,
 # the spec they take has them cleared (see `build_params`). The stack is built layer after layer
 # (`lax.map`), each layer drawn exactly as `_one_layer` draws it.
 _one_layer = jax.jit(functools.partial(_layer, fused=True), static_argnums=(2, 3))
+_one_top = jax.jit(_top, static_argnums=(2, 3))
 # The fused matrices as `model.fuse_projections` lays them out for one tensor-parallel shard,
 # [D, 1, X]: a reshape in place (the drawn layer is donated), so no weight exists twice.
 _one_shard = jax.jit(lambda lp: dict(lp, w_qkv=lp['w_qkv'][:, None],
@@ -241,8 +254,29 @@ _stacked_layers = jax.jit(
     static_argnums=(2, 3))
 
 
-def build_params(spec: PlantedModel, dtype=jnp.float32, per_layer: bool = False) -> Params:
-  """The planted model's params, generated on the default device one weight at a time.
+@functools.lru_cache(maxsize=8)
+def _on_mesh(weights: PlantedModel, dtype, mesh) -> tuple:
+  """(layer, top): jitted generators of one layer (per-shard fused for the mesh, as
+  `model.fuse_projections` lays it out) and of the embedding, final norm and LM head, each
+  writing its output straight into the places the sharding rules give it on `mesh`."""
+  c = weights.config
+  n = sharding.tp_size(mesh)
+
+  def layer(key, factor):
+    return model_lib.fuse_projections(_layer(key, factor, weights, dtype, fused=False), n,
+                                      sharding.fuse_qkv(c, n))
+
+  top = functools.partial(_top, weights=weights, dtype=dtype)
+  key = jax.eval_shape(lambda: jax.random.key(0, impl='rbg'))
+  factor = jax.ShapeDtypeStruct((), jnp.float32)
+  return tuple(
+      jax.jit(fn, out_shardings=sharding.tree_shardings(jax.eval_shape(fn, *args), c, mesh))
+      for fn, args in ((layer, (key, factor)), (top, (key, key))))
+
+
+def build_params(spec: PlantedModel, dtype=jnp.float32, per_layer: bool = False,
+                 mesh: jax.sharding.Mesh | None = None) -> Params:
+  """The planted model's params, generated one weight at a time.
 
   Args:
     spec: the model.
@@ -251,12 +285,23 @@ def build_params(spec: PlantedModel, dtype=jnp.float32, per_layer: bool = False)
       True: a tuple of per-layer trees with q/k/v fused into 'w_qkv' and gate/up into
       'w_gate_up', the layout `model.unstack_layers` gives and the accelerator path runs; the
       stack never exists, so the largest shapes need only their own size in memory.
+    mesh: a tensor-parallel mesh (`sharding.make_mesh`) to build the per-layer params on, each
+      weight generated straight into the places the sharding rules give it (projections
+      fused per shard), so no device holds more than its share; None: the default device.
 
   Returns:
-    The params pytree; both layouts hold the same values.
+    The params pytree; both layouts hold the same values, and so does a mesh wherever XLA's
+    RngBitGenerator draws the same bits sharded as whole (on the CPU it does:
+    `tests/multidevice_sharding.py`; not checked on GPUs).
+
+  Raises:
+    ValueError: a mesh without `per_layer`, or one the model does not split over.
   """
-  c = spec.config
-  L, D, V = c.num_layers, c.hidden_size, c.vocab_size
+  if mesh is not None:
+    if not per_layer:
+      raise ValueError('planted params are built on a mesh in the per-layer layout only')
+    sharding.check(spec.config, mesh)
+  L = spec.config.num_layers
   dtype = jnp.dtype(dtype)
   # XLA's RngBitGenerator writes the random bits straight into each weight; threefry (JAX's
   # default) needs temporaries of several times the weight's size (8x for the 70B LM head).
@@ -264,11 +309,11 @@ def build_params(spec: PlantedModel, dtype=jnp.float32, per_layer: bool = False)
   keys_L = jax.random.split(k_layers, L)
   factors_L = jnp.asarray(spec.layer_factors)
   weights = dataclasses.replace(spec, planted=(), epsilon=1.0)  # all that shapes the weights
-  params = dict(embed=_matrix(k_embed, (V, D), spec.embed_std, dtype),
-                final_norm=jnp.ones((D,), dtype))
-  if not c.tie_embeddings:
-    # Unit-RMS final states: logits ~ normal(0, logit_std^2).
-    params['lm_head'] = _matrix(k_head, (D, V), spec.logit_std / math.sqrt(D), dtype)
+  if mesh is not None:
+    layer, top = _on_mesh(weights, dtype, mesh)
+    return dict(top(k_embed, k_head),
+                layers=tuple(layer(keys_L[i], factors_L[i]) for i in range(L)))
+  params = _one_top(k_embed, k_head, weights, dtype)
   if per_layer:
     params['layers'] = tuple(_one_shard(_one_layer(keys_L[i], factors_L[i], weights, dtype))
                              for i in range(L))

@@ -39,6 +39,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
+from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax.bench import planted as planted_lib
 from clasp_jax.config import LlamaConfig
@@ -141,6 +142,8 @@ class SweepSettings:
     dtype: the params' dtype.
     per_layer: the params' layout (`planted.build_params`): per layer on accelerators.
     cost_cache_dir: where 'auto' keeps its measured step costs (None: measured per point).
+    mesh: '' (one device) or a tensor-parallel mesh, 'tp:N' or 'auto' (`sharding.parse_mesh`):
+      the params are built on it and every decoder runs sharded over it (per layer only).
   """
 
   max_new_tokens: int = 256
@@ -152,8 +155,11 @@ class SweepSettings:
   dtype: str = 'float32'
   per_layer: bool = False
   cost_cache_dir: str | None = None
+  mesh: str = ''
 
   def __post_init__(self):
+    if sharding.parse_mesh(self.mesh) is not None and not self.per_layer:
+      raise ValueError('a mesh needs the per-layer layout')
     if self.warmup < 1:
       raise ValueError(f'warmup must be >= 1 (the first generation compiles), got '
                        f'{self.warmup}')
@@ -327,10 +333,13 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
   (`plain_repeated`): below all of them, plain decoding is not reproducible within one
   program, and a method's differences from it say nothing about the method. The params are
   built on the default device and dropped before returning, so that the next point can build
-  its own (a 70B model fits once).
+  its own (a 70B model fits once). On a mesh (`settings.mesh`) each weight is built in its
+  shards and every decoder runs sharded.
   """
   sampling = SamplingConfig(temperature=settings.temperature)
-  params = planted_lib.build_params(spec, settings.dtype, per_layer=settings.per_layer)
+  mesh = sharding.make_mesh(settings.mesh)
+  params = planted_lib.build_params(spec, settings.dtype, per_layer=settings.per_layer,
+                                    mesh=mesh)
   decoders = {}
   for m in methods:
     strategy = strategies.build(m.method, spec.config, skip_layers=m.skip_layers,
@@ -339,7 +348,7 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
                                 loi=settings.loi, lookup=m.lookup,
                                 cost_cache_dir=settings.cost_cache_dir,
                                 dp_in_verify=m.dp_in_verify)
-    decoders[m.label] = Decoder(params, spec.config, strategy, sampling=sampling)
+    decoders[m.label] = Decoder(params, spec.config, strategy, sampling=sampling, mesh=mesh)
     t0 = time.perf_counter()
     for _ in range(settings.warmup):
       decoders[m.label].generate(warmup_prompt, settings.max_new_tokens)
