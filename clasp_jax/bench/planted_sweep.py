@@ -294,7 +294,7 @@ def summarise_method(spec: planted_lib.PlantedModel, generations: Sequence[Gener
   # have given those rounds (min(accepted, d) + 1 tokens for d drafts) can be read from it,
   # without assuming that drafts are accepted independently of one another.
   outcomes = collections.Counter(
-      f'{d}:{a}' for g in generations
+      (d, a) for g in generations
       for a, d, source in zip(g.accept_lengths, g.draft_lengths, g.draft_sources)
       if source == 'skip')
   scores = [spec.skip_precision_recall(s) for s in drafting_sets]
@@ -311,8 +311,7 @@ def summarise_method(spec: planted_lib.PlantedModel, generations: Sequence[Gener
       rounds_by_source={source: sources[source] for source in DRAFT_SOURCES},
       skip_rounds_by_m=dict(sorted(collections.Counter(int(s.sum()) for s in drafting_sets)
                                    .items())),
-      skip_round_outcomes=dict(sorted(outcomes.items(),
-                                      key=lambda kv: tuple(map(int, kv[0].split(':'))))),
+      skip_round_outcomes={f'{d}:{a}': n for (d, a), n in sorted(outcomes.items())},
       mean_skip=_mean(int(s.sum()) for s in drafting_sets),
       precision=_mean(p for p, _ in scores), recall=_mean(r for _, r in scores))
   if mismatches is not None:
