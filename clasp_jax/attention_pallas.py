@@ -11,10 +11,10 @@ built so, not tuned so:
   for bit unchanged (its rescaling factor is exactly 1, its weights exactly 0), so how many
   blocks a program runs past a query does not matter.
 - Flash decoding: the grid runs over (KV head, row block, split), each split covering
-  `SPLIT_SIZE` absolute positions (a constant, so the partition of positions never depends
-  on the capacity). Splits wholly after the chunk run no block and write m = -inf, l = 0,
-  o = 0. Every program handles one block of the KV head's query rows (all T * G of them
-  unless that exceeds `MAX_ROW_BLOCK`), each row the same way.
+  `split_size(KV)` absolute positions (a constant of the model, so the partition of
+  positions never depends on the pass or the capacity). Splits wholly after the chunk run no
+  block and write m = -inf, l = 0, o = 0. Every program handles one block of the KV head's
+  query rows (all T * G of them unless that exceeds `MAX_ROW_BLOCK`), each row the same way.
 - The splits are folded outside the kernel, one after the other in position order; a split
   that a query sees nothing of adds exact zeros, so a larger cache (more splits) changes
   nothing.
@@ -42,8 +42,11 @@ from clasp_jax import attention as attention_lib
 
 #: Keys are reduced in blocks of this many absolute positions (a tl.dot dimension).
 KEY_BLOCK = 64
-#: Each program of the grid covers this many absolute positions (a multiple of KEY_BLOCK).
+#: Each program of the grid covers this many absolute positions (multiples of KEY_BLOCK):
+#: SPLIT_SIZE, or SPLIT_SIZE_FEW_KV_HEADS for a model with fewer than FEW_KV_HEADS KV heads.
 SPLIT_SIZE = 256
+SPLIT_SIZE_FEW_KV_HEADS = 128
+FEW_KV_HEADS = 8
 #: Most query rows (T * G of one KV head, padded to a power of two >= 16) one program holds.
 MAX_ROW_BLOCK = 64
 #: Triton launch parameters.
@@ -51,34 +54,64 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 
 
+def split_size(num_kv_heads: int) -> int:
+  """Positions a program covers, for a model with this many KV heads.
+
+  The grid holds KV programs a split: with few KV heads, shorter splits keep more of the GPU
+  busy (SmolLM2-135M's 3 on an H200: plain decoding 9% faster a token at 1024 tokens of
+  context); with 8 (LLaMA-3-8B) they gained 1% at 1024 and lost at 4096, where twice the
+  splits' statistics cost more to write and fold than the parallelism saves
+  (docs/results/h200/decode/attention_inplace/).
+  """
+  return SPLIT_SIZE_FEW_KV_HEADS if num_kv_heads < FEW_KV_HEADS else SPLIT_SIZE
+
+
 def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_v_ref,
-                  m_ref, l_ref, o_ref, *, num_tokens: int, group: int, own_keys: bool):
+                  m_ref, l_ref, o_ref, *, num_tokens: int, group: int, own_keys: bool,
+                  split: int):
   """One (KV head, row block, split) program: the online softmax over the split's keys.
 
-  Refs: start_ref, layer_ref int32 scalars; q_ref [R, hd] (the row block, row r of the KV
-  head being token r // G, query head r % G); k_ref, v_ref [T, hd] (the chunk's rows of
-  this KV head, in the cache's dtype); cache_k_ref, cache_v_ref the whole [L, S, KV, hd]
-  caches (batch squeezed); m_ref, l_ref [R] and o_ref [R, hd] the split's float32 statistics.
-  `own_keys` False: every row sees the cache below `start` only (see `prefix_attention`).
+  Refs: start_ref, layer_ref int32 scalars; q_ref [T * H, hd] (the chunk's queries as the
+  caller holds them: row t * H + h is token t's query head h); k_ref, v_ref [T * KV, hd] (the
+  chunk's keys and values, in the cache's dtype, row t * KV + k); cache_k_ref, cache_v_ref
+  the whole [L, S, KV, hd] caches (batch squeezed); m_ref, l_ref [R] and o_ref [R, hd] the
+  split's float32 statistics for the program's R rows (row r of the KV head being token
+  r // G, query head r % G). Every input is read in place: no layout copies around the call.
+  `own_keys` False: every row sees the cache below `start` only (see `prefix_attention`);
+  `split` the positions a program covers.
   """
   kv = pl.program_id(0)
   row_block = pl.program_id(1)
-  split_start = pl.program_id(2) * SPLIT_SIZE
+  split_start = pl.program_id(2) * split
   start = start_ref[()]
   layer = layer_ref[()]
-  q_Rh = q_ref[...]
-  R, hd = q_Rh.shape
+  R, hd = o_ref.shape
+  num_kv = cache_k_ref.shape[2]
+  hd_h = jnp.arange(hd, dtype=jnp.int32)
+  # The program's rows of this KV head: token x // G, query head kv * G + x % G; rows from
+  # T * G on are padding, loaded as zeros (their results are never read).
+  x_R = row_block * R + jnp.arange(R, dtype=jnp.int32)
+  q_row_R = lax.div(x_R, group) * (num_kv * group) + kv * group + lax.rem(x_R, group)
+  real_R = x_R < num_tokens * group
+  q_Rh = plgpu.load(q_ref.at[jnp.where(real_R, q_row_R, 0)[:, None], hd_h[None, :]],
+                    mask=jnp.broadcast_to(real_R[:, None], (R, hd)), other=0)
   # The last position each row sees, and one past the last any row sees.
   if own_keys:
-    last_R = start + lax.div(row_block * R + jnp.arange(R, dtype=jnp.int32), group)
+    last_R = start + lax.div(x_R, group)
     end = start + num_tokens
   else:
     last_R = jnp.full((R,), start - 1, jnp.int32)
     end = start
-  hd_h = jnp.arange(hd, dtype=jnp.int32)
-  # Blocks up to `end`; none for a split wholly after it.
-  span = jnp.minimum(jnp.maximum(end - split_start, 0), SPLIT_SIZE)
+  # Blocks up to `end`; none for a split wholly after it. The first `num_cached` of them lie
+  # wholly below `start`: the cache alone holds their keys.
+  span = jnp.minimum(jnp.maximum(end - split_start, 0), split)
   num_blocks = lax.div(span + KEY_BLOCK - 1, KEY_BLOCK)
+  num_cached = jnp.minimum(lax.div(jnp.maximum(start - split_start, 0), KEY_BLOCK), num_blocks)
+
+  def cached(cache_ref, chunk_ref, block_start, pos_C):
+    """[KEY_BLOCK, hd] keys (or values) of a block wholly below `start`: the cache's."""
+    del chunk_ref, pos_C
+    return plgpu.load(cache_ref.at[layer, pl.ds(block_start, KEY_BLOCK), kv, :])
 
   def merged(cache_ref, chunk_ref, block_start, pos_C):
     """[KEY_BLOCK, hd] keys (or values) at positions pos_C = [block_start, + KEY_BLOCK): the
@@ -89,17 +122,19 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
                            mask=jnp.broadcast_to((pos_C < start)[:, None], shape), other=0)
     row_C = pos_C - start
     in_chunk_C = (row_C >= 0) & (row_C < num_tokens)
-    chunk_Ch = plgpu.load(
-        chunk_ref.at[jnp.clip(row_C, 0, num_tokens - 1)[:, None], hd_h[None, :]],
-        mask=jnp.broadcast_to(in_chunk_C[:, None], shape), other=0)
+    chunk_row_C = jnp.clip(row_C, 0, num_tokens - 1) * num_kv + kv
+    chunk_Ch = plgpu.load(chunk_ref.at[chunk_row_C[:, None], hd_h[None, :]],
+                          mask=jnp.broadcast_to(in_chunk_C[:, None], shape), other=0)
     return jnp.where(in_chunk_C[:, None], chunk_Ch, cached_Ch)
 
-  def block(b, carry):
+  def block(b, carry, keys):
+    """One block's update of the online softmax; `keys(cache_ref, chunk_ref, block_start,
+    pos_C)` loads its keys or values."""
     m_R, l_R, o_Rh = carry
     block_start = split_start + b * KEY_BLOCK
     pos_C = block_start + jnp.arange(KEY_BLOCK, dtype=jnp.int32)
-    k_Ch = merged(cache_k_ref, k_ref, block_start, pos_C)
-    v_Ch = merged(cache_v_ref, v_ref, block_start, pos_C)
+    k_Ch = keys(cache_k_ref, k_ref, block_start, pos_C)
+    v_Ch = keys(cache_v_ref, v_ref, block_start, pos_C)
     visible_RC = pos_C[None, :] <= last_R[:, None]
     # HIGHEST: float32 products in IEEE float32 (Triton would use TF32 otherwise).
     s_RC = lax.dot_general(q_Rh, k_Ch, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
@@ -117,7 +152,11 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
 
   init = (jnp.full((R,), -jnp.inf, jnp.float32), jnp.zeros((R,), jnp.float32),
           jnp.zeros((R, hd), jnp.float32))
-  m_R, l_R, o_Rh = lax.fori_loop(0, num_blocks, block, init)
+  # Two loops, the same arithmetic block after block: the cached blocks' plain loads leave
+  # the chunk's masked gathers to the one or two blocks that need them.
+  carry = lax.fori_loop(0, num_cached, functools.partial(block, keys=cached), init)
+  m_R, l_R, o_Rh = lax.fori_loop(num_cached, num_blocks, functools.partial(block, keys=merged),
+                                 carry)
   m_ref[...] = m_R
   l_ref[...] = l_R
   o_ref[...] = o_Rh
@@ -144,28 +183,29 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   assert B == 1, f'batch 1 only, got {B}'
   assert H == G * KV, f'{H} query heads over {KV} KV heads'
   assert hd >= 16 and hd & (hd - 1) == 0, f'head dim {hd}: Triton wants a power of two >= 16'
-  assert S % KEY_BLOCK == 0 and SPLIT_SIZE % KEY_BLOCK == 0, (S, KEY_BLOCK, SPLIT_SIZE)
+  split = split_size(KV)
+  assert S % KEY_BLOCK == 0 and split % KEY_BLOCK == 0, (S, KEY_BLOCK, split)
   assert q_BTHh.dtype == dtype == cache_v_LBSKh.dtype, (q_BTHh.dtype, dtype)
   rows = min(MAX_ROW_BLOCK, max(16, pl.next_power_of_2(T * G)))  # tl.dot wants >= 16
   num_row_blocks = pl.cdiv(T * G, rows)
-  num_splits = pl.cdiv(S, SPLIT_SIZE)
-  q_KXh = jnp.pad(_rows_by_kv_head(q_BTHh, KV),
-                  ((0, 0), (0, num_row_blocks * rows - T * G), (0, 0)))
-  k_KTh = k_BTKh[0].astype(dtype).transpose(1, 0, 2)
-  v_KTh = v_BTKh[0].astype(dtype).transpose(1, 0, 2)
+  num_splits = pl.cdiv(S, split)
   X = num_row_blocks * rows
+  # Free reshapes: the kernel reads the chunk's rows where they are.
+  q_Xh = q_BTHh[0].reshape(T * H, hd)
+  k_Xh, v_Xh = (x[0].astype(dtype).reshape(T * KV, hd) for x in (k_BTKh, v_BTKh))
 
   scalar_spec = pl.BlockSpec((), lambda k, r, p: ())
-  chunk_spec = pl.BlockSpec((None, T, hd), lambda k, r, p: (k, 0, 0))
+  def whole_spec(rows):
+    return pl.BlockSpec((rows, hd), lambda k, r, p: (0, 0))
   # The whole cache, batch squeezed: the layer is a kernel input, never a block index.
   cache_spec = pl.BlockSpec((L, None, S, KV, hd), lambda k, r, p: (0, 0, 0, 0, 0))
   stat_spec = pl.BlockSpec((None, None, rows), lambda k, r, p: (p, k, r))
   return pl.pallas_call(
-      functools.partial(_split_kernel, num_tokens=T, group=G, own_keys=own_keys),
+      functools.partial(_split_kernel, num_tokens=T, group=G, own_keys=own_keys,
+                        split=split),
       grid=(KV, num_row_blocks, num_splits),
-      in_specs=[scalar_spec, scalar_spec,
-                pl.BlockSpec((None, rows, hd), lambda k, r, p: (k, r, 0)),
-                chunk_spec, chunk_spec, cache_spec, cache_spec],
+      in_specs=[scalar_spec, scalar_spec, whole_spec(T * H), whole_spec(T * KV),
+                whole_spec(T * KV), cache_spec, cache_spec],
       out_specs=[stat_spec, stat_spec,
                  pl.BlockSpec((None, None, rows, hd), lambda k, r, p: (p, k, r, 0))],
       out_shape=[jax.ShapeDtypeStruct((num_splits, KV, X), jnp.float32),
@@ -174,7 +214,7 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
       name='cache_attention',
-  )(jnp.asarray(start, jnp.int32), jnp.asarray(layer, jnp.int32), q_KXh, k_KTh, v_KTh,
+  )(jnp.asarray(start, jnp.int32), jnp.asarray(layer, jnp.int32), q_Xh, k_Xh, v_Xh,
     cache_k_LBSKh, cache_v_LBSKh)
 
 

@@ -87,9 +87,16 @@ def test_matches_reference(dtype, tol, T, G):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_depends_only_on_position_and_keys_up_to_it(dtype):
+@pytest.mark.parametrize('split', [attention_pallas.SPLIT_SIZE_FEW_KV_HEADS,
+                                   attention_pallas.SPLIT_SIZE])
+def test_depends_only_on_position_and_keys_up_to_it(dtype, split, monkeypatch, request):
   """Row 0 of a pass at start p equals row j of a pass at start p - j, whatever the other
-  rows, the keys after p or the cache's capacity; the cache at and after `start` is NaN."""
+  rows, the keys after p or the cache's capacity; the cache at and after `start` is NaN.
+  Both split sizes (KV = 2 takes the few-KV-heads one, here set to each; the kernels' traces
+  are dropped before and after, as the split is read when tracing)."""
+  monkeypatch.setattr(attention_pallas, 'SPLIT_SIZE_FEW_KV_HEADS', split)
+  jax.clear_caches()
+  request.addfinalizer(jax.clear_caches)
   T, G, S = 16, 3, 512
   pallas = jax.jit(functools.partial(attention_pallas.cache_attention_pallas,
                                      interpret=INTERPRET))
@@ -111,12 +118,16 @@ def test_depends_only_on_position_and_keys_up_to_it(dtype):
     caches = [jnp.asarray(np.stack([other_layer_SKh[:capacity],
                                     np.where(below_S, x[:capacity], np.nan)])[:, None], dtype)
               for x in (k_XKh, v_XKh)]
-    out = pallas(jnp.asarray(q_THh[None], dtype), jnp.asarray(k_XKh[None, start:start + T], dtype),
-                 jnp.asarray(v_XKh[None, start:start + T], dtype), *caches, jnp.int32(1),
-                 jnp.int32(start))
+    args = (jnp.asarray(q_THh[None], dtype), jnp.asarray(k_XKh[None, start:start + T], dtype),
+            jnp.asarray(v_XKh[None, start:start + T], dtype), *caches, jnp.int32(1),
+            jnp.int32(start))
+    out = pallas(*args)
+    m_PKX, _, _ = jax.eval_shape(functools.partial(attention_pallas.split_stats,
+                                                   interpret=INTERPRET), *args)
+    assert m_PKX.shape[0] == capacity // split
     return np.asarray(out[0, j])
 
-  # Across key blocks (64) and the split boundary at 256; the half capacity where it fits.
+  # Across key blocks (64) and split boundaries (128, 256); the half capacity where it fits.
   for p in (64, 200, 263):
     row_0 = run(p, 0, S)
     assert not np.isnan(row_0).any(), p
@@ -138,7 +149,7 @@ def test_every_statistic_written():
   args = (q, k, v, cache_k, cache_v, jnp.int32(LAYER), jnp.int32(start))
   m_PKX, l_PKX, o_PKXh = map(np.asarray, jax.jit(functools.partial(
       attention_pallas.split_stats, interpret=INTERPRET))(*args))
-  assert m_PKX.shape[0] == S // attention_pallas.SPLIT_SIZE > 1
+  assert m_PKX.shape[0] == S // attention_pallas.split_size(KV) > 1
   assert m_PKX.shape[2] > attention_pallas.MAX_ROW_BLOCK
   for stat in (m_PKX, l_PKX, o_PKXh):
     assert not np.isnan(stat).any()
