@@ -14,7 +14,7 @@
   # A quick CPU run at a reduced shape
   python scripts/bench_planted.py --shape=num_layers=16,hidden_size=256,num_heads=4,\
 num_kv_heads=2,head_dim=64,intermediate_size=768,vocab_size=8192 --max_new_tokens=96 \
-      --num_prompts=2 --out=/tmp/planted_cpu.json
+      --num_prompts=2 --out=runs/planted_cpu/planted.json
 
 Writes the sweep as JSON (with the command, versions and device), a markdown table beside it
 (.md) and a plot of speedup against tau per method beside the CLaSp paper's points (.png).
