@@ -236,6 +236,14 @@ def tree_shardings(tree: Any, config: LlamaConfig, mesh: Mesh) -> Any:
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def jit_placed(fn, config: LlamaConfig, mesh: Mesh | None, *args):
+  """`fn` jitted so that its outputs are made where the rules put them on `mesh` (on the
+  default device without a mesh); `args` (abstract or concrete) give the outputs' shapes."""
+  if mesh is None:
+    return jax.jit(fn)
+  return jax.jit(fn, out_shardings=tree_shardings(jax.eval_shape(fn, *args), config, mesh))
+
+
 def put(tree: Any, config: LlamaConfig, mesh: Mesh | None) -> Any:
   """Host or device arrays on the mesh by the rules (the default device without a mesh).
 
@@ -287,9 +295,7 @@ def place_params(params: model_lib.Params, config: LlamaConfig, mesh: Mesh | Non
   fuse = functools.partial(model_lib.fuse_projections, num_shards=n,
                            fuse_qkv=fuse_qkv(config, n))
   stacked = params['layers']
-  one = {k: w[0] for k, w in stacked.items()}
-  fuse = (jax.jit(fuse) if mesh is None else
-          jax.jit(fuse, out_shardings=tree_shardings(jax.eval_shape(fuse, one), config, mesh)))
+  fuse = jit_placed(fuse, config, mesh, {k: w[0] for k, w in stacked.items()})
   layers = tuple(fuse(put({k: w[i] for k, w in stacked.items()}, config, mesh))
                  for i in range(model_lib.num_layers_in(params)))
   top = put({k: w for k, w in params.items() if k != 'layers'}, config, mesh)
@@ -298,10 +304,7 @@ def place_params(params: model_lib.Params, config: LlamaConfig, mesh: Mesh | Non
 
 @functools.lru_cache(maxsize=16)
 def _cache_maker(config: LlamaConfig, max_len: int, dtype: Any, mesh: Mesh | None):
-  make = functools.partial(init_cache, config, max_len, dtype=dtype)
-  if mesh is None:
-    return jax.jit(make)
-  return jax.jit(make, out_shardings=tree_shardings(jax.eval_shape(make), config, mesh))
+  return jit_placed(functools.partial(init_cache, config, max_len, dtype=dtype), config, mesh)
 
 
 def new_cache(config: LlamaConfig, max_len: int, dtype: Any, mesh: Mesh | None) -> KVCache:

@@ -118,7 +118,7 @@ def main(argv):
         max_new_tokens=_MAX_NEW.value, warmup=_WARMUP.value, num_draft_tokens=_K.value,
         draft_exit_threshold=_DET.value, loi=_LOI.value, temperature=_TEMPERATURE.value,
         dtype=weights.default_dtype().name if _DTYPE.value == 'auto' else _DTYPE.value,
-        per_layer=(model.per_layer_by_default() or bool(_MESH.value)
+        per_layer=((model.per_layer_by_default() or bool(_MESH.value))
                    if _LAYOUT.value == 'auto' else _LAYOUT.value == 'per_layer'),
         cost_cache_dir=_COST_CACHE.value or tempfile.mkdtemp(prefix='clasp_costs_'),
         mesh=_MESH.value)

@@ -269,9 +269,8 @@ def _on_mesh(weights: PlantedModel, dtype, mesh) -> tuple:
   top = functools.partial(_top, weights=weights, dtype=dtype)
   key = jax.eval_shape(lambda: jax.random.key(0, impl='rbg'))
   factor = jax.ShapeDtypeStruct((), jnp.float32)
-  return tuple(
-      jax.jit(fn, out_shardings=sharding.tree_shardings(jax.eval_shape(fn, *args), c, mesh))
-      for fn, args in ((layer, (key, factor)), (top, (key, key))))
+  return (sharding.jit_placed(layer, c, mesh, key, factor),
+          sharding.jit_placed(top, c, mesh, key, key))
 
 
 def build_params(spec: PlantedModel, dtype=jnp.float32, per_layer: bool = False,
