@@ -3,7 +3,7 @@ Pallas (Triton) kernel that streams the weight once, over its tile sizes, stages
 the sum in two. GPU kernel time per product from a profiler trace (several copies of the weight,
 more than the L2 holds, each with its own input rows); fraction of 4.8 TB/s. Writes
 gemm_micro.json under $OUT."""
-import functools, itertools, json, os, sys, time
+import functools, glob, gzip, itertools, json, os, tempfile
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
@@ -39,7 +39,6 @@ def pallas_matmul(x, w, *, bn, bk, stages, warps, splitk):
 
 def gpu_busy_s(folder):
   """Summed GPU kernel time in a profiler trace (seconds)."""
-  import glob, gzip
   (path,) = glob.glob(os.path.join(folder, '**', '*.trace.json.gz'), recursive=True)
   ev = json.load(gzip.open(path))['traceEvents']
   names = {e['pid']: e['args']['name'] for e in ev
@@ -47,10 +46,8 @@ def gpu_busy_s(folder):
   return sum(e['dur'] for e in ev if e.get('ph') == 'X'
              and 'GPU' in names.get(e['pid'], '')) * 1e-6
 
-_traces = [0]
 def timed(fn, args, reps):
   """(GPU kernel seconds per program run, from a trace of `reps` runs; the first output)."""
-  import tempfile
   f = jax.jit(fn)
   out = jax.block_until_ready(f(*args))
   for _ in range(3):
@@ -72,12 +69,11 @@ def main():
     ws = [jax.random.normal(jax.random.fold_in(key, r), (K, N), jnp.bfloat16) * 0.02 for r in range(R)]
     # One input row block per weight: XLA merges products that share an operand.
     xs = [jax.random.normal(jax.random.fold_in(key, 1000 + r), (M, K), jnp.bfloat16) for r in range(R)]
-    x = xs
     ref = (xs[0].astype(jnp.float32) @ ws[0].astype(jnp.float32))
     def run(matmul):
       return lambda xs, *ws: tuple(matmul(x, w) for x, w in zip(xs, ws))
     byts = K * N * 2
-    t, outs = timed(run(lambda x, w: x @ w), (x, *ws), reps)
+    t, outs = timed(run(lambda x, w: x @ w), (xs, *ws), reps)
     row = dict(shape=name, K=K, N=N, variant='xla', us=t / R * 1e6, frac=byts / (t / R) / BW,
                err=float(jnp.max(jnp.abs(outs[0].astype(jnp.float32) - ref))))
     print(json.dumps(row), flush=True); results.append(row)
@@ -86,7 +82,7 @@ def main():
         continue
       fn = functools.partial(pallas_matmul, bn=bn, bk=bk, stages=stages, warps=4, splitk=splitk)
       try:
-        t, outs = timed(run(fn), (x, *ws), reps)
+        t, outs = timed(run(fn), (xs, *ws), reps)
       except Exception as e:  # noqa: BLE001 (a config Triton rejects)
         print(name, bn, bk, stages, splitk, 'failed', str(e)[:200], flush=True); continue
       row = dict(shape=name, K=K, N=N, variant=f'pallas bn{bn} bk{bk} st{stages} sk{splitk}',

@@ -37,13 +37,13 @@ for preset in os.environ.get('PRESETS', 'llama3-8b,smollm2-135m').split(','):
   long_, short = traced(NEW), traced(1)
   agg = {n: [v[0] - short.get(n, [0, 0])[0], v[1] - short.get(n, [0, 0])[1]] for n, v in long_.items()}
   agg = {n: v for n, v in agg.items() if v[1] > 0}
-  k = [None] * sum(v[1] for v in agg.values())
+  calls = sum(v[1] for v in agg.values())
   per = (NEW - 1) * config.num_layers
   rows = [dict(kernel=n, us_per_layer_token=d_ / per, calls_per_layer_token=c / per, us_per_call=d_ / c)
           for n, (d_, c) in sorted(agg.items(), key=lambda x: -x[1][0])]
   summary = dict(preset=preset, new_tokens=NEW, wall_ms_per_token_untraced=[1e3 * w / NEW for w in walls],
                  busy_ms_per_token=sum(v[0] for v in agg.values()) / 1e3 / (NEW - 1),
-                 kernels_per_token=len(k) / (NEW - 1), jax=jax.__version__, kernels=rows)
+                 kernels_per_token=calls / (NEW - 1), jax=jax.__version__, kernels=rows)
   json.dump(summary, open(f'{OUT}/plain_kernels_{preset}.json', 'w'), indent=1)
   print(preset, {k_: v for k_, v in summary.items() if k_ != 'kernels'}, flush=True)
   for r in rows[:24]:
