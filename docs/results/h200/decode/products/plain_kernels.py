@@ -2,7 +2,11 @@
 
 Random bf16 weights of each preset (the planted family's generator, per-layer layout), an
 860-token prompt; a 48-token generation traced, less a 1-token one (the prefill's kernels).
-Writes plain_kernels_<preset>.json under $OUT."""
+Writes plain_kernels_<preset>.json under $OUT, and the optimized HLO of the plain segment the
+generations ran, <preset>_plain_segment0.hlo.txt.gz (what `layer_map/layer_kernels.py` reads).
+
+The HLO dump was added for the run of `layer_map/` (commit af3428d); the JSONs beside this
+script come from the same code without it (commit ec6b150; the library is the same at both)."""
 import collections, glob, gzip, json, os, tempfile
 import numpy as np
 import jax
@@ -45,6 +49,10 @@ for preset in os.environ.get('PRESETS', 'llama3-8b,smollm2-135m').split(','):
                  busy_ms_per_token=sum(v[0] for v in agg.values()) / 1e3 / (NEW - 1),
                  kernels_per_token=calls / (NEW - 1), jax=jax.__version__, kernels=rows)
   json.dump(summary, open(f'{OUT}/plain_kernels_{preset}.json', 'w'), indent=1)
+  for kind, fn in d._segments.items():  # the compiled programs, as XLA optimized them
+    for i, executable in enumerate(fn._compiled.values()):
+      with gzip.open(f'{OUT}/{preset}_{kind}_segment{i}.hlo.txt.gz', 'wt') as f:
+        f.write(executable.as_text())
   print(preset, {k_: v for k_, v in summary.items() if k_ != 'kernels'}, flush=True)
   for r in rows[:24]:
     print(f"{r['us_per_layer_token']:8.2f} us/layer-token {r['calls_per_layer_token']:5.2f} calls {r['us_per_call']:7.1f} us/call  {r['kernel'][:90]}")
