@@ -235,6 +235,9 @@ def test_summary_command_is_portable(tmp_path, monkeypatch):
       "--questions /data/q.jsonl '--cache_dir=/tmp/my cache'")
   assert bench.portable_command([str(cwd / 'scripts/bench.py'), '--resume']) == (
       'python scripts/bench.py --resume')
+  assert bench.portable_command(['python', '-m', 'clasp_jax.cli.bench',
+                                 f'--out_dir={cwd}/runs/b']) == (
+      'python -m clasp_jax.cli.bench --out_dir=runs/b')
   assert bench.portable_path(str(cwd)) == '.'
   assert bench.portable_path(str(home / '.cache/clasp_jax')) == '~/.cache/clasp_jax'
 

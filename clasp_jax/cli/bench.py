@@ -139,23 +139,36 @@ def portable_path(path: str) -> str:
 
 def portable_command(argv: Sequence[str]) -> str:
   """The command line as one can type it again: the console script by its name, a Python file
-  after `python`, each path portable (see `portable_path`), quoted for the shell where needed.
+  after `python`, a module after `python -m` (`argv` then `['python', '-m', module, ...]`),
+  each path portable (see `portable_path`), quoted for the shell where needed.
 
   A `~` is left unquoted: the shell expands it at the start of a word, and the CLIs expand it
   in every path flag.
   """
-  program = argv[0]
-  if program.endswith('.py'):
+  program, args = argv[0], argv[1:]
+  if args[:1] == ['-m']:
+    words, args = ['python', '-m', args[1]], args[2:]
+  elif program.endswith('.py'):
     words = ['python', portable_path(program)]
   else:
     words = [os.path.basename(program)]
-  for arg in argv[1:]:
+  for arg in args:
     name, sep, value = arg.partition('=')
     if arg.startswith('-') and sep:
       words.append(f'{name}={portable_path(value)}')
     else:
       words.append(portable_path(arg))
   return ' '.join(w if _SHELL_SAFE.fullmatch(w) else shlex.quote(w) for w in words)
+
+
+def _typed_argv() -> list[str]:
+  """`sys.argv` as `portable_command` wants it: run as `python -m <module>`, `sys.argv[0]` is
+  the module's file, so the module's name comes from `sys.orig_argv` (the interpreter's own
+  options left out)."""
+  before_args = sys.orig_argv[:len(sys.orig_argv) - len(sys.argv) + 1]  # ..., '-m', module
+  if before_args[-2:-1] == ['-m']:
+    return ['python', '-m', before_args[-1], *sys.argv[1:]]
+  return sys.argv
 
 
 def _method_settings(generator: specbench.Generator) -> str:
@@ -182,7 +195,7 @@ def run_header(model: weights.LoadedModel, generators: dict[str, specbench.Gener
   lines = [
       '# Spec-Bench summary',
       '',
-      f'- command: `{portable_command(sys.argv)}`',
+      f'- command: `{portable_command(_typed_argv())}`',
       f'- date: {datetime.datetime.now().astimezone().isoformat(timespec="seconds")}',
       f'- model: {model_name} ({model.config.num_layers} layers, {dtype})',
       f'- device: {jax.devices()[0].device_kind}, jax {jax.__version__}',
