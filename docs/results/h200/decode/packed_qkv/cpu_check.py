@@ -3,8 +3,8 @@ kernel against the library's on one chunk, and the patched layer against `model.
 
   python docs/results/h200/decode/packed_qkv/cpu_check.py   # from the repository root
 """
-import os, sys
-os.environ.setdefault('OUT', '.')
+import os, sys, tempfile
+os.environ['OUT'] = tempfile.mkdtemp()  # packed_qkv.py writes its (empty) results there
 os.environ['PRESETS'] = ''  # packed_qkv.py's functions only, no run
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), 'tests']
 import numpy as np
