@@ -21,6 +21,12 @@ Together with matrix products whose shapes do not depend on the pass (see
 `engine.DEFAULT_PASS_WIDTH`) this makes every full-model pass compute a token's logits the
 same way. This module is the plain `jnp` version: the CPU and TPU path, and the reference
 that `attention_pallas` (the fused GPU kernel) is tested against.
+
+Every attention here and in `attention_pallas` takes the chunk's queries, keys and values as
+three arrays, or packed into one (`k` and `v` then None): [B, T, n, H/n + 2 KV/n, hd], shard
+i's query, key and value heads side by side, as the fused q/k/v product lays them out
+(`model.fuse_projections`). Packed, one kernel makes all three and the fused kernel reads
+them where they are (see `split_packed`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,20 @@ import jax.numpy as jnp
 
 #: Keys are reduced in blocks of this many absolute positions; cache capacities are multiples.
 ATTENTION_BLOCK = 128
+
+
+def split_packed(qkv_BTnNh: jax.Array, num_kv_heads: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q [B, T, H, hd], k and v [B, T, KV, hd] out of a packed array (see the module docstring).
+
+  A plain `jnp` split, for attentions that take three arrays; the fused kernel reads the
+  packed array in place instead.
+  """
+  B, T, n, N, hd = qkv_BTnNh.shape
+  kv = num_kv_heads // n  # KV heads per shard
+  q_BTnGh, k_BTnKh, v_BTnKh = jnp.split(qkv_BTnNh, [N - 2 * kv, N - kv], axis=3)
+  return (q_BTnGh.reshape(B, T, -1, hd), k_BTnKh.reshape(B, T, -1, hd),
+          v_BTnKh.reshape(B, T, -1, hd))
 
 
 def merged_block(cache_LBSKh: jax.Array, chunk_BTKh: jax.Array, layer: jax.Array | int,
@@ -62,9 +82,9 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   only read.
 
   Args:
-    q_BTHh: roped queries of the chunk.
-    k_BTKh: the chunk's roped keys.
-    v_BTKh: the chunk's values.
+    q_BTHh: roped queries of the chunk (or q, k and v packed, see `split_packed`).
+    k_BTKh: the chunk's roped keys (None when packed).
+    v_BTKh: the chunk's values (None when packed).
     cache_k_LBSKh: every layer's cached keys; S a multiple of ATTENTION_BLOCK.
     cache_v_LBSKh: every layer's cached values.
     layer: which layer's cache to read (static or traced).
@@ -73,6 +93,8 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   Returns:
     The attention output [B, T, H*hd] in the queries' dtype.
   """
+  if k_BTKh is None:
+    q_BTHh, k_BTKh, v_BTKh = split_packed(q_BTHh, cache_k_LBSKh.shape[3])
   B, T, H, hd = q_BTHh.shape
   KV = k_BTKh.shape[2]
   G = H // KV
@@ -118,6 +140,8 @@ def prefix_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   Returns:
     The attention output [1, T, H*hd] in the queries' dtype.
   """
+  if k_BTKh is None:
+    q_BTHh, k_BTKh, v_BTKh = split_packed(q_BTHh, cache_k_LBSKh.shape[3])
   T = q_BTHh.shape[1]
   k_1SKh, v_1SKh = cache_k_LBSKh[layer, :1], cache_v_LBSKh[layer, :1]
   prefix_11S = (jnp.arange(cache_k_LBSKh.shape[2]) < pos)[None, None]

@@ -68,13 +68,15 @@ def split_size(num_kv_heads: int) -> int:
 
 def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_v_ref,
                   m_ref, l_ref, o_ref, *, num_tokens: int, group: int, own_keys: bool,
-                  split: int):
+                  split: int, stride: tuple[int, int], kv_offsets: tuple[int, int]):
   """One (KV head, row block, split) program: the online softmax over the split's keys.
 
-  Refs: start_ref, layer_ref int32 scalars; q_ref [T * H, hd] (the chunk's queries as the
-  caller holds them: row t * H + h is token t's query head h); k_ref, v_ref [T * KV, hd] (the
-  chunk's keys and values, in the cache's dtype, row t * KV + k); cache_k_ref, cache_v_ref
-  the whole [L, S, KV, hd] caches (batch squeezed); m_ref, l_ref [R] and o_ref [R, hd] the
+  Refs: start_ref, layer_ref int32 scalars; q_ref [T * stride[0], hd] (the chunk's queries as
+  the caller holds them: row t * stride[0] + h is token t's query head h); k_ref, v_ref
+  [T * stride[1], hd] (the chunk's keys and values, in the cache's dtype, row t * stride[1] +
+  kv_offsets[0 or 1] + k): three arrays (strides H and KV, offsets 0) or one packed array
+  passed three times (strides H + 2 KV, offsets H and H + KV); cache_k_ref, cache_v_ref the
+  whole [L, S, KV, hd] caches (batch squeezed); m_ref, l_ref [R] and o_ref [R, hd] the
   split's float32 statistics for the program's R rows (row r of the KV head being token
   r // G, query head r % G). Every input is read in place: no layout copies around the call.
   `own_keys` False: every row sees the cache below `start` only (see `prefix_attention`);
@@ -86,12 +88,11 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
   start = start_ref[()]
   layer = layer_ref[()]
   R, hd = o_ref.shape
-  num_kv = cache_k_ref.shape[2]
   hd_h = jnp.arange(hd, dtype=jnp.int32)
   # The program's rows of this KV head: token x // G, query head kv * G + x % G; rows from
   # T * G on are padding, loaded as zeros (their results are never read).
   x_R = row_block * R + jnp.arange(R, dtype=jnp.int32)
-  q_row_R = lax.div(x_R, group) * (num_kv * group) + kv * group + lax.rem(x_R, group)
+  q_row_R = lax.div(x_R, group) * stride[0] + kv * group + lax.rem(x_R, group)
   real_R = x_R < num_tokens * group
   q_Rh = plgpu.load(q_ref.at[jnp.where(real_R, q_row_R, 0)[:, None], hd_h[None, :]],
                     mask=jnp.broadcast_to(real_R[:, None], (R, hd)), other=0)
@@ -108,12 +109,12 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
   num_blocks = lax.div(span + KEY_BLOCK - 1, KEY_BLOCK)
   num_cached = jnp.minimum(lax.div(jnp.maximum(start - split_start, 0), KEY_BLOCK), num_blocks)
 
-  def cached(cache_ref, chunk_ref, block_start, pos_C):
+  def cached(cache_ref, chunk_ref, offset, block_start, pos_C):
     """[KEY_BLOCK, hd] keys (or values) of a block wholly below `start`: the cache's."""
-    del chunk_ref, pos_C
+    del chunk_ref, offset, pos_C
     return plgpu.load(cache_ref.at[layer, pl.ds(block_start, KEY_BLOCK), kv, :])
 
-  def merged(cache_ref, chunk_ref, block_start, pos_C):
+  def merged(cache_ref, chunk_ref, offset, block_start, pos_C):
     """[KEY_BLOCK, hd] keys (or values) at positions pos_C = [block_start, + KEY_BLOCK): the
     cache's below `start`, the chunk's in [start, start + T), zeros after (as
     `attention.merged_block`, except that it never reads the cache at or after `start`)."""
@@ -122,19 +123,19 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
                            mask=jnp.broadcast_to((pos_C < start)[:, None], shape), other=0)
     row_C = pos_C - start
     in_chunk_C = (row_C >= 0) & (row_C < num_tokens)
-    chunk_row_C = jnp.clip(row_C, 0, num_tokens - 1) * num_kv + kv
+    chunk_row_C = jnp.clip(row_C, 0, num_tokens - 1) * stride[1] + offset + kv
     chunk_Ch = plgpu.load(chunk_ref.at[chunk_row_C[:, None], hd_h[None, :]],
                           mask=jnp.broadcast_to(in_chunk_C[:, None], shape), other=0)
     return jnp.where(in_chunk_C[:, None], chunk_Ch, cached_Ch)
 
   def block(b, carry, keys):
-    """One block's update of the online softmax; `keys(cache_ref, chunk_ref, block_start,
-    pos_C)` loads its keys or values."""
+    """One block's update of the online softmax; `keys(cache_ref, chunk_ref, offset,
+    block_start, pos_C)` loads its keys or values."""
     m_R, l_R, o_Rh = carry
     block_start = split_start + b * KEY_BLOCK
     pos_C = block_start + jnp.arange(KEY_BLOCK, dtype=jnp.int32)
-    k_Ch = keys(cache_k_ref, k_ref, block_start, pos_C)
-    v_Ch = keys(cache_v_ref, v_ref, block_start, pos_C)
+    k_Ch = keys(cache_k_ref, k_ref, kv_offsets[0], block_start, pos_C)
+    v_Ch = keys(cache_v_ref, v_ref, kv_offsets[1], block_start, pos_C)
     visible_RC = pos_C[None, :] <= last_R[:, None]
     # HIGHEST: float32 products in IEEE float32 (Triton would use TF32 otherwise).
     s_RC = lax.dot_general(q_Rh, k_Ch, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
@@ -176,8 +177,9 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
     is token t's query head g of that KV head; rows from T * G on are padding), the running
     maximum, the sum of the weights and the unnormalized output.
   """
-  B, T, H, hd = q_BTHh.shape
-  L, _, S, KV, _ = cache_k_LBSKh.shape
+  L, _, S, KV, hd = cache_k_LBSKh.shape
+  B, T = q_BTHh.shape[:2]
+  H = _num_heads(q_BTHh, k_BTKh, KV)
   G = H // KV
   dtype = cache_k_LBSKh.dtype
   assert B == 1, f'batch 1 only, got {B}'
@@ -191,8 +193,14 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   num_splits = pl.cdiv(S, split)
   X = num_row_blocks * rows
   # Free reshapes: the kernel reads the chunk's rows where they are.
-  q_Xh = q_BTHh[0].reshape(T * H, hd)
-  k_Xh, v_Xh = (x[0].astype(dtype).reshape(T * KV, hd) for x in (k_BTKh, v_BTKh))
+  if k_BTKh is None:  # packed, one shard (a mesh runs the kernel per device)
+    assert q_BTHh.shape[2] == 1, f'packed q/k/v of {q_BTHh.shape[2]} shards on one device'
+    q_Xh = k_Xh = v_Xh = q_BTHh[0].reshape(T * (H + 2 * KV), hd)
+    stride, kv_offsets = (H + 2 * KV,) * 2, (H, H + KV)
+  else:
+    q_Xh = q_BTHh[0].reshape(T * H, hd)
+    k_Xh, v_Xh = (x[0].astype(dtype).reshape(T * KV, hd) for x in (k_BTKh, v_BTKh))
+    stride, kv_offsets = (H, KV), (0, 0)
 
   scalar_spec = pl.BlockSpec((), lambda k, r, p: ())
   def whole_spec(rows):
@@ -202,10 +210,10 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   stat_spec = pl.BlockSpec((None, None, rows), lambda k, r, p: (p, k, r))
   return pl.pallas_call(
       functools.partial(_split_kernel, num_tokens=T, group=G, own_keys=own_keys,
-                        split=split),
+                        split=split, stride=stride, kv_offsets=kv_offsets),
       grid=(KV, num_row_blocks, num_splits),
-      in_specs=[scalar_spec, scalar_spec, whole_spec(T * H), whole_spec(T * KV),
-                whole_spec(T * KV), cache_spec, cache_spec],
+      in_specs=[scalar_spec, scalar_spec, whole_spec(q_Xh.shape[0]), whole_spec(k_Xh.shape[0]),
+                whole_spec(v_Xh.shape[0]), cache_spec, cache_spec],
       out_specs=[stat_spec, stat_spec,
                  pl.BlockSpec((None, None, rows, hd), lambda k, r, p: (p, k, r, 0))],
       out_shape=[jax.ShapeDtypeStruct((num_splits, KV, X), jnp.float32),
@@ -216,6 +224,11 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
       name='cache_attention',
   )(jnp.asarray(start, jnp.int32), jnp.asarray(layer, jnp.int32), q_Xh, k_Xh, v_Xh,
     cache_k_LBSKh, cache_v_LBSKh)
+
+
+def _num_heads(q_BTHh: jax.Array, k_BTKh: jax.Array | None, num_kv: int) -> int:
+  """H, from the queries, or from a packed q/k/v of one shard (k None)."""
+  return q_BTHh.shape[2] if k_BTKh is not None else q_BTHh.shape[3] - 2 * num_kv
 
 
 # The kernels below are jitted with `inline=True`: a program that calls one per layer (the
@@ -238,9 +251,10 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
   `start` and the chunk's own keys from `start` on. The cache is only read.
 
   Args:
-    q_BTHh: roped queries of the chunk (B = 1; T <= 64 or so; hd a power of two >= 16).
-    k_BTKh: the chunk's roped keys.
-    v_BTKh: the chunk's values.
+    q_BTHh: roped queries of the chunk (B = 1; T <= 64 or so; hd a power of two >= 16), or
+      q, k and v packed (`attention.split_packed`, one shard), read in place.
+    k_BTKh: the chunk's roped keys (None when packed).
+    v_BTKh: the chunk's values (None when packed).
     cache_k_LBSKh: every layer's cached keys, in the queries' dtype; S a multiple of
       `attention.ATTENTION_BLOCK`.
     cache_v_LBSKh: every layer's cached values.
@@ -252,7 +266,8 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
     The attention output [B, T, H*hd] in the queries' dtype.
   """
   assert cache_k_LBSKh.shape[2] % attention_lib.ATTENTION_BLOCK == 0, cache_k_LBSKh.shape
-  B, T, H, _ = q_BTHh.shape
+  B, T = q_BTHh.shape[:2]
+  H = _num_heads(q_BTHh, k_BTKh, cache_k_LBSKh.shape[3])
   m_PKX, l_PKX, o_PKXh = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh,
                                      layer, start, interpret=interpret)
   _, l_KX, o_KXh = _fold(m_PKX, l_PKX, o_PKXh)
@@ -272,6 +287,8 @@ def prefix_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Ar
   the reference beyond closeness. Args and returns as `cache_attention_pallas`, `pos` for
   `start`.
   """
+  if k_BTKh is None:  # packed (its own keys are merged outside the kernel: three arrays)
+    q_BTHh, k_BTKh, v_BTKh = attention_lib.split_packed(q_BTHh, cache_k_LBSKh.shape[3])
   B, T, H, hd = q_BTHh.shape
   KV = k_BTKh.shape[2]
   G = H // KV

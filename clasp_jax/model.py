@@ -39,8 +39,9 @@ from clasp_jax.cache import KVCache
 from clasp_jax.config import LlamaConfig
 
 Params = dict[str, Any]
-#: (q_BTHh, k_BTKh, v_BTKh) -> attention output [B, T, H*hd], for one layer and chunk.
-Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+#: (q_BTHh, k_BTKh, v_BTKh) -> attention output [B, T, H*hd], for one layer and chunk; with
+#: k and v None, q holds q, k and v packed (`attention.split_packed`).
+Attend = Callable[[jax.Array, jax.Array | None, jax.Array | None], jax.Array]
 #: The cache attention: `attention.cache_attention`'s signature.
 Attention = Callable[..., jax.Array]
 
@@ -133,36 +134,43 @@ def rope_tables(config: LlamaConfig, positions_BT: jax.Array) -> tuple[jax.Array
   return jnp.cos(emb_BTh), jnp.sin(emb_BTh)
 
 
-def _apply_rope(x_BTNh: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
-  """Rotates q or k (HF's rotate_half convention), in float32."""
-  x32_BTNh = x_BTNh.astype(jnp.float32)
-  x1, x2 = jnp.split(x32_BTNh, 2, axis=-1)
-  rotated_BTNh = jnp.concatenate([-x2, x1], axis=-1)
-  out_BTNh = x32_BTNh * cos_BTh[:, :, None] + rotated_BTNh * sin_BTh[:, :, None]
-  return out_BTNh.astype(x_BTNh.dtype)
+def _apply_rope(x_BT_h: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array,
+                roped_N: jax.Array | None = None) -> jax.Array:
+  """Rotates q or k heads (HF's rotate_half convention), in float32; `x_BT_h` is [B, T, ...,
+  hd]. With `roped_N` (bool over the second-to-last axis), only those heads, the others
+  passed through as they are (the values of a packed q/k/v)."""
+  x32_BT_h = x_BT_h.astype(jnp.float32)
+  x1, x2 = jnp.split(x32_BT_h, 2, axis=-1)
+  rotated_BT_h = jnp.concatenate([-x2, x1], axis=-1)
+  heads = (slice(None), slice(None)) + (None,) * (x_BT_h.ndim - 3)  # cos/sin over the heads
+  out_BT_h = x32_BT_h * cos_BTh[heads] + rotated_BT_h * sin_BTh[heads]
+  if roped_N is not None:
+    out_BT_h = jnp.where(roped_N[:, None], out_BT_h, x32_BT_h)
+  return out_BT_h.astype(x_BT_h.dtype)
 
 
 def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
-         sin_BTh: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Pre-attention norm and projections: roped q [B,T,H,hd], k and v [B,T,KV,hd], and h."""
+         sin_BTh: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+  """Pre-attention norm and projections, q and k roped: packed [B, T, n, H/n + 2 KV/n, hd]
+  when q/k/v are fused (`fuse_projections`; see `attention.split_packed`), else q [B, T, H,
+  hd], k and v [B, T, KV, hd]."""
   B, T, _ = x_BTD.shape
+  hd = config.head_dim
   h_BTD = rms_norm(x_BTD, lp['attn_norm'], config.rms_norm_eps)
-  if 'w_qkv' in lp:  # fused per shard (see `fuse_projections`)
+  if 'w_qkv' in lp:  # fused per shard: one product, one kernel for q, k and v after it
     qkv_BTnY = _fused_matmul(h_BTD, lp['w_qkv'])
     if config.attention_bias:
       qkv_BTnY = qkv_BTnY + lp['b_qkv']
     n = qkv_BTnY.shape[2]
-    q_dim = config.num_heads // n * config.head_dim
-    q_BTnY, k_BTnY, v_BTnY = jnp.split(
-        qkv_BTnY, [q_dim, q_dim + config.num_kv_heads // n * config.head_dim], axis=-1)
-    q_BTq, k_BTk, v_BTk = (x.reshape(B, T, -1) for x in (q_BTnY, k_BTnY, v_BTnY))
-  else:
-    q_BTq, k_BTk, v_BTk = h_BTD @ lp['wq'], h_BTD @ lp['wk'], h_BTD @ lp['wv']
-    if config.attention_bias:
-      q_BTq, k_BTk, v_BTk = q_BTq + lp['bq'], k_BTk + lp['bk'], v_BTk + lp['bv']
-  q_BTHh = q_BTq.reshape(B, T, config.num_heads, config.head_dim)
-  k_BTKh = k_BTk.reshape(B, T, config.num_kv_heads, config.head_dim)
-  v_BTKh = v_BTk.reshape(B, T, config.num_kv_heads, config.head_dim)
+    qkv_BTnNh = qkv_BTnY.reshape(B, T, n, -1, hd)
+    roped_N = jnp.arange(qkv_BTnNh.shape[3]) < (config.num_heads + config.num_kv_heads) // n
+    return _apply_rope(qkv_BTnNh, cos_BTh, sin_BTh, roped_N)
+  q_BTq, k_BTk, v_BTk = h_BTD @ lp['wq'], h_BTD @ lp['wk'], h_BTD @ lp['wv']
+  if config.attention_bias:
+    q_BTq, k_BTk, v_BTk = q_BTq + lp['bq'], k_BTk + lp['bk'], v_BTk + lp['bv']
+  q_BTHh = q_BTq.reshape(B, T, config.num_heads, hd)
+  k_BTKh = k_BTk.reshape(B, T, config.num_kv_heads, hd)
+  v_BTKh = v_BTk.reshape(B, T, config.num_kv_heads, hd)
   return (_apply_rope(q_BTHh, cos_BTh, sin_BTh), _apply_rope(k_BTKh, cos_BTh, sin_BTh),
           v_BTKh)
 
@@ -192,22 +200,32 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
     sin_BTh: RoPE sin table of the chunk's positions.
     attend: (q_BTHh, k_BTKh, v_BTKh) -> attention output [B, T, H*hd]: what the chunk's
       queries see besides their own keys is the caller's (the cache, or a prefix of it).
+      With fused q/k/v it is handed them packed (k and v None, see `Attend`).
 
   Returns:
     The layer output [B, T, D] and the chunk's roped keys and values [B, T, KV, hd].
   """
-  q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
   # One computation of the keys and values for the attention and for the cache write. Left
   # to itself XLA may fuse them into both consumers, each fusion summing a split-K product's
   # partials and roping on its own (seen on an H200 at the LLaMA-3-8B shape), so that now and
   # then the keys a pass attends to differ in a bit from those it caches, and a later pass
-  # reading them computes another token than a verified draft's: exactness lost.
-  k_BTKh, v_BTKh = jax.lax.optimization_barrier((k_BTKh, v_BTKh))
+  # reading them computes another token than a verified draft's: exactness lost. Packed,
+  # q, k and v come out of that one computation together (one kernel on a GPU, where three
+  # read the product's partial sums unpacked: docs/results/h200/decode/packed_qkv/).
+  qkv = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+  if isinstance(qkv, tuple):
+    q_BTHh, k_BTKh, v_BTKh = qkv
+    k_BTKh, v_BTKh = jax.lax.optimization_barrier((k_BTKh, v_BTKh))
+    attend_args = (q_BTHh, k_BTKh, v_BTKh)
+  else:
+    qkv_BTnNh = jax.lax.optimization_barrier(qkv)
+    _, k_BTKh, v_BTKh = attention_lib.split_packed(qkv_BTnNh, config.num_kv_heads)
+    attend_args = (qkv_BTnNh, None, None)
   # Likewise the output projection's input comes through a barrier, so that its kernel is
   # the same whatever produced the attention output (a pass with riders, `Ride`, writes
   # their rows into it): a product fused with another producer may be tuned to another
   # split of its sum, which would round the real rows differently.
-  attn_BTq = jax.lax.optimization_barrier(attend(q_BTHh, k_BTKh, v_BTKh))
+  attn_BTq = jax.lax.optimization_barrier(attend(*attend_args))
   return _finish_layer(lp, config, x_BTD, attn_BTq), k_BTKh, v_BTKh
 
 
@@ -412,10 +430,12 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     x_BTD = jax.lax.optimization_barrier(x_BTD)
 
     def run(x_BTD):
-      def attend(q_BTHh, k_BTKh, v_BTKh):
+      def attend(q_BTHh, k_BTKh, v_BTKh):  # k and v None: q packed
         out_BTq = attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh, cache.v_LBSKh, i, start)
         if ride is None:
           return out_BTq
+        if k_BTKh is None:
+          q_BTHh, k_BTKh, v_BTKh = attention_lib.split_packed(q_BTHh, config.num_kv_heads)
         rows = ride.rows
         riders_BFq = ride.attention(q_BTHh[:, rows], k_BTKh[:, rows], v_BTKh[:, rows],
                                     cache.k_LBSKh, cache.v_LBSKh, i, ride.pos)
@@ -509,7 +529,8 @@ def sublayer_stats(params: Params, config: LlamaConfig, tokens_BT: jax.Array, ca
   cos_BTh, sin_BTh = rope_tables(config, start + jnp.broadcast_to(jnp.arange(T), (B, T)))
 
   def step(a, lp, x_BTD):
-    q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+    qkv = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+    q_BTHh, k_BTKh, v_BTKh = qkv if isinstance(qkv, tuple) else (qkv, None, None)  # or packed
     attn_BTq = attention_lib.cache_attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh,
                                              cache.v_LBSKh, a, start)
     attn_BTD = attn_BTq @ lp['wo']

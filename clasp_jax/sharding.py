@@ -361,19 +361,35 @@ def shard_attention(attention: model_lib.Attention, config: LlamaConfig, mesh: M
   axes = mesh_axes(config, n)
   heads = PartitionSpec(None, None, axes[HEADS], None)
   kv = PartitionSpec(None, None, axes[KV_HEADS], None)
+  # A packed q/k/v [B, T, n, N/n, hd] (fused per shard: KV heads split, `fuse_qkv`): shard i
+  # holds device i's q, k and v heads.
+  packed = PartitionSpec(None, None, axes[SHARDS], None, None)
   cache = partition_spec('k_LBSKh', 5, config, n)
+  scalar = PartitionSpec()
   if kernel:
-    mapped = jax.shard_map(attention, mesh=view,
-                           in_specs=(heads, kv, kv, cache, cache, PartitionSpec(),
-                                     PartitionSpec()),
-                           out_specs=PartitionSpec(None, None, axes[HEADS]), check_vma=False)
-    return lambda q, k, v, cache_k, cache_v, layer, start: mapped(
-        q, k, v, cache_k, cache_v, jnp.asarray(layer, jnp.int32), jnp.asarray(start, jnp.int32))
+    out = PartitionSpec(None, None, axes[HEADS])
+    apart = jax.shard_map(attention, mesh=view, out_specs=out, check_vma=False,
+                          in_specs=(heads, kv, kv, cache, cache, scalar, scalar))
+    together = jax.shard_map(
+        lambda qkv, *rest: attention(qkv, None, None, *rest), mesh=view, out_specs=out,
+        check_vma=False, in_specs=(packed, cache, cache, scalar, scalar))
+
+    def mapped(q, k, v, cache_k, cache_v, layer, start):
+      layer, start = jnp.asarray(layer, jnp.int32), jnp.asarray(start, jnp.int32)
+      if k is None:
+        return together(q, cache_k, cache_v, layer, start)
+      return apart(q, k, v, cache_k, cache_v, layer, start)
+
+    return mapped
 
   def constrained(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start):
     pin = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(view, spec))
-    return attention(pin(q_BTHh, heads), pin(k_BTKh, kv), pin(v_BTKh, kv),
-                     pin(cache_k_LBSKh, cache), pin(cache_v_LBSKh, cache), layer, start)
+    if k_BTKh is None:
+      q_BTHh = pin(q_BTHh, packed)
+    else:
+      q_BTHh, k_BTKh, v_BTKh = pin(q_BTHh, heads), pin(k_BTKh, kv), pin(v_BTKh, kv)
+    return attention(q_BTHh, k_BTKh, v_BTKh, pin(cache_k_LBSKh, cache),
+                     pin(cache_v_LBSKh, cache), layer, start)
 
   return constrained
 

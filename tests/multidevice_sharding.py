@@ -182,3 +182,23 @@ def test_pallas_kernel_runs_per_device_on_its_own_heads(mesh):
   out = sharded(q, k, v, *caches, 1, start)
   want = attention.cache_attention(q, k, v, *caches, 1, start)
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_kernel_reads_each_devices_packed_heads():
+  """q, k and v packed per shard (device i's [q_i k_i v_i], as the fused q/k/v product lays
+  them out) on 2 devices: the kernel per device gives the one-device reference's output."""
+  config = tiny.tiny_config()
+  mesh = sharding.make_mesh('tp:2')
+  rng = np.random.default_rng(1)
+  T, S, start = 4, 256, 130
+  H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+  q, k, v = normal(1, T, H, hd), normal(1, T, KV, hd), normal(1, T, KV, hd)
+  caches = [normal(2, 1, S, KV, hd) for _ in range(2)]
+  packed = jnp.stack([jnp.concatenate([x.reshape(1, T, 2, -1, hd)[:, :, i] for x in (q, k, v)],
+                                      axis=2) for i in range(2)], axis=2)
+  kernel = functools.partial(attention_pallas.cache_attention_pallas, interpret=True)
+  sharded = jax.jit(sharding.shard_attention(kernel, config, mesh, kernel=True))
+  out = sharded(packed, None, None, *caches, 1, start)
+  want = attention.cache_attention(q, k, v, *caches, 1, start)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)

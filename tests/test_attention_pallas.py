@@ -202,3 +202,33 @@ def test_a_program_traces_the_kernel_once_and_is_unchanged_by_it(monkeypatch):
                       attention_pallas.cache_attention_pallas.__wrapped__)
   assert decoder().lower(20, 8, 'cuda')['plain'].as_text(debug_info=False) == once
   assert len(traces) == 1 + config.num_layers
+
+
+@pytest.mark.parametrize('prefix', [False, True])
+def test_packed_qkv_gives_the_three_arrays_results(prefix):
+  """q, k and v packed into one array (k and v None; `attention.split_packed`) give the kernel,
+  and the reference, bit for bit what the three arrays give (the kernel reads the packed
+  array in place; a chunk across a key block, past a split)."""
+  T, G, S, start = 16, 3, 384, 300
+  q, k, v, cache_k, cache_v = _case(_rng('packed', prefix), jnp.bfloat16, T, G, S, start, GARBAGE)
+  packed_BTnNh = jnp.concatenate([q, k, v], axis=2)[:, :, None]  # one shard
+  for apart, together in zip(
+      _kernel_and_reference(q, k, v, cache_k, cache_v, jnp.int32(LAYER), jnp.int32(start),
+                            static_layer=LAYER, prefix=prefix),
+      _kernel_and_reference(packed_BTnNh, None, None, cache_k, cache_v, jnp.int32(LAYER),
+                            jnp.int32(start), static_layer=LAYER, prefix=prefix)):
+    np.testing.assert_array_equal(np.asarray(together, np.float32),
+                                  np.asarray(apart, np.float32))
+
+
+def test_split_packed_takes_each_shards_heads():
+  """Packed for two shards, shard i holding [q_i k_i v_i]: q, k and v come back with the
+  heads in order (shard 0's, then shard 1's)."""
+  H, KV_, hd = 4, 2, 3
+  q, k, v = (jnp.arange(n * hd).reshape(1, 1, n, hd) + base
+             for n, base in ((H, 0), (KV_, 100), (KV_, 200)))
+  per_shard = [jnp.concatenate([x.reshape(1, 1, 2, -1, hd)[:, :, i] for x in (q, k, v)], axis=2)
+               for i in range(2)]
+  got = attention.split_packed(jnp.stack(per_shard, axis=2), KV_)
+  for a, b in zip(got, (q, k, v)):
+    np.testing.assert_array_equal(a, b)

@@ -134,32 +134,50 @@ def test_the_check_can_fail(tiny_model):
              for k in wide if k[0] != 'plain')
 
 
-def test_a_layer_attends_to_the_keys_and_values_it_caches(tiny_model):
+@pytest.mark.parametrize('packed', [False, True])
+def test_a_layer_attends_to_the_keys_and_values_it_caches(tiny_model, packed):
   """The attention and the cache write take one computation of a layer's keys and values.
 
   On an H200 at the LLaMA-3-8B shape XLA fused the roped keys into both consumers, each
   fusion summing the split-K partials on its own, and a later pass then attended to keys that
   differed in a bit from those the verify pass saw (scripts/check_determinism.py found it; the
   CPU here does not show it). So this checks the structure that rules it out: what `decoder_layer`
-  hands the attention and returns for the cache is one optimization barrier's output."""
+  hands the attention and returns for the cache comes out of one optimization barrier, with
+  q/k/v unfused (three arrays) and fused (one packed array, k and v sliced from it)."""
   config, params = tiny_model
-  lp = model_lib.layer_params(params, 0)
+  lp = model_lib.layer_params(model_lib.unstack_layers(params) if packed else params, 0)
+  assert ('w_qkv' in lp) == packed
   handed = {}
 
   def attend(q_BTHh, k_BTKh, v_BTKh):
-    handed['kv'] = (k_BTKh, v_BTKh)
-    return q_BTHh.reshape(q_BTHh.shape[:2] + (-1,))
+    handed['args'] = (q_BTHh, k_BTKh, v_BTKh)
+    return jnp.zeros(q_BTHh.shape[:2] + (config.num_heads * config.head_dim,), q_BTHh.dtype)
 
   def layer_kv(x_BTD):
     cos_BTh, sin_BTh = model_lib.rope_tables(config, jnp.arange(4)[None])
     _, k_BTKh, v_BTKh = model_lib.decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, attend)
-    assert handed['kv'][0] is k_BTKh and handed['kv'][1] is v_BTKh
-    return k_BTKh, v_BTKh
+    q, k, v = handed['args']
+    return (k, v) if k is not None else (q,), (k_BTKh, v_BTKh)
 
   jaxpr = jax.make_jaxpr(layer_kv)(jnp.ones((1, 4, config.hidden_size), jnp.bfloat16)).jaxpr
   from_barrier = {id(v) for eqn in jaxpr.eqns if eqn.primitive.name == 'optimization_barrier'
                   for v in eqn.outvars}
-  assert all(id(v) in from_barrier for v in jaxpr.outvars)
+  producer = {id(v): eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+
+  def source(var):  # through the slices and reshapes that take k and v out of a packed array
+    eqn = producer.get(id(var))
+    while eqn is not None and eqn.primitive.name in ('slice', 'split', 'reshape', 'squeeze'):
+      var = eqn.invars[0]
+      eqn = producer.get(id(var))
+    return var
+
+  handed_vars, returned_vars = jaxpr.outvars[:-2], jaxpr.outvars[-2:]
+  assert all(id(v) in from_barrier for v in handed_vars)
+  assert all(id(source(v)) in from_barrier for v in returned_vars)
+  if packed:
+    assert {id(source(v)) for v in returned_vars} == {id(handed_vars[0])}
+  else:
+    assert [id(v) for v in returned_vars] == [id(v) for v in handed_vars]
 
 
 # Every method, on both layer paths, token for token against plain decoding, in bfloat16.
