@@ -150,10 +150,11 @@ def _apply_rope(x_BT_h: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array,
 
 
 def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
-         sin_BTh: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
-  """Pre-attention norm and projections, q and k roped: packed [B, T, n, H/n + 2 KV/n, hd]
-  when q/k/v are fused (`fuse_projections`; see `attention.split_packed`), else q [B, T, H,
-  hd], k and v [B, T, KV, hd]."""
+         sin_BTh: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+  """Pre-attention norm and projections, q and k roped, as an attention's first three
+  arguments: packed [B, T, n, H/n + 2 KV/n, hd], None, None when q/k/v are fused
+  (`fuse_projections`; see `attention.split_packed`), else q [B, T, H, hd], k and v [B, T,
+  KV, hd]."""
   B, T, _ = x_BTD.shape
   hd = config.head_dim
   h_BTD = rms_norm(x_BTD, lp['attn_norm'], config.rms_norm_eps)
@@ -164,7 +165,7 @@ def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
     n = qkv_BTnY.shape[2]
     qkv_BTnNh = qkv_BTnY.reshape(B, T, n, -1, hd)
     roped_N = jnp.arange(qkv_BTnNh.shape[3]) < (config.num_heads + config.num_kv_heads) // n
-    return _apply_rope(qkv_BTnNh, cos_BTh, sin_BTh, roped_N)
+    return _apply_rope(qkv_BTnNh, cos_BTh, sin_BTh, roped_N), None, None
   q_BTq, k_BTk, v_BTk = h_BTD @ lp['wq'], h_BTD @ lp['wk'], h_BTD @ lp['wv']
   if config.attention_bias:
     q_BTq, k_BTk, v_BTk = q_BTq + lp['bq'], k_BTk + lp['bk'], v_BTk + lp['bv']
@@ -212,15 +213,14 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
   # reading them computes another token than a verified draft's: exactness lost. Packed,
   # q, k and v come out of that one computation together (one kernel on a GPU, where three
   # read the product's partial sums unpacked: docs/results/h200/decode/packed_qkv/).
-  qkv = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
-  if isinstance(qkv, tuple):
-    q_BTHh, k_BTKh, v_BTKh = qkv
+  q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
+  if k_BTKh is None:  # packed
+    q_BTHh = jax.lax.optimization_barrier(q_BTHh)
+    attend_args = (q_BTHh, None, None)
+    _, k_BTKh, v_BTKh = attention_lib.split_packed(q_BTHh, config.num_kv_heads)
+  else:
     k_BTKh, v_BTKh = jax.lax.optimization_barrier((k_BTKh, v_BTKh))
     attend_args = (q_BTHh, k_BTKh, v_BTKh)
-  else:
-    qkv_BTnNh = jax.lax.optimization_barrier(qkv)
-    _, k_BTKh, v_BTKh = attention_lib.split_packed(qkv_BTnNh, config.num_kv_heads)
-    attend_args = (qkv_BTnNh, None, None)
   # Likewise the output projection's input comes through a barrier, so that its kernel is
   # the same whatever produced the attention output (a pass with riders, `Ride`, writes
   # their rows into it): a product fused with another producer may be tuned to another
@@ -529,8 +529,7 @@ def sublayer_stats(params: Params, config: LlamaConfig, tokens_BT: jax.Array, ca
   cos_BTh, sin_BTh = rope_tables(config, start + jnp.broadcast_to(jnp.arange(T), (B, T)))
 
   def step(a, lp, x_BTD):
-    qkv = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)
-    q_BTHh, k_BTKh, v_BTKh = qkv if isinstance(qkv, tuple) else (qkv, None, None)  # or packed
+    q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)  # or packed
     attn_BTq = attention_lib.cache_attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh,
                                              cache.v_LBSKh, a, start)
     attn_BTD = attn_BTq @ lp['wo']
