@@ -13,11 +13,13 @@ built so, not tuned so:
 - Flash decoding: the grid runs over (KV head, row block, split), each split covering
   `split_size(KV)` absolute positions (a constant of the model, so the partition of
   positions never depends on the pass or the capacity). Splits wholly after the chunk run no
-  block and write m = -inf, l = 0, o = 0. Every program handles one block of the KV head's
-  query rows (all T * G of them unless that exceeds `MAX_ROW_BLOCK`), each row the same way.
-- The splits are folded outside the kernel, one after the other in position order; a split
-  that a query sees nothing of adds exact zeros, so a larger cache (more splits) changes
-  nothing.
+  block and write nothing. Every program handles one block of the KV head's query rows (all
+  T * G of them unless that exceeds `MAX_ROW_BLOCK`), each row the same way.
+- A second kernel folds the splits in position order, in groups of a fixed number of splits,
+  up to the last one that holds a position the pass sees: a split after a query's position
+  adds exact zeros to it, so where the fold stops changes nothing. The cache's capacity (how
+  many splits there are) does not change the result, and its empty splits are neither
+  written nor read; their programs still start, and exit at once.
 
 The cache is only read, and only below `start`: positions from `start` on come from the
 chunk's own keys and values (cast to the cache's dtype), and positions after the chunk are
@@ -44,11 +46,16 @@ from clasp_jax import attention as attention_lib
 KEY_BLOCK = 64
 #: Each program of the grid covers this many absolute positions (multiples of KEY_BLOCK):
 #: SPLIT_SIZE, or SPLIT_SIZE_FEW_KV_HEADS for a model with fewer than FEW_KV_HEADS KV heads.
-SPLIT_SIZE = 256
-SPLIT_SIZE_FEW_KV_HEADS = 128
+SPLIT_SIZE = 128
+SPLIT_SIZE_FEW_KV_HEADS = 64
 FEW_KV_HEADS = 8
 #: Most query rows (T * G of one KV head, padded to a power of two >= 16) one program holds.
 MAX_ROW_BLOCK = 64
+#: The fold loads this many splits at once (a constant, so that its sums' order never depends
+#: on the cache's capacity), for blocks of at most FOLD_ROWS rows and FOLD_COLS columns.
+FOLD_GROUP = 16
+FOLD_ROWS = 16
+FOLD_COLS = 32
 #: Triton launch parameters.
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -57,11 +64,13 @@ NUM_STAGES = 2
 def split_size(num_kv_heads: int) -> int:
   """Positions a program covers, for a model with this many KV heads.
 
-  The grid holds KV programs a split: with few KV heads, shorter splits keep more of the GPU
-  busy (SmolLM2-135M's 3 on an H200: plain decoding 9% faster a token at 1024 tokens of
-  context); with 8 (LLaMA-3-8B) they gained 1% at 1024 and lost at 4096, where twice the
-  splits' statistics cost more to write and fold than the parallelism saves
-  (docs/results/h200/decode/attention_inplace/).
+  The grid holds KV programs a split, and a program's blocks run one after the other, so
+  shorter splits keep more of the GPU busy; each split's statistics are written and folded,
+  so longer ones cost less there. On an H200 (docs/results/h200/decode/attention_fold/),
+  with the fold reading only the splits a pass sees: at SmolLM2-135M's 3 KV heads, 64
+  positions made the attention 6.0 µs a layer against 7.6 at 128 (1024 tokens of context);
+  at LLaMA-3-8B's 8, 128 positions 10.8 µs against 14.2 at 256, while 64 (9.1 µs here) ran
+  the split kernel slower than 128 and 256 at 4096 tokens of context.
   """
   return SPLIT_SIZE_FEW_KV_HEADS if num_kv_heads < FEW_KV_HEADS else SPLIT_SIZE
 
@@ -158,9 +167,12 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
   carry = lax.fori_loop(0, num_cached, functools.partial(block, keys=cached), init)
   m_R, l_R, o_Rh = lax.fori_loop(num_cached, num_blocks, functools.partial(block, keys=merged),
                                  carry)
-  m_ref[...] = m_R
-  l_ref[...] = l_R
-  o_ref[...] = o_Rh
+
+  @pl.when(num_blocks > 0)  # the fold reads no split wholly after the chunk
+  def _():
+    m_ref[...] = m_R
+    l_ref[...] = l_R
+    o_ref[...] = o_Rh
 
 
 def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
@@ -175,7 +187,9 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   Returns:
     (m_PKX, l_PKX, o_PKXh), float32: per split P, KV head K and query row X (row t * G + g
     is token t's query head g of that KV head; rows from T * G on are padding), the running
-    maximum, the sum of the weights and the unnormalized output.
+    maximum, the sum of the weights and the unnormalized output. Splits from
+    a split wholly at or after the last position any query sees is left unwritten (`fold`
+    reads none of them).
   """
   L, _, S, KV, hd = cache_k_LBSKh.shape
   B, T = q_BTHh.shape[:2]
@@ -226,6 +240,107 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
     cache_k_LBSKh, cache_v_LBSKh)
 
 
+def _fold_kernel(end_ref, m_ref, l_ref, o_ref, *out_refs, split: int, group: int,
+                 heads: int, rows: int, cols: int, normalise: bool):
+  """One (KV head, row block, column block) program: its part of the splits' statistics
+  folded in position order, `FOLD_GROUP` splits at a time.
+
+  Refs: end_ref int32 scalar, one past the last position any row sees; m_ref, l_ref [P, X]
+  and o_ref [P, X, hd], every split's statistics of the KV head's X rows (row x being token
+  x // G, query head x % G). `normalise` True: out_refs is the attention output
+  [T * heads, hd] (row t * heads + h: token t's head h); False: out_refs are the folded m
+  [rows], l [rows] and o [rows, cols].
+
+  A group's splits are loaded at once and merged as one softmax (their maximum, then their
+  weighted sums); the groups are merged one after the other. A split holding no position
+  below `end` is not read and counts as "nothing seen" (m = -inf, l = 0, o = 0), as is every
+  split after a row's own position: its terms are exact zeros, so a row's result depends
+  neither on `end` nor on the number of splits, only on its position.
+  """
+  kv = pl.program_id(0)
+  x_R = pl.program_id(1) * rows + jnp.arange(rows, dtype=jnp.int32)
+  c_C = pl.program_id(2) * cols + jnp.arange(cols, dtype=jnp.int32)
+  active = lax.div(end_ref[()] + split - 1, split)
+
+  def merge_group(g, stats):
+    p_Q = g * FOLD_GROUP + jnp.arange(FOLD_GROUP, dtype=jnp.int32)
+    seen_Q = p_Q < active
+    p_Q = jnp.where(seen_Q, p_Q, 0)  # in bounds; masked off below
+    mask_QR = jnp.broadcast_to(seen_Q[:, None], (FOLD_GROUP, rows))
+    m_QR = plgpu.load(m_ref.at[p_Q[:, None], x_R[None, :]], mask=mask_QR, other=-jnp.inf)
+    l_QR = plgpu.load(l_ref.at[p_Q[:, None], x_R[None, :]], mask=mask_QR, other=0.0)
+    o_QRC = plgpu.load(o_ref.at[p_Q[:, None, None], x_R[None, :, None], c_C[None, None, :]],
+                       mask=jnp.broadcast_to(seen_Q[:, None, None], (FOLD_GROUP, rows, cols)),
+                       other=0.0)
+    m_R = jnp.max(m_QR, axis=0)
+    # Exactly 1 at the maximum (also where every split is -inf: no NaN), 0 for -inf.
+    w_QR = jnp.where(m_QR == m_R[None, :], 1.0, jnp.exp(m_QR - m_R[None, :]))
+    return _merge(stats, (m_R, jnp.sum(l_QR * w_QR, axis=0),
+                          jnp.sum(o_QRC * w_QR[:, :, None], axis=0)))
+
+  init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+          jnp.zeros((rows, cols), jnp.float32))
+  m_R, l_R, o_RC = lax.fori_loop(0, lax.div(active + FOLD_GROUP - 1, FOLD_GROUP), merge_group,
+                                 init)
+  if not normalise:
+    for ref, value in zip(out_refs, (m_R, l_R, o_RC)):
+      ref[...] = value
+    return
+  (out_ref,) = out_refs
+  row_R = lax.div(x_R, group) * heads + kv * group + lax.rem(x_R, group)
+  plgpu.store(out_ref.at[row_R[:, None], c_C[None, :]],
+              (o_RC / l_R[:, None]).astype(out_ref.dtype))
+
+
+def fold(m_PKX: jax.Array, l_PKX: jax.Array, o_PKXh: jax.Array, end: jax.Array | int, *,
+         num_tokens: int, num_heads: int, dtype=None, interpret: bool = False):
+  """`split_stats`' splits folded in position order (see `_fold_kernel`), reading only the
+  splits that hold a position below `end`.
+
+  Args:
+    m_PKX, l_PKX, o_PKXh: `split_stats`' outputs.
+    end: int32 scalar, one past the last position any query sees.
+    num_tokens: T, the chunk's tokens.
+    num_heads: H, query heads.
+    dtype: None: return the folded statistics; a dtype: return the normalised attention
+      output in it.
+    interpret: run the kernel in Pallas's interpret mode (CPU tests).
+
+  Returns:
+    The attention output [1, T, H * hd] (`dtype` given), or (m_KX, l_KX, o_KXh) float32
+    over the T * G real rows of each KV head.
+  """
+  P, KV, X, hd = o_PKXh.shape
+  G = num_heads // KV
+  real = num_tokens * G
+  # Row blocks of the real rows alone, so that every row a program stores is its own.
+  rows = min(FOLD_ROWS, real & -real)
+  cols = min(FOLD_COLS, hd)
+  grid = (KV, real // rows, hd // cols)
+  if dtype is not None:
+    out_specs = pl.BlockSpec((num_tokens * num_heads, hd), lambda k, r, c: (0, 0))
+    out_shape = jax.ShapeDtypeStruct((num_tokens * num_heads, hd), dtype)
+  else:
+    stat = pl.BlockSpec((None, rows), lambda k, r, c: (k, r))
+    out_specs = [stat, stat, pl.BlockSpec((None, rows, cols), lambda k, r, c: (k, r, c))]
+    out_shape = [jax.ShapeDtypeStruct((KV, real), jnp.float32)] * 2 + [
+        jax.ShapeDtypeStruct((KV, real, hd), jnp.float32)]
+  stats = pl.BlockSpec((P, None, X), lambda k, r, c: (0, k, 0))
+  out = pl.pallas_call(
+      functools.partial(_fold_kernel, split=split_size(KV), group=G, heads=num_heads,
+                        rows=rows, cols=cols, normalise=dtype is not None),
+      grid=grid,
+      in_specs=[pl.BlockSpec((), lambda k, r, c: ()), stats, stats,
+                pl.BlockSpec((P, None, X, hd), lambda k, r, c: (0, k, 0, 0))],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+      interpret=interpret,
+      name='cache_attention_fold',
+  )(jnp.asarray(end, jnp.int32), m_PKX, l_PKX, o_PKXh)
+  return out.reshape(1, num_tokens, num_heads * hd) if dtype is not None else tuple(out)
+
+
 def _num_heads(q_BTHh: jax.Array, k_BTKh: jax.Array | None, num_kv: int) -> int:
   """H, from the queries, or from a packed q/k/v of one shard (k None)."""
   return q_BTHh.shape[2] if k_BTKh is not None else q_BTHh.shape[3] - 2 * num_kv
@@ -268,10 +383,11 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
   assert cache_k_LBSKh.shape[2] % attention_lib.ATTENTION_BLOCK == 0, cache_k_LBSKh.shape
   B, T = q_BTHh.shape[:2]
   H = _num_heads(q_BTHh, k_BTKh, cache_k_LBSKh.shape[3])
-  m_PKX, l_PKX, o_PKXh = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh,
-                                     layer, start, interpret=interpret)
-  _, l_KX, o_KXh = _fold(m_PKX, l_PKX, o_PKXh)
-  return _normalise(l_KX, o_KXh, B, T, H, q_BTHh.dtype)
+  assert B == 1, f'batch 1 only, got {B}'
+  stats = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start,
+                      interpret=interpret)
+  return fold(*stats, start + T, num_tokens=T, num_heads=H, dtype=q_BTHh.dtype,
+              interpret=interpret)
 
 
 @_traced_once
@@ -292,9 +408,9 @@ def prefix_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Ar
   B, T, H, hd = q_BTHh.shape
   KV = k_BTKh.shape[2]
   G = H // KV
-  m_PKX, l_PKX, o_PKXh = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh,
-                                     layer, pos, own_keys=False, interpret=interpret)
-  m_KX, l_KX, o_KXh = (x[:, :T * G] for x in _fold(m_PKX, l_PKX, o_PKXh))
+  stats = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, pos,
+                      own_keys=False, interpret=interpret)
+  m_KX, l_KX, o_KXh = fold(*stats, pos, num_tokens=T, num_heads=H, interpret=interpret)
   # Row t * G + g of a KV head is token t's query head g: its own key is token t's.
   q_KXh = _rows_by_kv_head(q_BTHh, KV)
   k_KXh, v_KXh = (jnp.repeat(x[0].transpose(1, 0, 2), G, axis=1).astype(jnp.float32)
@@ -321,15 +437,6 @@ def _merge(a, b):
   alpha = jnp.where(m == m_a, 1.0, jnp.exp(m_a - m))
   beta = jnp.where(m == m_b, 1.0, jnp.exp(m_b - m))
   return m, l_a * alpha + l_b * beta, o_a * alpha[..., None] + o_b * beta[..., None]
-
-
-def _fold(m_PKX, l_PKX, o_PKXh):
-  """The splits' statistics merged one after the other in position order (a fixed order:
-  split 0 holds position 0, so m is finite from there on)."""
-  stats = (m_PKX[0], l_PKX[0], o_PKXh[0])
-  for p in range(1, m_PKX.shape[0]):
-    stats = _merge(stats, (m_PKX[p], l_PKX[p], o_PKXh[p]))
-  return stats
 
 
 def _normalise(l_KX, o_KXh, B, T, H, dtype):

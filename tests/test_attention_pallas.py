@@ -24,7 +24,7 @@ KV = 2
 HD = 64
 LAYERS = 2
 LAYER = 1  # the layer read; the other one holds different values
-# Across key-block (64, 128) and split (256) boundaries.
+# Across key-block (64) and split (64, 128, 256) boundaries.
 STARTS = (0, 5, 127, 128, 300)
 # Finite, so that the reference (which reads the cache after the chunk, with zero weights)
 # stays finite; the contract tests use NaN, which only the kernel can take.
@@ -92,9 +92,11 @@ def test_matches_reference(dtype, tol, T, G):
 def test_depends_only_on_position_and_keys_up_to_it(dtype, split, monkeypatch, request):
   """Row 0 of a pass at start p equals row j of a pass at start p - j, whatever the other
   rows, the keys after p or the cache's capacity; the cache at and after `start` is NaN.
-  Both split sizes (KV = 2 takes the few-KV-heads one, here set to each; the kernels' traces
-  are dropped before and after, as the split is read when tracing)."""
+  Both split sizes (KV = 2 takes the few-KV-heads one, here set to each), folded two splits
+  at a time so that passes end in different groups (the kernels' traces are dropped before
+  and after, as these constants are read when tracing)."""
   monkeypatch.setattr(attention_pallas, 'SPLIT_SIZE_FEW_KV_HEADS', split)
+  monkeypatch.setattr(attention_pallas, 'FOLD_GROUP', 2)
   jax.clear_caches()
   request.addfinalizer(jax.clear_caches)
   T, G, S = 16, 3, 512
@@ -127,7 +129,7 @@ def test_depends_only_on_position_and_keys_up_to_it(dtype, split, monkeypatch, r
     assert m_PKX.shape[0] == capacity // split
     return np.asarray(out[0, j])
 
-  # Across key blocks (64) and split boundaries (128, 256); the half capacity where it fits.
+  # Across key blocks and split boundaries (64, 128, 256); the half capacity where it fits.
   for p in (64, 200, 263):
     row_0 = run(p, 0, S)
     assert not np.isnan(row_0).any(), p
@@ -138,22 +140,32 @@ def test_depends_only_on_position_and_keys_up_to_it(dtype, split, monkeypatch, r
         assert np.array_equal(run(p, 0, capacity), row_0), (p, capacity)
 
 
-def test_every_statistic_written():
-  """Interpret mode fills the kernel's outputs with NaN first: none may be left. Also two row
-  blocks (G = 8), hd = 128 and splits wholly after the chunk (m = -inf, l = 0, o = 0)."""
-  T, G, hd, S, start = 16, 8, 128, 1024, 5
+def test_the_fold_reads_only_the_splits_written():
+  """Interpret mode fills the kernel's outputs with NaN first: the splits holding a position
+  the chunk sees are written in full, the ones after it not at all, and the fold, reading
+  only the former, gives bit for bit what it gives reading every split with the latter as
+  "nothing seen" (m = -inf, l = 0, o = 0). Also two row blocks (G = 8) and hd = 128."""
+  T, G, hd, S, start = 16, 8, 128, 1024, 300
   rng = _rng('written')
   q, k, v = (jnp.asarray(rng.standard_normal((1, T, n, hd)), jnp.float32) for n in (G * KV, KV, KV))
   cache_k, cache_v = (jnp.asarray(rng.standard_normal((LAYERS, 1, S, KV, hd)), jnp.float32)
                       for _ in range(2))
   args = (q, k, v, cache_k, cache_v, jnp.int32(LAYER), jnp.int32(start))
-  m_PKX, l_PKX, o_PKXh = map(np.asarray, jax.jit(functools.partial(
-      attention_pallas.split_stats, interpret=INTERPRET))(*args))
-  assert m_PKX.shape[0] == S // attention_pallas.split_size(KV) > 1
+  stats = jax.jit(functools.partial(attention_pallas.split_stats, interpret=INTERPRET))(*args)
+  m_PKX, l_PKX, o_PKXh = map(np.asarray, stats)
+  seen = -(-(start + T) // attention_pallas.split_size(KV))  # splits holding a position seen
+  assert 1 < seen < m_PKX.shape[0] == S // attention_pallas.split_size(KV)
   assert m_PKX.shape[2] > attention_pallas.MAX_ROW_BLOCK
   for stat in (m_PKX, l_PKX, o_PKXh):
-    assert not np.isnan(stat).any()
-  assert np.all(m_PKX[1:] == -np.inf) and not l_PKX[1:].any() and not o_PKXh[1:].any()
+    assert not np.isnan(stat[:seen]).any()
+    assert np.isnan(stat[seen:]).all() or not INTERPRET  # natively, unwritten is not NaN
+  fold = jax.jit(functools.partial(attention_pallas.fold, num_tokens=T, num_heads=G * KV,
+                                   interpret=INTERPRET))
+  nothing = (np.full_like(m_PKX[seen:], -np.inf), np.zeros_like(l_PKX[seen:]),
+             np.zeros_like(o_PKXh[seen:]))
+  every = [np.concatenate([stat[:seen], empty]) for stat, empty in zip(stats, nothing)]
+  for got, want in zip(fold(*stats, start + T), fold(*every, S)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   with jax.default_matmul_precision('highest'):
     out = jax.jit(functools.partial(attention_pallas.cache_attention_pallas,
                                     interpret=INTERPRET))(*args)
