@@ -5,8 +5,8 @@ weight-bytes roofline; optionally beside an older checkout measured in the same 
       --baseline=/path/to/older/checkout --out=docs/results/h200/decode.json
   python scripts/bench_decode.py --presets=llama3-8b,llama3-70b --mesh=none,tp:2
 
-Writes the rows as JSON and a markdown table beside it (`.md`), and prints the table. See
-`clasp_jax/bench/decode.py` for what each figure is.
+Writes the rows as JSON and a markdown table beside it (`.md`), rewritten after every row, and
+prints the table. See `clasp_jax/bench/decode.py` for what each figure is.
 """
 
 import dataclasses
@@ -52,20 +52,30 @@ def main(argv):
   settings = dict(dtype=_DTYPE.value, short=_SHORT.value, long=_LONG.value, reps=_REPS.value)
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   rows = []
+
+  def record(row):
+    """Keeps each row as it is measured, rewriting --out: a run stopped early (a time limit)
+    leaves every row it finished."""
+    rows.append(row)
+    if _OUT.value:
+      _write(_OUT.value, settings, rows)
+
   for mesh in meshes:  # a worker each: one model in memory at a time
-    rows += decode.run_engine(here, 'this commit', cases, configs, mesh=mesh, **settings)
+    decode.run_engine(here, 'this commit', cases, configs, mesh=mesh, on_row=record, **settings)
   if _BASELINE.value:
     old = [dataclasses.replace(c, attention='auto') for c in cases
            if c.what != 'refresh' and c.attention == _ATTENTION.value[0]]
-    rows += decode.run_engine(_BASELINE.value, 'baseline', old, configs, **settings)
+    decode.run_engine(_BASELINE.value, 'baseline', old, configs, on_row=record, **settings)
+  print(decode.markdown(decode.summarize(rows)))
+
+
+def _write(path: str, settings: dict, rows: list[dict]) -> None:
+  """The rows so far, summarized, as JSON at `path` and a markdown table beside it."""
   rows = decode.summarize(rows)
-  table = decode.markdown(rows)
-  print(table)
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(dict(settings, rows=rows), f, indent=1)
-    with open(os.path.splitext(_OUT.value)[0] + '.md', 'w') as f:
-      f.write(table)
+  with open(path, 'w') as f:
+    json.dump(dict(settings, rows=rows), f, indent=1)
+  with open(os.path.splitext(path)[0] + '.md', 'w') as f:
+    f.write(decode.markdown(rows))
 
 
 if __name__ == '__main__':

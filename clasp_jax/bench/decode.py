@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable
 
 #: HBM bandwidth by device kind (bytes per second; vendor datasheets), for the roofline.
 BANDWIDTH = {'NVIDIA H200': 4.8e12, 'NVIDIA H100 80GB HBM3': 3.35e12}
@@ -211,11 +212,13 @@ def worker(spec: dict) -> list[dict]:
 
 
 def run_engine(checkout: str, engine: str, cases: list[Case], configs: dict, *, dtype: str,
-               short: int, long: int, reps: int, mesh: str = '') -> list[dict]:
+               short: int, long: int, reps: int, mesh: str = '',
+               on_row: Callable[[dict], None] | None = None) -> list[dict]:
   """Runs a worker process that imports `clasp_jax` from `checkout`; its result rows.
 
   `mesh` ('tp:N', 'auto'; engines with `clasp_jax.sharding` only) runs the decoders
-  tensor-parallel; '' on one device.
+  tensor-parallel; '' on one device. `on_row` is called with each row as soon as the worker
+  measures it (a run stopped early keeps what it measured).
   """
   spec = dict(engine=engine, cases=[dataclasses.asdict(c) for c in cases], configs=configs,
               dtype=dtype, short=short, long=long, reps=reps, mesh=mesh)
@@ -224,14 +227,20 @@ def run_engine(checkout: str, engine: str, cases: list[Case], configs: dict, *, 
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   rows = []
+
+  def add(row):
+    rows.append(row)
+    if on_row is not None:
+      on_row(row)
+
   for line in proc.stdout:  # one row per case, shown as soon as it is measured
     if line.startswith('{'):
-      rows.append(json.loads(line))
+      add(json.loads(line))
       print(line, end='', flush=True)
   stderr = proc.stderr.read()
   if proc.wait():
-    rows.append(dict(engine=engine, mesh=mesh, error=f'worker exit {proc.returncode}: '
-                     + ' | '.join(stderr.strip().splitlines()[-3:])))
+    add(dict(engine=engine, mesh=mesh, error=f'worker exit {proc.returncode}: '
+             + ' | '.join(stderr.strip().splitlines()[-3:])))
   return rows
 
 
