@@ -187,9 +187,8 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   Returns:
     (m_PKX, l_PKX, o_PKXh), float32: per split P, KV head K and query row X (row t * G + g
     is token t's query head g of that KV head; rows from T * G on are padding), the running
-    maximum, the sum of the weights and the unnormalized output. Splits from
-    a split wholly at or after the last position any query sees is left unwritten (`fold`
-    reads none of them).
+    maximum, the sum of the weights and the unnormalized output. A split wholly at or after
+    the last position any query sees is left unwritten (`fold` reads none of them).
   """
   L, _, S, KV, hd = cache_k_LBSKh.shape
   B, T = q_BTHh.shape[:2]
