@@ -1,0 +1,37 @@
+"""Plain decoding and prompt lookup at pass widths 16 (the default) and 9 (K + 1 for the
+default K = 8), beside transformers' greedy `generate`, taking turns per prompt.
+
+  python docs/results/cpu/pass_width/width_ab.py
+
+One Spec-Bench question per group (its first turn, chat template), 128 new tokens, after a
+warm-up generation of 8 tokens per prompt and method; tokens/s over the whole calls (the
+prefill included). Writes width_ab.json beside this script. The width-9 decoders are for this
+measurement only (see README.md)."""
+import json, os, time
+import clasp_jax
+from clasp_jax import strategies
+from clasp_jax.bench import hf_reference, specbench
+
+model = clasp_jax.load()
+HERE = os.path.dirname(os.path.abspath(__file__))
+qs = specbench.load_questions(os.path.join(HERE, '../../../../../shared/data/spec_bench/question.jsonl'), 1)
+prompts = [clasp_jax.encode_prompt(model, q['turns'][0], chat=True) for q in qs]
+runs = {'hf': hf_reference.load_reference(model).generate}
+for w in (16, 9):
+  for name, strat in (('vanilla', strategies.Vanilla()), ('pld', strategies.build('pld', model.config))):
+    runs[f'{name}_w{w}'] = clasp_jax.Decoder(model.params, model.config, strat, pass_width=w).generate
+for gen in runs.values():  # warm-up: compiles every bucket these prompts use
+  for p in prompts:
+    gen(p, 8)
+tot = {k: [0.0, 0] for k in runs}
+toks = {}
+names = list(runs)
+for i, p in enumerate(prompts):
+  order = names[i % len(names):] + names[:i % len(names)]
+  for k in order:
+    t0 = time.perf_counter(); g = runs[k](p, 128); dt = time.perf_counter() - t0
+    tot[k][0] += dt; tot[k][1] += len(g.token_ids); toks[(k, i)] = list(g.token_ids)
+  print(i, len(p), {k: round(toks[(k, i)] == toks[('hf', i)], 0) for k in names}, flush=True)
+for k, (s, n) in tot.items():
+  print(k, round(n / s, 2), 'tok/s', round((n / s) / (tot['hf'][1] / tot['hf'][0]), 3), 'x hf')
+json.dump({k: dict(seconds=s, tokens=n) for k, (s, n) in tot.items()}, open(os.path.join(HERE, 'width_ab.json'), 'w'))
