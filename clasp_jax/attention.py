@@ -18,7 +18,7 @@ values, so here:
   capacity changes the result.
 
 Together with matrix products whose shapes do not depend on the pass (see
-`engine.DEFAULT_PASS_WIDTH`) this makes every full-model pass compute a token's logits the
+`engine.default_pass_width`) this makes every full-model pass compute a token's logits the
 same way. This module is the plain `jnp` version: the CPU and TPU path, and the reference
 that `attention_pallas` (the fused GPU kernel) is tested against.
 

@@ -52,9 +52,15 @@ from clasp_jax.state import DecodeState
 from clasp_jax.strategies import clasp as clasp_lib
 from clasp_jax.strategies.base import DRAFT_SOURCES, LOOKUP, PLAIN, Segment, Strategy
 
-#: Tokens per full-model pass. On GPUs and TPUs a 16-row pass costs about what a 1-row step
-#: costs (the weights are read once either way); it covers K + 1 for K up to 15 in one pass.
+#: Tokens per full-model pass on GPUs and TPUs, where a 16-row pass costs about what a 1-row
+#: step costs (the weights are read once either way): it covers K + 1 for K up to 15 in one
+#: pass and leaves the rows past K + 1 to the DP (`Clasp.dp_in_verify`).
 DEFAULT_PASS_WIDTH = 16
+#: Tokens per full-model pass on a CPU, which computes rather than waits for memory, so rows
+#: cost time: K + 1 for the default K = 8. On a 2-core CPU, against 16 rows, plain decoding ran
+#: 1.11x and the default method 1.20x (docs/results/cpu/pass_width/). No row is left to the
+#: DP at K = 8: CLaSp runs it as a pass of its own there.
+CPU_PASS_WIDTH = 9
 _MIN_PROMPT_BUCKET = 32
 # Attention reads only the cache blocks a pass needs, so a roomy capacity costs memory, not
 # time; one capacity then serves most requests (prompts of up to ~1.7k tokens at 256 new
@@ -125,6 +131,12 @@ def _next_power_of_two(n: int) -> int:
 def prompt_bucket(num_tokens: int, max_len: int) -> int:
   """The padded prefill length: the next power of two (at least 32), capped at `max_len`."""
   return min(max(_MIN_PROMPT_BUCKET, _next_power_of_two(num_tokens)), max_len)
+
+
+def default_pass_width() -> int:
+  """The pass width of a decoder that does not choose one: one per platform, since decoders
+  compare exactly only at one width (`CPU_PASS_WIDTH` on a CPU, else `DEFAULT_PASS_WIDTH`)."""
+  return CPU_PASS_WIDTH if jax.default_backend() == 'cpu' else DEFAULT_PASS_WIDTH
 
 
 def verify_rows(num_draft_tokens: int, pass_width: int) -> int:
@@ -403,7 +415,8 @@ class Decoder:
       weights with a `lax.cond` per layer (the reference). None picks by backend. Both give
       identical tokens.
     pass_width: tokens per full-model pass (see the module docstring). Decoders compare
-      exactly only at the same width; the default is the same for every method.
+      exactly only at the same width; None: `default_pass_width()`, the same for every
+      method of a platform.
     attention: 'auto', 'xla' or 'pallas' (see `resolve_attention`).
     mesh: a `jax.sharding.Mesh` (or a spec, 'tp:N' or 'auto') to run tensor-parallel on,
       params and cache placed by `sharding`'s rules (params already there stay put); None:
@@ -412,9 +425,11 @@ class Decoder:
 
   def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
                sampling: SamplingConfig = SamplingConfig(), tokenizer=None,
-               fast_path: bool | None = None, pass_width: int = DEFAULT_PASS_WIDTH,
+               fast_path: bool | None = None, pass_width: int | None = None,
                attention: str = 'auto', mesh=None):
     strategy.validate(config)
+    if pass_width is None:
+      pass_width = default_pass_width()
     if pass_width < 1:
       raise ValueError(f'pass_width must be >= 1, got {pass_width}')
     self.mesh = sharding_lib.make_mesh(mesh)

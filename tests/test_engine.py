@@ -31,6 +31,21 @@ def test_greedy_is_identical_to_vanilla(tiny_model, tiny_vanilla_outputs, method
     assert all(1 <= a <= decoder.strategy.num_draft_tokens + 1 for a in out.accept_lengths)
 
 
+def test_every_method_shares_the_cpus_pass_width(tiny_model):
+  """On the CPU every method's decoder runs passes of `CPU_PASS_WIDTH` rows unless told
+  otherwise (one width, so that they compare exactly), K + 1 for the default K; CLaSp's DP
+  then has no spare row of a verify pass to ride in and runs as a pass of its own, where a
+  16-row pass would carry it."""
+  config, params = tiny_model
+  widths = {Decoder(params, config, strategies.build(m, config)).pass_width
+            for m in ('vanilla', 'pld', 'static', 'clasp', 'conflayers')}
+  assert widths == {engine.CPU_PASS_WIDTH} == {strategies.DEFAULT_NUM_DRAFT_TOKENS + 1}
+  clasp = strategies.build('clasp', config, skip_layers=2)
+  # pylint: disable=protected-access
+  assert not Decoder(params, config, clasp)._search_columns  # the DP: a pass of its own
+  assert Decoder(params, config, clasp, pass_width=16)._search_columns == clasp.num_skip + 1
+
+
 def test_full_model_draft_accepts_everything(tiny_model):
   """With M = 0 the draft is the verify model: every draft is accepted (tau = K + 1)."""
   config, params = tiny_model
