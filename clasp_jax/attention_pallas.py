@@ -380,9 +380,8 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
     The attention output [B, T, H*hd] in the queries' dtype.
   """
   assert cache_k_LBSKh.shape[2] % attention_lib.ATTENTION_BLOCK == 0, cache_k_LBSKh.shape
-  B, T = q_BTHh.shape[:2]
+  T = q_BTHh.shape[1]  # batch 1: `split_stats` checks it
   H = _num_heads(q_BTHh, k_BTKh, cache_k_LBSKh.shape[3])
-  assert B == 1, f'batch 1 only, got {B}'
   stats = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start,
                       interpret=interpret)
   return fold(*stats, start + T, num_tokens=T, num_heads=H, dtype=q_BTHh.dtype,
