@@ -5,36 +5,17 @@
 call. To run it: a checkout of d26ee11 with the patch applied (`git apply`), d26ee11's
 `clasp_jax/attention_pallas.py` copied beside this script as `attention_pallas_old.py`, then
 `OUT=<folder> python <this script>` from the checkout's root (TINY=1: a tiny shape, for CPU)."""
-import collections, glob, gzip, json, os, sys, tempfile, time
+import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np, jax, jax.numpy as jnp
 from clasp_jax import attention_pallas as new
 import attention_pallas_old as old
+from gpu_trace import kernel_microseconds, unrolled
 
 SHAPES = dict(tiny=dict(L=2, KV=2, H=4, hd=64)) if os.environ.get("TINY") else dict(smollm2=dict(L=30, KV=3, H=9, hd=64), l8b=dict(L=32, KV=8, H=32, hd=128))
 T = 16
 INTERP = jax.default_backend() != "gpu"
 OUT = os.environ.get('OUT', '/tmp')
-
-def program(mod, L):
-  def f(q_list, ck, cv, start):
-    return tuple(mod.cache_attention_pallas(q_list[i], None, None, ck, cv, i, start, interpret=INTERP) for i in range(L))
-  return jax.jit(f)
-
-def kernels(fn, args):
-  folder = tempfile.mkdtemp()
-  fn(*args)[0].block_until_ready()
-  with jax.profiler.trace(folder, create_perfetto_trace=True):
-    for _ in range(3):
-      jax.block_until_ready(fn(*args))
-  (path,) = glob.glob(f'{folder}/**/*perfetto_trace.json.gz', recursive=True)
-  ev = json.load(gzip.open(path))['traceEvents']
-  names = {e['pid']: e['args']['name'] for e in ev if e.get('ph') == 'M' and e.get('name') == 'process_name'}
-  agg = collections.defaultdict(float)
-  for e in ev:
-    if e.get('ph') == 'X' and 'GPU' in names.get(e['pid'], ''):
-      agg[e['name']] += e['dur'] / 3
-  return agg
 
 rows = []
 for shape, s in SHAPES.items():
@@ -50,7 +31,7 @@ for shape, s in SHAPES.items():
       if sp:
         new.SPLIT_SIZE = new.SPLIT_SIZE_FEW_KV_HEADS = sp
       jax.clear_caches()
-      fn = program(mod, L)
+      fn = unrolled(mod, L, INTERP)
       out = jax.block_until_ready(fn(*args))
       if ref is None:
         ref = out
@@ -58,7 +39,8 @@ for shape, s in SHAPES.items():
       walls = []
       for _ in range(30):
         t0 = time.perf_counter(); jax.block_until_ready(fn(*args)); walls.append(time.perf_counter() - t0)
-      agg = kernels(fn, args)
+      jax.block_until_ready(fn(*args))
+      agg = kernel_microseconds(fn, args, calls=3)
       row = dict(shape=shape, capacity=cap, start=start, impl=name,
                  split=sp or (old.split_size(KV)), same_as_old=same,
                  wall_us_per_layer=1e6 * float(np.median(walls)) / L,

@@ -6,36 +6,17 @@ two calls, wall time per call (median of 5). To run it from a checkout of the co
 added it: `git show d26ee11:clasp_jax/attention_pallas.py` saved beside this script as
 `attention_pallas_old.py`, then `OUT=<folder> python <this script>` (TINY=1: a tiny shape, in
 interpret mode, for the CPU)."""
-import collections, glob, gzip, itertools, json, os, tempfile, time
+import json, os, time
 import numpy as np, jax, jax.numpy as jnp
 import sys; sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from clasp_jax import attention_pallas as new
 import attention_pallas_old as old
+from gpu_trace import kernel_microseconds, unrolled
 
 SHAPES = dict(smollm2=dict(L=30, KV=3, H=9, hd=64), l8b=dict(L=32, KV=8, H=32, hd=128))
 T = 16
 OUT = os.environ.get('OUT', '/tmp')
 INTERP = jax.default_backend() != 'gpu'
-
-def program(ap, L):
-  def f(q_list, ck, cv, start):
-    return tuple(ap.cache_attention_pallas(q_list[i], None, None, ck, cv, i, start, interpret=INTERP)
-                 for i in range(L))
-  return jax.jit(f)
-
-def kernels(fn, args):
-  folder = tempfile.mkdtemp()
-  with jax.profiler.trace(folder, create_perfetto_trace=True):
-    for _ in range(2):
-      jax.block_until_ready(fn(*args))
-  (path,) = glob.glob(f'{folder}/**/*perfetto_trace.json.gz', recursive=True)
-  ev = json.load(gzip.open(path))['traceEvents']
-  names = {e['pid']: e['args']['name'] for e in ev if e.get('ph') == 'M' and e.get('name') == 'process_name'}
-  agg = collections.defaultdict(float)
-  for e in ev:
-    if e.get('ph') == 'X' and 'GPU' in names.get(e['pid'], ''):
-      agg[e['name']] += e['dur'] / 2
-  return agg
 
 rows = []
 VARIANTS = {'smollm2': [('old', 128, 4), ('new', 64, 4), ('new', 64, 8), ('new', 128, 4)],
@@ -55,7 +36,7 @@ for shape, s in SHAPES.items():
       ap.SPLIT_SIZE = ap.SPLIT_SIZE_FEW_KV_HEADS = sp
       ap.NUM_WARPS = w
       jax.clear_caches()
-      fn = program(ap, L)
+      fn = unrolled(ap, L, INTERP)
       try:
         jax.block_until_ready(fn(*args))
       except Exception as e:  # a launch setting Triton refuses
@@ -63,7 +44,7 @@ for shape, s in SHAPES.items():
       walls = []
       for _ in range(5):
         t0 = time.perf_counter(); jax.block_until_ready(fn(*args)); walls.append(time.perf_counter() - t0)
-      agg = kernels(fn, args)
+      agg = kernel_microseconds(fn, args, calls=2)
       row = dict(impl=impl, shape=shape, capacity=cap, start=start, split=sp, warps=w, stages=st, key_block=kb,
                  wall_us_per_layer=1e6 * float(np.median(walls)) / L,
                  busy_us_per_layer=sum(agg.values()) / L,
