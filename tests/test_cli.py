@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from clasp_jax.cli import bench
+from clasp_jax.cli import flags as flags_lib
 from clasp_jax.cli import generate
 from clasp_jax.engine import Generation
 
@@ -190,6 +191,34 @@ def test_prompt_file_and_stdin_give_the_prompt(parse_flags, tmp_path, monkeypatc
   parse_flags('--prompt_file=-')
   monkeypatch.setattr(sys, 'stdin', io.TextIOWrapper(io.BytesIO('Résumé\n'.encode())))
   assert generate.read_prompt() == 'Résumé'
+
+
+@pytest.mark.parametrize('args, environ, expected', [
+    ((), {}, 'false'),
+    ((), {'XLA_PYTHON_CLIENT_PREALLOCATE': 'true'}, 'true'),
+    (('--preallocate',), {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}, 'true'),
+    (('--nopreallocate',), {'XLA_PYTHON_CLIENT_PREALLOCATE': 'true'}, 'false'),
+])
+def test_memory_is_taken_as_needed_unless_asked_to_preallocate(parse_flags, args, environ,
+                                                               expected):
+  parse_flags('--prompt=p', *args)
+  flags_lib.set_preallocation(environ)
+  assert environ == {'XLA_PYTHON_CLIENT_PREALLOCATE': expected}
+
+
+def test_no_device_starts_before_the_preallocation_is_set():
+  """Nothing before `set_preallocation` starts a backend, which would read the setting too early."""
+  script = ('import sys\n'
+            'from jax._src import xla_bridge\n'
+            'from clasp_jax.cli import flags, generate\n'
+            'def stop(environ=None):\n'
+            '  print(xla_bridge.backends_are_initialized()); sys.exit(0)\n'
+            'flags.set_preallocation = stop\n'
+            'generate.FLAGS(["clasp-generate", "--prompt=p", "--method=clasp"])\n'
+            'generate.generate_from_flags()\n')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          env=_ENV, timeout=120, check=True)
+  assert result.stdout.strip() == 'False', result.stderr
 
 
 def _generation(wall_time: float, compile_seconds: float,
