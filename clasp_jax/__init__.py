@@ -13,12 +13,11 @@ import warnings
 
 import tqdm
 
-# Importing transformers makes two kinds of noise that say nothing about this library, which
-# uses transformers to render chat templates only (it is imported for the first chat), never its
-# models or progress bars: a warning that PyTorch was not found, and, in a notebook without
-# ipywidgets, tqdm's warning that IProgress was not found (transformers imports `tqdm.auto`).
-# Both are dropped, before transformers is first imported, by filters that match those two
-# messages and nothing else.
+# Importing transformers (only `clasp-bench`'s `hf` reference method does) makes two kinds of
+# noise that say nothing about this library: a warning that PyTorch was not found, and, in a
+# notebook without ipywidgets, tqdm's warning that IProgress was not found (transformers imports
+# `tqdm.auto`). Both are dropped, before transformers is first imported, by filters that match
+# those two messages and nothing else.
 logging.getLogger('transformers').addFilter(
     lambda record: not record.getMessage().startswith('PyTorch was not found'))
 warnings.filterwarnings('ignore', message='IProgress not found', category=tqdm.TqdmWarning)

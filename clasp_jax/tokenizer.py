@@ -1,10 +1,11 @@
 """Text <-> token ids for a loaded model, built from a GGUF file or a Hugging Face folder.
 
 `Tokenizer` runs on the Rust `tokenizers` library, which transformers' fast tokenizers wrap, and
-renders chat templates with transformers' own Jinja renderer, so ids and chat text are the ones
-transformers gives. It does not use transformers' tokenizer classes: their module imports torch
-where torch is installed (transformers 5.17 does, through its GGUF reader: 1.5-3.4 s of a start on
-an H200 machine), and this library must not need torch at run time. A GGUF file carries no
+renders chat templates in transformers' Jinja environment (`chat_template.render`), so ids and chat text
+are the ones transformers gives. It imports nothing of transformers: its tokenizer classes import
+torch where torch is installed (transformers 5.17 does, through its GGUF reader: 1.5-3.4 s of a
+start on an H200 machine), this library must not need torch at run time, and transformers' own
+package start costs seconds of a start too. A GGUF file carries no
 `tokenizer.json`, only llama.cpp metadata (vocabulary, merges, token types, pre-tokenizer name,
 chat template), so `Tokenizer.from_gguf_metadata` rebuilds the byte-level BPE tokenizer from those
 fields.
@@ -19,6 +20,8 @@ from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
+
+from clasp_jax.chat_template import render as render_chat
 
 # Hugging Face's file names: the Rust tokenizer, and the settings transformers keeps beside it.
 _TOKENIZER_FILE = 'tokenizer.json'
@@ -280,10 +283,7 @@ class Tokenizer:
     """
     if not self.chat_template:
       raise ValueError('this model has no chat template; use encode() on plain text instead')
-    # transformers' renderer (its Jinja environment and helpers): imported here, as only a chat
-    # needs it, and it costs a start 0.3-3 s.
-    from transformers.utils.chat_template_utils import render_jinja_template
-    (text,), _ = render_jinja_template(conversations=[messages], chat_template=self.chat_template,
-                                       add_generation_prompt=True, **self.special_tokens)
+    text = render_chat(self.chat_template, messages, add_generation_prompt=True,
+                       **self.special_tokens)
     # The template writes any BOS itself, so the tokenizer must not add another.
     return self.encode(text, add_special_tokens=False)

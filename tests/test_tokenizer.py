@@ -139,16 +139,15 @@ def test_saved_tokenizer_reads_back_alike(smollm2_tokenizer, tmp_path):
       smollm2_tokenizer.decode(smollm2_tokenizer.apply_chat_template(messages))
 
 
-def test_tokenizing_a_chat_imports_neither_torch_nor_transformers_tokenizers(smollm2_path):
+def test_tokenizing_a_chat_imports_neither_torch_nor_transformers(smollm2_path):
   """transformers' tokenizer classes import torch where it is installed (5.17 does, through
-  their GGUF reader); a run must not: only the chat template renderer is used."""
+  their GGUF reader), and its package start alone costs seconds: a run imports neither."""
   code = ('import sys, clasp_jax.cli.generate\n'
           'from clasp_jax.weights import gguf\n'
           f'tokenizer = gguf.load_tokenizer({smollm2_path!r})\n'
           "ids = tokenizer.apply_chat_template([{'role': 'user', 'content': 'Hi'}])\n"
           'tokenizer.decode(ids, skip_special_tokens=True)\n'
-          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith("
-          "'transformers.tokenization') or m.startswith('transformers.models')))\n")
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n")
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True)
   assert result.stdout.strip() == '[]'
