@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np, jax, jax.numpy as jnp
 from clasp_jax import attention_pallas as new
 import attention_pallas_old as old
-from gpu_trace import kernel_microseconds, unrolled
+from gpu_trace import decode_inputs, kernel_microseconds, unrolled
 
 SHAPES = dict(tiny=dict(L=2, KV=2, H=4, hd=64)) if os.environ.get("TINY") else dict(smollm2=dict(L=30, KV=3, H=9, hd=64), l8b=dict(L=32, KV=8, H=32, hd=128))
 T = 16
@@ -21,10 +21,7 @@ rows = []
 for shape, s in SHAPES.items():
   L, KV, H, hd = s['L'], s['KV'], s['H'], s['hd']
   for cap, start in ((2048, 1000), (8192, 4000)):
-    rng = np.random.default_rng(0)
-    ck, cv = (jnp.asarray(rng.standard_normal((L, 1, cap, KV, hd)), jnp.bfloat16) for _ in range(2))
-    qs = [jnp.asarray(rng.standard_normal((1, T, 1, H + 2 * KV, hd)), jnp.bfloat16) for _ in range(L)]
-    args = (qs, ck, cv, jnp.int32(start))
+    args = decode_inputs(L, KV, H, hd, cap, start, T)
     ref = None
     variants = [('old', old, None)] + [('new', new, sp) for sp in (64, 128, 256)]
     for name, mod, sp in variants:

@@ -7,11 +7,11 @@ added it: `git show d26ee11:clasp_jax/attention_pallas.py` saved beside this scr
 `attention_pallas_old.py`, then `OUT=<folder> python <this script>` (TINY=1: a tiny shape, in
 interpret mode, for the CPU)."""
 import json, os, time
-import numpy as np, jax, jax.numpy as jnp
+import numpy as np, jax
 import sys; sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from clasp_jax import attention_pallas as new
 import attention_pallas_old as old
-from gpu_trace import kernel_microseconds, unrolled
+from gpu_trace import decode_inputs, kernel_microseconds, unrolled
 
 SHAPES = dict(smollm2=dict(L=30, KV=3, H=9, hd=64), l8b=dict(L=32, KV=8, H=32, hd=128))
 T = 16
@@ -26,10 +26,7 @@ if os.environ.get('TINY'):
 for shape, s in SHAPES.items():
   L, KV, H, hd = s['L'], s['KV'], s['H'], s['hd']
   for cap, start in ((2048, 1000), (8192, 4000)):
-    rng = np.random.default_rng(0)
-    ck, cv = (jnp.asarray(rng.standard_normal((L, 1, cap, KV, hd)), jnp.bfloat16) for _ in range(2))
-    qs = [jnp.asarray(rng.standard_normal((1, T, 1, H + 2 * KV, hd)), jnp.bfloat16) for _ in range(L)]
-    args = (qs, ck, cv, jnp.int32(start))
+    args = decode_inputs(L, KV, H, hd, cap, start, T)
     for impl, sp, w in VARIANTS[shape]:
       st, kb = 2, 64
       ap = dict(old=old, new=new)[impl]

@@ -1,7 +1,19 @@
-"""What attn_bench.py and attn_sweep.py share: the attention applied at every layer of one
-jitted program, and that program's GPU kernel time per kernel from a profiler trace."""
+"""What attn_bench.py and attn_sweep.py share: the inputs of a decode pass's attention, the
+attention applied at every layer of one jitted program, and that program's GPU kernel time per
+kernel from a profiler trace."""
 import collections, glob, gzip, json, tempfile
-import jax
+import jax, jax.numpy as jnp, numpy as np
+
+
+def decode_inputs(L, KV, H, hd, capacity, start, T):
+  """`unrolled`'s arguments, random bf16 (seed 0): L layers' packed q/k/v for a T-row pass,
+  a cache of `capacity` positions, the pass's start."""
+  rng = np.random.default_rng(0)
+  ck, cv = (jnp.asarray(rng.standard_normal((L, 1, capacity, KV, hd)), jnp.bfloat16)
+            for _ in range(2))
+  qs = [jnp.asarray(rng.standard_normal((1, T, 1, H + 2 * KV, hd)), jnp.bfloat16)
+        for _ in range(L)]
+  return qs, ck, cv, jnp.int32(start)
 
 
 def unrolled(module, num_layers, interpret):
