@@ -4,9 +4,12 @@ A round proposes drafts (or none: a plain decoding step), verifies `[last token]
 the full model in one pass, and commits the accepted prefix. Rounds run in segments: one call
 to the device runs a `lax.while_loop` of rounds until the segment's round limit, EOS or the
 token budget, so no host synchronisation happens per token. Between segments the host reads
-back whether the generation ended (and, for policies that learn from them, the segment's
-per-round statistics) and the strategy's `Policy` decides what runs next: plain decoding runs
-as one segment, CLaSp as one segment per skip-set refresh (every LOI rounds).
+back a small report of it (whether the generation ended, the tokens, the per-round
+statistics, the newest CLaSp DP table) and the strategy's `Policy` decides what runs next:
+plain decoding runs as one segment, CLaSp as one segment per skip-set refresh (every LOI
+rounds). A policy whose choices need nothing of the segment running (`Policy.pipelined`: a
+fixed schedule) has the next segment queued behind it before its report is read, so the
+device runs segment after segment without waiting for the host in between.
 
 Exact by construction. Every full-model pass (a plain step as much as a verify pass) is a
 pass of `pass_width` tokens (`full_pass`): a plain step pads its one token, a verify pass of
@@ -29,6 +32,7 @@ compiler's collectives inside the passes.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator
 import dataclasses
 import functools
@@ -48,7 +52,7 @@ from clasp_jax.cache import KVCache
 from clasp_jax.config import LlamaConfig
 from clasp_jax.model import Params
 from clasp_jax.sampling import SamplingConfig
-from clasp_jax.state import DecodeState
+from clasp_jax.state import DecodeState, SegmentReport
 from clasp_jax.strategies import clasp as clasp_lib
 from clasp_jax.strategies.base import DRAFT_SOURCES, LOOKUP, PLAIN, Segment, Strategy
 
@@ -290,8 +294,9 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
 
 def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
              max_rounds: jax.Array, *, placement: sharding_lib.Placement | None,
-             **round_settings) -> DecodeState:
-  """Rounds on the device until `max_rounds` of them ran, EOS or the token budget.
+             **round_settings) -> tuple[DecodeState, SegmentReport]:
+  """Rounds on the device until `max_rounds` of them ran, EOS or the token budget; the state
+  and its report (what the host reads back).
 
   A round that took a copied draft (prompt lookup) does not count towards `max_rounds`: it
   needs no skip set and costs about a plain step, so a segment's budget (a refresh period, a
@@ -314,7 +319,7 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
             rounds + counted.astype(jnp.int32))
 
   state, _ = jax.lax.while_loop(more, one, (state, jnp.zeros((), jnp.int32)))
-  return state
+  return state, SegmentReport.of(state)
 
 
 def _choose_skip_set(params: Params, state: DecodeState, num_skip: jax.Array, *,
@@ -324,9 +329,8 @@ def _choose_skip_set(params: Params, state: DecodeState, num_skip: jax.Array, *,
 
 def _signature(args) -> tuple[Any, ...]:
   """What a compiled function is specialised on: the pytree structure, shapes and dtypes."""
-  leaves, treedef = jax.tree.flatten(args)
-  return treedef, tuple((np.shape(x), x.dtype if hasattr(x, 'dtype') else np.result_type(x))
-                        for x in leaves)
+  leaves, treedef = jax.tree.flatten(args)  # arrays, numpy scalars or ShapeDtypeStructs
+  return treedef, tuple((x.shape, x.dtype) for x in leaves)
 
 
 class _CompiledFunction:
@@ -473,7 +477,14 @@ class Decoder:
                           attention=prefix_attend),
         precision=precision, placement=placement)
     self.refresh_seconds = []
+    self._start_generation()
+
+  def _start_generation(self) -> None:
+    """Forgets what the host knew of the last generation's skip sets and DP tables."""
     self._tables_used = 0  # DP tables of this generation's verify passes put in force
+    self._tables_reported = 0  # ... and reported so far
+    self._newest_table_LJ = None  # the newest reported table (host copy)
+    self._skip_in_force = None  # the skip set this generation's refreshes put in force
 
   @property
   def compile_seconds(self) -> float:
@@ -485,32 +496,32 @@ class Decoder:
     """Re-chooses the skip set (the strategy's `refresh`, e.g. the CLaSp DP) and puts it in
     force; timed into `refresh_seconds`.
 
-    Where the verify passes fill the DP's table (`state.search`), the newest table they
-    completed since the last refresh is read back and its skip set of `num_skip` layers put
-    in force; with none, the skip set in force stays if it has `num_skip` layers, and the
-    DP runs as a pass of its own otherwise (a generation's first refresh).
+    Where the verify passes fill the DP's table (`state.search`), the newest table reported
+    since the last refresh (`SegmentReport.table_LJ`) gives the skip set of `num_skip` layers;
+    with none, the set in force stays if it has `num_skip` layers, and the DP runs as a pass
+    of its own otherwise (a generation's first refresh). Only that DP waits for the segments
+    dispatched before it.
     """
     start = time.perf_counter()
-    if self._search_columns:
-      completed, ready_LJ, skip_L = jax.device_get(
-          (state.search.completed, state.search.ready_LJ, state.skip_L))
-      if completed > self._tables_used:
-        self._tables_used = int(completed)
-        state = self.put_skip_set(state, clasp_lib.backtrack_host(ready_LJ, num_skip))
-      elif self._tables_used and skip_L.sum() == num_skip:
-        pass  # no newer table: the set in force stays
-      else:
-        state = self._choose_and_put(state, num_skip)
+    in_force = self._skip_in_force
+    if self._search_columns and self._tables_reported > self._tables_used:
+      self._tables_used = self._tables_reported
+      skip_L = clasp_lib.backtrack_host(self._newest_table_LJ, num_skip)
+    elif self._search_columns and in_force is not None and in_force.sum() == num_skip:
+      skip_L = in_force  # no newer table: the set in force stays
     else:
-      state = self._choose_and_put(state, num_skip)
-    jax.block_until_ready(state.skip_L)
+      skip_L = self.choose_skip_set(state, num_skip)
+    if skip_L is not in_force:
+      state = self.put_skip_set(state, skip_L)
+    self._skip_in_force = skip_L
     self.refresh_seconds.append(time.perf_counter() - start)
     return state
 
-  def _choose_and_put(self, state: DecodeState, num_skip: int) -> DecodeState:
-    """The strategy's refresh as a program of its own, its skip set put in force."""
+  def choose_skip_set(self, state: DecodeState, num_skip: int) -> np.ndarray:
+    """The strategy's refresh run as a program of its own on `state` (not changed): the skip
+    set bool[L] of `num_skip` layers it chooses, read back."""
     bare = state.replace(draft_ids_A=None, search=None)  # whose presence and size vary
-    return self.put_skip_set(state, self._choose_skip_set(self.params, bare, np.int32(num_skip)))
+    return np.asarray(self._choose_skip_set(self.params, bare, np.int32(num_skip)))
 
   def put_skip_set(self, state: DecodeState, skip_L: jax.Array) -> DecodeState:
     """Makes `skip_L` the skip set the draft uses.
@@ -566,11 +577,13 @@ class Decoder:
     self._segments[segment.kind].compiled(*self._segment_args(state, segment, 0))
 
   def run_segment(self, state: DecodeState, segment: Segment,
-                  max_new_tokens: int) -> DecodeState:
-    """Runs a segment of rounds on the device (the state is donated; a segment that does
-    not search hands the search it was not given back unchanged)."""
-    out = self._segments[segment.kind](*self._segment_args(state, segment, max_new_tokens))
-    return out if out.search is not None else out.replace(search=state.search)
+                  max_new_tokens: int) -> tuple[DecodeState, SegmentReport]:
+    """Dispatches a segment of rounds to the device: its state (the input is donated; a
+    segment that does not search hands the search it was not given back unchanged) and its
+    report. Returns without waiting for the device."""
+    out, report = self._segments[segment.kind](
+        *self._segment_args(state, segment, max_new_tokens))
+    return (out if out.search is not None else out.replace(search=state.search)), report
 
   def compile(self, num_prompt_tokens: int, max_new_tokens: int) -> float:
     """Compiles everything a request of this size may run, without running it.
@@ -643,7 +656,7 @@ class Decoder:
     bucket, capacity = self._shapes(n, max_new_tokens)
     tokens_P = np.zeros((bucket,), np.int32)
     tokens_P[:n] = prompt_ids
-    self._tables_used = 0
+    self._start_generation()
     state = self._prefill(self.params, tokens_P, np.int32(n), np.int32(seed),
                           self._new_cache(capacity))
     return self._with_search(
@@ -678,20 +691,24 @@ class Decoder:
     self.refresh_seconds = []
     policy = self.strategy.make_policy(self, max_new_tokens)
     rounds = 0
+    unread = collections.deque()  # reports of the segments dispatched and not yet read
     # A prefill that drew EOS or the whole budget leaves no round to run (nor to compile).
     done = max_new_tokens == 1 or bool(state.done)
     while not done:
       state, segment = policy.next_segment(self, state)
-      state = self.run_segment(state, segment, max_new_tokens)
-      streamed = self._stream(state, n, max_new_tokens, streamed, on_tokens)
-      if policy.observes:
-        done, num_rounds, accepted_R, drafted_R, source_R = jax.device_get(
-            (state.done, state.num_rounds, state.accepted_R, state.drafted_R, state.source_R))
-        policy.observe(accepted_R[rounds:num_rounds], drafted_R[rounds:num_rounds],
-                       source_R[rounds:num_rounds])
-      else:
-        done, num_rounds = jax.device_get((state.done, state.num_rounds))
-      rounds = int(num_rounds)
+      state, report = self.run_segment(state, segment, max_new_tokens)
+      unread.append(report)
+      # A pipelined policy's bounded segment gets a successor queued before it reports (a
+      # successor of the segment that ends the generation runs no round).
+      queue = policy.pipelined and segment.rounds is not None
+      while len(unread) > queue and not done:
+        report = self._read(unread.popleft())
+        streamed = self._stream(report, n, max_new_tokens, streamed, on_tokens)
+        if policy.observes:
+          policy.observe(report.accepted_R[rounds:report.num_rounds],
+                         report.drafted_R[rounds:report.num_rounds],
+                         report.source_R[rounds:report.num_rounds])
+        done, rounds = bool(report.done), int(report.num_rounds)
     tokens = self._committed(state, n, max_new_tokens)
     accepted_R, drafted_R, source_R, skip_RL = jax.device_get(
         (state.accepted_R, state.drafted_R, state.source_R, state.skip_RL))
@@ -705,14 +722,25 @@ class Decoder:
         draft_sources=[DRAFT_SOURCES[i] for i in source_R[:rounds]], skip_sets=skip_RL[:rounds],
         refresh_times=self.refresh_seconds)
 
-  def _committed(self, state: DecodeState, num_prompt_tokens: int,
+  def _read(self, report: SegmentReport) -> SegmentReport:
+    """A segment's report read back (waiting for the segment), its DP table kept for the
+    next refresh."""
+    report = jax.device_get(report)
+    if report.table_LJ is not None and report.tables_completed > self._tables_reported:
+      self._tables_reported = int(report.tables_completed)
+      self._newest_table_LJ = report.table_LJ
+    return report
+
+  def _committed(self, state: DecodeState | SegmentReport, num_prompt_tokens: int,
                  max_new_tokens: int) -> list[int]:
-    """The new tokens committed so far, cut after the first EOS and at the token budget."""
+    """The new tokens committed so far (by a state or a read report), cut after the first EOS
+    and at the token budget."""
     num_tokens, tokens_N = jax.device_get((state.num_tokens, state.tokens_N))
     return self._truncate(tokens_N[num_prompt_tokens:int(num_tokens)].tolist(), max_new_tokens)
 
-  def _stream(self, state: DecodeState, num_prompt_tokens: int, max_new_tokens: int,
-              streamed: int, on_tokens: Callable[[list[int]], None] | None) -> int:
+  def _stream(self, state: DecodeState | SegmentReport, num_prompt_tokens: int,
+              max_new_tokens: int, streamed: int,
+              on_tokens: Callable[[list[int]], None] | None) -> int:
     """Hands `on_tokens` the committed tokens after the first `streamed` (none: nothing is
     read back); returns how many it has been handed in all."""
     if on_tokens is None:

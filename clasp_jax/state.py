@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 from clasp_jax.cache import KVCache
 
@@ -84,3 +85,46 @@ class DecodeState:
   skip_RL: jax.Array
   draft_ids_A: jax.Array | None = None
   search: SearchState | None = None
+
+
+@flax.struct.dataclass
+class SegmentReport:
+  """What the host reads back after a segment of rounds: copies of the decode state's small
+  fields, returned beside the state.
+
+  The state itself is donated to the next segment as soon as that is dispatched, so the host
+  reads the report instead: it can be read while later segments run (see `Policy.pipelined`).
+
+  Attributes:
+    done: bool scalar, as in `DecodeState`.
+    num_rounds: int32 scalar, rounds run so far in the generation.
+    num_tokens: int32 scalar, committed tokens including the prompt.
+    tokens_N: int32[N] prompt and committed tokens (for streaming).
+    accepted_R: int32[R] tokens committed per round.
+    drafted_R: int32[R] drafts proposed per round.
+    source_R: int32[R] where each round's drafts came from.
+    tables_completed: int32 scalar, CLaSp DP tables the verify passes completed so far
+      (`SearchState.completed`; 0 without such a search).
+    table_LJ: bool[L, J] the newest complete table (`SearchState.ready_LJ`); None without
+      such a search.
+  """
+
+  done: jax.Array
+  num_rounds: jax.Array
+  num_tokens: jax.Array
+  tokens_N: jax.Array
+  accepted_R: jax.Array
+  drafted_R: jax.Array
+  source_R: jax.Array
+  tables_completed: jax.Array
+  table_LJ: jax.Array | None = None
+
+  @classmethod
+  def of(cls, state: DecodeState) -> SegmentReport:
+    """The report of a state (traced, at a segment's end)."""
+    search = state.search
+    return cls(done=state.done, num_rounds=state.num_rounds, num_tokens=state.num_tokens,
+               tokens_N=state.tokens_N, accepted_R=state.accepted_R, drafted_R=state.drafted_R,
+               source_R=state.source_R,
+               tables_completed=jnp.int32(0) if search is None else search.completed,
+               table_LJ=None if search is None else search.ready_LJ)

@@ -27,7 +27,7 @@ _WHAT = flags.DEFINE_list('what', ['plain', 'draft', 'refresh'], 'plain: plain d
 _ATTENTION = flags.DEFINE_list('attention', ['auto'], "The new engine's cache attention: auto, "
                                'xla, pallas (each measured).')
 _BASELINE = flags.DEFINE_string('baseline', None, 'An older checkout to measure beside this '
-                                'one (its plain and draft cases).')
+                                'one (the same cases, auto attention).')
 _MESH = flags.DEFINE_list('mesh', ['none'], "Where this commit's engine runs, each measured: "
                           'none (one device), tp:N or auto (every device), tensor parallel.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Weight dtype.')
@@ -64,7 +64,7 @@ def main(argv):
     decode.run_engine(here, 'this commit', cases, configs, mesh=mesh, on_row=record, **settings)
   if _BASELINE.value:
     old = [dataclasses.replace(c, attention='auto') for c in cases
-           if c.what != 'refresh' and c.attention == _ATTENTION.value[0]]
+           if c.attention == _ATTENTION.value[0]]
     decode.run_engine(_BASELINE.value, 'baseline', old, configs, on_row=record, **settings)
   print(decode.markdown(decode.summarize(rows)))
 

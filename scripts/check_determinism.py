@@ -81,8 +81,8 @@ class _KeepsLastState(engine.Decoder):
   """A decoder that keeps the state its last segment left, to read the cache it wrote."""
 
   def run_segment(self, state, segment, max_new_tokens):
-    self.last_state = super().run_segment(state, segment, max_new_tokens)
-    return self.last_state
+    self.last_state, report = super().run_segment(state, segment, max_new_tokens)
+    return self.last_state, report
 
 
 def _decode(params, config, method: str, prompt: list[int]):

@@ -82,10 +82,9 @@ def profile(preset: str, context: int, reps: int) -> dict:
   row['refresh'] = _median_ms(lambda s: decoder.refresh(s, M).skip_L, reps, copy)
 
   def segment(state, draft, rounds):
-    state = decoder.run_segment(state, strategies.Segment(draft=draft, rounds=rounds),
-                                 _MAX_NEW_TOKENS)
-    return jax.device_get((state.done, state.num_rounds, state.accepted_R, state.drafted_R,
-                           state.source_R))
+    _, report = decoder.run_segment(state, strategies.Segment(draft=draft, rounds=rounds),
+                                    _MAX_NEW_TOKENS)
+    return jax.device_get(report)
 
   row['segment_1'] = _median_ms(lambda s: segment(s, True, 1), reps, copy)
   row['segment_8'] = _median_ms(lambda s: segment(s, True, 8), reps, copy) / 8

@@ -105,7 +105,8 @@ def test_params_and_cache_carry_the_rules_shardings(tiny_model, fast_path):
   assert wq.addressable_shards[0].data.shape[-1] == config.num_heads * config.head_dim // 4
   assert wk.addressable_shards[0].data.shape[-1] == config.head_dim
   state = decoder.start(tiny.prompts(config)[0], 40)
-  state = decoder.run_segment(decoder.refresh(state, 2), strategies.base.Segment(True, 2), 40)
+  state, _ = decoder.run_segment(decoder.refresh(state, 2), strategies.base.Segment(True, 2),
+                                40)
   _assert_placed_by_the_rules(state, config, mesh)
   assert state.cache.k_LBSKh.sharding.is_equivalent_to(
       NamedSharding(view, P(None, None, None, 'tp', None)), 5)

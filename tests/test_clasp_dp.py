@@ -183,14 +183,15 @@ def test_verify_passes_fill_the_standalone_dp_table(num_skip, num_draft_tokens, 
   bands = -(-num_skip // spare)
   for band in range(bands):
     assert int(state.search.completed) == 0 and int(state.search.band) == band
-    state = decoder.run_segment(state, Segment(draft=True, rounds=1), 64)
+    state, _ = decoder.run_segment(state, Segment(draft=True, rounds=1), 64)
   assert int(state.search.completed) == 1 and int(state.search.band) == 0
   np.testing.assert_array_equal(np.asarray(state.search.ready_LJ), table_LJ)
 
 
 def test_refreshes_read_the_verify_passes_tables():
   """A generation runs the DP as a pass of its own once (its first refresh, before any
-  verify pass); every later refresh reads a table the verify passes filled."""
+  verify pass); every later refresh reads a table the verify passes filled (or keeps the set
+  in force until one is reported)."""
   config = tiny.tiny_config()
   params = tiny.tiny_params(config)
   own_passes = []
@@ -198,10 +199,10 @@ def test_refreshes_read_the_verify_passes_tables():
     strategy = clasp.Clasp(num_skip=2, num_draft_tokens=4, draft_exit_threshold=0.0,
                            lookup=False, dp_in_verify=in_verify)
     decoder = Decoder(params, config, strategy)
-    choose = decoder._choose_and_put  # pylint: disable=protected-access
+    choose = decoder.choose_skip_set
     calls = []
-    decoder._choose_and_put = lambda *a, calls=calls, choose=choose: (  # pylint: disable=protected-access
-        calls.append(1), choose(*a))[1]
+    decoder.choose_skip_set = lambda *a, calls=calls, choose=choose: (calls.append(1),
+                                                                      choose(*a))[1]
     out = decoder.generate(tiny.prompts(config, 1)[0], tiny.MAX_NEW)
     own_passes.append((len(calls), len(out.refresh_times)))
   (with_table, refreshes), (without, refreshes_without) = own_passes

@@ -135,9 +135,9 @@ def _timed_segment(decoder, state, segment: Segment, max_new_tokens: int):
   state = _copy(state)
   rounds_before = int(state.num_rounds)
   start = time.perf_counter()
-  state = decoder.run_segment(state, segment, max_new_tokens)
-  rounds, drafted_R, source_R = jax.device_get((state.num_rounds, state.drafted_R,
-                                                state.source_R))
+  _, report = decoder.run_segment(state, segment, max_new_tokens)
+  rounds, drafted_R, source_R = jax.device_get((report.num_rounds, report.drafted_R,
+                                                report.source_R))
   seconds = time.perf_counter() - start
   ran = slice(rounds_before, int(rounds))
   return seconds, int(rounds) - rounds_before, int(drafted_R[ran][source_R[ran] == SKIP].sum())
@@ -151,7 +151,7 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
   step; drafting segments at two skip counts give the draft step as a line in the number of
   active layers (each segment's time less its verify passes, over the draft steps it ran;
   rounds with a lookup match copy their drafts for free);
-  a refresh gives the DP's cost. Timing whole segments on the device, rather than pieces
+  the DP as a program of its own, its set put in force, gives a refresh's cost. Timing whole segments on the device, rather than pieces
   dispatched one by one, measures what a round really costs inside the device loop.
 
   Args:
@@ -176,11 +176,11 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
     per_draft[L - num_skip] = max(seconds - n * verify, 0.0) / max(drafts, 1)
   (a1, t1), (a2, t2) = sorted(per_draft.items())
   per_layer = max(t2 - t1, 0.0) / max(a2 - a1, 1)
-  for _ in range(2):  # the first refresh compiles the DP
+  for _ in range(2):  # the first compiles the DP
     start = time.perf_counter()
-    decoder.refresh(_copy(state), skip_counts[0])
+    skip_L = decoder.choose_skip_set(state, skip_counts[0])
+    jax.block_until_ready(decoder.put_skip_set(state, skip_L).skip_L)
     dp = time.perf_counter() - start
-    decoder.refresh_seconds.pop()  # a measurement, not a refresh of the generation
   return Costs(full_step=full_step, draft_base=max(t1 - a1 * per_layer, 0.0),
                draft_per_layer=per_layer, verify=verify, dp=dp)
 
