@@ -11,14 +11,26 @@ read-back:
   dp_table        the DP's choice table (a pseudo-token pass through every layer), with the
                   fused prefix attention and with the plain jnp one
   backtrack       reading a skip set of M layers back from the table
-  refresh         `Decoder.refresh`: the DP in one call, then the switch to its skip set (read
-                  back, the active layers picked on the host)
-  segment_1       one drafting round run as a segment of its own, its statistics read back
+  refresh         a refresh by the DP of its own: the DP in one call, its skip set read back,
+                  then put in force (the active layers picked on the host)
+  segment_1       one drafting round run as a segment of its own, its report read back
   segment_8       the same, per round of an 8-round segment
   plain_16        a plain step, per round of a 16-round plain segment
 
-segment_1 less segment_8 is what a segment costs beyond its rounds: with LOI 1 a round pays it
-and a refresh on top of its drafting and verifying.
+segment_1 less segment_8 is what a segment costs beyond its rounds when the host waits for
+each one's report before dispatching the next.
+
+Then, through `Decoder.generate` (ms per round: the difference of `--long` and `--short`
+generations over the difference of their rounds, the median of `--generate_reps`, the three
+decoders in turns within each repetition):
+
+  generate_static          drafting with a fixed skip set of M layers (one segment)
+  generate_clasp           CLaSp at LOI 1 with the DP in the verify passes: a segment per
+                           table's worth of verify passes, each queued behind the one running
+  generate_clasp_waiting   the same, the host waiting for each segment's report before it
+                           dispatches the next (the engine before `Policy.pipelined`)
+
+generate_clasp less generate_static is what refreshing costs a round, DP included.
 """
 
 import functools
@@ -40,6 +52,9 @@ from clasp_jax.strategies import clasp
 _PRESETS = flags.DEFINE_list('presets', ['smollm2-135m', 'llama3-8b'], 'Model shapes.')
 _CONTEXT = flags.DEFINE_integer('context', 860, 'Prompt tokens before the timed pieces.')
 _REPS = flags.DEFINE_integer('reps', 15, 'Timed calls per piece (median).')
+_GENERATE_REPS = flags.DEFINE_integer('generate_reps', 5, 'Repetitions of the generations.')
+_SHORT = flags.DEFINE_integer('short', 32, 'New tokens of the short generation.')
+_LONG = flags.DEFINE_integer('long', 160, 'New tokens of the long generation.')
 _OUT = flags.DEFINE_string('out', '', 'Write the rows as JSON here.')
 
 _MAX_NEW_TOKENS = 256  # the token budget the state is prefilled for and segments run under
@@ -79,7 +94,8 @@ def profile(preset: str, context: int, reps: int) -> dict:
   choice_LJ = table(decoder.params, cache=state.cache, hidden_LD=state.target_hidden_LD)
   backtrack = jax.jit(clasp.backtrack)
   row['backtrack'] = _median_ms(lambda: backtrack(choice_LJ, M), reps)
-  row['refresh'] = _median_ms(lambda s: decoder.refresh(s, M).skip_L, reps, copy)
+  row['refresh'] = _median_ms(
+      lambda s: decoder.put_skip_set(s, decoder.choose_skip_set(s, M)).skip_L, reps, copy)
 
   def segment(state, draft, rounds):
     _, report = decoder.run_segment(state, strategies.Segment(draft=draft, rounds=rounds),
@@ -89,7 +105,43 @@ def profile(preset: str, context: int, reps: int) -> dict:
   row['segment_1'] = _median_ms(lambda s: segment(s, True, 1), reps, copy)
   row['segment_8'] = _median_ms(lambda s: segment(s, True, 8), reps, copy) / 8
   row['plain_16'] = _median_ms(lambda s: segment(s, False, 16), reps, copy) / 16
+  row.update(_through_generate(decoder.params, config, prompt))
   return row
+
+
+class _WaitingClasp(strategies.Clasp):
+  """CLaSp whose host waits for each segment's report before it dispatches the next."""
+
+  def make_policy(self, decoder, max_new_tokens):
+    policy = super().make_policy(decoder, max_new_tokens)
+    policy.pipelined = False
+    return policy
+
+
+def _through_generate(params, config, prompt: list[int]) -> dict:
+  """ms per round of static drafting, CLaSp and CLaSp waiting for each report, through
+  `Decoder.generate`, interleaved (see the module docstring)."""
+  L = config.num_layers
+  M = L // 2
+  drafting = dict(num_draft_tokens=8, draft_exit_threshold=0.0)
+  decoders = {
+      'static': strategies.StaticSkip(skip_layers=tuple(range(1, L, 2))[:M], **drafting),
+      'clasp': strategies.Clasp(num_skip=M, loi=1, lookup=False, **drafting),
+      'clasp_waiting': _WaitingClasp(num_skip=M, loi=1, lookup=False, **drafting),
+  }
+  decoders = {name: engine.Decoder(params, config, s) for name, s in decoders.items()}
+  for decoder in decoders.values():  # compiles, and loads each program's kernels
+    decoder.generate(prompt, _SHORT.value)
+    decoder.generate(prompt, _LONG.value)
+  per_round = {name: [] for name in decoders}
+  for _ in range(_GENERATE_REPS.value):
+    for name, decoder in decoders.items():
+      short = decoder.generate(prompt, _SHORT.value)
+      long = decoder.generate(prompt, _LONG.value)
+      rounds = len(long.accept_lengths) - len(short.accept_lengths)
+      per_round[name].append((long.wall_time - short.wall_time) / rounds)
+  return {f'generate_{name}': 1e3 * float(np.median(seconds))
+          for name, seconds in per_round.items()}
 
 
 def main(argv):
