@@ -4,12 +4,10 @@ A round proposes drafts (or none: a plain decoding step), verifies `[last token]
 the full model in one pass, and commits the accepted prefix. Rounds run in segments: one call
 to the device runs a `lax.while_loop` of rounds until the segment's round limit, EOS or the
 token budget, so no host synchronisation happens per token. Between segments the host reads
-back a small report of it (whether the generation ended, the tokens, the per-round
+back the segment's report (whether the generation ended, the tokens, the per-round
 statistics, the newest CLaSp DP table) and the strategy's `Policy` decides what runs next:
 plain decoding runs as one segment, CLaSp as one segment per skip-set refresh (every LOI
-rounds). A policy whose choices need nothing of the segment running (`Policy.pipelined`: a
-fixed schedule) has the next segment queued behind it before its report is read, so the
-device runs segment after segment without waiting for the host in between.
+rounds).
 
 Exact by construction. Every full-model pass (a plain step as much as a verify pass) is a
 pass of `pass_width` tokens (`full_pass`): a plain step pads its one token, a verify pass of
@@ -32,7 +30,6 @@ compiler's collectives inside the passes.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Iterator
 import dataclasses
 import functools
@@ -499,8 +496,8 @@ class Decoder:
     Where the verify passes fill the DP's table (`state.search`), the newest table reported
     since the last refresh (`SegmentReport.table_LJ`) gives the skip set of `num_skip` layers;
     with none, the set in force stays if it has `num_skip` layers, and the DP runs as a pass
-    of its own otherwise (a generation's first refresh). Only that DP waits for the segments
-    dispatched before it.
+    of its own otherwise (a generation's first refresh), the only case that waits for the
+    device.
     """
     start = time.perf_counter()
     in_force = self._skip_in_force
@@ -691,24 +688,18 @@ class Decoder:
     self.refresh_seconds = []
     policy = self.strategy.make_policy(self, max_new_tokens)
     rounds = 0
-    unread = collections.deque()  # reports of the segments dispatched and not yet read
     # A prefill that drew EOS or the whole budget leaves no round to run (nor to compile).
     done = max_new_tokens == 1 or bool(state.done)
     while not done:
       state, segment = policy.next_segment(self, state)
       state, report = self.run_segment(state, segment, max_new_tokens)
-      unread.append(report)
-      # A pipelined policy's bounded segment gets a successor queued before it reports (a
-      # successor of the segment that ends the generation runs no round).
-      queue = policy.pipelined and segment.rounds is not None
-      while len(unread) > queue and not done:
-        report = self._read(unread.popleft())
-        streamed = self._stream(report, n, max_new_tokens, streamed, on_tokens)
-        if policy.observes:
-          policy.observe(report.accepted_R[rounds:report.num_rounds],
-                         report.drafted_R[rounds:report.num_rounds],
-                         report.source_R[rounds:report.num_rounds])
-        done, rounds = bool(report.done), int(report.num_rounds)
+      report = self._read(report)
+      streamed = self._stream(report, n, max_new_tokens, streamed, on_tokens)
+      if policy.observes:
+        policy.observe(report.accepted_R[rounds:report.num_rounds],
+                       report.drafted_R[rounds:report.num_rounds],
+                       report.source_R[rounds:report.num_rounds])
+      done, rounds = bool(report.done), int(report.num_rounds)
     tokens = self._committed(state, n, max_new_tokens)
     accepted_R, drafted_R, source_R, skip_RL = jax.device_get(
         (state.accepted_R, state.drafted_R, state.source_R, state.skip_RL))

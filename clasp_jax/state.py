@@ -92,8 +92,8 @@ class SegmentReport:
   """What the host reads back after a segment of rounds: copies of the decode state's small
   fields, returned beside the state.
 
-  The state itself is donated to the next segment as soon as that is dispatched, so the host
-  reads the report instead: it can be read while later segments run (see `Policy.pipelined`).
+  The state itself is donated to the next segment, so what the host keeps of a segment (the
+  newest DP table, for the next refresh) comes from the report.
 
   Attributes:
     done: bool scalar, as in `DecodeState`.

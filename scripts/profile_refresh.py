@@ -17,18 +17,15 @@ read-back:
   segment_8       the same, per round of an 8-round segment
   plain_16        a plain step, per round of a 16-round plain segment
 
-segment_1 less segment_8 is what a segment costs beyond its rounds when the host waits for
-each one's report before dispatching the next.
+segment_1 less segment_8 is what a segment costs beyond its rounds.
 
 Then, through `Decoder.generate` (ms per round: the difference of `--long` and `--short`
-generations over the difference of their rounds, the median of `--generate_reps`, the three
+generations over the difference of their rounds, the median of `--generate_reps`, the two
 decoders in turns within each repetition):
 
-  generate_static          drafting with a fixed skip set of M layers (one segment)
-  generate_clasp           CLaSp at LOI 1 with the DP in the verify passes: a segment per
-                           table's worth of verify passes, each queued behind the one running
-  generate_clasp_waiting   the same, the host waiting for each segment's report before it
-                           dispatches the next (the engine before `Policy.pipelined`)
+  generate_static   drafting with a fixed skip set of M layers (one segment)
+  generate_clasp    CLaSp at LOI 1 with the DP in the verify passes: a segment, and a
+                    refresh, per table's worth of verify passes
 
 generate_clasp less generate_static is what refreshing costs a round, DP included.
 """
@@ -109,25 +106,15 @@ def profile(preset: str, context: int, reps: int) -> dict:
   return row
 
 
-class _WaitingClasp(strategies.Clasp):
-  """CLaSp whose host waits for each segment's report before it dispatches the next."""
-
-  def make_policy(self, decoder, max_new_tokens):
-    policy = super().make_policy(decoder, max_new_tokens)
-    policy.pipelined = False
-    return policy
-
-
 def _through_generate(params, config, prompt: list[int]) -> dict:
-  """ms per round of static drafting, CLaSp and CLaSp waiting for each report, through
-  `Decoder.generate`, interleaved (see the module docstring)."""
+  """ms per round of static drafting and of CLaSp through `Decoder.generate`, interleaved
+  (see the module docstring)."""
   L = config.num_layers
   M = L // 2
   drafting = dict(num_draft_tokens=8, draft_exit_threshold=0.0)
   decoders = {
       'static': strategies.StaticSkip(skip_layers=tuple(range(1, L, 2))[:M], **drafting),
       'clasp': strategies.Clasp(num_skip=M, loi=1, lookup=False, **drafting),
-      'clasp_waiting': _WaitingClasp(num_skip=M, loi=1, lookup=False, **drafting),
   }
   decoders = {name: engine.Decoder(params, config, s) for name, s in decoders.items()}
   for decoder in decoders.values():  # compiles, and loads each program's kernels

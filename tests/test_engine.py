@@ -67,8 +67,7 @@ def test_statistics_shapes(tiny_model):
   chex.assert_shape(out.skip_sets, (rounds, config.num_layers))
   assert (out.skip_sets.sum(axis=1) == 2).all()
   assert len(out.draft_lengths) == rounds
-  # A refresh per two rounds, and one for the segment queued behind the last (it runs none).
-  assert len(out.refresh_times) == (rounds + 1) // 2 + 1
+  assert len(out.refresh_times) == (rounds + 1) // 2
   assert 1.0 <= out.mean_accepted <= 5.0
 
 
@@ -258,9 +257,7 @@ def test_lookup_rounds_do_not_use_up_a_refresh_period(tiny_model):
   for prompt in tiny.prompts(config):
     starts.clear()
     sources = decoder.generate(prompt, tiny.MAX_NEW).draft_sources
-    # (a segment queued behind the last one starts after the last round and runs none)
-    periods = [sources[a:b] for a, b in zip(starts, starts[1:] + [len(sources)])
-               if a < len(sources)]
+    periods = [sources[a:b] for a, b in zip(starts, starts[1:] + [len(sources)])]
     for period in periods[:-1]:  # the last one may end with the token budget
       assert sum(s != 'lookup' for s in period) == loi, period
       periods_with_lookup += 'lookup' in period

@@ -152,11 +152,6 @@ class Policy(abc.ABC):
 
   #: Whether `observe` wants each segment's per-round statistics.
   observes: bool = False
-  #: Whether the next segment may be decided before the one running reports: the engine then
-  #: queues each bounded segment behind the running one, so the device does not wait for the
-  #: host between them, and a refresh takes the newest DP table reported by then (one segment
-  #: older). For policies whose choices need nothing of the segment running.
-  pipelined: bool = False
 
   @abc.abstractmethod
   def next_segment(self, decoder, state: DecodeState) -> tuple[DecodeState, Segment]:
@@ -171,9 +166,7 @@ class SchedulePolicy(Policy):
   """A fixed schedule: draft in every round (plain decoding if K is 0), refreshing the skip
   set every `loi` rounds (or every `Decoder.search_passes` rounds, if more: where the verify
   passes fill the DP's table, no newer table is ready sooner), or putting a fixed skip set in
-  force once. Nothing it decides depends on the segment running: it is `pipelined`."""
-
-  pipelined = True
+  force once."""
 
   def __init__(self, strategy: Strategy):
     self.strategy = strategy
