@@ -281,3 +281,23 @@ def test_the_dp_attends_with_the_decoders_kind_of_attention(tiny_model, name):
   decoder.generate(tiny.prompts(config)[0], 4)
   assert handed and handed[0] is engine.resolve_attention(name, config, prefix=True)
   assert engine.resolve_attention('xla', prefix=True) is not engine.resolve_attention('xla')
+
+
+def test_a_segment_reports_its_state(tiny_model):
+  """What the host reads of a segment (its report) is the state it leaves: the tokens, the
+  rounds' statistics and the DP's newest table, readable after the state is donated."""
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.Clasp(num_skip=2, num_draft_tokens=4,
+                                                     draft_exit_threshold=0.0, lookup=False),
+                    pass_width=16)  # rows to spare: the DP rides in the verify passes
+  state = decoder.refresh(decoder.start(tiny.prompts(config)[0], 64), 2)
+  state, report = decoder.run_segment(state, strategies.Segment(draft=True, rounds=3), 64)
+  expected = dict(done=state.done, num_rounds=state.num_rounds, num_tokens=state.num_tokens,
+                  tokens_N=state.tokens_N, accepted_R=state.accepted_R,
+                  drafted_R=state.drafted_R, source_R=state.source_R,
+                  tables_completed=state.search.completed, table_LJ=state.search.ready_LJ)
+  expected = {name: np.asarray(x) for name, x in expected.items()}  # before it is donated
+  decoder.run_segment(state, strategies.Segment(draft=True, rounds=1), 64)
+  assert int(report.num_rounds) == 3 and int(report.tables_completed) >= 1
+  for name, value in expected.items():
+    np.testing.assert_array_equal(np.asarray(getattr(report, name)), value, err_msg=name)
