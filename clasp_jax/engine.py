@@ -478,9 +478,8 @@ class Decoder:
 
   def _start_generation(self) -> None:
     """Forgets what the host knew of the last generation's skip sets and DP tables."""
-    self._tables_used = 0  # DP tables of this generation's verify passes put in force
-    self._tables_reported = 0  # ... and reported so far
-    self._newest_table_LJ = None  # the newest reported table (host copy)
+    self._tables_reported = 0  # DP tables this generation's verify passes completed
+    self._new_table_LJ = None  # the newest reported table, until a refresh uses it
     self._skip_in_force = None  # the skip set this generation's refreshes put in force
 
   @property
@@ -501,9 +500,9 @@ class Decoder:
     """
     start = time.perf_counter()
     in_force = self._skip_in_force
-    if self._search_columns and self._tables_reported > self._tables_used:
-      self._tables_used = self._tables_reported
-      skip_L = clasp_lib.backtrack_host(self._newest_table_LJ, num_skip)
+    if self._search_columns and self._new_table_LJ is not None:
+      skip_L = clasp_lib.backtrack_host(self._new_table_LJ, num_skip)
+      self._new_table_LJ = None
     elif self._search_columns and in_force is not None and in_force.sum() == num_skip:
       skip_L = in_force  # no newer table: the set in force stays
     else:
@@ -719,7 +718,7 @@ class Decoder:
     report = jax.device_get(report)
     if report.table_LJ is not None and report.tables_completed > self._tables_reported:
       self._tables_reported = int(report.tables_completed)
-      self._newest_table_LJ = report.table_LJ
+      self._new_table_LJ = report.table_LJ
     return report
 
   def _committed(self, state: DecodeState | SegmentReport, num_prompt_tokens: int,
