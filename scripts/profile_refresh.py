@@ -74,9 +74,7 @@ def profile(preset: str, context: int, reps: int) -> dict:
   config = models.PRESETS[preset]()
   params = decode.random_params(config, jax.random.key(0), 'bfloat16')
   M = config.num_layers // 2
-  decoder = engine.Decoder(params, config, strategies.build(
-      'clasp', config, skip_layers=M, num_draft_tokens=8, draft_exit_threshold=0.0, loi=1,
-      lookup=False))
+  decoder = engine.Decoder(params, config, decode.case_strategy('refresh', config))
   prompt = np.random.RandomState(0).randint(0, config.vocab_size, context).tolist()
   state = decoder.refresh(decoder.start(prompt, _MAX_NEW_TOKENS), M)
   copy = lambda: (jax.tree.map(jnp.copy, state),)  # a segment consumes (donates) its state
@@ -108,15 +106,9 @@ def profile(preset: str, context: int, reps: int) -> dict:
 
 def _through_generate(params, config, prompt: list[int]) -> dict:
   """ms per round of static drafting and of CLaSp through `Decoder.generate`, interleaved
-  (see the module docstring)."""
-  L = config.num_layers
-  M = L // 2
-  drafting = dict(num_draft_tokens=8, draft_exit_threshold=0.0)
-  decoders = {
-      'static': strategies.StaticSkip(skip_layers=tuple(range(1, L, 2))[:M], **drafting),
-      'clasp': strategies.Clasp(num_skip=M, loi=1, lookup=False, **drafting),
-  }
-  decoders = {name: engine.Decoder(params, config, s) for name, s in decoders.items()}
+  (see the module docstring): `bench_decode.py`'s draft and refresh cases."""
+  decoders = {name: engine.Decoder(params, config, decode.case_strategy(what, config))
+              for name, what in (('static', 'draft'), ('clasp', 'refresh'))}
   for decoder in decoders.values():  # compiles, and loads each program's kernels
     decoder.generate(prompt, _SHORT.value)
     decoder.generate(prompt, _LONG.value)

@@ -155,20 +155,25 @@ def _timed(decoder, prompt, max_new_tokens, reps) -> tuple[float, int, int]:
   return sorted(seconds)[reps // 2], len(out.token_ids), len(out.accept_lengths)
 
 
+def case_strategy(what: str, config):
+  """The strategy a case measures: 'plain' decoding; 'draft', static drafting at M = L / 2
+  (every other layer), K = 8, DET 0; 'refresh', CLaSp at M = L / 2, LOI 1, layer-skip drafts
+  only, K = 8, DET 0."""
+  from clasp_jax import strategies  # pylint: disable=g-import-not-at-top
+  L, K = config.num_layers, 8
+  if what == 'plain':
+    return strategies.build('vanilla', config)
+  if what == 'draft':
+    return strategies.build('static', config, skip_set=tuple(range(1, L, 2))[:L // 2],
+                            num_draft_tokens=K, draft_exit_threshold=0.0)
+  return strategies.build('clasp', config, skip_layers=L // 2, num_draft_tokens=K,
+                          draft_exit_threshold=0.0, loi=1, lookup=False)
+
+
 def measure(case: Case, params, config, short: int, long: int, reps: int, mesh=None) -> dict:
   """One case's per-token (or per-round) seconds, from two generation lengths."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from clasp_jax import strategies  # pylint: disable=g-import-not-at-top
-  L, K = config.num_layers, 8
-  if case.what == 'plain':
-    strategy = strategies.build('vanilla', config)
-  elif case.what == 'draft':
-    strategy = strategies.build('static', config, skip_set=tuple(range(1, L, 2))[:L // 2],
-                                num_draft_tokens=K, draft_exit_threshold=0.0)
-  else:
-    strategy = strategies.build('clasp', config, skip_layers=L // 2, num_draft_tokens=K,
-                                draft_exit_threshold=0.0, loi=1, lookup=False)
-  decoder = _decoder(params, config, strategy, case.attention, mesh)
+  decoder = _decoder(params, config, case_strategy(case.what, config), case.attention, mesh)
   prompt = np.random.RandomState(0).randint(0, config.vocab_size,
                                             case.context - long).tolist()
   t_short, n_short, r_short = _timed(decoder, prompt, short, reps)
