@@ -6,8 +6,9 @@ to the device runs a `lax.while_loop` of rounds until the segment's round limit,
 token budget, so no host synchronisation happens per token. Between segments the host reads
 back the segment's report (whether the generation ended, the tokens, the per-round
 statistics, the newest CLaSp DP table) and the strategy's `Policy` decides what runs next:
-plain decoding runs as one segment, CLaSp as one segment per skip-set refresh (every LOI
-rounds).
+plain decoding runs as one segment; CLaSp, whose verify passes fill the DP's table, runs one
+segment per change of its skip set: every LOI rounds the device checks whether the newest
+table chooses another set, and only then returns to the host, which puts it in force.
 
 Exact by construction. Every full-model pass (a plain step as much as a verify pass) is a
 pass of `pass_width` tokens (`full_pass`): a plain step pads its one token, a verify pass of
@@ -84,7 +85,9 @@ class Generation:
     draft_sources: where each round's drafts came from: 'plain' (none), 'lookup' (copied
       from the context) or 'skip' (the model with layers skipped).
     skip_sets: bool[rounds, L] the skip set in force in each round.
-    refresh_times: seconds spent in each skip-set refresh (the CLaSp DP).
+    refresh_times: seconds the host spent in each skip-set refresh between segments (the
+      CLaSp DP, or reading a skip set from its newest table). Where the verify passes fill
+      the table, the refreshes that keep the set happen on the device and are not here.
   """
 
   token_ids: list[int]
@@ -289,8 +292,17 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
       search=search)
 
 
+def _table_disagrees(state: DecodeState) -> jax.Array:
+  """Whether the newest complete DP table of the verify passes' search chooses a skip set of
+  the in-force size other than the one in force (False before any table is complete)."""
+  search = state.search
+  choice_L = clasp_lib.backtrack(search.ready_LJ, jnp.sum(state.skip_L, dtype=jnp.int32))
+  return (search.completed > 0) & jnp.any(choice_L != state.skip_L)
+
+
 def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
-             max_rounds: jax.Array, *, placement: sharding_lib.Placement | None,
+             max_rounds: jax.Array, refresh_every: jax.Array, *,
+             placement: sharding_lib.Placement | None,
              **round_settings) -> tuple[DecodeState, SegmentReport]:
   """Rounds on the device until `max_rounds` of them ran, EOS or the token budget; the state
   and its report (what the host reads back).
@@ -299,23 +311,33 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
   needs no skip set and costs about a plain step, so a segment's budget (a refresh period, a
   back-off) is spent by the rounds that draft with layers skipped or decode plainly.
 
+  With `refresh_every` > 0 and a search in the state (the DP in the verify passes), the
+  segment also ends after every `refresh_every`-th counted round at which the newest complete
+  table chooses another skip set (`Segment.refresh_every`): a refresh that would keep the set
+  in force costs no return to the host.
+
   On a mesh each round's state is pinned to the rules' shardings, so that the loop carries
   the cache as the segment received it (the compiler could otherwise pick a layout of its
   own and convert at the segment's end).
   """
 
   def more(carry):
-    state, rounds = carry
-    return (rounds < max_rounds) & ~state.done
+    state, rounds, stale = carry
+    return (rounds < max_rounds) & ~state.done & ~stale
 
   def one(carry):
-    state, rounds = carry
+    state, rounds, _ = carry
     state = _round(params, state, max_new_tokens, **round_settings)
     counted = state.source_R[state.num_rounds - 1] != LOOKUP
-    return ((state if placement is None else placement.constrain(state)),
-            rounds + counted.astype(jnp.int32))
+    rounds = rounds + counted.astype(jnp.int32)
+    stale = jnp.zeros((), bool)
+    if state.search is not None:
+      at_refresh = counted & (refresh_every > 0) & (rounds % jnp.maximum(refresh_every, 1) == 0)
+      stale = at_refresh & _table_disagrees(state)
+    return (state if placement is None else placement.constrain(state)), rounds, stale
 
-  state, _ = jax.lax.while_loop(more, one, (state, jnp.zeros((), jnp.int32)))
+  init = (state, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+  state, _, _ = jax.lax.while_loop(more, one, init)
   return state, SegmentReport.of(state)
 
 
@@ -555,6 +577,13 @@ class Decoder:
     return sharding_lib.new_cache(self.config, capacity, self.params['embed'].dtype, self.mesh)
 
   @property
+  def searches_in_verify(self) -> bool:
+    """Whether the verify passes fill the CLaSp DP's table (`Clasp.dp_in_verify` where a
+    pass has rows to spare), so that the device can tell when a refresh would change the
+    skip set (`Segment.refresh_every`)."""
+    return bool(self._search_columns)
+
+  @property
   def verify_rows(self) -> int:
     """Rows of a drafting round's verify pass: K + 1 in whole passes of `pass_width`."""
     return verify_rows(self.strategy.num_draft_tokens, self.pass_width)
@@ -566,7 +595,8 @@ class Decoder:
     else:  # no draft layers nor search: the same program whatever the strategy
       params, state = self.params, state.replace(draft_ids_A=None, search=None)
     limit = state.cache.max_len if segment.rounds is None else segment.rounds
-    return params, state, np.int32(max_new_tokens), np.int32(limit)
+    return (params, state, np.int32(max_new_tokens), np.int32(limit),
+            np.int32(segment.refresh_every or 0))
 
   def compile_segment(self, state: DecodeState, segment: Segment) -> None:
     """Compiles the segment `run_segment` would run on this state (concrete or abstract)."""

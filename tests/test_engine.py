@@ -67,7 +67,9 @@ def test_statistics_shapes(tiny_model):
   chex.assert_shape(out.skip_sets, (rounds, config.num_layers))
   assert (out.skip_sets.sum(axis=1) == 2).all()
   assert len(out.draft_lengths) == rounds
-  assert len(out.refresh_times) == (rounds + 1) // 2
+  # The host refreshes before the first segment and after each that ended on a new skip set.
+  changes = np.any(np.diff(out.skip_sets, axis=0), axis=1).sum()
+  assert len(out.refresh_times) == 1 + changes
   assert 1.0 <= out.mean_accepted <= 5.0
 
 
@@ -240,13 +242,14 @@ def test_hybrid_drafts_from_the_context_and_the_skipped_model(tiny_model, tiny_v
 
 def test_lookup_rounds_do_not_use_up_a_refresh_period(tiny_model):
   """A refresh period of LOI rounds counts the rounds that draft with layers skipped: rounds
-  with a lookup match between them copy their drafts and need no skip set."""
+  with a lookup match between them copy their drafts and need no skip set. (A segment runs
+  on through the refreshes that keep the skip set: whole periods.)"""
   config, params = tiny_model
   loi = 2
   decoder = Decoder(params, config, strategies.build(
       'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=loi))
   refresh = decoder.refresh
-  starts = []  # the round at which each segment (one refresh period) started
+  starts = []  # the round at which each segment (whole refresh periods) started
 
   def recording_refresh(state, num_skip):
     starts.append(int(state.num_rounds))
@@ -259,7 +262,8 @@ def test_lookup_rounds_do_not_use_up_a_refresh_period(tiny_model):
     sources = decoder.generate(prompt, tiny.MAX_NEW).draft_sources
     periods = [sources[a:b] for a, b in zip(starts, starts[1:] + [len(sources)])]
     for period in periods[:-1]:  # the last one may end with the token budget
-      assert sum(s != 'lookup' for s in period) == loi, period
+      counted = sum(s != 'lookup' for s in period)
+      assert counted and counted % loi == 0, period
       periods_with_lookup += 'lookup' in period
   assert periods_with_lookup
 
@@ -301,3 +305,37 @@ def test_a_segment_reports_its_state(tiny_model):
   assert int(report.num_rounds) == 3 and int(report.tables_completed) >= 1
   for name, value in expected.items():
     np.testing.assert_array_equal(np.asarray(getattr(report, name)), value, err_msg=name)
+
+
+@pytest.mark.parametrize('fast_path', [False, True])
+def test_segments_end_only_where_the_skip_set_changes(tiny_model, monkeypatch, fast_path):
+  """Where the verify passes fill the DP's table, CLaSp's rounds run on through the refreshes
+  that keep the skip set: the same tokens and skip sets, round by round, as segments that
+  return to the host at every refresh, with one segment per set in force."""
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.Clasp(num_skip=2, num_draft_tokens=4,
+                                                     draft_exit_threshold=0.0, loi=1,
+                                                     lookup=False),
+                    fast_path=fast_path, pass_width=16)
+  segments = []
+  run_segment = decoder.run_segment
+
+  def counted(state, segment, max_new_tokens):
+    segments.append(segment)
+    return run_segment(state, segment, max_new_tokens)
+
+  monkeypatch.setattr(decoder, 'run_segment', counted)
+  prompt = tiny.prompts(config)[1]
+  on_change = decoder.generate(prompt, 64)
+  assert all(s.rounds is None and s.refresh_every == 1 for s in segments)
+  on_change_segments, segments[:] = len(segments), []
+  every_refresh = strategies.Segment(draft=True, rounds=1)
+  monkeypatch.setattr(strategies.base.SchedulePolicy, 'next_segment',
+                      lambda self, decoder, state: (decoder.refresh(state, 2), every_refresh))
+  each = decoder.generate(prompt, 64)
+  assert on_change.token_ids == each.token_ids
+  np.testing.assert_array_equal(on_change.skip_sets, each.skip_sets)
+  changes = np.any(np.diff(each.skip_sets, axis=0), axis=1).sum()
+  assert 1 <= changes < len(each.accept_lengths) - 1  # the set both changed and stayed
+  assert on_change_segments == 1 + changes
+  assert len(segments) == len(each.accept_lengths)

@@ -63,11 +63,18 @@ class Segment:
     lookup_only: its rounds draft by prompt lookup alone (plain steps where the context has no
       match): the rounds of the strategy's `lookup_strategy`, for a policy's stretches without
       layer-skip drafts.
+    refresh_every: where the verify passes fill the CLaSp DP's table, also end the segment
+      after every `refresh_every`-th counted round at which the newest complete table chooses
+      a skip set (of the in-force size) other than the one in force, so that the host puts it
+      in force; a table that keeps the set lets the rounds run on. The host's refresh then
+      picks what the device compared (`Decoder.refresh`), so the skip sets in force are those
+      of segments of `refresh_every` rounds, with fewer returns to the host. None: no check.
   """
 
   draft: bool
   rounds: int | None = None
   lookup_only: bool = False
+  refresh_every: int | None = None
 
   @property
   def kind(self) -> str:
@@ -166,7 +173,8 @@ class SchedulePolicy(Policy):
   """A fixed schedule: draft in every round (plain decoding if K is 0), refreshing the skip
   set every `loi` rounds (or every `Decoder.search_passes` rounds, if more: where the verify
   passes fill the DP's table, no newer table is ready sooner), or putting a fixed skip set in
-  force once."""
+  force once. Where the verify passes fill the table, one segment runs until a refresh would
+  change the set (`Segment.refresh_every`)."""
 
   def __init__(self, strategy: Strategy):
     self.strategy = strategy
@@ -177,8 +185,10 @@ class SchedulePolicy(Policy):
     if not s.num_draft_tokens:
       return state, Segment(draft=False)
     if s.loi:
-      return (decoder.refresh(state, s.num_skip),
-              Segment(draft=True, rounds=max(s.loi, decoder.search_passes)))
+      period = max(s.loi, decoder.search_passes)
+      segment = (Segment(draft=True, refresh_every=period) if decoder.searches_in_verify
+                 else Segment(draft=True, rounds=period))
+      return decoder.refresh(state, s.num_skip), segment
     if s.skips_layers and not self.started:  # a fixed set: in force from the start
       state = decoder.put_skip_set(state, s.initial_skip(decoder.config))
     self.started = True
