@@ -24,8 +24,8 @@ generations over the difference of their rounds, the median of `--generate_reps`
 decoders in turns within each repetition):
 
   generate_static   drafting with a fixed skip set of M layers (one segment)
-  generate_clasp    CLaSp at LOI 1 with the DP in the verify passes: a segment, and a
-                    refresh, per table's worth of verify passes
+  generate_clasp    CLaSp at LOI 1 with the DP in the verify passes: the device checks
+                    each table and returns to the host only when the skip set changes
 
 generate_clasp less generate_static is what refreshing costs a round, DP included.
 """

@@ -11,7 +11,8 @@ prompt, over the difference in tokens, so the prefill and per-call costs cancel:
                    verify pass of up to `pass_width` tokens is the same pass as a plain step
   refresh       = CLaSp's DP plus the skip-set switch, per round, at LOI 1 (layer-skip
                    drafts only: a round with a lookup draft costs less than a static round):
-                   its round less the static round
+                   its round less the static round. A switch is paid only where the DP
+                   changes the set, so this depends on how often it does on these weights
 
 Random weights of a preset's shape (a random model writes degenerate text; speed does not
 care, and DET 0 fixes the drafts per round). The roofline is the time to read the weights
