@@ -13,6 +13,11 @@ import tiny
 pytestmark = pytest.mark.slow  # minutes in all on 2 cores: started first (conftest.py)
 
 
+def _skip_set_changes(skip_sets_RL: np.ndarray) -> int:
+  """How many rounds drafted with another skip set than the round before."""
+  return int(np.any(np.diff(skip_sets_RL, axis=0), axis=1).sum())
+
+
 @pytest.mark.parametrize('method,settings', [
     ('clasp', dict(skip_layers=0, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
     ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
@@ -68,8 +73,7 @@ def test_statistics_shapes(tiny_model):
   assert (out.skip_sets.sum(axis=1) == 2).all()
   assert len(out.draft_lengths) == rounds
   # The host refreshes before the first segment and after each that ended on a new skip set.
-  changes = np.any(np.diff(out.skip_sets, axis=0), axis=1).sum()
-  assert len(out.refresh_times) == 1 + changes
+  assert len(out.refresh_times) == 1 + _skip_set_changes(out.skip_sets)
   assert 1.0 <= out.mean_accepted <= 5.0
 
 
@@ -335,7 +339,7 @@ def test_segments_end_only_where_the_skip_set_changes(tiny_model, monkeypatch, f
   each = decoder.generate(prompt, 64)
   assert on_change.token_ids == each.token_ids
   np.testing.assert_array_equal(on_change.skip_sets, each.skip_sets)
-  changes = np.any(np.diff(each.skip_sets, axis=0), axis=1).sum()
+  changes = _skip_set_changes(each.skip_sets)
   assert 1 <= changes < len(each.accept_lengths) - 1  # the set both changed and stayed
   assert on_change_segments == 1 + changes
   assert len(segments) == len(each.accept_lengths)
