@@ -292,6 +292,32 @@ def test_auto_is_lossless_and_reports_m_per_round():
   assert any(m is not None for m in per_round)
 
 
+def test_measured_costs_split_a_round_into_its_pieces(monkeypatch):
+  """`measure_costs` recovers the costs behind its segments' times where a drafting round's
+  verify pass costs more than a plain step (the DP's bands in it) and the larger M drafts
+  fewer tokens a round: the extra is a round's, not its draft steps'."""
+  config = tiny.tiny_config()
+  num_layers = config.num_layers
+  truth = Costs(full_step=1.0, draft_base=0.1, draft_per_layer=0.15, verify=1.3, dp=0.0)
+
+  def timed_segment(decoder, state, segment, max_new_tokens):
+    del decoder, max_new_tokens
+    rounds = 8
+    if not segment.draft:
+      return rounds * truth.full_step, rounds, 0
+    active = num_layers - int(np.sum(state.skip_L))
+    drafts = rounds * min(int(state.draft_limit), 6 if active > 3 else 2)
+    return rounds * truth.verify + drafts * truth.draft_step(active), rounds, drafts
+
+  monkeypatch.setattr(adaptive, '_timed_segment', timed_segment)
+  decoder = Decoder(tiny.tiny_params(config), config,
+                    strategies.AdaptiveClasp(candidates=(1, 4), initial_skip_layers=1))
+  state = decoder.start(tiny.prompts(config)[0], tiny.MAX_NEW)
+  measured = adaptive.measure_costs(decoder, state, tiny.MAX_NEW, (1, 4))
+  for field in ('full_step', 'draft_base', 'draft_per_layer', 'verify'):
+    assert getattr(measured, field) == pytest.approx(getattr(truth, field)), field
+
+
 def test_cost_table_is_remembered_per_pair_of_measured_m(tmp_path, monkeypatch):
   """A cost cache entry is reused only by a grid that would measure at the same two M."""
   measured = []
@@ -306,7 +332,7 @@ def test_cost_table_is_remembered_per_pair_of_measured_m(tmp_path, monkeypatch):
 
   def costs(candidates):
     decoder = types.SimpleNamespace(
-        config=config, params=params, fast_path=False, pass_width=16,
+        config=config, params=params, fast_path=False, pass_width=16, searches_in_verify=True,
         strategy=strategies.AdaptiveClasp(candidates=candidates,
                                           initial_skip_layers=candidates[0]))
     return adaptive.cached_costs(decoder, None, 32, str(tmp_path))

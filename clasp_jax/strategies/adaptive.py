@@ -58,7 +58,8 @@ class Costs:
     full_step: a plain decoding step (one full-model pass, every layer).
     draft_base: a draft step's cost besides its layers (embedding, LM head).
     draft_per_layer: a draft step's cost per active layer.
-    verify: the verify pass of K+1 tokens.
+    verify: a drafting round's cost besides its draft steps: the verify pass of K+1 tokens,
+      with the DP's bands where the verify passes fill its table.
     dp: one skip-set refresh (the CLaSp DP and putting the new set in force).
   """
 
@@ -148,10 +149,14 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
   """Times the pieces of a round through the decoder's own compiled segments.
 
   On copies of a generation's state (left untouched): a segment of plain steps gives the full
-  step; drafting segments at two skip counts give the draft step as a line in the number of
-  active layers (each segment's time less its verify passes, over the draft steps it ran;
-  rounds with a lookup match copy their drafts for free);
-  the DP as a program of its own, its set put in force, gives a refresh's cost. Timing whole segments on the device, rather than pieces
+  step; a drafting segment whose rounds may draft nothing (a draft limit of 0) gives the
+  verify pass as drafting rounds run it, with all a round does besides drafting (the DP's
+  bands, where the verify passes fill its table: a plain step's cost would leave them to be
+  charged to the draft steps, the most per step where the fewest drafts ran); drafting
+  segments at two skip counts give the draft step as a line in the number of active layers
+  (each segment's time less its rounds' verify passes, over the draft steps it ran; rounds
+  with a lookup match copy their drafts for free); the DP as a program of its own, its set put
+  in force, gives a refresh's cost. Timing whole segments on the device, rather than pieces
   dispatched one by one, measures what a round really costs inside the device loop.
 
   Args:
@@ -161,19 +166,23 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
     skip_counts: two values of M to draft with.
     rounds: rounds per timed segment.
   """
-  L = decoder.config.num_layers
+  config = decoder.config
+
+  def drafting(num_skip, draft_limit=np.iinfo(np.int32).max):
+    """(seconds, rounds, drafts) of a drafting segment at M = num_skip, spread evenly."""
+    skip_L = layer_skip.skip_vector(config, layer_skip.evenly_spaced_skip_set(config, num_skip))
+    start = decoder.put_skip_set(state, skip_L).replace(draft_limit=jnp.int32(draft_limit))
+    return _timed_segment(decoder, start, Segment(True, rounds), max_new_tokens)
+
   plain_s, plain_rounds, _ = _timed_segment(decoder, state, Segment(False, rounds),
                                             max_new_tokens)
   full_step = plain_s / max(plain_rounds, 1)
-  # A verify pass is a full pass per `pass_width` tokens: the plain step's cost each.
-  verify = full_step * (decoder.verify_rows // decoder.pass_width)
+  verify_s, verify_rounds, _ = drafting(skip_counts[0], draft_limit=0)
+  verify = verify_s / max(verify_rounds, 1)
   per_draft = {}
   for num_skip in skip_counts:
-    seconds, n, drafts = _timed_segment(
-        decoder, decoder.put_skip_set(state, layer_skip.skip_vector(
-            decoder.config, layer_skip.evenly_spaced_skip_set(decoder.config, num_skip))),
-        Segment(True, rounds), max_new_tokens)
-    per_draft[L - num_skip] = max(seconds - n * verify, 0.0) / max(drafts, 1)
+    seconds, n, drafts = drafting(num_skip)
+    per_draft[config.num_layers - num_skip] = max(seconds - n * verify, 0.0) / max(drafts, 1)
   (a1, t1), (a2, t2) = sorted(per_draft.items())
   per_layer = max(t2 - t1, 0.0) / max(a2 - a1, 1)
   for _ in range(2):  # the first compiles the DP
@@ -185,16 +194,23 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
                draft_per_layer=per_layer, verify=verify, dp=dp)
 
 
+#: Part of every cached measurement's key, raised when `measure_costs` changes what it
+#: measures, so that costs measured the earlier way are measured again.
+COSTS_VERSION = 2
+
+
 def cached_costs(decoder, state, max_new_tokens: int, cache_dir: str | None) -> Costs:
-  """`measure_costs`, remembered per device, model shape, dtype, decoder settings and the two
-  M it is measured at, in a JSON file under `cache_dir` (None: measured in every process)."""
+  """`measure_costs`, remembered per device, model shape, dtype, decoder settings, the two M
+  it is measured at and `COSTS_VERSION`, in a JSON file under `cache_dir` (None: measured in
+  every process)."""
   config, params, strategy = decoder.config, decoder.params, decoder.strategy
   grid = strategy.candidates
   pair = (grid[0], grid[-1]) if len(grid) > 1 else (grid[0], max(1, grid[0] // 2))
   key = '|'.join(map(str, (jax.devices()[0].device_kind, config.num_layers, config.hidden_size,
                            config.intermediate_size, config.vocab_size, params['embed'].dtype,
                            strategy.num_draft_tokens, strategy.draft_exit_threshold,
-                           decoder.fast_path, decoder.pass_width, *pair)))
+                           decoder.fast_path, decoder.pass_width,
+                           decoder.searches_in_verify, *pair, f'v{COSTS_VERSION}')))
   path = os.path.join(cache_dir, 'costs.json') if cache_dir else None
   table = {}
   if path and os.path.exists(path):
