@@ -157,6 +157,22 @@ def test_refreshes_grow_rarer_while_the_dp_keeps_the_skip_set():
   assert schedule == [probe, (True, 4), (True, 4), (True, 4)]
 
 
+def test_a_generation_after_drafting_that_paid_drafts_without_a_probe():
+  """The first generation probes; the next, its policy having found drafting to pay, opens
+  with a refresh period at the chosen M and draft limit; after a stretch where drafting did
+  not pay, drafting opens with a probe again."""
+  policy = _policy(GPU_LIKE, candidates=(12,), initial_skip_layers=12, loi=4, backoff_rounds=8)
+  decoder = _FakeDecoder(changing=True)  # every refresh changes the set: periods of LOI
+  policy.start_generation(max_new_tokens=64)
+  assert _drive(policy, decoder, accepted=8, drafted=7, segments=2) == [(True, 2), (True, 4)]
+  policy.start_generation(max_new_tokens=64)
+  state, segment = policy.next_segment(decoder, _FakeState())
+  assert (segment.rounds, state.draft_limit) == (4, policy.draft_limit)
+  policy.observe(np.full(64, 1), np.full(64, 8), np.full(64, SKIP))  # every draft rejected
+  policy.start_generation(max_new_tokens=64)
+  assert _drive(policy, decoder, accepted=8, drafted=7, segments=2) == [(False, 8), (True, 2)]
+
+
 def test_a_probe_with_every_draft_accepted_drafts_on():
   """Four of four probe drafts accepted are too few samples to rule drafting out: with the
   estimate's optimism the policy drafts on, without it the mean (0.83) sends it plain."""

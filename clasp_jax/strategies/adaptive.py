@@ -268,7 +268,7 @@ class AdaptivePolicy(Policy):
   generation of a decoder: what drafting at each M achieved carries over (decayed per round),
   and so does the plain-decoding back-off, so that later prompts start from informed estimates
   and a model on which drafting does not pay is probed (a few rounds of a few drafts) ever more
-  rarely, not at every prompt. A value of M not tried yet is expected to do as well as the
+  rarely, not at every prompt, while after drafting that paid the next prompt drafts at once. A value of M not tried yet is expected to do as well as the
   nearest smaller one tried (optimism that makes it worth a try: acceptance only falls as more
   layers are skipped, so a try settles it). With prompt lookup on, only the rounds that
   drafted with layers skipped teach it anything, and "plain" means rounds that take lookup
@@ -289,6 +289,7 @@ class AdaptivePolicy(Policy):
     self.draft_limit = strategy.num_draft_tokens
     self.plain_left = 0
     self.backoff = strategy.backoff_rounds
+    self.paying = False  # whether the last decision found drafting to pay
     self.since_try = 0  # drafting segments since a neighbouring M was last tried
     self.tries = 0  # neighbouring M values tried (alternately above and below)
     self.start_generation(max_new_tokens=0)
@@ -346,7 +347,7 @@ class AdaptivePolicy(Policy):
 
   def _explore_target(self) -> int:
     """After `explore_every` drafting segments at the chosen M, a neighbour of it on the grid
-    (above and below by turns); never in a stretch's opening probe.
+    (above and below by turns); never in a stretch's opening segment.
 
     The segments are counted over every generation: with refresh periods doubling, a
     generation of a few hundred tokens drafts in only a few segments (four, at 192 tokens on
@@ -367,6 +368,7 @@ class AdaptivePolicy(Policy):
                self.s.num_draft_tokens)
 
   def _go_plain(self) -> None:
+    self.paying = False
     self.plain_left = self.backoff
     self.backoff = min(2 * self.backoff, self.s.max_backoff_rounds)
     self.draft_segments = 0
@@ -382,8 +384,10 @@ class AdaptivePolicy(Policy):
       return state, Segment(draft=self.s.lookup, rounds=self.plain_left,
                             lookup_only=self.s.lookup)
     self.num_skip = self._explore_target()
-    # The first drafting segment after plain decoding probes: a few rounds of a few drafts.
-    self.probing = self.draft_segments == 0
+    # Drafting after plain decoding, or before anything paid, opens with a probe: a few rounds
+    # of a few drafts. A generation that follows drafting that paid drafts on at once: a probe
+    # there would give up drafts the policy expects to pay.
+    self.probing = self.draft_segments == 0 and not self.paying
     state = decoder.refresh(state, self.num_skip)
     self._track_refresh(np.asarray(state.skip_L))
     rounds = self.s.probe_rounds if self.probing else self.interval
@@ -418,6 +422,7 @@ class AdaptivePolicy(Policy):
     self.chosen, self.draft_limit = best
     if speedup > 1.0 + self.s.margin:
       self.backoff = self.s.backoff_rounds
+      self.paying = True
     else:  # drafting does not pay now: decode plainly, then probe again
       self._go_plain()
 
@@ -439,8 +444,9 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
       set.
     max_loi: the most rounds per refresh (never fewer than `loi`), reached by doubling while
       refreshes keep the set.
-    probe_rounds: rounds of the probe that opens every stretch of drafting (after plain
-      decoding, or at a generation's start), decided on before drafting on.
+    probe_rounds: rounds of the probe that opens a stretch of drafting (after plain decoding,
+      or at a generation's start unless the drafting before it paid), decided on before
+      drafting on.
     probe_drafts: the most drafts per probe round: probing costs little where nothing pays.
     explore_every: drafting segments between tries of a neighbouring M.
     backoff_rounds: plain rounds before drafting is probed again (doubles while it keeps
