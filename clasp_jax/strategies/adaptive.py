@@ -268,9 +268,10 @@ class AdaptivePolicy(Policy):
   generation of a decoder: what drafting at each M achieved carries over (decayed per round),
   and so does the plain-decoding back-off, so that later prompts start from informed estimates
   and a model on which drafting does not pay is probed (a few rounds of a few drafts) ever more
-  rarely, not at every prompt, while after drafting that paid the next prompt drafts at once. A value of M not tried yet is expected to do as well as the
-  nearest smaller one tried (optimism that makes it worth a try: acceptance only falls as more
-  layers are skipped, so a try settles it). With prompt lookup on, only the rounds that
+  rarely, not at every prompt, while after drafting that paid the next prompt drafts at once.
+  A value of M not tried yet is expected to do as well as the nearest smaller one tried
+  (optimism that makes it worth a try: acceptance only falls as more layers are skipped, so a
+  try settles it). With prompt lookup on, only the rounds that
   drafted with layers skipped teach it anything, and "plain" means rounds that take lookup
   drafts when they have a match and plain steps otherwise.
 
