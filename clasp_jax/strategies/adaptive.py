@@ -271,9 +271,9 @@ class AdaptivePolicy(Policy):
   rarely, not at every prompt, while after drafting that paid the next prompt drafts at once.
   A value of M not tried yet is expected to do as well as the nearest smaller one tried
   (optimism that makes it worth a try: acceptance only falls as more layers are skipped, so a
-  try settles it). With prompt lookup on, only the rounds that
-  drafted with layers skipped teach it anything, and "plain" means rounds that take lookup
-  drafts when they have a match and plain steps otherwise.
+  try settles it). With prompt lookup on, only the rounds that drafted with layers skipped
+  teach it anything, and "plain" means rounds that take lookup drafts when they have a match
+  and plain steps otherwise.
 
   Args:
     strategy: the `AdaptiveClasp` settings.
