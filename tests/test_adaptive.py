@@ -73,10 +73,12 @@ class _FakeState:
 
 class _FakeDecoder:
   """Stands in for the decoder's skip-set calls so the policy can be driven by synthetic
-  segments. Its DP returns the same set for an M every time, or, `changing`, a new one."""
+  segments. Its DP returns the same set for an M every time, or, `changing`, a new one;
+  `searches_in_verify`: its verify passes fill the DP's table, one complete per pass."""
 
-  def __init__(self, changing=False):
+  def __init__(self, changing=False, searches_in_verify=False):
     self.refreshed, self.changing = [], changing
+    self.searches_in_verify, self.search_passes = searches_in_verify, 1
 
   def refresh(self, state, num_skip):
     shift = len(self.refreshed) if self.changing else 0
@@ -135,16 +137,46 @@ def test_policy_keeps_drafting_when_it_pays_and_explores_neighbours():
 
 
 def test_short_generations_still_take_turns_exploring_neighbours():
-  """Generations of two drafting segments each, fewer than `explore_every`: the neighbours
-  are still tried, the count of segments carrying over (a margin too high for any switch
-  leaves exploring as the only way to another M)."""
-  policy, decoder = _policy(GPU_LIKE, initial_skip_layers=8, explore_every=3,
+  """Generations of two drafting segments each, fewer rounds than `explore_every`: the
+  neighbours are still tried, the count of rounds carrying over (a margin too high for any
+  switch leaves exploring as the only way to another M)."""
+  policy, decoder = _policy(GPU_LIKE, initial_skip_layers=8, explore_every=16,
                             switch_margin=10.0), _FakeDecoder()
-  for _ in range(6):
+  for _ in range(8):
     policy.start_generation(max_new_tokens=64)
-    _drive(policy, decoder, accepted=8, drafted=7, segments=2)
+    assert sum(rounds for _, rounds in _drive(policy, decoder, 8, 7, segments=2)) < 16
   assert set(decoder.refreshed) == {4, 8, 12}
   assert policy.chosen == 8
+
+
+def test_tries_grow_rarer_while_they_leave_the_choice_where_it_was():
+  """Neighbours that do worse than the chosen M: the rounds drafted at it between tries
+  double after each try (up to `max_explore_every`); a try that moves the choice brings them
+  back to `explore_every`."""
+  policy, decoder = _policy(GPU_LIKE, initial_skip_layers=8, explore_every=8,
+                            max_explore_every=32, loi=4, max_loi=4), _FakeDecoder()
+  state, gaps, since = _FakeState(), [], 0
+  for _ in range(40):
+    state, segment = policy.next_segment(decoder, state)
+    if policy.num_skip != policy.chosen:
+      gaps.append(since)
+      since = 0
+    elif policy.draft_segments:  # after the opening probe
+      since += segment.rounds
+    accepted = 8 if policy.num_skip == 8 else 2  # worse on both sides of M = 8
+    policy.observe(np.full(segment.rounds, accepted), np.full(segment.rounds, 7),
+                   np.full(segment.rounds, SKIP))
+  assert gaps[:5] == [8, 16, 32, 32, 32]
+  assert policy.chosen == 8
+  for _ in range(400):  # M = 12 now accepts as M = 8 does, and drafts cheaper
+    state, segment = policy.next_segment(decoder, state)
+    tried = policy.trying
+    accepted = 8 if policy.num_skip in (8, 12) else 2
+    policy.observe(np.full(segment.rounds, accepted), np.full(segment.rounds, 7),
+                   np.full(segment.rounds, SKIP))
+    if policy.chosen == 12:
+      break
+  assert tried and policy.chosen == 12 and policy.explore_gap == 8
 
 
 def test_refreshes_grow_rarer_while_the_dp_keeps_the_skip_set():
@@ -155,6 +187,23 @@ def test_refreshes_grow_rarer_while_the_dp_keeps_the_skip_set():
   policy = _policy(GPU_LIKE, candidates=(16,), initial_skip_layers=16, loi=4, max_loi=16)
   schedule = _drive(policy, _FakeDecoder(changing=True), accepted=8, drafted=7, segments=4)
   assert schedule == [probe, (True, 4), (True, 4), (True, 4)]
+
+
+def test_where_verify_passes_search_segments_end_only_on_a_change():
+  """With the DP's table filled by the verify passes, a drafting segment runs up to `max_loi`
+  rounds, the device checking every LOI rounds whether a refresh would change the set (as a
+  fixed M's segments do); a probe and a try of a neighbouring M run their few rounds."""
+  policy = _policy(GPU_LIKE, candidates=(12, 16), initial_skip_layers=16, loi=4, max_loi=32,
+                   explore_every=64)
+  decoder, state, segments = _FakeDecoder(searches_in_verify=True), _FakeState(), []
+  for _ in range(5):
+    state, segment = policy.next_segment(decoder, state)
+    segments.append((policy.num_skip, segment.rounds, segment.refresh_every))
+    policy.observe(np.full(segment.rounds, 8), np.full(segment.rounds, 7),
+                   np.full(segment.rounds, SKIP))
+  probe, run, try_below = (16, 2, None), (16, 32, 4), (12, 4, None)
+  # After 66 rounds at M = 16 a neighbour is tried: the one below, none being above.
+  assert segments == [probe, run, run, try_below, run]
 
 
 def test_a_generation_after_drafting_that_paid_drafts_without_a_probe():
@@ -290,7 +339,8 @@ def test_an_untried_m_is_judged_by_the_nearest_smaller_m_tried():
   assert set(decoder.refreshed[3:]) == {15}
 
 
-def test_auto_is_lossless_and_reports_m_per_round():
+@pytest.mark.parametrize('pass_width', [5, 16])  # 16: the DP rides in the verify passes
+def test_auto_is_lossless_and_reports_m_per_round(pass_width):
   config = tiny.tiny_config()
   params = tiny.tiny_params(config)
   prompt = np.random.RandomState(1).randint(4, config.vocab_size, 20).tolist()
@@ -298,7 +348,8 @@ def test_auto_is_lossless_and_reports_m_per_round():
   strategy = strategies.build('clasp', config, skip_layers='auto', num_draft_tokens=4,
                               draft_exit_threshold=0.0)
   assert isinstance(strategy, strategies.AdaptiveClasp)
-  decoder = Decoder(params, config, strategy)
+  decoder = Decoder(params, config, strategy, pass_width=pass_width)
+  assert decoder.searches_in_verify == (pass_width == 16)
   tiny.set_costs(decoder, GPU_LIKE)
   out = decoder.generate(prompt, 40)
   assert out.token_ids == expected

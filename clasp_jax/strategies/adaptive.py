@@ -18,18 +18,23 @@ what a round really pays). Plain decoding runs at
 the most promising M, after a back-off, so a generation that becomes predictable can still
 speed up. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators
 every M compiles its own drafting round, all of them before a benchmark's timing starts. Now
-and then a drafting segment tries a neighbouring M on the grid; the policy moves to another M
-only for an expected gain of `switch_margin` (a new M costs a refresh).
+and then a drafting segment tries a neighbouring M on the grid, ever more rarely while tries
+leave the choice where it was; the policy moves to another M only for an expected gain of
+`switch_margin` (a new M costs a refresh).
 
 The policy works in segments of rounds that run on the device: a drafting segment is one
 refresh period (the DP, then rounds at one M), a plain segment the whole back-off; it reads
 each drafting segment's per-round statistics when the segment ends. With prompt lookup on,
 rounds with a lookup match take the copied drafts and do not count towards a segment's rounds
 (`Segment.rounds`): a refresh period is LOI rounds drafted with layers skipped, however many
-lookup rounds come between them, so a refresh is paid for by the rounds that use it. A
-refresh period starts at LOI rounds and doubles, up to `max_loi`, each time the DP returns
-the skip set already in force: the paper's sparse persistence (skip sets change slowly from
-token to token) measured rather than assumed, since a refresh costs a few verify passes.
+lookup rounds come between them, so a refresh is paid for by the rounds that use it. Where the
+verify passes fill the DP's table, a drafting segment runs up to `max_loi` rounds and the
+device ends it sooner only when, at one of its every-LOI-rounds checks, a refresh would change
+the skip set (`Segment.refresh_every`), as a fixed M's segments do: a refresh that keeps the
+set costs no return to the host. Elsewhere a refresh period starts at LOI rounds and doubles,
+up to `max_loi`, each time the DP returns the skip set already in force: the paper's sparse
+persistence (skip sets change slowly from token to token) measured rather than assumed, since
+a refresh there costs a few verify passes.
 """
 
 from __future__ import annotations
@@ -291,8 +296,10 @@ class AdaptivePolicy(Policy):
     self.plain_left = 0
     self.backoff = strategy.backoff_rounds
     self.paying = False  # whether the last decision found drafting to pay
-    self.since_try = 0  # drafting segments since a neighbouring M was last tried
+    self.since_try = 0  # rounds drafted since a neighbouring M was last tried
+    self.explore_gap = strategy.explore_every  # rounds drafted between tries
     self.tries = 0  # neighbouring M values tried (alternately above and below)
+    self.trying = False  # whether the segment running tries a neighbouring M
     self.start_generation(max_new_tokens=0)
 
   def start_generation(self, max_new_tokens: int) -> None:
@@ -347,21 +354,25 @@ class AdaptivePolicy(Policy):
     return max(rates) > 1.0 / self.costs.full_step
 
   def _explore_target(self) -> int:
-    """After `explore_every` drafting segments at the chosen M, a neighbour of it on the grid
-    (above and below by turns); never in a stretch's opening segment.
+    """After `explore_gap` rounds drafted since the last try, a neighbour of the chosen M on
+    the grid (above and below by turns, where both are on it); never in a stretch's opening
+    segment.
 
-    The segments are counted over every generation: with refresh periods doubling, a
-    generation of a few hundred tokens drafts in only a few segments (four, at 192 tokens on
-    the planted 8B model), and a count that started over with each would never reach a try,
-    leaving an estimate from one unlucky stretch to stand for good.
+    The rounds are counted over every generation: a generation of a few hundred tokens drafts
+    only a few dozen rounds, and a count that started over with each would never reach a try,
+    leaving an estimate from one unlucky stretch to stand for good. The gap doubles (up to
+    `max_explore_every`) after each try that leaves the choice where it was: a try drafts with
+    an M expected to do worse, so once the estimates agree with what tries find, tries only
+    cost.
     """
-    if self.draft_segments == 0 or self.since_try < self.s.explore_every:
+    if self.draft_segments == 0 or self.since_try < self.explore_gap:
       return self.chosen
     self.since_try, self.tries = 0, self.tries + 1
     grid = self.s.candidates
     i = grid.index(self.chosen)
-    step = 1 if self.tries % 2 else -1
-    return grid[int(np.clip(i + step, 0, len(grid) - 1))]
+    above, below = grid[i + 1:i + 2], grid[max(i - 1, 0):i]  # at the grid's ends, one side
+    side = (above or below) if self.tries % 2 else (below or above)
+    return side[0] if side else self.chosen
 
   def _segment_limit(self) -> int:
     """The most drafts a round of the drafting segment running (or about to) may make."""
@@ -385,15 +396,22 @@ class AdaptivePolicy(Policy):
       return state, Segment(draft=self.s.lookup, rounds=self.plain_left,
                             lookup_only=self.s.lookup)
     self.num_skip = self._explore_target()
+    self.trying = self.num_skip != self.chosen
     # Drafting after plain decoding, or before anything paid, opens with a probe: a few rounds
     # of a few drafts. A generation that follows drafting that paid drafts on at once: a probe
     # there would give up drafts the policy expects to pay.
     self.probing = self.draft_segments == 0 and not self.paying
     state = decoder.refresh(state, self.num_skip)
     self._track_refresh(np.asarray(state.skip_L))
-    rounds = self.s.probe_rounds if self.probing else self.interval
-    return (state.replace(draft_limit=jnp.int32(self._segment_limit())),
-            Segment(draft=True, rounds=rounds))
+    state = state.replace(draft_limit=jnp.int32(self._segment_limit()))
+    if self.probing:
+      return state, Segment(draft=True, rounds=self.s.probe_rounds)
+    if self.trying:  # a try teaches enough in one short period
+      return state, Segment(draft=True, rounds=self.s.loi)
+    if decoder.searches_in_verify:  # the device refreshes in place while the set stays
+      return state, Segment(draft=True, rounds=max(self.s.loi, self.s.max_loi),
+                            refresh_every=max(self.s.loi, decoder.search_passes))
+    return state, Segment(draft=True, rounds=self.interval)
 
   def observe(self, accepted_R, drafted_R, source_R):
     source_R = np.asarray(source_R)
@@ -408,7 +426,8 @@ class AdaptivePolicy(Policy):
                                  np.asarray(drafted_R)[skipped_R]):
       tally.add(int(accepted) - 1, int(drafted), limit, self.s.decay)
     self.draft_segments += 1
-    self.since_try += 1
+    if not self.trying:
+      self.since_try += int(skipped_R.sum())
     # The next drafting (now, or the probe after a back-off) tries the most promising M,
     # whether or not it is expected to pay now: a probe at an M that just failed teaches less.
     # It stays at the current M unless another is clearly better: a new M costs a refresh
@@ -420,6 +439,10 @@ class AdaptivePolicy(Policy):
                                              self.L, self.interval, K)
     if current_speedup * (1.0 + self.s.switch_margin) >= speedup:
       best, speedup = current, current_speedup
+    if self.trying:
+      moved = best[0] != self.chosen
+      self.explore_gap = (self.s.explore_every if moved
+                          else min(2 * self.explore_gap, self.s.max_explore_every))
     self.chosen, self.draft_limit = best
     if speedup > 1.0 + self.s.margin:
       self.backoff = self.s.backoff_rounds
@@ -449,7 +472,9 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
       or at a generation's start unless the drafting before it paid), decided on before
       drafting on.
     probe_drafts: the most drafts per probe round: probing costs little where nothing pays.
-    explore_every: drafting segments between tries of a neighbouring M.
+    explore_every: rounds drafted at the chosen M before a neighbouring M is tried (for LOI
+      rounds); the gap doubles while tries leave the choice where it was.
+    max_explore_every: the longest gap between tries.
     backoff_rounds: plain rounds before drafting is probed again (doubles while it keeps
       not paying, up to `max_backoff_rounds`).
     max_backoff_rounds: the longest back-off.
@@ -474,7 +499,8 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   max_loi: int = 32
   probe_rounds: int = 2
   probe_drafts: int = 2
-  explore_every: int = 4
+  explore_every: int = 32
+  max_explore_every: int = 1024
   backoff_rounds: int = 32
   max_backoff_rounds: int = 1024
   decay: float = 0.95
