@@ -122,9 +122,14 @@ def test_policy_goes_plain_when_drafts_are_rejected_and_probes_later():
 
 
 def test_policy_never_drafts_when_even_perfect_acceptance_cannot_pay():
+  """Each generation is one plain segment, to its end: no probe, no return to the host."""
   hopeless = Costs(full_step=1.0, draft_base=0.9, draft_per_layer=0.01, verify=5.0, dp=5.0)
   policy, decoder = _policy(hopeless), _FakeDecoder()
-  assert not any(draft for draft, _ in _drive(policy, decoder, 1, 4, segments=20))
+  for _ in range(3):
+    policy.start_generation(max_new_tokens=64)
+    _, segment = policy.next_segment(decoder, _FakeState())
+    assert (segment.kind, segment.rounds) == ('plain', None)
+    policy.observe(np.ones(63), np.zeros(63), np.full(63, PLAIN))
   assert not decoder.refreshed
 
 

@@ -16,7 +16,8 @@ per device and model (`measure_costs`, through the decoder's own compiled rounds
 what a round really pays). Plain decoding runs at
 1 / full_step; when no M beats it, the policy decodes plainly and probes drafting again, at
 the most promising M, after a back-off, so a generation that becomes predictable can still
-speed up. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators
+speed up; where not even an optimistic acceptance rate would pay at the measured costs, it
+decodes plainly to the generation's end, in one segment. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators
 every M compiles its own drafting round, all of them before a benchmark's timing starts. Now
 and then a drafting segment tries a neighbouring M on the grid, ever more rarely while tries
 leave the choice where it was; the policy moves to another M only for an expected gain of
@@ -386,15 +387,23 @@ class AdaptivePolicy(Policy):
     self.draft_segments = 0
     self._restart_refreshes()
 
+  def _plain_segment(self, rounds: int | None) -> Segment:
+    """Rounds without layer-skip drafts: prompt lookup's (plain steps where the context has
+    no match), or plain steps without it."""
+    return Segment(draft=self.s.lookup, rounds=rounds, lookup_only=self.s.lookup)
+
   def next_segment(self, decoder, state):
     if self.costs is None:
       self.costs = cached_costs(decoder, state, self.max_new_tokens, self.s.cost_cache_dir)
-    if self.plain_left == 0 and self.draft_segments == 0 and not self.drafting_can_pay():
-      self._go_plain()
     self.drafting = self.plain_left == 0
-    if not self.drafting:  # prompt lookup's own rounds, or plain steps without it
-      return state, Segment(draft=self.s.lookup, rounds=self.plain_left,
-                            lookup_only=self.s.lookup)
+    if self.drafting and self.draft_segments == 0 and not self.drafting_can_pay():
+      # Not even the most optimistic acceptance would pay at these costs, and plain rounds
+      # teach nothing that could change that: the rest of the generation in one segment (a
+      # return to the host costs a few plain steps of a small model).
+      self.drafting = False
+      return state, self._plain_segment(rounds=None)
+    if not self.drafting:
+      return state, self._plain_segment(rounds=self.plain_left)
     self.num_skip = self._explore_target()
     self.trying = self.num_skip != self.chosen
     # Drafting after plain decoding, or before anything paid, opens with a probe: a few rounds
@@ -416,7 +425,8 @@ class AdaptivePolicy(Policy):
   def observe(self, accepted_R, drafted_R, source_R):
     source_R = np.asarray(source_R)
     if not self.drafting:  # lookup or plain rounds only: nothing about M to learn
-      self.plain_left -= int(np.sum(source_R != LOOKUP))  # a generation's end carries over
+      # What is left of a back-off at a generation's end carries over.
+      self.plain_left = max(self.plain_left - int(np.sum(source_R != LOOKUP)), 0)
       return
     skipped_R = source_R == SKIP
     if not skipped_R.any():
