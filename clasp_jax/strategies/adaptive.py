@@ -17,25 +17,25 @@ what a round really pays). Plain decoding runs at
 1 / full_step; when no M beats it, the policy decodes plainly and probes drafting again, at
 the most promising M, after a back-off, so a generation that becomes predictable can still
 speed up; where not even an optimistic acceptance rate would pay at the measured costs, it
-decodes plainly to the generation's end, in one segment. M moves on a grid of a few values (`AdaptiveClasp.candidates`): on accelerators
-every M compiles its own drafting round, all of them before a benchmark's timing starts. Now
-and then a drafting segment tries a neighbouring M on the grid, ever more rarely while tries
-leave the choice where it was; the policy moves to another M only for an expected gain of
-`switch_margin` (a new M costs a refresh).
+decodes plainly to the generation's end, in one segment. M moves on a grid of a few values
+(`AdaptiveClasp.candidates`): on accelerators every M compiles its own drafting round, all of
+them before a benchmark's timing starts. Now and then a drafting segment tries a neighbouring
+M on the grid, ever more rarely while tries leave the choice where it was; the policy moves to
+another M only for an expected gain of `switch_margin` (a new M costs a refresh).
 
 The policy works in segments of rounds that run on the device: a drafting segment is one
-refresh period (the DP, then rounds at one M), a plain segment the whole back-off; it reads
-each drafting segment's per-round statistics when the segment ends. With prompt lookup on,
-rounds with a lookup match take the copied drafts and do not count towards a segment's rounds
-(`Segment.rounds`): a refresh period is LOI rounds drafted with layers skipped, however many
-lookup rounds come between them, so a refresh is paid for by the rounds that use it. Where the
-verify passes fill the DP's table, a drafting segment runs up to `max_loi` rounds and the
-device ends it sooner only when, at one of its every-LOI-rounds checks, a refresh would change
-the skip set (`Segment.refresh_every`), as a fixed M's segments do: a refresh that keeps the
-set costs no return to the host. Elsewhere a refresh period starts at LOI rounds and doubles,
-up to `max_loi`, each time the DP returns the skip set already in force: the paper's sparse
-persistence (skip sets change slowly from token to token) measured rather than assumed, since
-a refresh there costs a few verify passes.
+refresh period (the DP, then rounds at one M; see below for the verify passes' DP), a plain
+segment the whole back-off; it reads each drafting segment's per-round statistics when the
+segment ends. With prompt lookup on, rounds with a lookup match take the copied drafts and do
+not count towards a segment's rounds (`Segment.rounds`): a refresh period is LOI rounds drafted
+with layers skipped, however many lookup rounds come between them, so a refresh is paid for by
+the rounds that use it. Where the verify passes fill the DP's table, a drafting segment runs up
+to `max_loi` rounds and the device ends it sooner only when, at one of its every-LOI-rounds
+checks, a refresh would change the skip set (`Segment.refresh_every`), as a fixed M's segments
+do: a refresh that keeps the set costs no return to the host. Elsewhere a refresh period starts
+at LOI rounds and doubles, up to `max_loi`, each time the DP returns the skip set already in
+force: the paper's sparse persistence (skip sets change slowly from token to token) measured
+rather than assumed, since a refresh there costs a few verify passes.
 """
 
 from __future__ import annotations
