@@ -300,7 +300,6 @@ class AdaptivePolicy(Policy):
     self.since_try = 0  # rounds drafted since a neighbouring M was last tried
     self.explore_gap = strategy.explore_every  # rounds drafted between tries
     self.tries = 0  # neighbouring M values tried (alternately above and below)
-    self.trying = False  # whether the segment running tries a neighbouring M
     self.start_generation(max_new_tokens=0)
 
   def start_generation(self, max_new_tokens: int) -> None:
@@ -387,25 +386,25 @@ class AdaptivePolicy(Policy):
     self.draft_segments = 0
     self._restart_refreshes()
 
-  def _plain_segment(self, rounds: int | None) -> Segment:
-    """Rounds without layer-skip drafts: prompt lookup's (plain steps where the context has
-    no match), or plain steps without it."""
-    return Segment(draft=self.s.lookup, rounds=rounds, lookup_only=self.s.lookup)
+  @property
+  def trying(self) -> bool:
+    """Whether the drafting segment running (until `observe` decides on it) tries a
+    neighbouring M."""
+    return self.num_skip != self.chosen
 
   def next_segment(self, decoder, state):
     if self.costs is None:
       self.costs = cached_costs(decoder, state, self.max_new_tokens, self.s.cost_cache_dir)
-    self.drafting = self.plain_left == 0
-    if self.drafting and self.draft_segments == 0 and not self.drafting_can_pay():
-      # Not even the most optimistic acceptance would pay at these costs, and plain rounds
-      # teach nothing that could change that: the rest of the generation in one segment (a
-      # return to the host costs a few plain steps of a small model).
-      self.drafting = False
-      return state, self._plain_segment(rounds=None)
-    if not self.drafting:
-      return state, self._plain_segment(rounds=self.plain_left)
+    self.drafting = self.plain_left == 0 and (self.draft_segments > 0
+                                              or self.drafting_can_pay())
+    if not self.drafting:  # prompt lookup's own rounds, or plain steps without it
+      # The rest of the back-off; with none left, drafting cannot pay even at the most
+      # optimistic acceptance, and plain rounds teach nothing that could change that: the
+      # rest of the generation in one segment (a return to the host costs a few plain steps
+      # of a small model).
+      return state, Segment(draft=self.s.lookup, rounds=self.plain_left or None,
+                            lookup_only=self.s.lookup)
     self.num_skip = self._explore_target()
-    self.trying = self.num_skip != self.chosen
     # Drafting after plain decoding, or before anything paid, opens with a probe: a few rounds
     # of a few drafts. A generation that follows drafting that paid drafts on at once: a probe
     # there would give up drafts the policy expects to pay.
