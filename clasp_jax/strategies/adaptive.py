@@ -52,7 +52,7 @@ import numpy as np
 
 from clasp_jax import attention as attention_lib
 from clasp_jax.strategies import layer_skip
-from clasp_jax.strategies.base import LOOKUP, SKIP, Policy, Segment, Strategy
+from clasp_jax.strategies.base import LOOKUP, SKIP, Policy, Segment, Strategy, refresh_period
 from clasp_jax.strategies.clasp import backtrack, clasp_dp_table
 
 
@@ -320,8 +320,7 @@ class AdaptivePolicy(Policy):
     """Doubles the refresh interval (up to `max_loi`) when the DP kept the set in force,
     and goes back to LOI rounds when it changed it."""
     same = self.last_skip_L is not None and np.array_equal(skip_L, self.last_skip_L)
-    longest = max(self.s.loi, self.s.max_loi)
-    self.interval = min(2 * self.interval, longest) if same else self.s.loi
+    self.interval = min(2 * self.interval, self.s.longest_period) if same else self.s.loi
     self.last_skip_L = skip_L
 
   def _observed(self) -> dict[int, tuple[float, float]]:
@@ -417,8 +416,8 @@ class AdaptivePolicy(Policy):
     if self.trying:  # a try teaches enough in one short period
       return state, Segment(draft=True, rounds=self.s.loi)
     if decoder.searches_in_verify:  # the device refreshes in place while the set stays
-      return state, Segment(draft=True, rounds=max(self.s.loi, self.s.max_loi),
-                            refresh_every=max(self.s.loi, decoder.search_passes))
+      return state, Segment(draft=True, rounds=self.s.longest_period,
+                            refresh_every=refresh_period(self.s.loi, decoder))
     return state, Segment(draft=True, rounds=self.interval)
 
   def observe(self, accepted_R, drafted_R, source_R):
@@ -529,6 +528,12 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   def search_columns(self, config):
     del config
     return self.max_skip_layers + 1 if self.dp_in_verify else 0
+
+  @property
+  def longest_period(self) -> int:
+    """The most rounds drafted between two returns to the host (`max_loi`, never fewer
+    than `loi`)."""
+    return max(self.loi, self.max_loi)
 
   @property
   def max_skip_layers(self) -> int:

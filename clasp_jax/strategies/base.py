@@ -169,12 +169,17 @@ class Policy(abc.ABC):
     (`DRAFT_SOURCES`), in each of its rounds."""
 
 
+def refresh_period(loi: int, decoder) -> int:
+  """Rounds between two refreshes asked for every `loi`: `Decoder.search_passes`, if more,
+  since where the verify passes fill the DP's table no newer table is ready sooner."""
+  return max(loi, decoder.search_passes)
+
+
 class SchedulePolicy(Policy):
   """A fixed schedule: draft in every round (plain decoding if K is 0), refreshing the skip
-  set every `loi` rounds (or every `Decoder.search_passes` rounds, if more: where the verify
-  passes fill the DP's table, no newer table is ready sooner), or putting a fixed skip set in
-  force once. Where the verify passes fill the table, one segment runs until a refresh would
-  change the set (`Segment.refresh_every`)."""
+  set every `loi` rounds (`refresh_period`), or putting a fixed skip set in force once. Where
+  the verify passes fill the DP's table, one segment runs until a refresh would change the set
+  (`Segment.refresh_every`)."""
 
   def __init__(self, strategy: Strategy):
     self.strategy = strategy
@@ -185,7 +190,7 @@ class SchedulePolicy(Policy):
     if not s.num_draft_tokens:
       return state, Segment(draft=False)
     if s.loi:
-      period = max(s.loi, decoder.search_passes)
+      period = refresh_period(s.loi, decoder)
       segment = (Segment(draft=True, refresh_every=period) if decoder.searches_in_verify
                  else Segment(draft=True, rounds=period))
       return decoder.refresh(state, s.num_skip), segment
