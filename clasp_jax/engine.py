@@ -721,13 +721,15 @@ class Decoder:
     done = max_new_tokens == 1 or bool(state.done)
     while not done:
       state, segment = policy.next_segment(self, state)
+      dispatched, compiled = time.perf_counter(), self.compile_seconds
       state, report = self.run_segment(state, segment, max_new_tokens)
       report = self._read(report)
+      seconds = time.perf_counter() - dispatched - (self.compile_seconds - compiled)
       streamed = self._stream(report, n, max_new_tokens, streamed, on_tokens)
       if policy.observes:
         policy.observe(report.accepted_R[rounds:report.num_rounds],
                        report.drafted_R[rounds:report.num_rounds],
-                       report.source_R[rounds:report.num_rounds])
+                       report.source_R[rounds:report.num_rounds], seconds=seconds)
       done, rounds = bool(report.done), int(report.num_rounds)
     tokens = self._committed(state, n, max_new_tokens)
     accepted_R, drafted_R, source_R, skip_RL = jax.device_get(

@@ -76,6 +76,8 @@ class _FakeDecoder:
   segments. Its DP returns the same set for an M every time, or, `changing`, a new one;
   `searches_in_verify`: its verify passes fill the DP's table, one complete per pass."""
 
+  compile_seconds = 0.0
+
   def __init__(self, changing=False, searches_in_verify=False):
     self.refreshed, self.changing = [], changing
     self.searches_in_verify, self.search_passes = searches_in_verify, 1
@@ -89,8 +91,10 @@ class _FakeDecoder:
 
 
 def _policy(costs, **settings):
-  settings = dict(dict(candidates=(2, 4, 8, 12), initial_skip_layers=4, lookup=False),
-                  **settings)
+  """A policy at these costs; its back-offs are `backoff_rounds` and their doublings alone
+  unless a test sets `probe_budget` (at 1.0 every probe here fits its back-off)."""
+  settings = dict(dict(candidates=(2, 4, 8, 12), initial_skip_layers=4, lookup=False,
+                       probe_budget=1.0), **settings)
   return adaptive.AdaptivePolicy(strategies.AdaptiveClasp(**settings), L, costs)
 
 
@@ -119,6 +123,50 @@ def test_policy_goes_plain_when_drafts_are_rejected_and_probes_later():
   assert schedule[1] == (False, 8)  # then plain decoding for the back-off
   assert schedule[2] == probe  # drafting is probed again
   assert schedule[3] == (False, 16)  # and the back-off doubles
+
+
+def test_a_probe_that_finds_nothing_costs_at_most_its_budget_of_the_plain_rounds_before_it():
+  """On a small model a probe costs a dozen plain steps (a DP, two returns to the host):
+  each back-off is just long enough that the probe after it costs at most `probe_budget` of
+  its plain rounds, however short `backoff_rounds` is; within budget, the doubling back-offs
+  stay as they were."""
+  small = Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.95 / L, verify=1.1, dp=5.0,
+                segment=2.5)
+  policy = _policy(small, backoff_rounds=32, probe_budget=0.01, optimistic_alpha=0.99)
+  decoder, state = _FakeDecoder(), _FakeState()
+  for _ in range(4):
+    state, segment = policy.next_segment(decoder, state)
+    assert (segment.kind, segment.rounds) == ('draft', policy.s.probe_rounds)
+    policy.observe(np.ones(2), np.full(2, 2), np.full(2, SKIP))  # every draft rejected
+    # The next probe's cost: a DP, two returns, two rounds of two drafts and a verify pass.
+    draft_step = small.draft_step(L - policy.chosen)
+    probe_cost = policy.probe_cost()
+    assert probe_cost == pytest.approx(5.0 + 2 * 2.5 + 2 * (2 * draft_step + 1.1 - 1.0))
+    state, segment = policy.next_segment(decoder, state)
+    assert segment.kind == 'plain'
+    assert probe_cost <= 0.01 * segment.rounds < probe_cost + 0.01  # full_step is 1
+    policy.observe(np.ones(segment.rounds), np.zeros(segment.rounds),
+                   np.full(segment.rounds, PLAIN))
+  generous = _policy(small, backoff_rounds=32, probe_budget=1.0, optimistic_alpha=0.99)
+  schedule = _drive(generous, _FakeDecoder(), accepted=1, drafted=2, segments=4)
+  assert [rounds for _, rounds in schedule[1::2]] == [32, 64]
+
+
+def test_a_timed_probe_sets_the_next_back_off_by_what_it_cost():
+  """A probe that took longer than its estimate (a slow DP, a slow return) keeps the next
+  probe further away: its time, less a plain step per round, plus the return to the host it
+  adds to the plain rounds around it, is the cost the budget bounds."""
+  costs = Costs(full_step=1.0, draft_base=0.05, draft_per_layer=0.95 / L, verify=1.1, dp=5.0,
+                segment=2.5)
+  policy = _policy(costs, backoff_rounds=32, probe_budget=0.01, optimistic_alpha=0.99)
+  decoder, state = _FakeDecoder(), _FakeState()
+  state, segment = policy.next_segment(decoder, state)  # the probe: 2 rounds
+  assert segment.rounds == 2
+  policy.observe(np.ones(2), np.full(2, 2), np.full(2, SKIP), seconds=30.0)
+  # The refresh took microseconds (the fake decoder's).
+  assert policy.probe_cost() == pytest.approx(30.0 - 2 * 1.0 + 2.5, abs=0.01)
+  state, segment = policy.next_segment(decoder, state)
+  assert segment.kind == 'plain' and 3050 <= segment.rounds <= 3051
 
 
 def test_policy_never_drafts_when_even_perfect_acceptance_cannot_pay():
@@ -362,6 +410,7 @@ def test_auto_is_lossless_and_reports_m_per_round(pass_width):
   assert len(per_round) == len(out.accept_lengths)
   assert all(m is None or m in strategy.candidates for m in per_round)
   assert any(m is not None for m in per_round)
+  assert decoder.adaptive_policy.probe_seconds is not None  # the engine timed the probe
 
 
 def test_measured_costs_split_a_round_into_its_pieces(monkeypatch):
@@ -370,23 +419,25 @@ def test_measured_costs_split_a_round_into_its_pieces(monkeypatch):
   fewer tokens a round: the extra is a round's, not its draft steps'."""
   config = tiny.tiny_config()
   num_layers = config.num_layers
-  truth = Costs(full_step=1.0, draft_base=0.1, draft_per_layer=0.15, verify=1.3, dp=0.0)
+  truth = Costs(full_step=1.0, draft_base=0.1, draft_per_layer=0.15, verify=1.3, dp=0.0,
+                segment=2.2)
 
   def timed_segment(decoder, state, segment, max_new_tokens):
     del decoder, max_new_tokens
-    rounds = 8
+    rounds = segment.rounds
     if not segment.draft:
-      return rounds * truth.full_step, rounds, 0
+      return truth.segment + rounds * truth.full_step, rounds, 0
     active = num_layers - int(np.sum(state.skip_L))
     drafts = rounds * min(int(state.draft_limit), 6 if active > 3 else 2)
-    return rounds * truth.verify + drafts * truth.draft_step(active), rounds, drafts
+    seconds = truth.segment + rounds * truth.verify + drafts * truth.draft_step(active)
+    return seconds, rounds, drafts
 
   monkeypatch.setattr(adaptive, '_timed_segment', timed_segment)
   decoder = Decoder(tiny.tiny_params(config), config,
                     strategies.AdaptiveClasp(candidates=(1, 4), initial_skip_layers=1))
   state = decoder.start(tiny.prompts(config)[0], tiny.MAX_NEW)
   measured = adaptive.measure_costs(decoder, state, tiny.MAX_NEW, (1, 4))
-  for field in ('full_step', 'draft_base', 'draft_per_layer', 'verify'):
+  for field in ('full_step', 'draft_base', 'draft_per_layer', 'verify', 'segment'):
     assert getattr(measured, field) == pytest.approx(getattr(truth, field)), field
 
 

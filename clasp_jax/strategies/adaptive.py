@@ -6,7 +6,7 @@ tokens per second:
 
   rate(M) = E[tokens per round] / E[seconds per round]
   E[tokens per round] = (1 - a^(d+1)) / (1 - a)        (d drafts, each accepted w.p. a)
-  E[seconds per round] = d * draft_step(L - M) + verify + refresh / LOI
+  E[seconds per round] = d * draft_step(L - M) + verify + (refresh + return) / LOI
 
 with the per-token acceptance rate a(M) (taken one standard error above its estimate: an
 optimism that a few more samples settle), the drafts per round d = 1 + c + ... + c^(limit-1)
@@ -16,8 +16,11 @@ per device and model (`measure_costs`, through the decoder's own compiled rounds
 what a round really pays). Plain decoding runs at
 1 / full_step; when no M beats it, the policy decodes plainly and probes drafting again, at
 the most promising M, after a back-off, so a generation that becomes predictable can still
-speed up; where not even an optimistic acceptance rate would pay at the measured costs, it
-decodes plainly to the generation's end, in one segment. M moves on a grid of a few values
+speed up. A back-off lasts long enough that the probe after it, if it finds nothing, costs at
+most `probe_budget` of the plain decoding before it (a probe pays a DP and two returns to the
+host: on a small model, a dozen plain steps; its cost is timed, as the last probe took).
+Where not even an optimistic acceptance rate would pay at the measured costs, it decodes
+plainly to the generation's end, in one segment. M moves on a grid of a few values
 (`AdaptiveClasp.candidates`): on accelerators every M compiles its own drafting round, all of
 them before a benchmark's timing starts. Now and then a drafting segment tries a neighbouring
 M on the grid, ever more rarely while tries leave the choice where it was; the policy moves to
@@ -67,6 +70,8 @@ class Costs:
     verify: a drafting round's cost besides its draft steps: the verify pass of K+1 tokens,
       with the DP's bands where the verify passes fill its table.
     dp: one skip-set refresh (the CLaSp DP and putting the new set in force).
+    segment: a segment's cost besides its rounds: its dispatch, the device loop's start and
+      end, and the host reading its report back (what each return to the host costs).
   """
 
   full_step: float
@@ -74,6 +79,7 @@ class Costs:
   draft_per_layer: float
   verify: float
   dp: float
+  segment: float = 0.0
 
   def draft_step(self, num_active: int) -> float:
     return self.draft_base + num_active * self.draft_per_layer
@@ -95,9 +101,9 @@ def expected_drafts(continue_rate: float, limit: int) -> float:
 def expected_rate(alpha: float, num_drafts: float, num_skip: int, num_layers: int,
                   costs: Costs, loi: float) -> float:
   """Expected tokens per second of a round that drafts with M = num_skip, when one refresh
-  serves `loi` such rounds."""
+  and one return to the host serve `loi` such rounds."""
   seconds = (num_drafts * costs.draft_step(num_layers - num_skip) + costs.verify
-             + costs.dp / loi)
+             + (costs.dp + costs.segment) / loi)
   return expected_tokens(alpha, num_drafts) / seconds
 
 
@@ -154,16 +160,18 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
                   rounds: int = 8) -> Costs:
   """Times the pieces of a round through the decoder's own compiled segments.
 
-  On copies of a generation's state (left untouched): a segment of plain steps gives the full
-  step; a drafting segment whose rounds may draft nothing (a draft limit of 0) gives the
-  verify pass as drafting rounds run it, with all a round does besides drafting (the DP's
-  bands, where the verify passes fill its table: a plain step's cost would leave them to be
-  charged to the draft steps, the most per step where the fewest drafts ran); drafting
-  segments at two skip counts give the draft step as a line in the number of active layers
-  (each segment's time less its rounds' verify passes, over the draft steps it ran; rounds
-  with a lookup match copy their drafts for free); the DP as a program of its own, its set put
-  in force, gives a refresh's cost. Timing whole segments on the device, rather than pieces
-  dispatched one by one, measures what a round really costs inside the device loop.
+  On copies of a generation's state (left untouched): segments of one and of `rounds` plain
+  steps give the full step and what a segment costs besides its rounds (a return to the host),
+  which the other figures leave out; a drafting segment whose rounds may draft nothing (a
+  draft limit of 0) gives the verify pass as drafting rounds run it, with all a round does
+  besides drafting (the DP's bands, where the verify passes fill its table: a plain step's
+  cost would leave them to be charged to the draft steps, the most per step where the fewest
+  drafts ran); drafting segments at two skip counts give the draft step as a line in the
+  number of active layers (each segment's time less its rounds' verify passes, over the draft
+  steps it ran; rounds with a lookup match copy their drafts for free); the DP as a program of
+  its own, its set put in force, gives a refresh's cost. Timing whole segments on the device,
+  rather than pieces dispatched one by one, measures what a round really costs inside the
+  device loop.
 
   Args:
     decoder: the `Decoder`.
@@ -180,15 +188,18 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
     start = decoder.put_skip_set(state, skip_L).replace(draft_limit=jnp.int32(draft_limit))
     return _timed_segment(decoder, start, Segment(True, rounds), max_new_tokens)
 
+  one_s, one_rounds, _ = _timed_segment(decoder, state, Segment(False, 1), max_new_tokens)
   plain_s, plain_rounds, _ = _timed_segment(decoder, state, Segment(False, rounds),
                                             max_new_tokens)
-  full_step = plain_s / max(plain_rounds, 1)
+  full_step = max(plain_s - one_s, 0.0) / max(plain_rounds - one_rounds, 1)
+  segment = max(one_s - one_rounds * full_step, 0.0)
   verify_s, verify_rounds, _ = drafting(skip_counts[0], draft_limit=0)
-  verify = verify_s / max(verify_rounds, 1)
+  verify = max(verify_s - segment, 0.0) / max(verify_rounds, 1)
   per_draft = {}
   for num_skip in skip_counts:
     seconds, n, drafts = drafting(num_skip)
-    per_draft[config.num_layers - num_skip] = max(seconds - n * verify, 0.0) / max(drafts, 1)
+    per_draft[config.num_layers - num_skip] = (max(seconds - segment - n * verify, 0.0)
+                                               / max(drafts, 1))
   (a1, t1), (a2, t2) = sorted(per_draft.items())
   per_layer = max(t2 - t1, 0.0) / max(a2 - a1, 1)
   for _ in range(2):  # the first compiles the DP
@@ -197,12 +208,12 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
     jax.block_until_ready(decoder.put_skip_set(state, skip_L).skip_L)
     dp = time.perf_counter() - start
   return Costs(full_step=full_step, draft_base=max(t1 - a1 * per_layer, 0.0),
-               draft_per_layer=per_layer, verify=verify, dp=dp)
+               draft_per_layer=per_layer, verify=verify, dp=dp, segment=segment)
 
 
 #: Part of every cached measurement's key, raised when `measure_costs` changes what it
 #: measures, so that costs measured the earlier way are measured again.
-COSTS_VERSION = 2
+COSTS_VERSION = 3
 
 
 def cached_costs(decoder, state, max_new_tokens: int, cache_dir: str | None) -> Costs:
@@ -300,6 +311,8 @@ class AdaptivePolicy(Policy):
     self.since_try = 0  # rounds drafted since a neighbouring M was last tried
     self.explore_gap = strategy.explore_every  # rounds drafted between tries
     self.tries = 0  # neighbouring M values tried (alternately above and below)
+    self.probe_seconds = None  # what the last probe cost beyond plain steps, as timed
+    self._refresh_seconds = 0.0  # the running segment's refresh, as timed
     self.start_generation(max_new_tokens=0)
 
   def start_generation(self, max_new_tokens: int) -> None:
@@ -378,9 +391,24 @@ class AdaptivePolicy(Policy):
     return min(self.s.probe_drafts if self.probing else self.draft_limit,
                self.s.num_draft_tokens)
 
+  def probe_cost(self) -> float:
+    """Seconds a probe costs beyond the plain steps it stands in for: as the last one took
+    (`observe`), or, before any was timed, estimated at the chosen M with every draft
+    rejected: at most a DP as a program of its own, two returns to the host, and its rounds'
+    draft steps and verify passes less a plain step each."""
+    if self.probe_seconds is not None:
+      return self.probe_seconds
+    c = self.costs
+    round_loss = (self.s.probe_drafts * c.draft_step(self.L - self.chosen) + c.verify
+                  - c.full_step)
+    return c.dp + 2 * c.segment + self.s.probe_rounds * max(round_loss, 0.0)
+
   def _go_plain(self) -> None:
+    """Plain rounds until the next probe: the back-off, or more where the probe would
+    cost more than `probe_budget` of their time."""
     self.paying = False
-    self.plain_left = self.backoff
+    budget_rounds = self.probe_cost() / (self.s.probe_budget * self.costs.full_step)
+    self.plain_left = max(self.backoff, math.ceil(budget_rounds))
     self.backoff = min(2 * self.backoff, self.s.max_backoff_rounds)
     self.draft_segments = 0
     self._restart_refreshes()
@@ -408,7 +436,9 @@ class AdaptivePolicy(Policy):
     # of a few drafts. A generation that follows drafting that paid drafts on at once: a probe
     # there would give up drafts the policy expects to pay.
     self.probing = self.draft_segments == 0 and not self.paying
+    started, compiled = time.perf_counter(), decoder.compile_seconds
     state = decoder.refresh(state, self.num_skip)
+    self._refresh_seconds = time.perf_counter() - started - (decoder.compile_seconds - compiled)
     self._track_refresh(np.asarray(state.skip_L))
     state = state.replace(draft_limit=jnp.int32(self._segment_limit()))
     if self.probing:
@@ -420,7 +450,7 @@ class AdaptivePolicy(Policy):
                             refresh_every=refresh_period(self.s.loi, decoder))
     return state, Segment(draft=True, rounds=self.interval)
 
-  def observe(self, accepted_R, drafted_R, source_R):
+  def observe(self, accepted_R, drafted_R, source_R, seconds=None):
     source_R = np.asarray(source_R)
     if not self.drafting:  # lookup or plain rounds only: nothing about M to learn
       # What is left of a back-off at a generation's end carries over.
@@ -429,6 +459,9 @@ class AdaptivePolicy(Policy):
     skipped_R = source_R == SKIP
     if not skipped_R.any():
       return  # the generation ended before a round drafted with this skip set
+    if self.probing and seconds is not None:  # its refresh and rounds, and the return it adds
+      self.probe_seconds = max(self._refresh_seconds + seconds
+                               - len(source_R) * self.costs.full_step, 0.0) + self.costs.segment
     tally, limit = self.tallies.setdefault(self.num_skip, _Tally()), self._segment_limit()
     for accepted, drafted in zip(np.asarray(accepted_R)[skipped_R],
                                  np.asarray(drafted_R)[skipped_R]):
@@ -486,6 +519,10 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
     backoff_rounds: plain rounds before drafting is probed again (doubles while it keeps
       not paying, up to `max_backoff_rounds`).
     max_backoff_rounds: the longest back-off.
+    probe_budget: the most a probe that finds nothing may cost, as a fraction of the plain
+      rounds before it: a back-off lasts at least a probe's cost (as the last one was timed;
+      `AdaptivePolicy.probe_cost`) over this fraction of a plain step, so that where drafting
+      never pays, probing keeps `auto` within about this fraction of plain decoding.
     decay: weight kept by older observations per new one (tracks changing text).
     prior_alpha: acceptance rate assumed before observing (pseudo-counts below).
     prior_weight: pseudo-count of the prior.
@@ -511,6 +548,7 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   max_explore_every: int = 1024
   backoff_rounds: int = 32
   max_backoff_rounds: int = 1024
+  probe_budget: float = 0.01
   decay: float = 0.95
   prior_alpha: float = 0.5
   prior_weight: float = 2.0
@@ -554,6 +592,8 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
                        f'candidates {grid}')
     if self.loi < 1:
       raise ValueError(f'loi must be >= 1, got {self.loi}')
+    if not 0.0 < self.probe_budget <= 1.0:
+      raise ValueError(f'probe_budget must be in (0, 1], got {self.probe_budget}')
 
   def refresh(self, params, config, state, num_skip, attention=attention_lib.prefix_attention):
     table_LJ = clasp_dp_table(params, config, state.cache, state.target_hidden_LD,

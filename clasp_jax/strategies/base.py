@@ -164,9 +164,11 @@ class Policy(abc.ABC):
   def next_segment(self, decoder, state: DecodeState) -> tuple[DecodeState, Segment]:
     """Returns the (possibly re-skipped) state and the segment to run next."""
 
-  def observe(self, accepted_R: np.ndarray, drafted_R: np.ndarray, source_R: np.ndarray) -> None:
+  def observe(self, accepted_R: np.ndarray, drafted_R: np.ndarray, source_R: np.ndarray,
+              seconds: float | None = None) -> None:
     """The segment just run: tokens committed, drafts proposed and where they came from
-    (`DRAFT_SOURCES`), in each of its rounds."""
+    (`DRAFT_SOURCES`), in each of its rounds; and the seconds from its dispatch to its report
+    read back, compilation excluded (None: not timed)."""
 
 
 def refresh_period(loi: int, decoder) -> int:

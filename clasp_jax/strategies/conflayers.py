@@ -247,8 +247,8 @@ class ConfLayersPolicy(Policy):
       return state, Segment(draft=True)
     return state, Segment(draft=True, rounds=self._rounds_to_verdict())
 
-  def observe(self, accepted_R, drafted_R, source_R):
-    del source_R  # every round drafts with layers skipped
+  def observe(self, accepted_R, drafted_R, source_R, seconds=None):
+    del source_R, seconds  # every round drafts with layers skipped
     for accepted, drafted in zip(accepted_R, drafted_R):
       if self.searching:
         self._judge_round(int(accepted), int(drafted))
