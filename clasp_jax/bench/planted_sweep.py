@@ -305,6 +305,7 @@ def summarise_method(spec: planted_lib.PlantedModel, generations: Sequence[Gener
       drafting_fraction=_mean(d > 0 for d in drafted),
       tokens_per_second=_mean(g.tokens_per_second for g in generations),
       seconds_per_round=wall / max(len(accepted), 1), wall_time=wall,
+      generation_seconds=[g.wall_time for g in generations],
       refreshes_per_generation=_mean(len(g.refresh_times) for g in generations),
       refresh_seconds=float(sum(refresh)), refresh_seconds_per_generation=_mean(refresh),
       refresh_share=float(sum(refresh)) / wall if wall else None,
@@ -349,6 +350,9 @@ def run_point(spec: planted_lib.PlantedModel, methods: Sequence[MethodSpec],
                                 dp_in_verify=m.dp_in_verify)
     decoders[m.label] = Decoder(params, spec.config, strategy, sampling=sampling, mesh=mesh)
     t0 = time.perf_counter()
+    # Every program a generation may run (auto: a drafting round per M), before any is timed:
+    # a timed generation that compiled is run again, its policy a generation further on.
+    decoders[m.label].compile(len(warmup_prompt), settings.max_new_tokens)
     for _ in range(settings.warmup):
       decoders[m.label].generate(warmup_prompt, settings.max_new_tokens)
     log(f'  eps {spec.epsilon:g} {m.label}: warmed up in {time.perf_counter() - t0:.1f} s')
