@@ -546,13 +546,15 @@ class Decoder:
 
     On the accelerator path the draft's layers are picked here, on the host: the active
     layers' own weight buffers, passed to the rounds beside the params (not in the donated
-    state), so nothing is copied.
+    state), so nothing is copied. The set and the indices go to the device as plain
+    transfers: `jnp.asarray` would compile a program for each new M's indices.
     """
+    skip_L = np.asarray(skip_L, bool)
     if not self.fast_path:
-      return state.replace(skip_L=jnp.asarray(skip_L))
+      return state.replace(skip_L=jax.device_put(skip_L))
     layers, ids_A = model_lib.active_layers(self.params, skip_L)
     self._round_params = dict(self.params, draft_layers=layers)
-    return state.replace(skip_L=jnp.asarray(skip_L), draft_ids_A=jnp.asarray(ids_A))
+    return state.replace(skip_L=jax.device_put(skip_L), draft_ids_A=jax.device_put(ids_A))
 
   def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
     """Raises ValueError for a request the model cannot serve (before any compilation)."""
@@ -616,8 +618,8 @@ class Decoder:
 
     That is the prefill of its prompt bucket, the plain and drafting segments of its cache
     capacity (on the accelerator path, a drafting segment for every M the strategy may use),
-    and the skip-set refresh. Benchmarks call it before timing; `generate` compiles what it
-    meets otherwise.
+    the skip-set refresh, and the program that makes its empty cache. Benchmarks call it
+    before timing; `generate` compiles what it meets otherwise.
 
     Returns:
       The seconds spent compiling (0 when everything was compiled already).
@@ -625,6 +627,8 @@ class Decoder:
     before = self.compile_seconds
     for _, function, args in self._programs(num_prompt_tokens, max_new_tokens):
       function.compiled(*args)
+    _, capacity = self._shapes(num_prompt_tokens, max_new_tokens)
+    sharding_lib.cache_program(self.config, capacity, self.params['embed'].dtype, self.mesh)
     return self.compile_seconds - before
 
   def lower(self, num_prompt_tokens: int, max_new_tokens: int,

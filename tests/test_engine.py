@@ -1,6 +1,9 @@
 """The round loop on tiny random models: losslessness, statistics, no retracing, errors."""
 
+import logging
+
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -141,10 +144,11 @@ def test_no_retrace_across_prompts_and_skip_sets(tiny_model, monkeypatch, fast_p
 
 
 @pytest.mark.parametrize('fast_path', [False, True])
-def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path):
-  """After `Decoder.compile` for two prompt buckets, generations in both compile nothing
-  (every compile goes through the decoder's compiled functions, which count its seconds),
-  whatever M `auto` moves to."""
+def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path, caplog):
+  """After `Decoder.compile` for two prompt buckets, generations in both compile nothing,
+  whatever M `auto` moves to: neither the decoder's own programs (whose seconds it counts)
+  nor any other (JAX's log of every compile says so; a skip set put on the device with
+  `jnp.asarray` compiled a program per new M)."""
   config, params = tiny_model
   # `auto` on a grid of two M (a drafting program each on the fast path, compiled ahead); the
   # reference path's programs are those of test_adaptive's `auto` (the same largest M).
@@ -155,8 +159,14 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path):
   prompts = [tiny.prompts(config, count=1, length=n)[0] for n in (20, 40)]  # buckets 32, 64
   for prompt in prompts:
     assert decoder.compile(len(prompt), tiny.MAX_NEW) > 0
-  for prompt in prompts * 2:
-    assert decoder.generate(prompt, tiny.MAX_NEW).compile_seconds == 0.0
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    skip_counts = set()
+    for prompt in prompts * 2:
+      out = decoder.generate(prompt, tiny.MAX_NEW)
+      assert out.compile_seconds == 0.0
+      skip_counts.update(m for m in out.skip_layers_per_round if m is not None)
+  assert skip_counts == {2, 4}
+  assert not [r.getMessage() for r in caplog.records if 'Compiling' in r.getMessage()]
   assert decoder.compile(len(prompts[0]), tiny.MAX_NEW) == 0.0
 
 

@@ -440,7 +440,7 @@ class AdaptivePolicy(Policy):
     state = decoder.refresh(state, self.num_skip)
     self._refresh_seconds = time.perf_counter() - started - (decoder.compile_seconds - compiled)
     self._track_refresh(np.asarray(state.skip_L))
-    state = state.replace(draft_limit=jnp.int32(self._segment_limit()))
+    state = state.replace(draft_limit=jax.device_put(np.int32(self._segment_limit())))
     if self.probing:
       return state, Segment(draft=True, rounds=self.s.probe_rounds)
     if self.trying:  # a try teaches enough in one short period

@@ -241,7 +241,7 @@ class ConfLayersPolicy(Policy):
       self.iterations += 1
       self.reselect, self.applied = False, False
     if not self.applied:
-      state = decoder.put_skip_set(state, jnp.asarray(self.current_L))
+      state = decoder.put_skip_set(state, self.current_L)
       self.applied = True
     if not self.searching:
       return state, Segment(draft=True)
