@@ -510,6 +510,12 @@ class Decoder:
     return sum(f.seconds for f in (self._prefill, self._choose_skip_set,
                                    *self._segments.values()))
 
+  def stopwatch(self) -> Callable[[], float]:
+    """A clock started now: it returns the seconds since, less what this decoder spent
+    compiling meanwhile (what a policy's measurements should not count)."""
+    started, compiled = time.perf_counter(), self.compile_seconds
+    return lambda: time.perf_counter() - started - (self.compile_seconds - compiled)
+
   def refresh(self, state: DecodeState, num_skip: int) -> DecodeState:
     """Re-chooses the skip set (the strategy's `refresh`, e.g. the CLaSp DP) and puts it in
     force; timed into `refresh_seconds`.
@@ -575,8 +581,13 @@ class Decoder:
     scratch = self.verify_rows
     return bucket, max(bucket, cache_bucket(num_prompt_tokens, max_new_tokens, scratch))
 
+  def _cache_program(self, capacity: int):
+    """The compiled program that makes an empty cache of `capacity` positions."""
+    return sharding_lib.cache_program(self.config, capacity, self.params['embed'].dtype,
+                                      self.mesh)
+
   def _new_cache(self, capacity: int) -> KVCache:
-    return sharding_lib.new_cache(self.config, capacity, self.params['embed'].dtype, self.mesh)
+    return self._cache_program(capacity)()
 
   @property
   def searches_in_verify(self) -> bool:
@@ -627,8 +638,7 @@ class Decoder:
     before = self.compile_seconds
     for _, function, args in self._programs(num_prompt_tokens, max_new_tokens):
       function.compiled(*args)
-    _, capacity = self._shapes(num_prompt_tokens, max_new_tokens)
-    sharding_lib.cache_program(self.config, capacity, self.params['embed'].dtype, self.mesh)
+    self._cache_program(self._shapes(num_prompt_tokens, max_new_tokens)[1])
     return self.compile_seconds - before
 
   def lower(self, num_prompt_tokens: int, max_new_tokens: int,
@@ -725,10 +735,10 @@ class Decoder:
     done = max_new_tokens == 1 or bool(state.done)
     while not done:
       state, segment = policy.next_segment(self, state)
-      dispatched, compiled = time.perf_counter(), self.compile_seconds
+      since_dispatch = self.stopwatch()
       state, report = self.run_segment(state, segment, max_new_tokens)
       report = self._read(report)
-      seconds = time.perf_counter() - dispatched - (self.compile_seconds - compiled)
+      seconds = since_dispatch()
       streamed = self._stream(report, n, max_new_tokens, streamed, on_tokens)
       if policy.observes:
         policy.observe(report.accepted_R[rounds:report.num_rounds],

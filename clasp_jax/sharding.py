@@ -304,17 +304,12 @@ def place_params(params: model_lib.Params, config: LlamaConfig, mesh: Mesh | Non
 
 @functools.lru_cache(maxsize=16)
 def cache_program(config: LlamaConfig, max_len: int, dtype: Any, mesh: Mesh | None):
-  """The compiled program that makes an empty cache of `max_len` positions on the devices in
-  its sharding (`new_cache`), compiled once per capacity and kept, so that a decoder can
-  compile it before its first generation."""
+  """The compiled program that makes an empty cache (`cache.init_cache`) of `max_len`
+  positions on the devices in its sharding: one program rather than one per array, each of
+  which a new process would load; compiled once per capacity and kept, so that a decoder can
+  compile it before its first generation. Call it with no arguments for the cache."""
   make = functools.partial(init_cache, config, max_len, dtype=jnp.dtype(dtype))
   return jit_placed(make, config, mesh).lower().compile()
-
-
-def new_cache(config: LlamaConfig, max_len: int, dtype: Any, mesh: Mesh | None) -> KVCache:
-  """An empty cache (`cache.init_cache`), created on the devices in its sharding by one
-  program (rather than one per array, each of which a new process would load)."""
-  return cache_program(config, max_len, jnp.dtype(dtype), mesh)()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -185,7 +185,8 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
   def drafting(num_skip, draft_limit=np.iinfo(np.int32).max):
     """(seconds, rounds, drafts) of a drafting segment at M = num_skip, spread evenly."""
     skip_L = layer_skip.skip_vector(config, layer_skip.evenly_spaced_skip_set(config, num_skip))
-    start = decoder.put_skip_set(state, skip_L).replace(draft_limit=jnp.int32(draft_limit))
+    start = decoder.put_skip_set(state, skip_L).replace(
+        draft_limit=jax.device_put(np.int32(draft_limit)))
     return _timed_segment(decoder, start, Segment(True, rounds), max_new_tokens)
 
   one_s, one_rounds, _ = _timed_segment(decoder, state, Segment(False, 1), max_new_tokens)
@@ -436,9 +437,9 @@ class AdaptivePolicy(Policy):
     # of a few drafts. A generation that follows drafting that paid drafts on at once: a probe
     # there would give up drafts the policy expects to pay.
     self.probing = self.draft_segments == 0 and not self.paying
-    started, compiled = time.perf_counter(), decoder.compile_seconds
+    since_refresh = decoder.stopwatch()
     state = decoder.refresh(state, self.num_skip)
-    self._refresh_seconds = time.perf_counter() - started - (decoder.compile_seconds - compiled)
+    self._refresh_seconds = since_refresh()
     self._track_refresh(np.asarray(state.skip_L))
     state = state.replace(draft_limit=jax.device_put(np.int32(self._segment_limit())))
     if self.probing:
