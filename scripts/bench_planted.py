@@ -48,7 +48,7 @@ _SHAPE = flags.DEFINE_list('shape', [], 'LlamaConfig fields to override, name=va
 _EPSILONS = flags.DEFINE_list('epsilons', ['0', '0.02', '0.05', '0.1', '0.2', '0.4', '1'],
                               'Factors on the planted layers\' output projections (1: nothing '
                               'planted).')
-_METHODS = flags.DEFINE_list('methods', list(planted_sweep.METHODS),
+_METHODS = flags.DEFINE_list('methods', list(planted_sweep.DEFAULT_METHODS),
                              f'From {",".join(planted_sweep.METHODS)} (vanilla always runs).')
 _STATIC_SET = flags.DEFINE_enum('static_set', 'planted', list(planted_sweep.STATIC_SETS),
                                 'Static skips the planted set, or 0.5 L layers spread evenly.')

@@ -281,10 +281,12 @@ def test_auto_costs_at_most_2_percent_where_nothing_pays(vanilla, auto_unplanted
 
 
 def test_sweep_methods_and_prompts(spec):
-  specs = {m.label: m for m in planted_sweep.method_specs(spec, ['pld', 'static', 'clasp-0.4L',
-                                                                 'clasp-0.5L'])}
-  assert list(specs) == ['vanilla', 'clasp-0.4L', 'clasp-0.5L', 'static', 'pld']
+  labels = ['pld', 'static', 'clasp-planted', 'clasp-0.4L', 'clasp-0.5L']
+  specs = {m.label: m for m in planted_sweep.method_specs(spec, labels)}
+  assert list(specs) == ['vanilla', 'clasp-0.4L', 'clasp-0.5L', 'clasp-planted', 'static', 'pld']
   assert specs['clasp-0.4L'].skip_layers == 3 and specs['clasp-0.5L'].skip_layers == 4
+  wide = planted.planted_model(spec.config, epsilon=spec.epsilon, fraction=0.75)
+  assert planted_sweep.method_specs(wide, ['clasp-planted'])[1].skip_layers == len(wide.planted)
   assert specs['static'].skip_set == spec.planted
   even = planted_sweep.method_specs(spec, ['static'], static_set='even')[1]
   assert even.skip_set == strategies.evenly_spaced_skip_set(spec.config, 4)

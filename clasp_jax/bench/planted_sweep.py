@@ -50,8 +50,13 @@ from clasp_jax.strategies.base import DRAFT_SOURCES
 BASELINE = 'vanilla'
 #: Method labels, in the order they run and are reported. 'default' is `--method=clasp` as
 #: a user gets it (M online, prompt lookup first); the other clasp runs are the paper's CLaSp.
-METHODS = ('vanilla', 'clasp-0.4L', 'clasp-0.5L', 'clasp-0.5L-dp-pass', 'clasp-auto',
-           'clasp-auto-dp-pass', 'default', 'static', 'pld')
+#: 'clasp-planted' skips as many layers as are planted (the paper's best M for LLaMA-3-70B
+#: is 44 of 80: plant a share of 0.55 to match it).
+METHODS = ('vanilla', 'clasp-0.4L', 'clasp-0.5L', 'clasp-0.5L-dp-pass', 'clasp-planted',
+           'clasp-auto', 'clasp-auto-dp-pass', 'default', 'static', 'pld')
+#: What a sweep runs unless told: every method but 'clasp-planted', which at the default
+#: planted share repeats 'clasp-0.5L'.
+DEFAULT_METHODS = tuple(m for m in METHODS if m != 'clasp-planted')
 #: The fixed-M CLaSp runs: label -> M as a share of L.
 FIXED_M_SHARES = {'clasp-0.4L': 0.4, 'clasp-0.5L': 0.5, 'clasp-0.5L-dp-pass': 0.5}
 #: Suffix of the runs whose DP is a pass of its own at each refresh (`Clasp.dp_in_verify` off).
@@ -113,6 +118,8 @@ def method_specs(spec: planted_lib.PlantedModel, labels: Sequence[str],
     if label in FIXED_M_SHARES:
       specs.append(MethodSpec(label, 'clasp', skip_layers=round(FIXED_M_SHARES[label] * L),
                               dp_in_verify=in_verify))
+    elif label == 'clasp-planted':
+      specs.append(MethodSpec(label, 'clasp', skip_layers=len(spec.planted)))
     elif label.startswith('clasp-auto'):
       specs.append(MethodSpec(label, 'clasp', skip_layers='auto', dp_in_verify=in_verify))
     elif label == 'default':
