@@ -7,6 +7,11 @@
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.99 python scripts/bench_planted.py --preset=llama3-70b \
       --out=docs/results/h200/planted_70b.json
 
+  # 44 of its 80 layers planted (the paper's best M for LLaMA-3-70B), CLaSp at M = 44
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.99 python scripts/bench_planted.py --preset=llama3-70b \
+      --planted_fraction=0.55 --epsilons=0 --methods=vanilla,clasp-planted,static \
+      --out=runs/planted_70b/planted_m44.json
+
   # The 70B shape tensor-parallel over two GPUs, each weight built in its shards
   python scripts/bench_planted.py --preset=llama3-70b --mesh=tp:2 \
       --out=runs/planted_70b/planted.json
