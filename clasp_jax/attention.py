@@ -31,6 +31,7 @@ them where they are (see `split_packed`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -38,6 +39,40 @@ import jax.numpy as jnp
 
 #: Keys are reduced in blocks of this many absolute positions; cache capacities are multiples.
 ATTENTION_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Riders:
+  """The chunk rows from `first_row` on hold riders (`model.Ride`), not the next tokens.
+
+  Each rider sits at position `pos` (at most the chunk's start) and sees the cached keys
+  below `pos` and its own key only, as `prefix_attention`'s queries do. The real rows before
+  them see what they see without riders (riders come after them, beyond their causal reach),
+  so a pass computes them bit for bit alike with riders or without; the riders attend in the
+  same kernel instead of one of their own.
+
+  Attributes:
+    first_row: the first rider's chunk row (static).
+    pos: int32 scalar, the riders' position.
+  """
+
+  first_row: int
+  pos: jax.Array
+
+
+jax.tree_util.register_dataclass(Riders, data_fields=['pos'], meta_fields=['first_row'])
+
+
+def row_limits(num_tokens: int, start: jax.Array, riders: Riders | None
+               ) -> tuple[jax.Array, jax.Array | None]:
+  """Per chunk row, the last position whose key it sees in order (int32 [T]), and the
+  position of the one key beyond it a rider also sees, its own (int32 [T]; None without
+  riders): a key at position p is visible to row t iff p <= last_T[t] or p == own_T[t]."""
+  row_T = jnp.arange(num_tokens, dtype=jnp.int32)
+  own_T = start + row_T  # where row t's own key sits among the chunk's
+  if riders is None:
+    return own_T, None
+  return jnp.where(row_T >= riders.first_row, riders.pos - 1, own_T), own_T
 
 
 def split_packed(qkv_BTnNh: jax.Array, num_kv_heads: int
@@ -74,12 +109,13 @@ def merged_block(cache_LBSKh: jax.Array, chunk_BTKh: jax.Array, layer: jax.Array
 
 def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
                     cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
-                    layer: jax.Array | int, start: jax.Array) -> jax.Array:
+                    layer: jax.Array | int, start: jax.Array,
+                    riders: Riders | None = None) -> jax.Array:
   """Causal grouped-query attention of a chunk over the cache and itself.
 
   Query t sits at position start + t and sees every key at a position <= its own: cached
   keys of layer `layer` below `start`, the chunk's own keys from `start` on. The cache is
-  only read.
+  only read. Rows from `riders.first_row` on are riders (see `Riders`).
 
   Args:
     q_BTHh: roped queries of the chunk (or q, k and v packed, see `split_packed`).
@@ -89,6 +125,7 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
     cache_v_LBSKh: every layer's cached values.
     layer: which layer's cache to read (static or traced).
     start: int32 scalar, the chunk's first position (start + T <= S).
+    riders: optional rows of the chunk that are riders, not tokens.
 
   Returns:
     The attention output [B, T, H*hd] in the queries' dtype.
@@ -100,14 +137,17 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   G = H // KV
   size = ATTENTION_BLOCK
   q_BKGTh = q_BTHh.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4)
-  pos_T = start + jnp.arange(T)
+  last_T, own_T = row_limits(T, start, riders)
 
   def block(b, carry):
     m_BKGT, l_BKGT, o_BKGTh = carry
     block_start = b * size
     k_BSKh = merged_block(cache_k_LBSKh, k_BTKh, layer, start, block_start, size)
     v_BSKh = merged_block(cache_v_LBSKh, v_BTKh, layer, start, block_start, size)
-    visible_TS = (block_start + jnp.arange(size))[None, :] <= pos_T[:, None]
+    key_S = block_start + jnp.arange(size)
+    visible_TS = key_S[None, :] <= last_T[:, None]
+    if own_T is not None:
+      visible_TS |= key_S[None, :] == own_T[:, None]
     s_BKGTS = jnp.einsum('bkgth,bskh->bkgts', q_BKGTh, k_BSKh,
                          preferred_element_type=jnp.float32) / math.sqrt(hd)
     s_BKGTS = jnp.where(visible_TS, s_BKGTS, -jnp.inf)

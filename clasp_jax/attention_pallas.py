@@ -27,6 +27,8 @@ loaded as zeros, so whatever the cache holds there never enters the arithmetic.
 
 `prefix_attention_pallas` runs the same kernel for the CLaSp DP's pseudo-tokens, whose queries
 all sit at one position and see the cache below it (and, outside the kernel, their own keys).
+Pseudo-tokens that ride in a pass's padding rows (`attention.Riders`) attend in the pass's own
+call instead: their rows see the cache below their position and their own key.
 """
 
 from __future__ import annotations
@@ -75,22 +77,27 @@ def split_size(num_kv_heads: int) -> int:
   return SPLIT_SIZE_FEW_KV_HEADS if num_kv_heads < FEW_KV_HEADS else SPLIT_SIZE
 
 
-def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_v_ref,
-                  m_ref, l_ref, o_ref, *, num_tokens: int, group: int, own_keys: bool,
-                  split: int, stride: tuple[int, int], kv_offsets: tuple[int, int]):
+def _split_kernel(start_ref, layer_ref, *refs, num_tokens: int, group: int, own_keys: bool,
+                  first_rider: int, split: int, stride: tuple[int, int],
+                  kv_offsets: tuple[int, int]):
   """One (KV head, row block, split) program: the online softmax over the split's keys.
 
-  Refs: start_ref, layer_ref int32 scalars; q_ref [T * stride[0], hd] (the chunk's queries as
-  the caller holds them: row t * stride[0] + h is token t's query head h); k_ref, v_ref
-  [T * stride[1], hd] (the chunk's keys and values, in the cache's dtype, row t * stride[1] +
-  kv_offsets[0 or 1] + k): three arrays (strides H and KV, offsets 0) or one packed array
-  passed three times (strides H + 2 KV, offsets H and H + KV); cache_k_ref, cache_v_ref the
-  whole [L, S, KV, hd] caches (batch squeezed); m_ref, l_ref [R] and o_ref [R, hd] the
-  split's float32 statistics for the program's R rows (row r of the KV head being token
-  r // G, query head r % G). Every input is read in place: no layout copies around the call.
-  `own_keys` False: every row sees the cache below `start` only (see `prefix_attention`);
-  `split` the positions a program covers.
+  Refs: start_ref, layer_ref int32 scalars; with riders, rider_pos_ref, an int32 scalar;
+  q_ref [T * stride[0], hd] (the chunk's queries as the caller holds them: row
+  t * stride[0] + h is token t's query head h); k_ref, v_ref [T * stride[1], hd] (the chunk's
+  keys and values, in the cache's dtype, row t * stride[1] + kv_offsets[0 or 1] + k): three
+  arrays (strides H and KV, offsets 0) or one packed array passed three times (strides
+  H + 2 KV, offsets H and H + KV); cache_k_ref, cache_v_ref the whole [L, S, KV, hd] caches
+  (batch squeezed); m_ref, l_ref [R] and o_ref [R, hd] the split's float32 statistics for the
+  program's R rows (row r of the KV head being token r // G, query head r % G). Every input
+  is read in place: no layout copies around the call. `own_keys` False: every row sees the
+  cache below `start` only (see `prefix_attention`); tokens from `first_rider` on are riders
+  at position rider_pos (`attention.Riders`; none when it is `num_tokens`, and then the
+  kernel is the one of a pass without riders); `split` the positions a program covers.
   """
+  riders = own_keys and first_rider < num_tokens
+  rider_pos_ref, refs = (refs[0], refs[1:]) if riders else (None, refs)
+  q_ref, k_ref, v_ref, cache_k_ref, cache_v_ref, m_ref, l_ref, o_ref = refs
   kv = pl.program_id(0)
   row_block = pl.program_id(1)
   split_start = pl.program_id(2) * split
@@ -101,13 +108,18 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
   # The program's rows of this KV head: token x // G, query head kv * G + x % G; rows from
   # T * G on are padding, loaded as zeros (their results are never read).
   x_R = row_block * R + jnp.arange(R, dtype=jnp.int32)
-  q_row_R = lax.div(x_R, group) * stride[0] + kv * group + lax.rem(x_R, group)
+  token_R = lax.div(x_R, group)
+  q_row_R = token_R * stride[0] + kv * group + lax.rem(x_R, group)
   real_R = x_R < num_tokens * group
   q_Rh = plgpu.load(q_ref.at[jnp.where(real_R, q_row_R, 0)[:, None], hd_h[None, :]],
                     mask=jnp.broadcast_to(real_R[:, None], (R, hd)), other=0)
-  # The last position each row sees, and one past the last any row sees.
+  # The last position each row sees in order (a rider also sees its own key, at own_R), and
+  # one past the last any row sees.
+  own_R = start + token_R
   if own_keys:
-    last_R = start + lax.div(x_R, group)
+    last_R = own_R
+    if riders:
+      last_R = jnp.where(token_R >= first_rider, rider_pos_ref[()] - 1, own_R)
     end = start + num_tokens
   else:
     last_R = jnp.full((R,), start - 1, jnp.int32)
@@ -146,6 +158,8 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
     k_Ch = keys(cache_k_ref, k_ref, kv_offsets[0], block_start, pos_C)
     v_Ch = keys(cache_v_ref, v_ref, kv_offsets[1], block_start, pos_C)
     visible_RC = pos_C[None, :] <= last_R[:, None]
+    if riders:
+      visible_RC |= pos_C[None, :] == own_R[:, None]
     # HIGHEST: float32 products in IEEE float32 (Triton would use TF32 otherwise).
     s_RC = lax.dot_general(q_Rh, k_Ch, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32) / math.sqrt(hd)
@@ -177,7 +191,8 @@ def _split_kernel(start_ref, layer_ref, q_ref, k_ref, v_ref, cache_k_ref, cache_
 
 def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
                 cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array, layer: jax.Array | int,
-                start: jax.Array | int, *, own_keys: bool = True,
+                start: jax.Array | int, riders: attention_lib.Riders | None = None, *,
+                own_keys: bool = True,
                 interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Runs the kernel: every split's online-softmax statistics, before the fold.
 
@@ -215,6 +230,8 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
     k_Xh, v_Xh = (x[0].astype(dtype).reshape(T * KV, hd) for x in (k_BTKh, v_BTKh))
     stride, kv_offsets = (H, KV), (0, 0)
 
+  scalars = (start, layer) + (() if riders is None else (riders.pos,))
+  scalars = tuple(jnp.asarray(x, jnp.int32) for x in scalars)
   scalar_spec = pl.BlockSpec((), lambda k, r, p: ())
   def whole_spec(rows):
     return pl.BlockSpec((rows, hd), lambda k, r, p: (0, 0))
@@ -223,10 +240,11 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   stat_spec = pl.BlockSpec((None, None, rows), lambda k, r, p: (p, k, r))
   return pl.pallas_call(
       functools.partial(_split_kernel, num_tokens=T, group=G, own_keys=own_keys,
-                        split=split, stride=stride, kv_offsets=kv_offsets),
+                        first_rider=T if riders is None else riders.first_row, split=split,
+                        stride=stride, kv_offsets=kv_offsets),
       grid=(KV, num_row_blocks, num_splits),
-      in_specs=[scalar_spec, scalar_spec, whole_spec(q_Xh.shape[0]), whole_spec(k_Xh.shape[0]),
-                whole_spec(v_Xh.shape[0]), cache_spec, cache_spec],
+      in_specs=[scalar_spec] * len(scalars)
+               + [whole_spec(x.shape[0]) for x in (q_Xh, k_Xh, v_Xh)] + [cache_spec] * 2,
       out_specs=[stat_spec, stat_spec,
                  pl.BlockSpec((None, None, rows, hd), lambda k, r, p: (p, k, r, 0))],
       out_shape=[jax.ShapeDtypeStruct((num_splits, KV, X), jnp.float32),
@@ -235,8 +253,7 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
       name='cache_attention',
-  )(jnp.asarray(start, jnp.int32), jnp.asarray(layer, jnp.int32), q_Xh, k_Xh, v_Xh,
-    cache_k_LBSKh, cache_v_LBSKh)
+  )(*scalars, q_Xh, k_Xh, v_Xh, cache_k_LBSKh, cache_v_LBSKh)
 
 
 def _fold_kernel(end_ref, m_ref, l_ref, o_ref, *out_refs, split: int, group: int,
@@ -356,13 +373,15 @@ _traced_once = functools.partial(jax.jit, static_argnames=('interpret',), inline
 @_traced_once
 def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
                            cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
-                           layer: jax.Array | int, start: jax.Array | int, *,
+                           layer: jax.Array | int, start: jax.Array | int,
+                           riders: attention_lib.Riders | None = None, *,
                            interpret: bool = False) -> jax.Array:
   """Causal grouped-query attention of a chunk over the cache and itself, fused.
 
   Same signature, semantics and reduction-order contract as `attention.cache_attention`:
   query t sits at position start + t and sees the cached keys of layer `layer` below
-  `start` and the chunk's own keys from `start` on. The cache is only read.
+  `start` and the chunk's own keys from `start` on; riders (`attention.Riders`) see the
+  cache below their position and their own key. The cache is only read.
 
   Args:
     q_BTHh: roped queries of the chunk (B = 1; T <= 64 or so; hd a power of two >= 16), or
@@ -374,6 +393,7 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
     cache_v_LBSKh: every layer's cached values.
     layer: which layer's cache to read (a Python int or a traced int32 scalar).
     start: int32 scalar, the chunk's first position (start + T <= S).
+    riders: optional rows of the chunk that are riders, not tokens.
     interpret: run the kernel in Pallas's interpret mode (CPU tests).
 
   Returns:
@@ -383,7 +403,7 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
   T = q_BTHh.shape[1]  # batch 1: `split_stats` checks it
   H = _num_heads(q_BTHh, k_BTKh, cache_k_LBSKh.shape[3])
   stats = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start,
-                      interpret=interpret)
+                      riders, interpret=interpret)
   return fold(*stats, start + T, num_tokens=T, num_heads=H, dtype=q_BTHh.dtype,
               interpret=interpret)
 

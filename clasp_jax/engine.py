@@ -242,13 +242,13 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
 
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
            config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig, width: int,
-           attention, draft: bool, search_rows: int = 0, prefix_attention=None) -> DecodeState:
+           attention, draft: bool, search_rows: int = 0) -> DecodeState:
   """One round: propose, verify `[last] + drafts` with the full model, commit, roll back.
 
   With `draft` False (or a strategy that never drafts) the round is one plain decoding step:
   the same full pass with no drafts in it. With `search_rows` (F > 0) the verify pass also
   computes the next F columns of the CLaSp DP's table (`state.search`) in its padding rows,
-  the candidates attending with `prefix_attention`.
+  the candidates attending in the pass's own attention (`attention.Riders`).
   """
   K = strategy.num_draft_tokens if draft else 0
   rng, key_draft, key_accept = jax.random.split(state.rng, 3)
@@ -264,7 +264,7 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   search, ride = state.search, None
   if search_rows:
     search, ride = clasp_lib.band_ride(search, state.target_hidden_LD, length, first_row=K + 1,
-                                       num_rows=search_rows, attention=prefix_attention)
+                                       num_rows=search_rows)
   logits_TV, hiddens_LTD, cache, ride_ys = full_pass(
       params, config, jnp.concatenate([last[None], tokens_K]), state.cache, width=width,
       attention=attention, ride=ride)
@@ -486,8 +486,7 @@ class Decoder:
         kind: _CompiledFunction(
             functools.partial(_segment, strategy=runs, draft=draft, width=pass_width,
                               attention=attend, placement=placement, config=config,
-                              sampling=sampling, search_rows=rows,
-                              prefix_attention=prefix_attend),
+                              sampling=sampling, search_rows=rows),
             donate_argnums=(1,), precision=precision, placement=placement)
         for kind, (runs, draft, rows) in kinds.items()}
     # M is traced: one compile serves every M.

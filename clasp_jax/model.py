@@ -76,11 +76,12 @@ class Ride:
   one reading of each weight serves both (the CLaSp DP inside a verify pass).
 
   The F riders all sit at position `pos` and, as in `pseudo_token_layer`, each attends to the
-  cached keys below `pos` and to its own key only. Between layers `after` may replace their
-  states (the DP keeps, per candidate, the better of running a layer and skipping it). The
-  chunk's real rows come before the riders and attention within a chunk is causal, so the
-  real rows never see them and compute bit for bit what they compute without riders; the
-  riders' keys and values land in the cache past the real rows, where padding rows' land.
+  cached keys below `pos` and to its own key only, in the pass's own attention
+  (`attention.Riders`). Between layers `after` may replace their states (the DP keeps, per
+  candidate, the better of running a layer and skipping it). The chunk's real rows come
+  before the riders and attention within a chunk is causal, so the real rows never see them
+  and compute bit for bit what they compute without riders; the riders' keys and values land
+  in the cache past the real rows, where padding rows' land.
 
   Attributes:
     first_row: the chunk row of the first rider (static); rows [first_row, first_row + F).
@@ -88,14 +89,12 @@ class Ride:
     init_FD: the riders' states entering the first layer.
     after: (layer index a, states_FD entering layer a, outputs_FD of layer a) ->
       (states_FD entering layer a + 1, y); `ForwardOutput.ride_ys` stacks the y's.
-    attention: the riders' attention (`attention.prefix_attention`'s signature).
   """
 
   first_row: int
   pos: jax.Array
   init_FD: jax.Array
   after: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
-  attention: Attention = attention_lib.prefix_attention
 
   @property
   def rows(self) -> slice:
@@ -222,8 +221,8 @@ def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: ja
     k_BTKh, v_BTKh = jax.lax.optimization_barrier((k_BTKh, v_BTKh))
     attend_args = (q_BTHh, k_BTKh, v_BTKh)
   # Likewise the output projection's input comes through a barrier, so that its kernel is
-  # the same whatever produced the attention output (a pass with riders, `Ride`, writes
-  # their rows into it): a product fused with another producer may be tuned to another
+  # the same whatever produced the attention output (a pass with riders, `Ride`, runs the
+  # attention with them): a product fused with another producer may be tuned to another
   # split of its sum, which would round the real rows differently.
   attn_BTq = jax.lax.optimization_barrier(attend(*attend_args))
   return _finish_layer(lp, config, x_BTD, attn_BTq), k_BTKh, v_BTKh
@@ -413,6 +412,7 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
   if ride is not None:
     positions_BT = positions_BT.at[:, ride.rows].set(ride.pos)
   cos_BTh, sin_BTh = rope_tables(config, positions_BT)
+  riders = () if ride is None else (attention_lib.Riders(ride.first_row, ride.pos),)
   x_BTD = params['embed'][tokens_BT]
 
   def select(x_BTD):
@@ -431,15 +431,8 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
 
     def run(x_BTD):
       def attend(q_BTHh, k_BTKh, v_BTKh):  # k and v None: q packed
-        out_BTq = attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh, cache.v_LBSKh, i, start)
-        if ride is None:
-          return out_BTq
-        if k_BTKh is None:
-          q_BTHh, k_BTKh, v_BTKh = attention_lib.split_packed(q_BTHh, config.num_kv_heads)
-        rows = ride.rows
-        riders_BFq = ride.attention(q_BTHh[:, rows], k_BTKh[:, rows], v_BTKh[:, rows],
-                                    cache.k_LBSKh, cache.v_LBSKh, i, ride.pos)
-        return out_BTq.at[:, rows].set(riders_BFq.astype(out_BTq.dtype))
+        return attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh, cache.v_LBSKh, i, start,
+                         *riders)
       return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, attend)
 
     def keep(x_BTD):  # a skipped layer leaves its cache rows as they were

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from clasp_jax import attention as attention_lib
 from clasp_jax import model as model_lib
 from clasp_jax.cache import KVCache, init_cache
 from clasp_jax.config import LlamaConfig
@@ -367,28 +368,35 @@ def shard_attention(attention: model_lib.Attention, config: LlamaConfig, mesh: M
   scalar = PartitionSpec()
   if kernel:
     out = PartitionSpec(None, None, axes[HEADS])
-    apart = jax.shard_map(attention, mesh=view, out_specs=out, check_vma=False,
-                          in_specs=(heads, kv, kv, cache, cache, scalar, scalar))
-    together = jax.shard_map(
-        lambda qkv, *rest: attention(qkv, None, None, *rest), mesh=view, out_specs=out,
-        check_vma=False, in_specs=(packed, cache, cache, scalar, scalar))
 
-    def mapped(q, k, v, cache_k, cache_v, layer, start):
-      layer, start = jnp.asarray(layer, jnp.int32), jnp.asarray(start, jnp.int32)
+    def mapped(q, k, v, cache_k, cache_v, layer, start, riders=None):
+      def local(q, k, v, cache_k, cache_v, layer, start, pos):
+        ride = () if riders is None else (attention_lib.Riders(riders.first_row, pos),)
+        return attention(q, k, v, cache_k, cache_v, layer, start, *ride)
+
+      # The riders' position, a replicated scalar (unread without riders); their row static.
+      scalars = (jnp.asarray(layer, jnp.int32), jnp.asarray(start, jnp.int32),
+                 jnp.asarray(0 if riders is None else riders.pos, jnp.int32))
       if k is None:
-        return together(q, cache_k, cache_v, layer, start)
-      return apart(q, k, v, cache_k, cache_v, layer, start)
+        return jax.shard_map(lambda qkv, *rest: local(qkv, None, None, *rest), mesh=view,
+                             out_specs=out, check_vma=False,
+                             in_specs=(packed, cache, cache) + (scalar,) * 3
+                             )(q, cache_k, cache_v, *scalars)
+      return jax.shard_map(local, mesh=view, out_specs=out, check_vma=False,
+                           in_specs=(heads, kv, kv, cache, cache) + (scalar,) * 3
+                           )(q, k, v, cache_k, cache_v, *scalars)
 
     return mapped
 
-  def constrained(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start):
+  def constrained(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start,
+                  riders=None):
     pin = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(view, spec))
     if k_BTKh is None:
       q_BTHh = pin(q_BTHh, packed)
     else:
       q_BTHh, k_BTKh, v_BTKh = pin(q_BTHh, heads), pin(k_BTKh, kv), pin(v_BTKh, kv)
     return attention(q_BTHh, k_BTKh, v_BTKh, pin(cache_k_LBSKh, cache),
-                     pin(cache_v_LBSKh, cache), layer, start)
+                     pin(cache_v_LBSKh, cache), layer, start, *(riders,) * (riders is not None))
 
   return constrained
 

@@ -168,8 +168,13 @@ def test_load_places_weights_straight_into_their_shardings(tiny_hf_checkpoint, t
   assert model.params['embed'].sharding.spec == P('tp', None)  # V 256 splits in two
 
 
+# Riders: rows 2 and 3 are pseudo-tokens at an earlier position (`attention.Riders`).
+RIDERS = [None, attention.Riders(2, jnp.int32(125))]
+
+
+@pytest.mark.parametrize('riders', RIDERS, ids=['tokens', 'riders'])
 @pytest.mark.parametrize('mesh', ['tp:2', 'tp:4'])
-def test_pallas_kernel_runs_per_device_on_its_own_heads(mesh):
+def test_pallas_kernel_runs_per_device_on_its_own_heads(mesh, riders):
   config = tiny.tiny_config()
   mesh = sharding.make_mesh(mesh)
   rng = np.random.default_rng(0)
@@ -180,12 +185,13 @@ def test_pallas_kernel_runs_per_device_on_its_own_heads(mesh):
   caches = [normal(2, 1, S, config.num_kv_heads, config.head_dim) for _ in range(2)]
   kernel = functools.partial(attention_pallas.cache_attention_pallas, interpret=True)
   sharded = jax.jit(sharding.shard_attention(kernel, config, mesh, kernel=True))
-  out = sharded(q, k, v, *caches, 1, start)
-  want = attention.cache_attention(q, k, v, *caches, 1, start)
+  out = sharded(q, k, v, *caches, 1, start, riders)
+  want = attention.cache_attention(q, k, v, *caches, 1, start, riders)
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_pallas_kernel_reads_each_devices_packed_heads():
+@pytest.mark.parametrize('riders', RIDERS, ids=['tokens', 'riders'])
+def test_pallas_kernel_reads_each_devices_packed_heads(riders):
   """q, k and v packed per shard (device i's [q_i k_i v_i], as the fused q/k/v product lays
   them out) on 2 devices: the kernel per device gives the one-device reference's output."""
   config = tiny.tiny_config()
@@ -200,6 +206,6 @@ def test_pallas_kernel_reads_each_devices_packed_heads():
                                       axis=2) for i in range(2)], axis=2)
   kernel = functools.partial(attention_pallas.cache_attention_pallas, interpret=True)
   sharded = jax.jit(sharding.shard_attention(kernel, config, mesh, kernel=True))
-  out = sharded(packed, None, None, *caches, 1, start)
-  want = attention.cache_attention(q, k, v, *caches, 1, start)
+  out = sharded(packed, None, None, *caches, 1, start, riders)
+  want = attention.cache_attention(q, k, v, *caches, 1, start, riders)
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)

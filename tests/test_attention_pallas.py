@@ -194,6 +194,33 @@ def test_prefix_attention_matches_reference(dtype, tol, T, G):
     _assert_close((traced, static), ref, (1, T, G * KV * HD), dtype, tol, pos)
 
 
+@pytest.mark.parametrize('kernel', [
+    attention.cache_attention,
+    functools.partial(attention_pallas.cache_attention_pallas, interpret=INTERPRET)],
+    ids=['jnp', 'pallas'])
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize('first_row,pos_back', [(5, 0), (5, 3), (1, 130), (15, 299)])
+def test_riders_see_the_prefix_and_themselves(kernel, dtype, tol, first_row, pos_back):
+  """A chunk of 16 rows whose rows from `first_row` on are riders at `start - pos_back`: its
+  tokens' rows are bit for bit what they are without riders, and each rider's row is what
+  the DP's prefix attention computes for it (the cache below its position, its own key)."""
+  T, G, S, start = 16, 3, 384, 300
+  pos = start - pos_back
+  q, k, v, cache_k, cache_v = _case(_rng('riders', dtype, first_row, pos), dtype, T, G, S,
+                                    start, GARBAGE)
+  riders = attention.Riders(first_row, jnp.int32(pos))
+  run = jax.jit(kernel)
+  with jax.default_matmul_precision('highest'):
+    ridden = run(q, k, v, cache_k, cache_v, LAYER, jnp.int32(start), riders)
+    alone = run(q, k, v, cache_k, cache_v, LAYER, jnp.int32(start))
+    rows = slice(first_row, T)
+    prefix = attention.prefix_attention(q[:, rows], k[:, rows], v[:, rows], cache_k, cache_v,
+                                        LAYER, jnp.int32(pos))
+  np.testing.assert_array_equal(np.asarray(ridden[:, :first_row], np.float32),
+                                np.asarray(alone[:, :first_row], np.float32))
+  _assert_close((ridden[:, rows],), prefix, prefix.shape, dtype, tol, (first_row, pos))
+
+
 def test_a_program_traces_the_kernel_once_and_is_unchanged_by_it(monkeypatch):
   """The accelerator path calls the kernel once per layer; it is traced once per program, and
   the program is the one the kernel traced at every layer would build."""

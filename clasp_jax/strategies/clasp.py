@@ -119,7 +119,7 @@ def empty_search(config, num_columns: int, dtype) -> SearchState:
 
 
 def band_ride(search: SearchState, target_LD: jax.Array, cache_length: jax.Array, *,
-              first_row: int, num_rows: int, attention) -> tuple[SearchState, model_lib.Ride]:
+              first_row: int, num_rows: int) -> tuple[SearchState, model_lib.Ride]:
   """The next band of the DP's table, as riders of a verify pass (`model.Ride`).
 
   At band 0 a new table starts, for the last token in the cache (position
@@ -146,7 +146,7 @@ def band_ride(search: SearchState, target_LD: jax.Array, cache_length: jax.Array
 
   init_FD = jnp.broadcast_to(h_LD[0], (num_rows, h_LD.shape[-1]))
   return search, model_lib.Ride(first_row=first_row, pos=search.pos, init_FD=init_FD,
-                                after=after, attention=attention)
+                                after=after)
 
 
 def finish_band(search: SearchState, ride_ys) -> SearchState:
