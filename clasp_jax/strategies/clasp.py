@@ -29,19 +29,17 @@ from clasp_jax.strategies import layer_skip
 from clasp_jax.strategies.base import Strategy
 
 
-def _cosine(a_MD: jax.Array, b_D: jax.Array) -> jax.Array:
-  """Cosine similarity of each row of a to b, in float32. [M]."""
-  a_MD, b_D = a_MD.astype(jnp.float32), b_D.astype(jnp.float32)
-  num_M = a_MD @ b_D
-  return num_M / (jnp.linalg.norm(a_MD, axis=-1) * jnp.linalg.norm(b_D) + 1e-30)
-
-
 def _choose(run_XD: jax.Array, skip_XD: jax.Array, h_D: jax.Array, j_X: jax.Array,
             i) -> tuple[jax.Array, jax.Array]:
   """One layer i of Algorithm 1 for columns j_X: whether each cell skips the layer (the
-  skipped state is at least as close to h_{i+1} as the run one) and the states it keeps."""
+  skipped state is at least as close to h_{i+1}, by cosine, as the run one) and the states
+  it keeps."""
+  # Both candidates' cosines in one product and one norm (float32); h's own norm, a factor
+  # common to both, does not change which is closer and is left out.
+  both_2XD = jnp.stack([skip_XD.astype(jnp.float32), run_XD.astype(jnp.float32)])
+  close_2X = (both_2XD @ h_D.astype(jnp.float32)) / (jnp.linalg.norm(both_2XD, axis=-1) + 1e-30)
   # j >= i + 1 means every layer so far is skipped: the only way there is to skip.
-  take_skip_X = (_cosine(skip_XD, h_D) >= _cosine(run_XD, h_D)) | (j_X >= i + 1)
+  take_skip_X = (close_2X[0] >= close_2X[1]) | (j_X >= i + 1)
   return take_skip_X, jnp.where(take_skip_X[:, None], skip_XD, run_XD.astype(skip_XD.dtype))
 
 
