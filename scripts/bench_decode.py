@@ -34,6 +34,10 @@ _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Weight
 _SHORT = flags.DEFINE_integer('short', 32, 'New tokens of the short generation.')
 _LONG = flags.DEFINE_integer('long', 160, 'New tokens of the long generation.')
 _REPS = flags.DEFINE_integer('reps', 3, 'Timed generations per length (median).')
+_INTERLEAVE = flags.DEFINE_bool('interleave', False, "Time each preset's cases in turns, every "
+                                'case once per turn, instead of one case after the other: for '
+                                'differences between cases (refresh against draft) that are '
+                                'small beside the drift of a run.')
 _OUT = flags.DEFINE_string('out', '', 'Write the JSON rows here (and a .md table beside it).')
 
 
@@ -46,10 +50,13 @@ def main(argv):
     meshes = ['' if m == 'none' else str(sharding.parse_mesh(m)) for m in _MESH.value]
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  if _LONG.value <= _SHORT.value:
+    raise app.UsageError(f'--long ({_LONG.value}) must exceed --short ({_SHORT.value})')
   configs = {p: dataclasses.asdict(models.PRESETS[p]()) for p in _PRESETS.value}
   cases = [decode.Case(p, int(c), w, a) for p in _PRESETS.value for c in _CONTEXTS.value
            for w in _WHAT.value for a in _ATTENTION.value]
-  settings = dict(dtype=_DTYPE.value, short=_SHORT.value, long=_LONG.value, reps=_REPS.value)
+  settings = dict(dtype=_DTYPE.value, short=_SHORT.value, long=_LONG.value, reps=_REPS.value,
+                  interleave=_INTERLEAVE.value)
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   rows = []
 

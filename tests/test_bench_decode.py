@@ -1,6 +1,7 @@
 """`clasp_jax.bench.decode`'s worker plumbing (the measurements themselves need minutes)."""
 
 import os
+import types
 
 from clasp_jax.bench import decode
 
@@ -17,3 +18,32 @@ def test_each_row_reaches_on_row_as_the_worker_reports_it():
                            reps=1, on_row=seen.append)
   assert rows == seen
   assert [r['preset'] for r in rows] == ['broken'] and rows[0]['error'].startswith('TypeError')
+
+
+class _FakeDecoder:
+  """Generates `per_round` tokens a round, instantly, and logs its calls."""
+
+  def __init__(self, name, per_round, log):
+    self.name, self.per_round, self.log = name, per_round, log
+
+  def generate(self, prompt, max_new_tokens):
+    del prompt
+    self.log.append((self.name, max_new_tokens))
+    rounds = -(-max_new_tokens // self.per_round)
+    return types.SimpleNamespace(token_ids=[0] * max_new_tokens, accept_lengths=[1] * rounds)
+
+
+def test_interleaved_cases_take_turns_and_keep_their_own_counts(monkeypatch):
+  """Cases measured together are timed in turns (after each one's untimed compile), and each
+  row's tokens per round are its own case's."""
+  log = []
+  per_round = {'plain': 1, 'draft': 4, 'refresh': 2}
+  monkeypatch.setattr(decode, 'case_strategy', lambda what, config: what)
+  monkeypatch.setattr(decode, '_decoder', lambda params, config, what, attention, mesh:
+                      _FakeDecoder(what, per_round[what], log))
+  config = types.SimpleNamespace(vocab_size=100)
+  cases = [decode.Case('tiny', 64, what) for what in per_round]
+  rows = decode.measure(cases, None, config, short=4, long=16, reps=2)
+  compiles = [(what, n) for what in per_round for n in (4, 16)]
+  assert log == compiles + compiles + compiles
+  assert [r['tokens_per_round'] for r in rows] == [1.0, 4.0, 2.0]

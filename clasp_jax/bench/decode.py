@@ -145,15 +145,11 @@ def _decoder(params, config, strategy, attention, mesh):
   return Decoder(params, config, strategy, **kwargs)
 
 
-def _timed(decoder, prompt, max_new_tokens, reps) -> tuple[float, int, int]:
-  """(median seconds, new tokens, rounds) of `reps` generations after an untimed one."""
-  out = decoder.generate(prompt, max_new_tokens)  # compiles
-  seconds = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    out = decoder.generate(prompt, max_new_tokens)
-    seconds.append(time.perf_counter() - start)
-  return sorted(seconds)[reps // 2], len(out.token_ids), len(out.accept_lengths)
+def _timed(decoder, prompt, max_new_tokens) -> tuple[float, int, int]:
+  """(seconds, new tokens, rounds) of one generation."""
+  start = time.perf_counter()
+  out = decoder.generate(prompt, max_new_tokens)
+  return time.perf_counter() - start, len(out.token_ids), len(out.accept_lengths)
 
 
 def case_strategy(what: str, config):
@@ -171,18 +167,38 @@ def case_strategy(what: str, config):
                           draft_exit_threshold=0.0, loi=1, lookup=False)
 
 
-def measure(case: Case, params, config, short: int, long: int, reps: int, mesh=None) -> dict:
-  """One case's per-token (or per-round) seconds, from two generation lengths."""
+def measure(cases: list[Case], params, config, short: int, long: int, reps: int,
+            mesh=None) -> list[dict]:
+  """Each case's per-token (or per-round) seconds on one model, from two generation lengths.
+
+  Every generation is compiled and run once untimed first. Then each of `reps` turns times
+  every case's short and long generation before the next turn, so that cases measured
+  together see the same machine: a drift of its speed during the run falls on all of them,
+  not on whichever ran last (`--interleave`; a case measured alone takes its turns alone).
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  decoder = _decoder(params, config, case_strategy(case.what, config), case.attention, mesh)
-  prompt = np.random.RandomState(0).randint(0, config.vocab_size,
-                                            case.context - long).tolist()
-  t_short, n_short, r_short = _timed(decoder, prompt, short, reps)
-  t_long, n_long, r_long = _timed(decoder, prompt, long, reps)
-  return dict(seconds_per_token=(t_long - t_short) / max(n_long - n_short, 1),
-              seconds_per_round=(t_long - t_short) / max(r_long - r_short, 1),
-              tokens_per_round=(n_long - n_short) / max(r_long - r_short, 1),
-              generate_seconds_long=t_long, new_tokens_long=n_long)
+  runs = []
+  for case in cases:
+    decoder = _decoder(params, config, case_strategy(case.what, config), case.attention, mesh)
+    prompt = np.random.RandomState(0).randint(0, config.vocab_size,
+                                              case.context - long).tolist()
+    for n in (short, long):
+      decoder.generate(prompt, n)  # compiles
+    runs.append((decoder, prompt))
+  timed = [{short: [], long: []} for _ in cases]  # per case: length -> (s, tokens, rounds)
+  for _ in range(reps):
+    for (decoder, prompt), by_length in zip(runs, timed):
+      for n in (short, long):
+        by_length[n].append(_timed(decoder, prompt, n))
+  rows = []
+  for by_length in timed:
+    (t_short, n_short, r_short), (t_long, n_long, r_long) = (
+        sorted(by_length[n])[reps // 2] for n in (short, long))
+    rows.append(dict(seconds_per_token=(t_long - t_short) / max(n_long - n_short, 1),
+                     seconds_per_round=(t_long - t_short) / max(r_long - r_short, 1),
+                     tokens_per_round=(n_long - n_short) / max(r_long - r_short, 1),
+                     generate_seconds_long=t_long, new_tokens_long=n_long))
+  return rows
 
 
 def worker(spec: dict) -> list[dict]:
@@ -194,40 +210,49 @@ def worker(spec: dict) -> list[dict]:
     from clasp_jax import sharding  # pylint: disable=g-import-not-at-top
     mesh = sharding.make_mesh(spec['mesh'])
   num_devices = 1 if mesh is None else mesh.size
+  cases = [Case(**case_dict) for case_dict in spec['cases']]
+  if spec.get('interleave'):  # each preset's cases measured together, in turns
+    groups = [[c for c in cases if c.preset == p] for p in dict.fromkeys(c.preset for c in cases)]
+  else:
+    groups = [[c] for c in cases]
   results, models = [], {}
-  for case_dict in spec['cases']:
-    case = Case(**case_dict)
-    row = dict(case_dict, engine=spec['engine'], mesh=spec['mesh'], num_devices=num_devices,
-               device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__)
+  for group in groups:
+    rows = [dict(dataclasses.asdict(c), engine=spec['engine'], mesh=spec['mesh'],
+                 num_devices=num_devices, device_kind=jax.devices()[0].device_kind,
+                 jax_version=jax.__version__) for c in group]
+    preset = group[0].preset
     try:  # a model that does not fit, or does not split over the mesh, is an error row
-      if case.preset not in models:
+      if preset not in models:
         models.clear()  # one model in memory at a time (70B fills a GPU)
         config = LlamaConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in spec['configs'][case.preset].items()
+                                for k, v in spec['configs'][preset].items()
                                 if k != 'rope_scaling'})
-        models[case.preset] = config, random_params(config, jax.random.key(0), spec['dtype'],
-                                                    mesh)
-      config, params = models[case.preset]
-      row['weight_bytes'] = weight_bytes(params)
-      row.update(measure(case, params, config, spec['short'], spec['long'], spec['reps'], mesh))
+        models[preset] = config, random_params(config, jax.random.key(0), spec['dtype'], mesh)
+      config, params = models[preset]
+      measured = measure(group, params, config, spec['short'], spec['long'], spec['reps'], mesh)
+      for row, figures in zip(rows, measured):
+        row.update(figures, weight_bytes=weight_bytes(params))
     except Exception as e:  # pylint: disable=broad-except
-      row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-    results.append(row)
-    print(json.dumps(row), flush=True)
+      for row in rows:
+        row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    for row in rows:
+      results.append(row)
+      print(json.dumps(row), flush=True)
   return results
 
 
 def run_engine(checkout: str, engine: str, cases: list[Case], configs: dict, *, dtype: str,
-               short: int, long: int, reps: int, mesh: str = '',
+               short: int, long: int, reps: int, mesh: str = '', interleave: bool = False,
                on_row: Callable[[dict], None] | None = None) -> list[dict]:
   """Runs a worker process that imports `clasp_jax` from `checkout`; its result rows.
 
   `mesh` ('tp:N', 'auto'; engines with `clasp_jax.sharding` only) runs the decoders
-  tensor-parallel; '' on one device. `on_row` is called with each row as soon as the worker
-  measures it (a run stopped early keeps what it measured).
+  tensor-parallel; '' on one device. `interleave`: each preset's cases are timed in turns
+  (see `measure`), else one after the other. `on_row` is called with each row as soon as the
+  worker measures it (a run stopped early keeps what it measured).
   """
   spec = dict(engine=engine, cases=[dataclasses.asdict(c) for c in cases], configs=configs,
-              dtype=dtype, short=short, long=long, reps=reps, mesh=mesh)
+              dtype=dtype, short=short, long=long, reps=reps, mesh=mesh, interleave=interleave)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [checkout] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(spec)],
