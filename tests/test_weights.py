@@ -17,6 +17,7 @@ import torch
 import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax import weights
 from clasp_jax.config import LlamaConfig
@@ -356,6 +357,7 @@ def test_a_loaded_model_reaches_its_first_token_through_three_programs(tiny_hf_c
   cache_dir = str(tmp_path / 'cache')
   weights.load(tiny_hf_checkpoint, dtype='float32', cache_dir=cache_dir)  # converts
   jax.clear_caches()
+  sharding.cache_program.cache_clear()  # kept per process: an earlier test may have made it
   caplog.set_level(logging.WARNING)
   with jax.log_compiles(True):
     model = weights.load(tiny_hf_checkpoint, dtype='float32', cache_dir=cache_dir,
