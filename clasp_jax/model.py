@@ -412,7 +412,7 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
   if ride is not None:
     positions_BT = positions_BT.at[:, ride.rows].set(ride.pos)
   cos_BTh, sin_BTh = rope_tables(config, positions_BT)
-  riders = () if ride is None else (attention_lib.Riders(ride.first_row, ride.pos),)
+  riders = None if ride is None else attention_lib.Riders(ride.first_row, ride.pos)
   x_BTD = params['embed'][tokens_BT]
 
   def select(x_BTD):
@@ -432,7 +432,7 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     def run(x_BTD):
       def attend(q_BTHh, k_BTKh, v_BTKh):  # k and v None: q packed
         return attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh, cache.v_LBSKh, i, start,
-                         *riders)
+                         riders)
       return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, attend)
 
     def keep(x_BTD):  # a skipped layer leaves its cache rows as they were

@@ -391,12 +391,13 @@ def shard_attention(attention: model_lib.Attention, config: LlamaConfig, mesh: M
   def constrained(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start,
                   riders=None):
     pin = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(view, spec))
+    ride = () if riders is None else (riders,)  # the DP's prefix attention takes none
     if k_BTKh is None:
       q_BTHh = pin(q_BTHh, packed)
     else:
       q_BTHh, k_BTKh, v_BTKh = pin(q_BTHh, heads), pin(k_BTKh, kv), pin(v_BTKh, kv)
     return attention(q_BTHh, k_BTKh, v_BTKh, pin(cache_k_LBSKh, cache),
-                     pin(cache_v_LBSKh, cache), layer, start, *(riders,) * (riders is not None))
+                     pin(cache_v_LBSKh, cache), layer, start, *ride)
 
   return constrained
 

@@ -230,8 +230,9 @@ def worker(spec: dict) -> list[dict]:
         models[preset] = config, random_params(config, jax.random.key(0), spec['dtype'], mesh)
       config, params = models[preset]
       measured = measure(group, params, config, spec['short'], spec['long'], spec['reps'], mesh)
+      read = weight_bytes(params)
       for row, figures in zip(rows, measured):
-        row.update(figures, weight_bytes=weight_bytes(params))
+        row.update(figures, weight_bytes=read)
     except Exception as e:  # pylint: disable=broad-except
       for row in rows:
         row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
