@@ -8,7 +8,8 @@ back the segment's report (whether the generation ended, the tokens, the per-rou
 statistics, the newest CLaSp DP table) and the strategy's `Policy` decides what runs next:
 plain decoding runs as one segment; CLaSp, whose verify passes fill the DP's table, runs one
 segment per change of its skip set: every LOI rounds the device checks whether the newest
-table chooses another set, and only then returns to the host, which puts it in force.
+table chooses another set, and only then puts it in force and returns to the host, which
+hands the next segment that set's weights.
 
 Exact by construction. Every full-model pass (a plain step as much as a verify pass) is a
 pass of `pass_width` tokens (`full_pass`): a plain step pads its one token, a verify pass of
@@ -292,12 +293,22 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
       search=search)
 
 
-def _table_disagrees(state: DecodeState) -> jax.Array:
-  """Whether the newest complete DP table of the verify passes' search chooses a skip set of
-  the in-force size other than the one in force (False before any table is complete)."""
+def _adopt_if_stale(state: DecodeState, at_refresh: jax.Array) -> tuple[DecodeState, jax.Array]:
+  """At a refresh, whether the newest complete DP table of the verify passes' search chooses
+  a skip set of the in-force size other than the one in force (False before any table is
+  complete), and the state with that set put in force if so.
+
+  Putting it in force here (the skip set and the draft's layer indices) spares the host the
+  transfer: it only picks the new set's weight buffers (`Decoder.refresh`).
+  """
   search = state.search
   choice_L = clasp_lib.backtrack(search.ready_LJ, jnp.sum(state.skip_L, dtype=jnp.int32))
-  return (search.completed > 0) & jnp.any(choice_L != state.skip_L)
+  stale = at_refresh & (search.completed > 0) & jnp.any(choice_L != state.skip_L)
+  skip_L = jnp.where(stale, choice_L, state.skip_L)
+  ids_A = state.draft_ids_A
+  if ids_A is not None:  # the accelerator path's active layers, in order
+    ids_A = jnp.nonzero(~skip_L, size=ids_A.shape[0])[0].astype(jnp.int32)
+  return state.replace(skip_L=skip_L, draft_ids_A=ids_A), stale
 
 
 def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
@@ -313,8 +324,8 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
 
   With `refresh_every` > 0 and a search in the state (the DP in the verify passes), the
   segment also ends after every `refresh_every`-th counted round at which the newest complete
-  table chooses another skip set (`Segment.refresh_every`): a refresh that would keep the set
-  in force costs no return to the host.
+  table chooses another skip set (`Segment.refresh_every`), that set in force in the state it
+  returns: a refresh that would keep the set in force costs no return to the host.
 
   On a mesh each round's state is pinned to the rules' shardings, so that the loop carries
   the cache as the segment received it (the compiler could otherwise pick a layout of its
@@ -333,7 +344,7 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
     stale = jnp.zeros((), bool)
     if state.search is not None:
       at_refresh = counted & (refresh_every > 0) & (rounds % jnp.maximum(refresh_every, 1) == 0)
-      stale = at_refresh & _table_disagrees(state)
+      state, stale = _adopt_if_stale(state, at_refresh)
     return (state if placement is None else placement.constrain(state)), rounds, stale
 
   init = (state, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
@@ -501,7 +512,7 @@ class Decoder:
     """Forgets what the host knew of the last generation's skip sets and DP tables."""
     self._tables_reported = 0  # DP tables this generation's verify passes completed
     self._new_table_LJ = None  # the newest reported table, until a refresh uses it
-    self._skip_in_force = None  # the skip set this generation's refreshes put in force
+    self._skip_in_force = None  # the skip set the state holds since a refresh put one in
 
   @property
   def compile_seconds(self) -> float:
@@ -523,7 +534,8 @@ class Decoder:
     since the last refresh (`SegmentReport.table_LJ`) gives the skip set of `num_skip` layers;
     with none, the set in force stays if it has `num_skip` layers, and the DP runs as a pass
     of its own otherwise (a generation's first refresh), the only case that waits for the
-    device.
+    device. A set the state already holds (the segment that reported the table put it in
+    force) is not sent again: only its weight buffers are picked.
     """
     start = time.perf_counter()
     in_force = self._skip_in_force
@@ -534,8 +546,10 @@ class Decoder:
       skip_L = in_force  # no newer table: the set in force stays
     else:
       skip_L = self.choose_skip_set(state, num_skip)
-    if skip_L is not in_force:
+    if in_force is None or not np.array_equal(skip_L, in_force):
       state = self.put_skip_set(state, skip_L)
+    elif self.fast_path:  # the state holds it (the device put it in force): its buffers only
+      self._use_layers(skip_L)
     self._skip_in_force = skip_L
     self.refresh_seconds.append(time.perf_counter() - start)
     return state
@@ -557,9 +571,15 @@ class Decoder:
     skip_L = np.asarray(skip_L, bool)
     if not self.fast_path:
       return state.replace(skip_L=jax.device_put(skip_L))
+    skip_L, ids_A = jax.device_put((skip_L, self._use_layers(skip_L)))  # one call for both
+    return state.replace(skip_L=skip_L, draft_ids_A=ids_A)
+
+  def _use_layers(self, skip_L: np.ndarray) -> np.ndarray:
+    """Makes the drafting rounds run the active layers of `skip_L` from their own weight
+    buffers (the accelerator path); returns their indices."""
     layers, ids_A = model_lib.active_layers(self.params, skip_L)
     self._round_params = dict(self.params, draft_layers=layers)
-    return state.replace(skip_L=jax.device_put(skip_L), draft_ids_A=jax.device_put(ids_A))
+    return ids_A
 
   def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
     """Raises ValueError for a request the model cannot serve (before any compilation)."""
@@ -758,9 +778,11 @@ class Decoder:
         refresh_times=self.refresh_seconds)
 
   def _read(self, report: SegmentReport) -> SegmentReport:
-    """A segment's report read back (waiting for the segment), its DP table kept for the
-    next refresh."""
+    """A segment's report read back (one transfer, waiting for the segment), its DP table
+    kept for the next refresh and the skip set it left in force noted."""
     report = jax.device_get(report)
+    if self._skip_in_force is not None:  # the set the segment left in force, maybe its DP
+      self._skip_in_force = report.skip_L  # table's choice (`_adopt_if_stale`)
     if report.table_LJ is not None and report.tables_completed > self._tables_reported:
       self._tables_reported = int(report.tables_completed)
       self._new_table_LJ = report.table_LJ

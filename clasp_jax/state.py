@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -87,44 +89,70 @@ class DecodeState:
   search: SearchState | None = None
 
 
+#: The fields of a `SegmentReport`, in the order they are packed.
+_REPORT_FIELDS = ('done', 'num_rounds', 'num_tokens', 'tokens_N', 'accepted_R', 'drafted_R',
+                  'source_R', 'skip_L', 'tables_completed', 'table_LJ')
+
+
+def _report_field(name: str, doc: str, boolean: bool = False) -> property:
+  """A `SegmentReport` field as a property: its part of `flat_X` (None when absent)."""
+  def get(report):
+    offset = 0
+    for field, shape in report.layout:
+      size = math.prod(shape)
+      if field == name:
+        part = report.flat_X[offset:offset + size].reshape(shape)
+        return part != 0 if boolean else part
+      offset += size
+    return None
+  return property(get, doc=doc)
+
+
 @flax.struct.dataclass
 class SegmentReport:
   """What the host reads back after a segment of rounds: copies of the decode state's small
-  fields, returned beside the state.
+  fields, returned beside the state, packed into one int32 vector.
 
   The state itself is donated to the next segment, so what the host keeps of a segment (the
-  newest DP table, for the next refresh) comes from the report.
+  newest DP table, for the next refresh) comes from the report. Packed, reading it back is one
+  transfer from the device rather than one per field: on an H200, 0.8-0.9 ms at a return to
+  the host against 1.2-1.8 ms (a quarter of a plain step at the LLaMA-3-8B shape, two at the
+  SmolLM2 shape). `jax.device_get(report)` reads it; its fields (the properties below) are
+  views of `flat_X`, on the device or on the host alike.
 
   Attributes:
-    done: bool scalar, as in `DecodeState`.
-    num_rounds: int32 scalar, rounds run so far in the generation.
-    num_tokens: int32 scalar, committed tokens including the prompt.
-    tokens_N: int32[N] prompt and committed tokens (for streaming).
-    accepted_R: int32[R] tokens committed per round.
-    drafted_R: int32[R] drafts proposed per round.
-    source_R: int32[R] where each round's drafts came from.
-    tables_completed: int32 scalar, CLaSp DP tables the verify passes completed so far
-      (`SearchState.completed`; 0 without such a search).
-    table_LJ: bool[L, J] the newest complete table (`SearchState.ready_LJ`); None without
-      such a search.
+    flat_X: int32[X] the fields present, flattened, in `_REPORT_FIELDS` order.
+    layout: static ((field name, shape), ...) of the fields present in `flat_X`.
   """
 
-  done: jax.Array
-  num_rounds: jax.Array
-  num_tokens: jax.Array
-  tokens_N: jax.Array
-  accepted_R: jax.Array
-  drafted_R: jax.Array
-  source_R: jax.Array
-  tables_completed: jax.Array
-  table_LJ: jax.Array | None = None
+  flat_X: jax.Array
+  layout: tuple[tuple[str, tuple[int, ...]], ...] = flax.struct.field(pytree_node=False)
+
+  done = _report_field('done', 'bool scalar, as in `DecodeState`.', boolean=True)
+  num_rounds = _report_field('num_rounds', 'int32 scalar, rounds run so far in the generation.')
+  num_tokens = _report_field('num_tokens', 'int32 scalar, committed tokens with the prompt.')
+  tokens_N = _report_field('tokens_N', 'int32[N] prompt and committed tokens (streaming).')
+  accepted_R = _report_field('accepted_R', 'int32[R] tokens committed per round.')
+  drafted_R = _report_field('drafted_R', 'int32[R] drafts proposed per round.')
+  source_R = _report_field('source_R', "int32[R] where each round's drafts came from.")
+  skip_L = _report_field('skip_L', "bool[L] the skip set in force at the segment's end.",
+                         boolean=True)
+  tables_completed = _report_field(
+      'tables_completed', 'int32 scalar, CLaSp DP tables the verify passes completed so far '
+      '(`SearchState.completed`; 0 without such a search).')
+  table_LJ = _report_field(
+      'table_LJ', 'bool[L, J] the newest complete DP table (`SearchState.ready_LJ`); None '
+      'without such a search.', boolean=True)
 
   @classmethod
   def of(cls, state: DecodeState) -> SegmentReport:
     """The report of a state (traced, at a segment's end)."""
     search = state.search
-    return cls(done=state.done, num_rounds=state.num_rounds, num_tokens=state.num_tokens,
-               tokens_N=state.tokens_N, accepted_R=state.accepted_R, drafted_R=state.drafted_R,
-               source_R=state.source_R,
-               tables_completed=jnp.int32(0) if search is None else search.completed,
-               table_LJ=None if search is None else search.ready_LJ)
+    fields = dict(done=state.done, num_rounds=state.num_rounds, num_tokens=state.num_tokens,
+                  tokens_N=state.tokens_N, accepted_R=state.accepted_R,
+                  drafted_R=state.drafted_R, source_R=state.source_R, skip_L=state.skip_L,
+                  tables_completed=jnp.int32(0) if search is None else search.completed,
+                  table_LJ=None if search is None else search.ready_LJ)
+    present = [(name, fields[name]) for name in _REPORT_FIELDS if fields[name] is not None]
+    return cls(flat_X=jnp.concatenate([jnp.ravel(x).astype(jnp.int32) for _, x in present]),
+               layout=tuple((name, tuple(x.shape)) for name, x in present))

@@ -312,7 +312,7 @@ def test_a_segment_reports_its_state(tiny_model):
   state, report = decoder.run_segment(state, strategies.Segment(draft=True, rounds=3), 64)
   expected = dict(done=state.done, num_rounds=state.num_rounds, num_tokens=state.num_tokens,
                   tokens_N=state.tokens_N, accepted_R=state.accepted_R,
-                  drafted_R=state.drafted_R, source_R=state.source_R,
+                  drafted_R=state.drafted_R, source_R=state.source_R, skip_L=state.skip_L,
                   tables_completed=state.search.completed, table_LJ=state.search.ready_LJ)
   expected = {name: np.asarray(x) for name, x in expected.items()}  # before it is donated
   decoder.run_segment(state, strategies.Segment(draft=True, rounds=1), 64)
@@ -325,24 +325,36 @@ def test_a_segment_reports_its_state(tiny_model):
 def test_segments_end_only_where_the_skip_set_changes(tiny_model, monkeypatch, fast_path):
   """Where the verify passes fill the DP's table, CLaSp's rounds run on through the refreshes
   that keep the skip set: the same tokens and skip sets, round by round, as segments that
-  return to the host at every refresh, with one segment per set in force."""
+  return to the host at every refresh, with one segment per set in force. The device puts a
+  new set in force itself: the host sends none after the first, and every drafting segment
+  runs the weights of the layers the state says are active."""
   config, params = tiny_model
   decoder = Decoder(params, config, strategies.Clasp(num_skip=2, num_draft_tokens=4,
                                                      draft_exit_threshold=0.0, loi=1,
                                                      lookup=False),
                     fast_path=fast_path, pass_width=16)
-  segments = []
-  run_segment = decoder.run_segment
+  segments, puts = [], []
+  run_segment, put_skip_set = decoder.run_segment, decoder.put_skip_set
 
   def counted(state, segment, max_new_tokens):
     segments.append(segment)
+    if fast_path:  # the draft's buffers are the active layers' (before the state is donated)
+      ids_A = np.asarray(state.draft_ids_A)
+      layers = decoder._round_params['draft_layers']  # pylint: disable=protected-access
+      assert all(w is decoder.params['layers'][i] for w, i in zip(layers, ids_A, strict=True))
     return run_segment(state, segment, max_new_tokens)
 
+  def put_counted(state, skip_L):
+    puts.append(skip_L)
+    return put_skip_set(state, skip_L)
+
   monkeypatch.setattr(decoder, 'run_segment', counted)
+  monkeypatch.setattr(decoder, 'put_skip_set', put_counted)
   prompt = tiny.prompts(config)[1]
   on_change = decoder.generate(prompt, 64)
   assert all(s.rounds is None and s.refresh_every == 1 for s in segments)
-  on_change_segments, segments[:] = len(segments), []
+  assert len(puts) == 1  # the first refresh's set; the device put every later one in force
+  on_change_segments, segments[:], puts[:] = len(segments), [], []
   every_refresh = strategies.Segment(draft=True, rounds=1)
   monkeypatch.setattr(strategies.base.SchedulePolicy, 'next_segment',
                       lambda self, decoder, state: (decoder.refresh(state, 2), every_refresh))
@@ -353,3 +365,4 @@ def test_segments_end_only_where_the_skip_set_changes(tiny_model, monkeypatch, f
   assert 1 <= changes < len(each.accept_lengths) - 1  # the set both changed and stayed
   assert on_change_segments == 1 + changes
   assert len(segments) == len(each.accept_lengths)
+  assert len(puts) == 1 + changes  # from the host, at each change

@@ -149,8 +149,8 @@ def _timed_segment(decoder, state, segment: Segment, max_new_tokens: int):
   rounds_before = int(state.num_rounds)
   start = time.perf_counter()
   _, report = decoder.run_segment(state, segment, max_new_tokens)
-  rounds, drafted_R, source_R = jax.device_get((report.num_rounds, report.drafted_R,
-                                                report.source_R))
+  report = jax.device_get(report)
+  rounds, drafted_R, source_R = report.num_rounds, report.drafted_R, report.source_R
   seconds = time.perf_counter() - start
   ran = slice(rounds_before, int(rounds))
   return seconds, int(rounds) - rounds_before, int(drafted_R[ran][source_R[ran] == SKIP].sum())

@@ -65,10 +65,11 @@ class Segment:
       layer-skip drafts.
     refresh_every: where the verify passes fill the CLaSp DP's table, also end the segment
       after every `refresh_every`-th counted round at which the newest complete table chooses
-      a skip set (of the in-force size) other than the one in force, so that the host puts it
-      in force; a table that keeps the set lets the rounds run on. The host's refresh then
-      picks what the device compared (`Decoder.refresh`), so the skip sets in force are those
-      of segments of `refresh_every` rounds, with fewer returns to the host. None: no check.
+      a skip set (of the in-force size) other than the one in force, that set put in force
+      on the device and the host following it with the set's weights; a table that keeps the
+      set lets the rounds run on. The host's refresh then keeps what the device chose
+      (`Decoder.refresh`), so the skip sets in force are those of segments of
+      `refresh_every` rounds, with fewer returns to the host. None: no check.
   """
 
   draft: bool
