@@ -609,6 +609,12 @@ class Decoder:
     return self._cache_program(capacity)()
 
   @property
+  def skip_in_force(self) -> np.ndarray | None:
+    """The skip set bool[L] the generation's state holds, as the host knows it without
+    reading the device (None before a refresh put one in force)."""
+    return self._skip_in_force
+
+  @property
   def searches_in_verify(self) -> bool:
     """Whether the verify passes fill the CLaSp DP's table (`Clasp.dp_in_verify` where a
     pass has rows to spare), so that the device can tell when a refresh would change the

@@ -84,13 +84,14 @@ class _FakeDecoder:
   def __init__(self, changing=False, searches_in_verify=False):
     self.refreshed, self.changing = [], changing
     self.searches_in_verify, self.search_passes = searches_in_verify, 1
+    self.skip_in_force = None
 
   def refresh(self, state, num_skip):
     shift = len(self.refreshed) if self.changing else 0
     self.refreshed.append(num_skip)
-    skip_L = np.zeros(L, bool)
-    skip_L[(np.arange(num_skip) + shift) % (L - 2) + 1] = True
-    return state.replace(skip_L=skip_L)
+    self.skip_in_force = np.zeros(L, bool)
+    self.skip_in_force[(np.arange(num_skip) + shift) % (L - 2) + 1] = True
+    return state.replace(skip_L=self.skip_in_force)
 
 
 def _policy(costs, **settings):

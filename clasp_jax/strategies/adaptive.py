@@ -440,7 +440,7 @@ class AdaptivePolicy(Policy):
     since_refresh = decoder.stopwatch()
     state = decoder.refresh(state, self.num_skip)
     self._refresh_seconds = since_refresh()
-    self._track_refresh(np.asarray(state.skip_L))
+    self._track_refresh(decoder.skip_in_force)  # the host's copy: no read from the device
     state = state.replace(draft_limit=jax.device_put(np.int32(self._segment_limit())))
     if self.probing:
       return state, Segment(draft=True, rounds=self.s.probe_rounds)
