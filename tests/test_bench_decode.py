@@ -1,5 +1,6 @@
 """`clasp_jax.bench.decode`'s worker plumbing (the measurements themselves need minutes)."""
 
+import dataclasses
 import os
 import types
 
@@ -21,16 +22,20 @@ def test_each_row_reaches_on_row_as_the_worker_reports_it():
 
 
 class _FakeDecoder:
-  """Generates `per_round` tokens a round, instantly, and logs its calls."""
+  """Generates `per_round` tokens a round, instantly, refreshing the skip set from the host
+  every `refresh_every` rounds (never: 0), and logs its calls."""
 
-  def __init__(self, name, per_round, log):
+  def __init__(self, name, per_round, log, refresh_every=0):
     self.name, self.per_round, self.log = name, per_round, log
+    self.refresh_every = refresh_every
 
   def generate(self, prompt, max_new_tokens):
     del prompt
     self.log.append((self.name, max_new_tokens))
     rounds = -(-max_new_tokens // self.per_round)
-    return types.SimpleNamespace(token_ids=[0] * max_new_tokens, accept_lengths=[1] * rounds)
+    refreshes = rounds // self.refresh_every if self.refresh_every else 0
+    return types.SimpleNamespace(token_ids=[0] * max_new_tokens, accept_lengths=[1] * rounds,
+                                 refresh_times=[0.0] * refreshes)
 
 
 def test_interleaved_cases_take_turns_and_keep_their_own_counts(monkeypatch):
@@ -47,3 +52,24 @@ def test_interleaved_cases_take_turns_and_keep_their_own_counts(monkeypatch):
   compiles = [(what, n) for what in per_round for n in (4, 16)]
   assert log == compiles + compiles + compiles
   assert [r['tokens_per_round'] for r in rows] == [1.0, 4.0, 2.0]
+
+
+def test_a_change_is_the_refresh_rows_excess_over_its_refreshes(monkeypatch):
+  """The refresh row counts the host's refreshes per round, and a skip-set change's cost is
+  its excess over the static round per refresh: here 2 plain steps a round at one refresh
+  every 4 rounds, 8 plain steps a change."""
+  monkeypatch.setattr(decode, 'case_strategy', lambda what, config: what)
+  monkeypatch.setattr(decode, '_decoder', lambda params, config, what, attention, mesh:
+                      _FakeDecoder(what, 1, [], refresh_every=4 if what == 'refresh' else 0))
+  cases = [decode.Case('tiny', 256, what) for what in ('plain', 'draft', 'refresh')]
+  rows = decode.measure(cases, None, types.SimpleNamespace(vocab_size=100), short=16,
+                        long=80, reps=1)
+  assert [r['refreshes_per_round'] for r in rows] == [0.0, 0.0, 0.25]
+  seconds = {'plain': 1.0, 'draft': 3.0, 'refresh': 5.0}  # per round, as if timed
+  for case, row in zip(cases, rows):
+    row.update(dataclasses.asdict(case), engine='e', device_kind='cpu',
+               seconds_per_token=seconds[case.what], seconds_per_round=seconds[case.what])
+  refresh = decode.summarize(rows)[2]
+  assert refresh['refresh_in_verify_passes'] == 2.0
+  assert refresh['change_in_verify_passes'] == 8.0
+  assert '| 0.25 | 8.00 |' in decode.markdown(rows)

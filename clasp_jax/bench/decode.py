@@ -12,7 +12,10 @@ prompt, over the difference in tokens, so the prefill and per-call costs cancel:
   refresh       = CLaSp's DP plus the skip-set switch, per round, at LOI 1 (layer-skip
                    drafts only: a round with a lookup draft costs less than a static round):
                    its round less the static round. A switch is paid only where the DP
-                   changes the set, so this depends on how often it does on these weights
+                   changes the set, so this depends on how often it does on these weights:
+                   over the host's refreshes per round (with the DP in the verify passes, a
+                   segment returns to the host only where the set changes) it is the cost
+                   of one change
 
 Random weights of a preset's shape (a random model writes degenerate text; speed does not
 care, and DET 0 fixes the drafts per round). The roofline is the time to read the weights
@@ -145,11 +148,13 @@ def _decoder(params, config, strategy, attention, mesh):
   return Decoder(params, config, strategy, **kwargs)
 
 
-def _timed(decoder, prompt, max_new_tokens) -> tuple[float, int, int]:
-  """(seconds, new tokens, rounds) of one generation."""
+def _timed(decoder, prompt, max_new_tokens) -> tuple[float, int, int, int]:
+  """(seconds, new tokens, rounds, the host's skip-set refreshes) of one generation (an
+  engine that does not report its refreshes: 0)."""
   start = time.perf_counter()
   out = decoder.generate(prompt, max_new_tokens)
-  return time.perf_counter() - start, len(out.token_ids), len(out.accept_lengths)
+  return (time.perf_counter() - start, len(out.token_ids), len(out.accept_lengths),
+          len(getattr(out, 'refresh_times', ())))
 
 
 def case_strategy(what: str, config):
@@ -185,18 +190,20 @@ def measure(cases: list[Case], params, config, short: int, long: int, reps: int,
     for n in (short, long):
       decoder.generate(prompt, n)  # compiles
     runs.append((decoder, prompt))
-  timed = [{short: [], long: []} for _ in cases]  # per case: length -> (s, tokens, rounds)
+  timed = [{short: [], long: []} for _ in cases]  # per case: length -> _timed's tuples
   for _ in range(reps):
     for (decoder, prompt), by_length in zip(runs, timed):
       for n in (short, long):
         by_length[n].append(_timed(decoder, prompt, n))
   rows = []
   for by_length in timed:
-    (t_short, n_short, r_short), (t_long, n_long, r_long) = (
+    (t_short, n_short, r_short, f_short), (t_long, n_long, r_long, f_long) = (
         sorted(by_length[n])[reps // 2] for n in (short, long))
+    rounds = max(r_long - r_short, 1)
     rows.append(dict(seconds_per_token=(t_long - t_short) / max(n_long - n_short, 1),
-                     seconds_per_round=(t_long - t_short) / max(r_long - r_short, 1),
-                     tokens_per_round=(n_long - n_short) / max(r_long - r_short, 1),
+                     seconds_per_round=(t_long - t_short) / rounds,
+                     tokens_per_round=(n_long - n_short) / rounds,
+                     refreshes_per_round=(f_long - f_short) / rounds,
                      generate_seconds_long=t_long, new_tokens_long=n_long))
   return rows
 
@@ -299,14 +306,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     if r['what'] == 'refresh' and key(r) in static and step:
       r['refresh_in_verify_passes'] = (r['seconds_per_round']
                                        - static[key(r)]['seconds_per_round']) / step
+      if r.get('refreshes_per_round'):
+        r['change_in_verify_passes'] = r['refresh_in_verify_passes'] / r['refreshes_per_round']
   return rows
 
 
 def markdown(rows: list[dict]) -> str:
   """The rows as a markdown table."""
   lines = ['| engine | mesh | preset | context | attention | what | ms/token | ms/round | '
-           'roofline | draft step / plain step | refresh (verify passes) |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           'roofline | draft step / plain step | refresh (verify passes) | '
+           'host refreshes / round | a change (verify passes) |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   def fmt(value, spec):
     return format(value, spec) if value is not None else ''
   for r in rows:
@@ -314,14 +324,16 @@ def markdown(rows: list[dict]) -> str:
     if 'error' in r:
       lines.append(f"| {r.get('engine', '')} | {mesh} | {r.get('preset', '')} | "
                    f"{r.get('context', '')} | {r.get('attention', '')} | {r.get('what', '')} | "
-                   f"error: {r['error']} | | | | |")
+                   f"error: {r['error']} | | | | | | |")
       continue
     lines.append(
         f"| {r['engine']} | {mesh} | {r['preset']} | {r['context']} | {r['attention']} | "
         f"{r['what']} | "
         f"{1e3 * r['seconds_per_token']:.3f} | {1e3 * r['seconds_per_round']:.3f} | "
         f"{fmt(r.get('roofline_fraction'), '.0%')} | {fmt(r.get('draft_step_fraction'), '.2f')} "
-        f"| {fmt(r.get('refresh_in_verify_passes'), '.2f')} |")
+        f"| {fmt(r.get('refresh_in_verify_passes'), '.2f')} "
+        f"| {fmt(r.get('refreshes_per_round'), '.2f')} "
+        f"| {fmt(r.get('change_in_verify_passes'), '.2f')} |")
   return '\n'.join(lines) + '\n'
 
 
