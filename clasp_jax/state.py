@@ -89,11 +89,6 @@ class DecodeState:
   search: SearchState | None = None
 
 
-#: The fields of a `SegmentReport`, in the order they are packed.
-_REPORT_FIELDS = ('done', 'num_rounds', 'num_tokens', 'tokens_N', 'accepted_R', 'drafted_R',
-                  'source_R', 'skip_L', 'tables_completed', 'table_LJ')
-
-
 def _report_field(name: str, doc: str, boolean: bool = False) -> property:
   """A `SegmentReport` field as a property: its part of `flat_X` (None when absent)."""
   def get(report):
@@ -121,7 +116,7 @@ class SegmentReport:
   views of `flat_X`, on the device or on the host alike.
 
   Attributes:
-    flat_X: int32[X] the fields present, flattened, in `_REPORT_FIELDS` order.
+    flat_X: int32[X] the fields present, flattened, in the order `of` packs them.
     layout: static ((field name, shape), ...) of the fields present in `flat_X`.
   """
 
@@ -153,6 +148,6 @@ class SegmentReport:
                   drafted_R=state.drafted_R, source_R=state.source_R, skip_L=state.skip_L,
                   tables_completed=jnp.int32(0) if search is None else search.completed,
                   table_LJ=None if search is None else search.ready_LJ)
-    present = [(name, fields[name]) for name in _REPORT_FIELDS if fields[name] is not None]
+    present = [(name, x) for name, x in fields.items() if x is not None]
     return cls(flat_X=jnp.concatenate([jnp.ravel(x).astype(jnp.int32) for _, x in present]),
                layout=tuple((name, tuple(x.shape)) for name, x in present))
