@@ -25,9 +25,9 @@ class _FakeDecoder:
   """Generates `per_round` tokens a round, instantly, refreshing the skip set from the host
   every `refresh_every` rounds (never: 0), and logs its calls."""
 
-  def __init__(self, name, per_round, log, refresh_every=0):
+  def __init__(self, name, per_round, log, refresh_every=0, search_passes=1):
     self.name, self.per_round, self.log = name, per_round, log
-    self.refresh_every = refresh_every
+    self.refresh_every, self.search_passes = refresh_every, search_passes
 
   def generate(self, prompt, max_new_tokens):
     del prompt
@@ -54,13 +54,16 @@ def test_interleaved_cases_take_turns_and_keep_their_own_counts(monkeypatch):
   assert [r['tokens_per_round'] for r in rows] == [1.0, 4.0, 2.0]
 
 
-def test_a_change_is_the_refresh_rows_excess_over_its_refreshes(monkeypatch):
+def test_a_change_and_a_table_are_the_refresh_rows_excess_per_refresh_and_per_table(
+    monkeypatch):
   """The refresh row counts the host's refreshes per round, and a skip-set change's cost is
-  its excess over the static round per refresh: here 2 plain steps a round at one refresh
-  every 4 rounds, 8 plain steps a change."""
+  its excess over the static round per refresh, a DP table's its excess over the rounds one
+  table takes: here 2 plain steps a round at one refresh every 4 rounds and a table every 3,
+  8 plain steps a change and 6 a table."""
   monkeypatch.setattr(decode, 'case_strategy', lambda what, config: what)
   monkeypatch.setattr(decode, '_decoder', lambda params, config, what, attention, mesh:
-                      _FakeDecoder(what, 1, [], refresh_every=4 if what == 'refresh' else 0))
+                      _FakeDecoder(what, 1, [], refresh_every=4 if what == 'refresh' else 0,
+                                   search_passes=3 if what == 'refresh' else 1))
   cases = [decode.Case('tiny', 256, what) for what in ('plain', 'draft', 'refresh')]
   rows = decode.measure(cases, None, types.SimpleNamespace(vocab_size=100), short=16,
                         long=80, reps=1)
@@ -71,5 +74,6 @@ def test_a_change_is_the_refresh_rows_excess_over_its_refreshes(monkeypatch):
                seconds_per_token=seconds[case.what], seconds_per_round=seconds[case.what])
   refresh = decode.summarize(rows)[2]
   assert refresh['refresh_in_verify_passes'] == 2.0
+  assert refresh['table_in_verify_passes'] == 6.0
   assert refresh['change_in_verify_passes'] == 8.0
-  assert '| 0.25 | 8.00 |' in decode.markdown(rows)
+  assert '| 2.00 | 6.00 | 0.25 | 8.00 |' in decode.markdown(rows)

@@ -196,7 +196,7 @@ def measure(cases: list[Case], params, config, short: int, long: int, reps: int,
       for n in (short, long):
         by_length[n].append(_timed(decoder, prompt, n))
   rows = []
-  for by_length in timed:
+  for (decoder, _), by_length in zip(runs, timed):
     (t_short, n_short, r_short, f_short), (t_long, n_long, r_long, f_long) = (
         sorted(by_length[n])[reps // 2] for n in (short, long))
     rounds = max(r_long - r_short, 1)
@@ -204,6 +204,7 @@ def measure(cases: list[Case], params, config, short: int, long: int, reps: int,
                      seconds_per_round=(t_long - t_short) / rounds,
                      tokens_per_round=(n_long - n_short) / rounds,
                      refreshes_per_round=(f_long - f_short) / rounds,
+                     search_passes=getattr(decoder, 'search_passes', 1),
                      generate_seconds_long=t_long, new_tokens_long=n_long))
   return rows
 
@@ -306,6 +307,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     if r['what'] == 'refresh' and key(r) in static and step:
       r['refresh_in_verify_passes'] = (r['seconds_per_round']
                                        - static[key(r)]['seconds_per_round']) / step
+      # Each round's verify pass runs a band of the DP's table: a table takes search_passes
+      # rounds, and its cost, the switches it led to included, is the excess over them.
+      r['table_in_verify_passes'] = r['refresh_in_verify_passes'] * r.get('search_passes', 1)
       if r.get('refreshes_per_round'):
         r['change_in_verify_passes'] = r['refresh_in_verify_passes'] / r['refreshes_per_round']
   return rows
@@ -315,8 +319,8 @@ def markdown(rows: list[dict]) -> str:
   """The rows as a markdown table."""
   lines = ['| engine | mesh | preset | context | attention | what | ms/token | ms/round | '
            'roofline | draft step / plain step | refresh (verify passes) | '
-           'host refreshes / round | a change (verify passes) |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           'DP table (verify passes) | host refreshes / round | a change (verify passes) |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   def fmt(value, spec):
     return format(value, spec) if value is not None else ''
   for r in rows:
@@ -324,7 +328,7 @@ def markdown(rows: list[dict]) -> str:
     if 'error' in r:
       lines.append(f"| {r.get('engine', '')} | {mesh} | {r.get('preset', '')} | "
                    f"{r.get('context', '')} | {r.get('attention', '')} | {r.get('what', '')} | "
-                   f"error: {r['error']} | | | | | | |")
+                   f"error: {r['error']} | | | | | | | |")
       continue
     lines.append(
         f"| {r['engine']} | {mesh} | {r['preset']} | {r['context']} | {r['attention']} | "
@@ -332,6 +336,7 @@ def markdown(rows: list[dict]) -> str:
         f"{1e3 * r['seconds_per_token']:.3f} | {1e3 * r['seconds_per_round']:.3f} | "
         f"{fmt(r.get('roofline_fraction'), '.0%')} | {fmt(r.get('draft_step_fraction'), '.2f')} "
         f"| {fmt(r.get('refresh_in_verify_passes'), '.2f')} "
+        f"| {fmt(r.get('table_in_verify_passes'), '.2f')} "
         f"| {fmt(r.get('refreshes_per_round'), '.2f')} "
         f"| {fmt(r.get('change_in_verify_passes'), '.2f')} |")
   return '\n'.join(lines) + '\n'
