@@ -69,6 +69,10 @@ _MIN_PROMPT_BUCKET = 32
 # time; one capacity then serves most requests (prompts of up to ~1.7k tokens at 256 new
 # tokens), and the rounds, whose shapes depend on it, compile once.
 _MIN_CACHE_BUCKET = 2048
+#: XLA options of every program compiled for a CPU: YNNPACK's fusions off. On a 2-core AVX2
+#: CPU they made plain decoding of SmolLM2-135M 1.05-1.33x slower a token, 1.25x over
+#: Spec-Bench prompts (docs/results/cpu/ynn_fusions/).
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,8 +393,9 @@ class _CompiledFunction:
       start = time.perf_counter()
       if self._placement is not None:
         args = self._placement.abstract(args)
+      options = CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
       with jax.default_matmul_precision(self._precision):
-        executable = self._compiled[key] = self._jitted.lower(*args).compile()
+        executable = self._compiled[key] = self._jitted.lower(*args).compile(options)
       self.seconds += time.perf_counter() - start
     return executable
 

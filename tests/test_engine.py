@@ -170,6 +170,16 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path, caplog):
   assert decoder.compile(len(prompts[0]), tiny.MAX_NEW) == 0.0
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the options of CPU programs')
+def test_cpu_programs_hold_no_ynnpack_fusion(tiny_model):
+  """On a CPU every program a decoder compiles has YNNPACK's fusions off
+  (`engine.CPU_COMPILER_OPTIONS`), the prefill and the drafting segments among them."""
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.build('static', config, skip_layers=2))
+  for name, function, args in decoder._programs(20, 8):  # pylint: disable=protected-access
+    assert '__ynn_fusion' not in function.compiled(*args).as_text(), name
+
+
 @pytest.mark.parametrize('prompt,max_new,match', [
     ([], 10, 'empty'),
     ([5] * 500, 100, 'exceeds the model context'),
