@@ -47,6 +47,7 @@ from clasp_jax import attention as attention_lib
 from clasp_jax import model as model_lib
 from clasp_jax import sampling as sampling_lib
 from clasp_jax import sharding as sharding_lib
+from clasp_jax import xla_options
 from clasp_jax.cache import KVCache
 from clasp_jax.config import LlamaConfig
 from clasp_jax.model import Params
@@ -69,10 +70,6 @@ _MIN_PROMPT_BUCKET = 32
 # time; one capacity then serves most requests (prompts of up to ~1.7k tokens at 256 new
 # tokens), and the rounds, whose shapes depend on it, compile once.
 _MIN_CACHE_BUCKET = 2048
-#: XLA options of every program compiled for a CPU: YNNPACK's fusions off. On a 2-core AVX2
-#: CPU they made plain decoding of SmolLM2-135M 1.05-1.33x slower a token, 1.25x over
-#: Spec-Bench prompts (docs/results/cpu/ynn_fusions/).
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,7 +376,8 @@ class _CompiledFunction:
   def __init__(self, fn, donate_argnums: tuple[int, ...] = (), precision: str | None = None,
                placement: sharding_lib.Placement | None = None):
     self._jitted = jax.jit(fn if placement is None else placement.pin(fn),
-                           donate_argnums=donate_argnums)
+                           donate_argnums=donate_argnums,
+                           compiler_options=xla_options.compiler_options())
     self._precision = precision
     self._placement = placement
     self._compiled: dict[Any, Any] = {}
@@ -393,9 +391,8 @@ class _CompiledFunction:
       start = time.perf_counter()
       if self._placement is not None:
         args = self._placement.abstract(args)
-      options = CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
       with jax.default_matmul_precision(self._precision):
-        executable = self._compiled[key] = self._jitted.lower(*args).compile(options)
+        executable = self._compiled[key] = self._jitted.lower(*args).compile()
       self.seconds += time.perf_counter() - start
     return executable
 

@@ -172,12 +172,17 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path, caplog):
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the options of CPU programs')
 def test_cpu_programs_hold_no_ynnpack_fusion(tiny_model):
-  """On a CPU every program a decoder compiles has YNNPACK's fusions off
-  (`engine.CPU_COMPILER_OPTIONS`), the prefill and the drafting segments among them."""
+  """On a CPU every program that runs the model has YNNPACK's fusions off
+  (`xla_options.CPU_COMPILER_OPTIONS`): a decoder's, the prefill and the drafting segments
+  among them, and ConfLayers' confidence pass."""
   config, params = tiny_model
-  decoder = Decoder(params, config, strategies.build('static', config, skip_layers=2))
+  decoder = Decoder(params, config, strategies.build('conflayers', config))
   for name, function, args in decoder._programs(20, 8):  # pylint: disable=protected-access
     assert '__ynn_fusion' not in function.compiled(*args).as_text(), name
+  state = decoder.start(tiny.prompts(config, count=1)[0], 8)
+  policy = decoder.strategy.make_policy(decoder, 8)
+  program = policy._confidence  # pylint: disable=protected-access
+  assert '__ynn_fusion' not in program.lower(decoder.params, state=state).compile().as_text()
 
 
 @pytest.mark.parametrize('prompt,max_new,match', [

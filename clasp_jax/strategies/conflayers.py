@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax import model as model_lib
+from clasp_jax import xla_options
 from clasp_jax.strategies import layer_skip
 from clasp_jax.strategies.base import Policy, Segment, Strategy
 
@@ -213,7 +214,8 @@ class ConfLayersPolicy(Policy):
     self.searching, self.reselect = True, False
     self.accepted_drafts, self.rates = [], []
     self._confidence = jax.jit(functools.partial(layer_confidence, config=config,
-                                                 window=strategy.window))
+                                                 window=strategy.window),
+                               compiler_options=xla_options.compiler_options())
     self.start_generation()
 
   def start_generation(self) -> None:

@@ -1,5 +1,5 @@
 """Plain decoding of the embedded SmolLM2-135M-Instruct (float32) on the CPU, its programs
-compiled with YNNPACK's fusions off (`engine.CPU_COMPILER_OPTIONS`) and with XLA's defaults:
+compiled with YNNPACK's fusions off (`xla_options.CPU_COMPILER_OPTIONS`) and with XLA's defaults:
 two decoders in one process, timed in turns on a short and a long Spec-Bench prompt.
 
   python docs/results/cpu/ynn_fusions/ab.py
@@ -10,7 +10,7 @@ A generation of 1 new token is taken as the prefill; the per-token time is the r
 import os
 import statistics
 import clasp_jax
-from clasp_jax import engine, strategies
+from clasp_jax import strategies, xla_options
 from clasp_jax.bench import specbench
 model = clasp_jax.load()
 QUESTIONS = os.path.join(os.path.dirname(__file__), '../../../../../shared/data/spec_bench/'
@@ -19,8 +19,8 @@ qs = specbench.load_questions(QUESTIONS, 1)
 prompts = [  # mt_bench and summarization: a short and a long prompt
     clasp_jax.encode_prompt(model, qs[i]['turns'][0], chat=True) for i in (0, 2)]
 decs = {}
-for name, opts in (('ynn_off', engine.CPU_COMPILER_OPTIONS), ('default', None)):
-  engine.CPU_COMPILER_OPTIONS = opts
+for name, opts in (('ynn_off', xla_options.CPU_COMPILER_OPTIONS), ('default', None)):
+  xla_options.CPU_COMPILER_OPTIONS = opts  # read when a decoder is built
   d = clasp_jax.Decoder(model.params, model.config, strategies.Vanilla())
   for p in prompts:
     d.generate(p, 8); d.generate(p, 1)
