@@ -244,13 +244,15 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
 
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
            config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig, width: int,
-           attention, draft: bool, search_rows: int = 0) -> DecodeState:
+           attention, draft: bool, search_rows: int = 0,
+           choose_riders=clasp_lib.next_riders) -> DecodeState:
   """One round: propose, verify `[last] + drafts` with the full model, commit, roll back.
 
   With `draft` False (or a strategy that never drafts) the round is one plain decoding step:
   the same full pass with no drafts in it. With `search_rows` (F > 0) the verify pass also
   computes the next F columns of the CLaSp DP's table (`state.search`) in its padding rows,
-  the candidates attending in the pass's own attention (`attention.Riders`).
+  the candidates attending in the pass's own attention (`attention.Riders`) and choosing
+  between layers with `choose_riders` (`clasp.next_riders` or its kernel).
   """
   K = strategy.num_draft_tokens if draft else 0
   rng, key_draft, key_accept = jax.random.split(state.rng, 3)
@@ -266,7 +268,7 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   search, ride = state.search, None
   if search_rows:
     search, ride = clasp_lib.band_ride(search, state.target_hidden_LD, length, first_row=K + 1,
-                                       num_rows=search_rows)
+                                       num_rows=search_rows, choose=choose_riders)
   logits_TV, hiddens_LTD, cache, ride_ys = full_pass(
       params, config, jnp.concatenate([last[None], tokens_K]), state.cache, width=width,
       attention=attention, ride=ride)
@@ -437,6 +439,19 @@ def resolve_attention(name: str, config: LlamaConfig | None = None, mesh=None, *
   return sharding_lib.shard_attention(attention, config, mesh, kernel=name == 'pallas')
 
 
+def resolve_rider_choice(name: str, mesh=None):
+  """The CLaSp DP's step between layers for candidates riding a verify pass: the fused
+  kernel (`clasp_pallas.next_riders_pallas`) where `name` ('auto', 'xla' or 'pallas', as for
+  `resolve_attention`) gives the fused attention on one device, plain `jnp`
+  (`clasp.next_riders`) elsewhere."""
+  if name == 'auto':
+    name = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
+  if name == 'pallas' and mesh is None:
+    from clasp_jax.strategies import clasp_pallas  # pylint: disable=g-import-not-at-top
+    return clasp_pallas.next_riders_pallas
+  return clasp_lib.next_riders
+
+
 class Decoder:
   """Generates with one strategy on one model, compiling each shape once.
 
@@ -499,7 +514,8 @@ class Decoder:
         kind: _CompiledFunction(
             functools.partial(_segment, strategy=runs, draft=draft, width=pass_width,
                               attention=attend, placement=placement, config=config,
-                              sampling=sampling, search_rows=rows),
+                              sampling=sampling, search_rows=rows,
+                              choose_riders=resolve_rider_choice(attention, self.mesh)),
             donate_argnums=(1,), precision=precision, placement=placement)
         for kind, (runs, draft, rows) in kinds.items()}
     # M is traced: one compile serves every M.

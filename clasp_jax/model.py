@@ -77,28 +77,37 @@ class Ride:
 
   The F riders all sit at position `pos` and, as in `pseudo_token_layer`, each attends to the
   cached keys below `pos` and to its own key only, in the pass's own attention
-  (`attention.Riders`). Between layers `after` may replace their states (the DP keeps, per
-  candidate, the better of running a layer and skipping it). The chunk's real rows come
-  before the riders and attention within a chunk is causal, so the real rows never see them
-  and compute bit for bit what they compute without riders; the riders' keys and values land
-  in the cache past the real rows, where padding rows' land.
+  (`attention.Riders`). Between layers `after` gives the next layer's input: the layer's
+  output with the riders' rows replaced (the DP keeps, per candidate, the better of running
+  the layer and skipping it). The chunk's real rows come before the riders and attention
+  within a chunk is causal, so the real rows never see them and compute bit for bit what they
+  compute without riders; the riders' keys and values land in the cache past the real rows,
+  where padding rows' land.
 
   Attributes:
     first_row: the chunk row of the first rider (static); rows [first_row, first_row + F).
     pos: int32 scalar, the riders' position (at most the chunk's start).
     init_FD: the riders' states entering the first layer.
-    after: (layer index a, states_FD entering layer a, outputs_FD of layer a) ->
-      (states_FD entering layer a + 1, y); `ForwardOutput.ride_ys` stacks the y's.
+    after: (layer index a, the riders' rows, layer a's input x_BTD, its output x_BTD) ->
+      (layer a + 1's input x_BTD: the output with the riders' rows replaced, y), the real
+      rows left as they are; `ForwardOutput.ride_ys` stacks the y's.
   """
 
   first_row: int
   pos: jax.Array
   init_FD: jax.Array
-  after: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+  after: Callable[[Any, slice, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
   @property
   def rows(self) -> slice:
     return slice(self.first_row, self.first_row + self.init_FD.shape[0])
+
+
+def replace_rows(x_BTD: jax.Array, rows: slice, rows_FD: jax.Array) -> jax.Array:
+  """x with chunk rows `rows` (batch 1) replaced by rows_FD: a new array, not an update of
+  x, which a pass still holds (its hidden states), so XLA need not copy it first."""
+  return jnp.concatenate([x_BTD[:, :rows.start], rows_FD[None].astype(x_BTD.dtype),
+                          x_BTD[:, rows.stop:]], axis=1)
 
 
 def rms_norm(x_XD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
@@ -421,10 +430,8 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     return jnp.take_along_axis(x_BTD, out_idx_BP[..., None], axis=1)
 
   def step(a, lp, carry):
-    x_BTD, riders_FD = carry
+    x_BTD, _ = carry
     i = a if layer_ids_A is None else layer_ids_A[a]
-    if ride is not None:
-      x_BTD = x_BTD.at[:, ride.rows].set(riders_FD[None].astype(x_BTD.dtype))
     # Each layer starts from a materialised input, the riders' rows written or not, so that
     # a pass with riders runs the real rows through the same kernels as one without.
     x_BTD = jax.lax.optimization_barrier(x_BTD)
@@ -440,17 +447,23 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
       return (x_BTD, jax.lax.dynamic_slice(cache.k_LBSKh, (i, 0, start, 0, 0), rows)[0],
               jax.lax.dynamic_slice(cache.v_LBSKh, (i, 0, start, 0, 0), rows)[0])
 
-    x_BTD, k_BTKh, v_BTKh = (run(x_BTD) if skip_L is None
-                             else jax.lax.cond(skip_L[a], keep, run, x_BTD))
-    ride_y = None
+    out_BTD, k_BTKh, v_BTKh = (run(x_BTD) if skip_L is None
+                               else jax.lax.cond(skip_L[a], keep, run, x_BTD))
+    next_BTD, ride_y = out_BTD, None
     if ride is not None:
-      riders_FD, ride_y = ride.after(a, riders_FD, x_BTD[0, ride.rows])
+      next_BTD, ride_y = ride.after(a, ride.rows, x_BTD, out_BTD)
     dtype = cache.k_LBSKh.dtype
-    return (x_BTD, riders_FD), (select(x_BTD), k_BTKh.astype(dtype), v_BTKh.astype(dtype),
-                                ride_y)
+    # With riders the carry also holds the layer's output as it came: the last one goes on
+    # to the final norm as it does without riders.
+    return ((next_BTD, None if ride is None else out_BTD),
+            (select(out_BTD), k_BTKh.astype(dtype), v_BTKh.astype(dtype), ride_y))
 
-  init = (x_BTD, None if ride is None else ride.init_FD)
-  (x_BTD, _), (hiddens_ABPD, k_ABTKh, v_ABTKh, ride_ys) = scan_layers(params, step, init)
+  init = (x_BTD, None)
+  if ride is not None:
+    init = (replace_rows(x_BTD, ride.rows, ride.init_FD), x_BTD)
+  (x_BTD, out_BTD), (hiddens_ABPD, k_ABTKh, v_ABTKh, ride_ys) = scan_layers(params, step, init)
+  if ride is not None:
+    x_BTD = out_BTD
   # The cache is written in place once every layer has read it: its writes take it from a
   # barrier with the last layer's output, which needs every read. Left to order them, XLA may
   # schedule a write before a read and then copy the whole cache to keep the read's version

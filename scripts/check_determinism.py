@@ -66,7 +66,7 @@ def _riders_change_nothing(params, config, tokens_T, cache) -> bool:
   def run(p, t, c, riders_FD):
     ride = None if riders_FD is None else model_lib.Ride(
         first_row=T, pos=c.length - 1, init_FD=riders_FD,
-        after=lambda a, g_FD, out_FD: (out_FD, out_FD[0]))
+        after=lambda a, rows, x_BTD, out_BTD: (out_BTD, out_BTD[0, rows]))
     logits_TV, hiddens_LTD, c, _ = engine.full_pass(p, config, t, c, width=_WIDTH,
                                                     attention=attend, ride=ride)
     rows = slice(int(cache.length), int(cache.length) + T)

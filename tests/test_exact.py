@@ -39,7 +39,7 @@ def _pass_with_riders(params, config, tokens_T, cache, riders_FD, width):
   """`_pass` with riders (the CLaSp DP's candidates) in the rows past the tokens, each
   replaced by its own output between layers."""
   ride = model_lib.Ride(first_row=tokens_T.shape[0], pos=cache.length - 1, init_FD=riders_FD,
-                        after=lambda a, g_FD, out_FD: (out_FD, out_FD))
+                        after=lambda a, rows, x_BTD, out_BTD: (out_BTD, out_BTD[0, rows]))
   return engine.full_pass(params, config, tokens_T, cache, width=width,
                           attention=engine.resolve_attention('auto'), ride=ride)
 

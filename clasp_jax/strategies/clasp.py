@@ -116,8 +116,34 @@ def empty_search(config, num_columns: int, dtype) -> SearchState:
       completed=np.zeros((), np.int32))
 
 
+def next_riders(x_in_BTD: jax.Array, out_BTD: jax.Array, edge_D: jax.Array, h_D: jax.Array,
+                first_column: jax.Array, layer, *, rows: slice) -> tuple[jax.Array, jax.Array]:
+  """One layer i of Algorithm 1 for a band of columns riding in a pass's rows (`band_ride`):
+  the next layer's input and which cells skipped layer i.
+
+  Args:
+    x_in_BTD: layer i's input; its rows `rows` hold g(i, j) for the band's F columns j.
+    out_BTD: layer i's output (the riders' rows: layer i run on g(i, j)).
+    edge_D: g(i, j - 1) of the band's first column (the previous band's last).
+    h_D: h_{i+1}, the target's state after layer i.
+    first_column: int32 scalar, the band's first column j.
+    layer: i (an int or an int32 scalar).
+    rows: the riders' chunk rows (batch 1).
+
+  Returns:
+    out_BTD with rows `rows` replaced by g(i + 1, j), and take_F, whether each cell skipped
+    layer i.
+  """
+  g_FD = x_in_BTD[0, rows]
+  skip_FD = jnp.concatenate([edge_D[None].astype(g_FD.dtype), g_FD[:-1]])
+  j_F = first_column + jnp.arange(g_FD.shape[0])
+  take_F, g_FD = _choose(out_BTD[0, rows], skip_FD, h_D, j_F, layer)
+  return model_lib.replace_rows(out_BTD, rows, g_FD), take_F
+
+
 def band_ride(search: SearchState, target_LD: jax.Array, cache_length: jax.Array, *,
-              first_row: int, num_rows: int) -> tuple[SearchState, model_lib.Ride]:
+              first_row: int, num_rows: int,
+              choose=next_riders) -> tuple[SearchState, model_lib.Ride]:
   """The next band of the DP's table, as riders of a verify pass (`model.Ride`).
 
   At band 0 a new table starts, for the last token in the cache (position
@@ -125,6 +151,8 @@ def band_ride(search: SearchState, target_LD: jax.Array, cache_length: jax.Array
   The band's F = `num_rows` candidates are columns j = band * F + 1 ... of Algorithm 1:
   entering layer i they hold g(i, j); after it, each keeps the better of its output and
   g(i, j - 1) (layer i skipped), the band's first column taking g(i, j - 1) from `edge_LD`.
+  `choose` computes that per layer: `next_riders` or a kernel with its signature
+  (`clasp_pallas.next_riders_pallas`).
 
   Returns:
     The search (its target set when a table starts) and the ride; `finish_band` takes the
@@ -134,13 +162,13 @@ def band_ride(search: SearchState, target_LD: jax.Array, cache_length: jax.Array
   search = search.replace(pos=jnp.where(new, cache_length - 1, search.pos),
                           target_LD=jnp.where(new, target_LD, search.target_LD),
                           edge_LD=jnp.where(new, target_LD, search.edge_LD))
-  j_F = search.band * num_rows + 1 + jnp.arange(num_rows)
+  first_column = search.band * num_rows + 1
   h_LD, edge_LD = search.target_LD, search.edge_LD
 
-  def after(i, g_FD, run_FD):  # g_FD[f] = g(i, j_F[f]); returns g(i + 1, j_F)
-    skip_FD = jnp.concatenate([edge_LD[i][None], g_FD[:-1]])
-    take_skip_F, g_FD = _choose(run_FD, skip_FD, h_LD[i + 1], j_F, i)
-    return g_FD, (take_skip_F, g_FD[-1])
+  def after(i, rows, x_in_BTD, out_BTD):  # rows of x_in hold g(i, j), of the result g(i + 1, j)
+    next_BTD, take_skip_F = choose(x_in_BTD, out_BTD, edge_LD[i], h_LD[i + 1], first_column,
+                                   i, rows=rows)
+    return next_BTD, (take_skip_F, next_BTD[0, rows.stop - 1])
 
   init_FD = jnp.broadcast_to(h_LD[0], (num_rows, h_LD.shape[-1]))
   return search, model_lib.Ride(first_row=first_row, pos=search.pos, init_FD=init_FD,
