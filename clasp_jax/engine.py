@@ -17,7 +17,10 @@ K+1 tokens runs in ceil((K+1) / width) such passes. Every matrix product of a fu
 has the same shape whatever the pass, and attention reduces over absolute-position blocks
 (`attention.cache_attention`), so a token's logits are bit for bit the same whether it was
 the only real token of a plain step or row j of a verify pass: every drafting method's greedy
-tokens equal plain decoding's, in bfloat16 as in float32.
+tokens equal plain decoding's, in bfloat16 as in float32. On a CPU the LM head is the one
+product left out of the pass: each row's logits are a 1-row product of their own
+(`row_logits`), computed only for the rows acceptance reads, so that a plain step pays for one
+row of the head rather than `pass_width`.
 
 Every shape is static for a given (prompt bucket, cache capacity, active layer count), so after
 the first generation nothing recompiles: drafts are padded to K, verification to whole passes,
@@ -65,6 +68,8 @@ DEFAULT_PASS_WIDTH = 16
 #: 1.11x and the default method 1.20x (docs/results/cpu/pass_width/). No row is left to the
 #: DP at K = 8: CLaSp runs it as a pass of its own there.
 CPU_PASS_WIDTH = 9
+#: Prompt tokens per prefill pass on a CPU (`prefill_chunk`).
+CPU_PREFILL_CHUNK = 256
 _MIN_PROMPT_BUCKET = 32
 # Attention reads only the cache blocks a pass needs, so a roomy capacity costs memory, not
 # time; one capacity then serves most requests (prompts of up to ~1.7k tokens at 256 new
@@ -145,6 +150,21 @@ def default_pass_width() -> int:
   return CPU_PASS_WIDTH if jax.default_backend() == 'cpu' else DEFAULT_PASS_WIDTH
 
 
+def default_logits_by_row() -> bool:
+  """Whether a decoder that does not choose takes its logits a row at a time (`row_logits`):
+  on a CPU, where the LM head of a 9-row pass costs about three 1-row products (SmolLM2-135M,
+  docs/results/cpu/row_logits/), so a plain step pays for one row and a verify pass for the
+  rows up to its first rejection. Accelerators read the head once for every row of a pass."""
+  return jax.default_backend() == 'cpu'
+
+
+def prefill_chunk() -> int | None:
+  """Prompt tokens per prefill pass (None: the whole bucket in one pass). `CPU_PREFILL_CHUNK`
+  on a CPU, where a bucket's padding and the attention to blocks after a token cost time;
+  accelerators run the bucket as one pass."""
+  return CPU_PREFILL_CHUNK if jax.default_backend() == 'cpu' else None
+
+
 def verify_rows(num_draft_tokens: int, pass_width: int) -> int:
   """Rows of a verify pass of K drafts: K + 1 rounded up to whole passes of `pass_width`."""
   return -(-(num_draft_tokens + 1) // pass_width) * pass_width
@@ -158,20 +178,21 @@ def cache_bucket(num_tokens: int, max_new_tokens: int, scratch: int) -> int:
 
 
 def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: KVCache, *,
-              width: int, attention, ride: model_lib.Ride | None = None
-              ) -> tuple[jax.Array, jax.Array, KVCache, Any]:
+              width: int, attention, ride: model_lib.Ride | None = None,
+              logits: bool = True) -> tuple[jax.Array | None, jax.Array, KVCache, Any]:
   """The full model over T tokens, as passes of exactly `width` tokens (the last padded).
 
   Every full-model pass of decoding goes through here, plain steps and verification alike,
   so that a token's logits do not depend on which pass computed them (see the module
   docstring). The padding rows' keys and values land in the cache past the chunk, where
   nothing reads them before a later pass overwrites them. A `ride` (its `first_row` counted
-  from the first token, at least T) runs in the padding rows of the last pass.
+  from the first token, at least T) runs in the padding rows of the last pass. With `logits`
+  False the pass stops before the LM head (see `row_logits`).
 
   Returns:
-    (logits_TV, hiddens_LTD, cache, ride_ys): float32 logits and the L+1 pre-norm hidden
-    states of the T tokens, the cache with every row written and its length advanced past
-    the padding, and the ride's per-layer outputs (None without one).
+    (logits_TV, hiddens_LTD, cache, ride_ys): float32 logits (None without `logits`) and the
+    L+1 pre-norm hidden states of the T tokens, the cache with every row written and its
+    length advanced past the padding, and the ride's per-layer outputs (None without one).
   """
   T = tokens_T.shape[0]
   padded_P = jnp.zeros((verify_rows(T - 1, width),), jnp.int32).at[:T].set(tokens_T)
@@ -181,7 +202,7 @@ def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: K
       raise ValueError(f'riders in rows {ride.rows} do not fit the padding of a pass of {T} '
                        f'tokens at width {width}')
     ride = dataclasses.replace(ride, first_row=ride.first_row - last)
-  logits, hiddens, ride_ys = [], [], None
+  logit_chunks, hiddens, ride_ys = [], [], None
   for start in range(0, padded_P.shape[0], width):
     # The barriers keep XLA from specialising the pass to the rows its caller reads (a plain
     # step reads one: the LM head and last layer would shrink to a 1-row product, rounded
@@ -190,12 +211,27 @@ def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: K
     out = model_lib.forward(params, config, chunk_1W, cache, attention=attention,
                             ride=ride if start == last else None)
     logits_WV, hiddens_LWD = jax.lax.optimization_barrier(
-        (out.logits_BPV[0], out.hiddens_LBPD[:, 0]))
+        (out.logits_BPV[0] if logits else None, out.hiddens_LBPD[:, 0]))
     cache = out.cache
-    logits.append(logits_WV)
+    logit_chunks.append(logits_WV)
     hiddens.append(hiddens_LWD)
     ride_ys = out.ride_ys
-  return (jnp.concatenate(logits)[:T], jnp.concatenate(hiddens, axis=1)[:, :T], cache, ride_ys)
+  logits_TV = jnp.concatenate(logit_chunks)[:T] if logits else None
+  return logits_TV, jnp.concatenate(hiddens, axis=1)[:, :T], cache, ride_ys
+
+
+def row_logits(params: Params, config: LlamaConfig,
+               hiddens_LTD: jax.Array) -> Callable[[jax.Array], jax.Array]:
+  """Row i's float32 logits [V] from a pass's hidden states, as a 1-row product of the LM head.
+
+  The alternative to a pass's own logits (`full_pass(logits=True)`, a W-row product) where
+  rows cost time: a CPU computes rather than waits for memory, and a plain step reads one
+  row of W. A 1-row product rounds the same whatever pass the row came from, so decoders that
+  all take their logits this way still compare exactly (`Decoder(row_logits=...)`).
+  """
+  final_TD = hiddens_LTD[-1]
+  return lambda i: model_lib.lm_head(
+      params, config, jax.lax.dynamic_slice_in_dim(final_TD, i, 1))[0]
 
 
 def _first_token(key: jax.Array, logits_V: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -209,8 +245,13 @@ def _is_eos(config: LlamaConfig, tokens: jax.Array) -> jax.Array:
 
 
 def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: jax.Array,
-             cache: KVCache, *, config: LlamaConfig, sampling: SamplingConfig) -> DecodeState:
+             cache: KVCache, *, config: LlamaConfig, sampling: SamplingConfig,
+             chunk: int | None = None) -> DecodeState:
   """Runs the padded prompt, picks the first new token and builds the decode state.
+
+  With a `chunk` (a power of two) shorter than the bucket the prompt runs as passes of that
+  many tokens, only as many as hold its tokens: a bucket's padding costs at most one chunk,
+  and each pass attends only to the blocks up to its own tokens (`prefill_chunk`).
 
   The sampling key is made from `seed` (int32) here rather than passed in: making it on its
   own would be one more program for a new process to load before its first token.
@@ -222,20 +263,34 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
   minutes constant-folding attention over.
   """
   max_len = cache.max_len
-  out = model_lib.forward(params, config, tokens_P[None], cache,
-                          out_idx_BP=(prompt_len - 1).reshape(1, 1),
-                          attention=attention_lib.cache_attention)
+  C = min(chunk or tokens_P.shape[0], tokens_P.shape[0])
+  last_1P = ((prompt_len - 1) % C).reshape(1, 1)  # the last prompt token's row in its pass
+
+  def run(c, carry):
+    """Pass c over the prompt: the cache it leaves, the logits and the hidden states of the
+    last prompt token (meaningful in the pass that holds it, the last one)."""
+    tokens_1C = jax.lax.dynamic_slice_in_dim(tokens_P, c * C, C)[None]
+    out = model_lib.forward(params, config, tokens_1C, carry[0], out_idx_BP=last_1P,
+                            attention=attention_lib.cache_attention)
+    return out.cache, out.logits_BPV[0, 0], out.hiddens_LBPD[:, 0, 0]
+
+  if C == tokens_P.shape[0]:
+    cache, logits_V, hidden_LD = run(0, (cache,))
+  else:
+    init = (cache, jnp.zeros((config.vocab_size,), jnp.float32),
+            jnp.zeros((config.num_layers + 1, config.hidden_size), params['embed'].dtype))
+    cache, logits_V, hidden_LD = jax.lax.fori_loop(0, (prompt_len + C - 1) // C, run, init)
   rng, key = jax.random.split(jax.random.key(seed))
-  first = _first_token(key, out.logits_BPV[0, 0], sampling)
+  first = _first_token(key, logits_V, sampling)
   tokens_N = jnp.zeros((max_len + 1,), jnp.int32)
   tokens_N = jax.lax.dynamic_update_slice(tokens_N, tokens_P, (0,))
   tokens_N = tokens_N.at[prompt_len].set(first)
   max_rounds = max_len  # rounds <= new tokens < capacity
   return DecodeState(
-      cache=out.cache.rollback(prompt_len), tokens_N=tokens_N, num_tokens=prompt_len + 1,
+      cache=cache.rollback(prompt_len), tokens_N=tokens_N, num_tokens=prompt_len + 1,
       prompt_len=prompt_len, skip_L=jnp.zeros((config.num_layers,), bool),
       draft_limit=jnp.int32(np.iinfo(np.int32).max),
-      target_hidden_LD=out.hiddens_LBPD[:, 0, 0], rng=rng, done=_is_eos(config, first),
+      target_hidden_LD=hidden_LD, rng=rng, done=_is_eos(config, first),
       num_rounds=jnp.zeros((), jnp.int32), accepted_R=jnp.zeros((max_rounds,), jnp.int32),
       drafted_R=jnp.zeros((max_rounds,), jnp.int32),
       source_R=jnp.zeros((max_rounds,), jnp.int32),
@@ -244,7 +299,7 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
 
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
            config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig, width: int,
-           attention, draft: bool, search_rows: int = 0,
+           attention, draft: bool, logits_by_row: bool = False, search_rows: int = 0,
            choose_riders=clasp_lib.next_riders) -> DecodeState:
   """One round: propose, verify `[last] + drafts` with the full model, commit, roll back.
 
@@ -252,7 +307,9 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   the same full pass with no drafts in it. With `search_rows` (F > 0) the verify pass also
   computes the next F columns of the CLaSp DP's table (`state.search`) in its padding rows,
   the candidates attending in the pass's own attention (`attention.Riders`) and choosing
-  between layers with `choose_riders` (`clasp.next_riders` or its kernel).
+  between layers with `choose_riders` (`clasp.next_riders` or its kernel). With
+  `logits_by_row` acceptance computes each row's logits on its own (`row_logits`), only as
+  far as the drafts hold.
   """
   K = strategy.num_draft_tokens if draft else 0
   rng, key_draft, key_accept = jax.random.split(state.rng, 3)
@@ -271,14 +328,21 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
                                        num_rows=search_rows, choose=choose_riders)
   logits_TV, hiddens_LTD, cache, ride_ys = full_pass(
       params, config, jnp.concatenate([last[None], tokens_K]), state.cache, width=width,
-      attention=attention, ride=ride)
+      attention=attention, ride=ride, logits=not logits_by_row)
   if search_rows:
     search = clasp_lib.finish_band(search, ride_ys)
-  if sampling.greedy:
+  if q_KV is None and not sampling.greedy:
+    q_KV = jnp.zeros((K, config.vocab_size), jnp.float32)
+  if logits_by_row:
+    logits_at = row_logits(params, config, hiddens_LTD)
+    if sampling.greedy:
+      n, next_token = sampling_lib.accept_greedy_by_row(tokens_K, count, logits_at)
+    else:
+      n, next_token = sampling_lib.accept_sampled_by_row(key_accept, tokens_K, count, q_KV,
+                                                         logits_at, sampling)
+  elif sampling.greedy:
     n, next_token = sampling_lib.accept_greedy(tokens_K, count, logits_TV)
   else:
-    if q_KV is None:
-      q_KV = jnp.zeros((K, config.vocab_size), jnp.float32)
     n, next_token = sampling_lib.accept_sampled(key_accept, tokens_K, count, q_KV, logits_TV,
                                                 sampling)
   committed_T = jnp.where(jnp.arange(K + 1) < n, jnp.concatenate([tokens_K, next_token[None]]),
@@ -468,6 +532,10 @@ class Decoder:
     pass_width: tokens per full-model pass (see the module docstring). Decoders compare
       exactly only at the same width; None: `default_pass_width()`, the same for every
       method of a platform.
+    logits_by_row: each token's logits as a 1-row product of the LM head, computed only for
+      the rows acceptance reads, instead of the pass's W-row product (see `row_logits`).
+      Decoders compare exactly only with the same choice; None: `default_logits_by_row()`,
+      the same for every method of a platform.
     attention: 'auto', 'xla' or 'pallas' (see `resolve_attention`).
     mesh: a `jax.sharding.Mesh` (or a spec, 'tp:N' or 'auto') to run tensor-parallel on,
       params and cache placed by `sharding`'s rules (params already there stay put); None:
@@ -477,15 +545,18 @@ class Decoder:
   def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
                sampling: SamplingConfig = SamplingConfig(), tokenizer=None,
                fast_path: bool | None = None, pass_width: int | None = None,
-               attention: str = 'auto', mesh=None):
+               logits_by_row: bool | None = None, attention: str = 'auto', mesh=None):
     strategy.validate(config)
     if pass_width is None:
       pass_width = default_pass_width()
+    if logits_by_row is None:
+      logits_by_row = default_logits_by_row()
     if pass_width < 1:
       raise ValueError(f'pass_width must be >= 1, got {pass_width}')
     self.mesh = sharding_lib.make_mesh(mesh)
     self.config, self.strategy = config, strategy
     self.sampling, self.tokenizer, self.pass_width = sampling, tokenizer, pass_width
+    self.logits_by_row = logits_by_row
     if fast_path is None:
       fast_path = model_lib.per_layer_by_default()
     self.fast_path = fast_path
@@ -495,7 +566,8 @@ class Decoder:
     self._round_params = self.params
     # float32 means float32: on accelerators JAX's default would multiply in TF32 or bf16.
     precision = 'highest' if self.params['embed'].dtype == jnp.float32 else None
-    self._prefill_fn = functools.partial(_prefill, config=config, sampling=sampling)
+    self._prefill_fn = functools.partial(_prefill, config=config, sampling=sampling,
+                                         chunk=prefill_chunk())
     self._prefill = _CompiledFunction(self._prefill_fn, donate_argnums=(4,),
                                       precision=precision, placement=placement)
     attend = resolve_attention(attention, config, self.mesh)
@@ -513,8 +585,9 @@ class Decoder:
     self._segments = {
         kind: _CompiledFunction(
             functools.partial(_segment, strategy=runs, draft=draft, width=pass_width,
-                              attention=attend, placement=placement, config=config,
-                              sampling=sampling, search_rows=rows,
+                              logits_by_row=logits_by_row, attention=attend,
+                              placement=placement, config=config, sampling=sampling,
+                              search_rows=rows,
                               choose_riders=resolve_rider_choice(attention, self.mesh)),
             donate_argnums=(1,), precision=precision, placement=placement)
         for kind, (runs, draft, rows) in kinds.items()}

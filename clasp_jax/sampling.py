@@ -10,6 +10,7 @@ are applied identically to p and q.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 
 import jax
@@ -99,9 +100,64 @@ def accept_sampled(key: jax.Array, drafts_K: jax.Array, num_drafts: jax.Array,
   u_K = jax.random.uniform(key_u, (K,))
   ok_K = (u_K * q_K < p_K) & (jnp.arange(K) < num_drafts)
   n = jnp.sum(jnp.cumprod(ok_K.astype(jnp.int32)))
-  p_V = p_TV[n]
   q_pad_TV = jnp.concatenate([q_KV, jnp.zeros_like(p_TV[:1])], axis=0)
-  residual_V = jnp.maximum(p_V - q_pad_TV[n], 0.0) * (n < num_drafts)
+  return n, _draw_after(key_x, p_TV[n], q_pad_TV[n], n < num_drafts)
+
+
+def accept_greedy_by_row(drafts_K: jax.Array, num_drafts: jax.Array,
+                         row_logits: Callable[[jax.Array], jax.Array]
+                         ) -> tuple[jax.Array, jax.Array]:
+  """`accept_greedy` reading the full model's logits a row at a time, `row_logits(i)` [V],
+  only as far as the drafts hold: the rows past the first rejection are never computed.
+
+  Returns:
+    (n, next_token): as `accept_greedy` with the same logits.
+  """
+  drafts_T = jnp.concatenate([drafts_K, jnp.full((1,), -1, jnp.int32)])  # row K drafts nothing
+
+  def step(carry):
+    i, _, _ = carry
+    target = jnp.argmax(row_logits(i)).astype(jnp.int32)
+    holds = (i < num_drafts) & (drafts_T[i] == target)
+    return i + holds.astype(jnp.int32), target, holds
+
+  n, next_token, _ = jax.lax.while_loop(
+      lambda carry: carry[2], step, (jnp.int32(0), jnp.int32(0), jnp.bool_(True)))
+  return n, next_token
+
+
+def accept_sampled_by_row(key: jax.Array, drafts_K: jax.Array, num_drafts: jax.Array,
+                          q_KV: jax.Array, row_logits: Callable[[jax.Array], jax.Array],
+                          sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """`accept_sampled` reading the full model's logits a row at a time, `row_logits(i)` [V],
+  only as far as the drafts hold. Same key, same logits: the same draws.
+
+  Returns:
+    (n, next_token): as `accept_sampled`.
+  """
+  K, V = q_KV.shape
+  key_u, key_x = jax.random.split(key)
+  u_T = jnp.concatenate([jax.random.uniform(key_u, (K,)), jnp.ones((1,))])
+  drafts_T = jnp.concatenate([drafts_K, jnp.zeros((1,), jnp.int32)])
+  q_TV = jnp.concatenate([q_KV, jnp.zeros((1, V), q_KV.dtype)])
+
+  def step(carry):
+    i, _, _ = carry
+    p_V = probabilities(row_logits(i), sampling)
+    d = drafts_T[i]
+    holds = (i < num_drafts) & (u_T[i] * q_TV[i, d] < p_V[d])
+    return i + holds.astype(jnp.int32), p_V, holds
+
+  n, p_V, _ = jax.lax.while_loop(
+      lambda carry: carry[2], step, (jnp.int32(0), jnp.zeros((V,), jnp.float32), jnp.bool_(True)))
+  return n, _draw_after(key_x, p_V, q_TV[n], n < num_drafts)
+
+
+def _draw_after(key: jax.Array, p_V: jax.Array, q_V: jax.Array,
+                rejected: jax.Array) -> jax.Array:
+  """The token after the accepted drafts: from the normalised residual (p - q)+ at a
+  rejection, from p when every draft was accepted (or the residual has no mass)."""
+  residual_V = jnp.maximum(p_V - q_V, 0.0) * rejected
   mass = jnp.sum(residual_V)
   dist_V = jnp.where(mass > 0, residual_V / jnp.where(mass > 0, mass, 1.0), p_V)
-  return n, sample(key_x, dist_V)
+  return sample(key, dist_V)

@@ -1,6 +1,7 @@
 """The round loop on tiny random models: losslessness, statistics, no retracing, errors."""
 
 import logging
+import re
 
 import chex
 import jax
@@ -168,6 +169,44 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path, caplog):
   assert skip_counts == {2, 4}
   assert not [r.getMessage() for r in caplog.records if 'Compiling' in r.getMessage()]
   assert decoder.compile(len(prompts[0]), tiny.MAX_NEW) == 0.0
+
+
+def test_a_prefill_in_chunks_starts_where_one_pass_does(tiny_model, monkeypatch):
+  """A prompt run as passes of 32 tokens (`engine.CPU_PREFILL_CHUNK`, on any backend here)
+  leaves the cache rows, the first token and the target hidden state of one pass over the
+  whole bucket (to float32 rounding), and decoding goes on to the same tokens; prompts of
+  whole chunks and of a part of one."""
+  config, params = tiny_model
+  monkeypatch.setattr(engine, 'prefill_chunk', lambda: None)
+  whole = Decoder(params, config, strategies.Vanilla())
+  monkeypatch.setattr(engine, 'prefill_chunk', lambda: 32)
+  chunked = Decoder(params, config, strategies.Vanilla())
+  for length in (96, 100):  # a 128-token bucket: 3 passes of 32, then 4 (the last part-full)
+    prompt = tiny.prompts(config, count=1, length=length)[0]
+    a, b = whole.start(prompt, 8), chunked.start(prompt, 8)
+    np.testing.assert_allclose(b.cache.k_LBSKh[:, :, :length], a.cache.k_LBSKh[:, :, :length],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b.target_hidden_LD, a.target_hidden_LD, rtol=1e-4, atol=1e-4)
+    assert (int(b.cache.length), int(b.num_tokens)) == (length, length + 1)
+    assert (whole.generate(prompt, tiny.MAX_NEW).token_ids
+            == chunked.generate(prompt, tiny.MAX_NEW).token_ids)
+
+
+@pytest.mark.parametrize('logits_by_row', [True, False])
+def test_logits_by_row_compute_the_lm_head_one_row_at_a_time(tiny_model, logits_by_row):
+  """With `logits_by_row` no program of a decoder runs the LM head over a pass's W rows: a
+  plain step's head is a 1-row product (and without it, a W-row one)."""
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.build('pld', config),
+                    logits_by_row=logits_by_row)
+  W, V = decoder.pass_width, config.vocab_size
+  heads = {}
+  for name, function, args in decoder._programs(20, 8):  # pylint: disable=protected-access
+    if name != 'prefill':
+      text = function.compiled(*args).as_text()
+      heads[name] = {rows for rows in (1, W)
+                     if re.search(rf'= f32\[{rows},{V}\]\S* dot\(', text)}
+  assert heads == dict.fromkeys(('plain', 'draft'), {1} if logits_by_row else {W})
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the options of CPU programs')

@@ -202,27 +202,32 @@ def bf16_model(tiny_model):
   return config, jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
 
 
+#: (fast_path, logits_by_row) of the decoders compared: a CPU's defaults (the stacked layers,
+#: logits a row at a time) and an accelerator's (per-layer buffers, a pass's logits at once).
+PATHS = [(False, True), (True, False)]
+
+
 @pytest.fixture(scope='module')
 def bf16_vanilla(bf16_model):
-  """Plain decoding's tokens on each layer path: each path is checked against its own (two
+  """Plain decoding's tokens on each path: each path is checked against its own (two
   compiled programs of different shape need not round alike; two passes of one must)."""
   config, params = bf16_model
-  return {fast_path: [Decoder(params, config, strategies.Vanilla(), fast_path=fast_path)
-                      .generate(p, tiny.MAX_NEW).token_ids for p in tiny.prompts(config)]
-          for fast_path in (False, True)}
+  return {path: [Decoder(params, config, strategies.Vanilla(), fast_path=path[0],
+                         logits_by_row=path[1]).generate(p, tiny.MAX_NEW).token_ids
+                 for p in tiny.prompts(config)]
+          for path in PATHS}
 
 
-@pytest.mark.parametrize('fast_path', [False, True])
+@pytest.mark.parametrize('path', PATHS, ids=['cpu_defaults', 'accelerator_defaults'])
 @pytest.mark.parametrize('name', list(METHODS))
-def test_every_method_equals_plain_decoding_in_bfloat16(bf16_model, bf16_vanilla, name,
-                                                        fast_path):
+def test_every_method_equals_plain_decoding_in_bfloat16(bf16_model, bf16_vanilla, name, path):
   config, params = bf16_model
   method, settings = METHODS[name]
   strategy = (strategies.AdaptiveClasp(**settings) if method == 'clasp_auto'
               else strategies.build(method, config, **settings))
-  decoder = Decoder(params, config, strategy, fast_path=fast_path)
+  decoder = Decoder(params, config, strategy, fast_path=path[0], logits_by_row=path[1])
   if method == 'clasp_auto':
     tiny.set_costs(decoder)
   outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config)]
-  assert [o.token_ids for o in outs] == bf16_vanilla[fast_path]
+  assert [o.token_ids for o in outs] == bf16_vanilla[path]
   assert any(d > 0 for o in outs for d in o.draft_lengths)  # it did draft

@@ -73,6 +73,58 @@ def test_speculative_acceptance_reproduces_p(config):
   assert 0 < (n == 0).mean() < 1  # both branches were exercised
 
 
+@pytest.mark.parametrize('config', [SamplingConfig(),
+                                    SamplingConfig(temperature=1.0),
+                                    SamplingConfig(temperature=0.8, top_k=6, top_p=0.9)])
+def test_acceptance_by_row_equals_acceptance_over_all_rows(config):
+  """`accept_*_by_row`, reading row i's logits on demand, commits what `accept_*` does over
+  all rows (same key)."""
+  V, K, N = 8, 4, 400
+
+  def one(key):
+    key_l, key_q, key_d, key_a, key_n = jax.random.split(key, 5)
+    logits_TV = jax.random.normal(key_l, (K + 1, V)) * 1.5
+    # Drafts that often hold: the argmax of nearly p, or draws from nearly p.
+    q_KV = sampling.probabilities(logits_TV[:K] + 0.3 * jax.random.normal(key_q, (K, V)),
+                                  SamplingConfig(temperature=1.0))
+    drafts_K = (jnp.argmax(q_KV, axis=-1) if config.greedy else sampling.sample(key_d, q_KV))
+    num_drafts = jax.random.randint(key_n, (), 0, K + 1)
+
+    def row(i):
+      return logits_TV[i]
+
+    if config.greedy:
+      want = sampling.accept_greedy(drafts_K, num_drafts, logits_TV)
+      got = sampling.accept_greedy_by_row(drafts_K, num_drafts, row)
+    else:
+      want = sampling.accept_sampled(key_a, drafts_K, num_drafts, q_KV, logits_TV, config)
+      got = sampling.accept_sampled_by_row(key_a, drafts_K, num_drafts, q_KV, row, config)
+    return want, got, num_drafts
+
+  (n_want, next_want), (n_got, next_got), num_drafts = jax.jit(jax.vmap(one))(
+      jax.random.split(jax.random.key(3), N))
+  np.testing.assert_array_equal(n_got, n_want)
+  np.testing.assert_array_equal(next_got, next_want)
+  assert 0 < np.mean(np.asarray(n_want) == np.asarray(num_drafts)) < 1  # both endings ran
+
+
+def test_acceptance_by_row_stops_at_the_first_rejection():
+  """The rows after the first rejection are never computed: row 2 rejects here, so rows 3
+  and 4 are not read (a callback counts the rows read)."""
+  V, K = 5, 4
+  logits_TV = jnp.eye(K + 1, V) * 3  # row i's argmax is token i
+  drafts_K = jnp.array([0, 1, 4, 3], jnp.int32)  # rows 0 and 1 hold, row 2 does not
+  read = []
+
+  def row(i):
+    jax.debug.callback(lambda i: read.append(int(i)), i, ordered=True)
+    return logits_TV[i]
+
+  n, next_token = jax.jit(lambda: sampling.accept_greedy_by_row(drafts_K, jnp.int32(K), row))()
+  jax.effects_barrier()
+  assert (int(n), int(next_token), read) == (2, 2, [0, 1, 2])
+
+
 def test_clasp_sampling_matches_plain_sampling():
   """End to end on a tiny model: the third generated token has the same distribution under
   CLaSp speculative sampling as under plain sampling (over many seeds)."""
