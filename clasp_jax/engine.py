@@ -227,7 +227,7 @@ def row_logits(params: Params, config: LlamaConfig,
   The alternative to a pass's own logits (`full_pass(logits=True)`, a W-row product) where
   rows cost time: a CPU computes rather than waits for memory, and a plain step reads one
   row of W. A 1-row product rounds the same whatever pass the row came from, so decoders that
-  all take their logits this way still compare exactly (`Decoder(row_logits=...)`).
+  all take their logits this way still compare exactly (`Decoder(logits_by_row=...)`).
   """
   final_TD = hiddens_LTD[-1]
   return lambda i: model_lib.lm_head(
