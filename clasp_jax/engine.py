@@ -266,20 +266,21 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
   C = min(chunk or tokens_P.shape[0], tokens_P.shape[0])
   last_1P = ((prompt_len - 1) % C).reshape(1, 1)  # the last prompt token's row in its pass
 
-  def run(c, carry):
+  def run(c, cache):
     """Pass c over the prompt: the cache it leaves, the logits and the hidden states of the
     last prompt token (meaningful in the pass that holds it, the last one)."""
     tokens_1C = jax.lax.dynamic_slice_in_dim(tokens_P, c * C, C)[None]
-    out = model_lib.forward(params, config, tokens_1C, carry[0], out_idx_BP=last_1P,
+    out = model_lib.forward(params, config, tokens_1C, cache, out_idx_BP=last_1P,
                             attention=attention_lib.cache_attention)
     return out.cache, out.logits_BPV[0, 0], out.hiddens_LBPD[:, 0, 0]
 
   if C == tokens_P.shape[0]:
-    cache, logits_V, hidden_LD = run(0, (cache,))
+    cache, logits_V, hidden_LD = run(0, cache)
   else:
     init = (cache, jnp.zeros((config.vocab_size,), jnp.float32),
             jnp.zeros((config.num_layers + 1, config.hidden_size), params['embed'].dtype))
-    cache, logits_V, hidden_LD = jax.lax.fori_loop(0, (prompt_len + C - 1) // C, run, init)
+    cache, logits_V, hidden_LD = jax.lax.fori_loop(
+        0, (prompt_len + C - 1) // C, lambda c, carry: run(c, carry[0]), init)
   rng, key = jax.random.split(jax.random.key(seed))
   first = _first_token(key, logits_V, sampling)
   tokens_N = jnp.zeros((max_len + 1,), jnp.int32)

@@ -172,7 +172,7 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path, caplog):
 
 
 def test_a_prefill_in_chunks_starts_where_one_pass_does(tiny_model, monkeypatch):
-  """A prompt run as passes of 32 tokens (`engine.CPU_PREFILL_CHUNK`, on any backend here)
+  """A prompt run as passes of 32 tokens (`engine.prefill_chunk`, patched: any backend)
   leaves the cache rows, the first token and the target hidden state of one pass over the
   whole bucket (to float32 rounding), and decoding goes on to the same tokens; prompts of
   whole chunks and of a part of one."""
