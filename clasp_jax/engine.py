@@ -250,8 +250,11 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
   """Runs the padded prompt, picks the first new token and builds the decode state.
 
   With a `chunk` (a power of two) shorter than the bucket the prompt runs as passes of that
-  many tokens, only as many as hold its tokens: a bucket's padding costs at most one chunk,
-  and each pass attends only to the blocks up to its own tokens (`prefill_chunk`).
+  many tokens, only as many as hold its tokens, each attending only to the blocks up to its
+  own tokens (`prefill_chunk`). The part after the last whole chunk runs as passes of a
+  quarter chunk where fewer than four of them hold it, else as one more chunk: padding then
+  costs less than a quarter chunk, not up to a whole one (a 769-token prompt: 800 rows, not
+  1024).
 
   The sampling key is made from `seed` (int32) here rather than passed in: making it on its
   own would be one more program for a new process to load before its first token.
@@ -263,24 +266,30 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
   minutes constant-folding attention over.
   """
   max_len = cache.max_len
-  C = min(chunk or tokens_P.shape[0], tokens_P.shape[0])
-  last_1P = ((prompt_len - 1) % C).reshape(1, 1)  # the last prompt token's row in its pass
+  P = tokens_P.shape[0]
+  C = min(chunk or P, P)
 
-  def run(c, cache):
-    """Pass c over the prompt: the cache it leaves, the logits and the hidden states of the
-    last prompt token (meaningful in the pass that holds it, the last one)."""
-    tokens_1C = jax.lax.dynamic_slice_in_dim(tokens_P, c * C, C)[None]
-    out = model_lib.forward(params, config, tokens_1C, cache, out_idx_BP=last_1P,
+  def run(first, width, cache):
+    """The pass over tokens [first, first + width): the cache it leaves, the logits and the
+    hidden states of the last prompt token (meaningful in the pass that holds it)."""
+    tokens_1W = jax.lax.dynamic_slice_in_dim(tokens_P, first, width)[None]
+    last_11 = jnp.clip(prompt_len - 1 - first, 0, width - 1).reshape(1, 1)
+    out = model_lib.forward(params, config, tokens_1W, cache, out_idx_BP=last_11,
                             attention=attention_lib.cache_attention)
     return out.cache, out.logits_BPV[0, 0], out.hiddens_LBPD[:, 0, 0]
 
-  if C == tokens_P.shape[0]:
-    cache, logits_V, hidden_LD = run(0, cache)
+  if C == P:
+    cache, logits_V, hidden_LD = run(0, P, cache)
   else:
-    init = (cache, jnp.zeros((config.vocab_size,), jnp.float32),
-            jnp.zeros((config.num_layers + 1, config.hidden_size), params['embed'].dtype))
+    c = C // 4
+    num_chunks, rest = prompt_len // C, prompt_len % C
+    num_tail = (rest + c - 1) // c
+    num_chunks, num_tail = jnp.where(num_tail < 4, num_chunks, num_chunks + 1), num_tail % 4
+    carry = (cache, jnp.zeros((config.vocab_size,), jnp.float32),
+             jnp.zeros((config.num_layers + 1, config.hidden_size), params['embed'].dtype))
+    carry = jax.lax.fori_loop(0, num_chunks, lambda i, carry: run(i * C, C, carry[0]), carry)
     cache, logits_V, hidden_LD = jax.lax.fori_loop(
-        0, (prompt_len + C - 1) // C, lambda c, carry: run(c, carry[0]), init)
+        0, num_tail, lambda i, carry: run(num_chunks * C + i * c, c, carry[0]), carry)
   rng, key = jax.random.split(jax.random.key(seed))
   first = _first_token(key, logits_V, sampling)
   tokens_N = jnp.zeros((max_len + 1,), jnp.int32)

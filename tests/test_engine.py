@@ -175,13 +175,15 @@ def test_a_prefill_in_chunks_starts_where_one_pass_does(tiny_model, monkeypatch)
   """A prompt run as passes of 32 tokens (`engine.prefill_chunk`, patched: any backend)
   leaves the cache rows, the first token and the target hidden state of one pass over the
   whole bucket (to float32 rounding), and decoding goes on to the same tokens; prompts of
-  whole chunks and of a part of one."""
+  whole chunks, and of chunks and a rest run as passes of 8 tokens or as one more chunk."""
   config, params = tiny_model
   monkeypatch.setattr(engine, 'prefill_chunk', lambda: None)
   whole = Decoder(params, config, strategies.Vanilla())
   monkeypatch.setattr(engine, 'prefill_chunk', lambda: 32)
   chunked = Decoder(params, config, strategies.Vanilla())
-  for length in (96, 100):  # a 128-token bucket: 3 passes of 32, then 4 (the last part-full)
+  # A 128-token bucket: 3 passes of 32; 3 and one of 8; 3 and three of 8; 4 (a rest of 31
+  # would take four passes of 8), the last part-full.
+  for length in (96, 100, 120, 127):
     prompt = tiny.prompts(config, count=1, length=length)[0]
     a, b = whole.start(prompt, 8), chunked.start(prompt, 8)
     np.testing.assert_allclose(b.cache.k_LBSKh[:, :, :length], a.cache.k_LBSKh[:, :, :length],
