@@ -253,7 +253,7 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
   many tokens, only as many as hold its tokens, each attending only to the blocks up to its
   own tokens (`prefill_chunk`). The part after the last whole chunk runs as passes of a
   quarter chunk where fewer than four of them hold it, else as one more chunk: padding then
-  costs less than a quarter chunk, not up to a whole one (a 769-token prompt: 800 rows, not
+  costs less than a quarter chunk, not up to a whole one (a 769-token prompt: 832 rows, not
   1024).
 
   The sampling key is made from `seed` (int32) here rather than passed in: making it on its
