@@ -281,15 +281,16 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
   if C == P:
     cache, logits_V, hidden_LD = run(0, P, cache)
   else:
-    c = C // 4
+    quarter = C // 4
     num_chunks, rest = prompt_len // C, prompt_len % C
-    num_tail = (rest + c - 1) // c
+    num_tail = (rest + quarter - 1) // quarter  # quarter passes to hold the rest (< 4: used)
     num_chunks, num_tail = jnp.where(num_tail < 4, num_chunks, num_chunks + 1), num_tail % 4
     carry = (cache, jnp.zeros((config.vocab_size,), jnp.float32),
              jnp.zeros((config.num_layers + 1, config.hidden_size), params['embed'].dtype))
     carry = jax.lax.fori_loop(0, num_chunks, lambda i, carry: run(i * C, C, carry[0]), carry)
     cache, logits_V, hidden_LD = jax.lax.fori_loop(
-        0, num_tail, lambda i, carry: run(num_chunks * C + i * c, c, carry[0]), carry)
+        0, num_tail, lambda i, carry: run(num_chunks * C + i * quarter, quarter, carry[0]),
+        carry)
   rng, key = jax.random.split(jax.random.key(seed))
   first = _first_token(key, logits_V, sampling)
   tokens_N = jnp.zeros((max_len + 1,), jnp.int32)
