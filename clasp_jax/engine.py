@@ -283,8 +283,10 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
   else:
     quarter = C // 4
     num_chunks, rest = prompt_len // C, prompt_len % C
-    num_tail = (rest + quarter - 1) // quarter  # quarter passes to hold the rest (< 4: used)
-    num_chunks, num_tail = jnp.where(num_tail < 4, num_chunks, num_chunks + 1), num_tail % 4
+    num_tail = (rest + quarter - 1) // quarter  # quarter passes that would hold the rest
+    in_quarters = num_tail < 4  # else four quarters: one more whole chunk costs less
+    num_chunks = jnp.where(in_quarters, num_chunks, num_chunks + 1)
+    num_tail = jnp.where(in_quarters, num_tail, 0)
     carry = (cache, jnp.zeros((config.vocab_size,), jnp.float32),
              jnp.zeros((config.num_layers + 1, config.hidden_size), params['embed'].dtype))
     carry = jax.lax.fori_loop(0, num_chunks, lambda i, carry: run(i * C, C, carry[0]), carry)
