@@ -23,6 +23,7 @@ from clasp_jax import weights
 from clasp_jax.config import LlamaConfig
 from clasp_jax.config import RopeScaling
 from clasp_jax.engine import Decoder
+from clasp_jax.weights import gguf as gguf_weights
 from clasp_jax.weights import hf
 from clasp_jax.weights import store
 
@@ -271,6 +272,42 @@ def test_store_removes_entries_no_load_can_reach(tiny_hf_checkpoint, tmp_path):
 def test_missing_path():
   with pytest.raises(ValueError, match='no such file or directory'):
     weights.load('/nonexistent/model.gguf')
+
+
+def test_gguf_header_reads_as_the_gguf_librarys_reader_does(tmp_path):
+  """`read_gguf` (our header parser) against `gguf.GGUFReader` on a file holding every kind of
+  metadata value and float and quantised tensors: the same values, the same dequantised
+  tensors."""
+  path = str(tmp_path / 'kinds.gguf')
+  writer = gguf.GGUFWriter(path, 'llama')
+  V = gguf.GGUFValueType
+  rng = np.random.default_rng(0)
+  for kind, value in [(V.UINT8, 7), (V.INT8, -7), (V.UINT16, 700), (V.INT16, -700),
+                      (V.UINT32, 70000), (V.INT32, -70000), (V.FLOAT32, 0.25), (V.BOOL, True),
+                      (V.UINT64, 2**40), (V.INT64, -2**40), (V.FLOAT64, 1e-300),
+                      (V.STRING, 'héllo ✓')]:
+    writer.add_key_value(f'kinds.{kind.name.lower()}', value, kind)
+  writer.add_array('kinds.strings', ['a', '', 'Ġb c', '✓'])
+  writer.add_array('kinds.ints', [3, -1, 4])
+  writer.add_array('kinds.floats', [0.5, -2.0])
+  writer.add_tensor('f32', rng.normal(size=(3, 8)).astype(np.float32))
+  writer.add_tensor('f16', rng.normal(size=(2, 4)).astype(np.float16))
+  for qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
+    w = rng.normal(size=(2, 64)).astype(np.float32)
+    writer.add_tensor(qtype.name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+  metadata, tensors = gguf_weights.read_gguf(path)
+  reader = gguf.GGUFReader(path)
+  expected = {k: f.contents() for k, f in reader.fields.items() if not k.startswith('GGUF.')}
+  assert metadata == expected and metadata['kinds.string'] == 'héllo ✓'
+  assert list(tensors) == [t.name for t in reader.tensors] == ['f32', 'f16', 'Q4_1', 'Q8_0']
+  for t in reader.tensors:
+    np.testing.assert_array_equal(gguf_weights._dequantize(tensors[t.name]),
+                                  gguf.quants.dequantize(t.data, t.tensor_type), err_msg=t.name)
 
 
 def test_text_file_named_gguf(tmp_path):
