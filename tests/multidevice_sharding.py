@@ -2,8 +2,7 @@
 under XLA_FLAGS=--xla_force_host_platform_device_count=8 (skipped with fewer devices).
 
 On meshes of 2 and 4 devices (KV heads split, then each held by two devices) the tiny
-model's tokens equal the single-device run's for plain decoding, CLaSp and prompt lookup, on
-both layer paths; params and cache carry the rules' shardings; the loaders and the planted
+model's tokens equal the single-device run's (`CASES`); params and cache carry the rules' shardings; the loaders and the planted
 benchmark models place weights straight into them; the Pallas kernel runs per device on its
 own heads.
 """
@@ -35,12 +34,14 @@ METHODS = {
     'clasp': ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
     'pld': ('pld', dict(num_draft_tokens=5)),
 }
-# (method, mesh, fast_path): every method on meshes of 2 and 4 on the reference path, and
-# CLaSp, whose draft runs the active layers' own buffers, on the fast path of both meshes (a
-# mesh of one device is a single-device run with placement: `Decoder(mesh='tp:1')` is left
-# out, as it compiled another fast-path CLaSp program for no rule the others do not apply).
-CASES = ([(name, mesh, False) for name in METHODS for mesh in ('tp:2', 'tp:4')]
-         + [('clasp', mesh, True) for mesh in ('tp:2', 'tp:4')])
+# (method, mesh, fast_path): CLaSp, whose draft runs the active layers' own buffers, on meshes
+# of 2 and 4 on both layer paths (its decoder also runs plain rounds, and lookup rounds where
+# the context has a match); plain decoding and prompt lookup on the mesh of 4 (KV heads each
+# held by two devices), on the reference path. A mesh of one device is a single-device run
+# with placement: `Decoder(mesh='tp:1')` is left out, as it compiled another fast-path CLaSp
+# program for no rule the others do not apply.
+CASES = ([('clasp', mesh, fast_path) for fast_path in (False, True) for mesh in ('tp:2', 'tp:4')]
+         + [(name, 'tp:4', False) for name in ('vanilla', 'pld')])
 PROMPTS = 2
 #: New tokens per generation: enough for several refresh periods and lookup rounds per
 #: prompt (the single-device tests run tiny.MAX_NEW); 8 host devices on 2 cores run slowly.
