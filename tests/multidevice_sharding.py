@@ -21,6 +21,7 @@ from clasp_jax import model as model_lib
 from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax import weights
+from clasp_jax.weights import hf
 from clasp_jax.bench import planted
 from clasp_jax.engine import Decoder
 import tiny
@@ -150,6 +151,16 @@ def test_bad_mesh_is_an_error(tiny_model):
     Decoder(params, config, strategies.Vanilla(), mesh='tp:16')
   with pytest.raises(ValueError, match=r'num_heads \(4\) must be divisible'):
     Decoder(params, config, strategies.Vanilla(), mesh='tp:8')
+
+
+def test_a_bad_mesh_stops_a_load_before_any_weight_is_read(tiny_hf_checkpoint, monkeypatch):
+  def never(*unused_args):
+    raise AssertionError('a weight was read')
+
+  monkeypatch.setattr(hf, '_params', never)
+  with pytest.raises(ValueError, match=r'num_heads \(4\) must be divisible by the '
+                                       r'tensor-parallel size \(8\)'):
+    weights.load(tiny_hf_checkpoint, mesh='tp:8')
 
 
 @pytest.mark.parametrize('per_layer', [False, True])

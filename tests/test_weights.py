@@ -310,6 +310,31 @@ def test_gguf_header_reads_as_the_gguf_librarys_reader_does(tmp_path):
                                   gguf.quants.dequantize(t.data, t.tensor_type), err_msg=t.name)
 
 
+def test_a_config_is_checked_before_any_weight_is_read(tiny_hf_checkpoint, smollm2_path,
+                                                       tmp_path, monkeypatch):
+  """The loaders' `check` (`weights.load` passes the mesh's) sees the config before a weight
+  is read: from a Hugging Face folder, a GGUF file and a cache entry, what it raises stops the
+  load."""
+  cache_dir = str(tmp_path / 'cache')
+  weights.load(tiny_hf_checkpoint, dtype='float32', cache_dir=cache_dir)  # the cache entry
+
+  def never(*unused_args):
+    raise AssertionError('a weight was read')
+
+  def stop(config):
+    raise ValueError(f'stopped at a config of {config.num_layers} layers')
+
+  monkeypatch.setattr(hf, '_params', never)
+  monkeypatch.setattr(gguf_weights, '_params', never)
+  monkeypatch.setattr(store.ocp, 'StandardCheckpointer', never)
+  for load in (lambda: hf.load_hf(tiny_hf_checkpoint, np.float32, stop),
+               lambda: gguf_weights.load_gguf(smollm2_path, np.float32, stop),
+               lambda: store.cached_load(tiny_hf_checkpoint, never, cache_dir, np.float32,
+                                         stop)):
+    with pytest.raises(ValueError, match='stopped at a config of'):
+      load()
+
+
 def test_text_file_named_gguf(tmp_path):
   path = tmp_path / 'x.gguf'
   path.write_text('not a model\n')

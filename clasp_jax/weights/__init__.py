@@ -135,11 +135,12 @@ def load(path: str | None = None, *, dtype: Any = None, cache_dir: str | None = 
   source = os.path.abspath(embedded_model_path() if path is None else os.fspath(path))
   loader = _loader(source)
   dtype = np.dtype(default_dtype() if dtype is None else jnp.dtype(dtype))
-  load_source = functools.partial(loader, source, dtype)
+  check = functools.partial(sharding.check, mesh=mesh)  # before any weight is read
+  load_source = functools.partial(loader, source, dtype, check)
   if cache_dir is None:
     config, params, tokenizer = load_source()
   else:
-    config, params, tokenizer = store.cached_load(source, load_source, cache_dir, dtype)
+    config, params, tokenizer = store.cached_load(source, load_source, cache_dir, dtype, check)
   if per_layer is None:
     per_layer = model_lib.per_layer_by_default()
   params = sharding.place_params(params, config, mesh, per_layer=per_layer)

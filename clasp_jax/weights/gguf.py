@@ -8,7 +8,7 @@ and equal what transformers loads from the same file.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import math
 import mmap
 import re
@@ -294,12 +294,15 @@ def _params(tensors: Mapping[str, GGUFTensor], config: LlamaConfig,
   return params
 
 
-def load_gguf(path: str, dtype: np.dtype) -> tuple[LlamaConfig, dict[str, Any], Tokenizer]:
+def load_gguf(path: str, dtype: np.dtype, check: Callable[[LlamaConfig], None] = lambda _: None
+              ) -> tuple[LlamaConfig, dict[str, Any], Tokenizer]:
   """Loads a LLaMA-architecture GGUF file.
 
   Args:
     path: the .gguf file.
     dtype: the dtype of every returned parameter.
+    check: called with the config before any tensor is dequantised; what it raises stops the
+      load (a mesh the model cannot be split over, say, before minutes of converting).
 
   Returns:
     (config, params as host numpy arrays, tokenizer).
@@ -316,6 +319,7 @@ def load_gguf(path: str, dtype: np.dtype) -> tuple[LlamaConfig, dict[str, Any], 
     rope_freqs = _dequantize(tensors[_ROPE_FREQS]) if _ROPE_FREQS in tensors else None
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
     config = _config(metadata, set(tensors), rope_freqs, tokenizer)
+    check(config)
     return config, _params(tensors, config, np.dtype(dtype)), tokenizer
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from e

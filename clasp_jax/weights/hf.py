@@ -8,7 +8,7 @@ rotate-half RoPE layout, so the only change is transposing (out, in) matrices to
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 import glob
 import json
 import os
@@ -160,13 +160,15 @@ def _params(files: list[str], config: LlamaConfig, dtype: np.dtype) -> dict[str,
   return params
 
 
-def load_hf(folder: str, dtype: np.dtype) -> tuple[LlamaConfig, dict[str, Any], Tokenizer]:
+def load_hf(folder: str, dtype: np.dtype, check: Callable[[LlamaConfig], None] = lambda _: None
+            ) -> tuple[LlamaConfig, dict[str, Any], Tokenizer]:
   """Loads a Hugging Face LLaMA folder.
 
   Args:
     folder: holds config.json, *.safetensors (optionally model.safetensors.index.json) and the
       tokenizer files (tokenizer.json).
     dtype: the dtype of every returned parameter.
+    check: called with the config before any weight is read; what it raises stops the load.
 
   Returns:
     (config, params as host numpy arrays, tokenizer).
@@ -183,6 +185,7 @@ def load_hf(folder: str, dtype: np.dtype) -> tuple[LlamaConfig, dict[str, Any], 
       raise ValueError('no *.safetensors files')
     tokenizer = Tokenizer.from_hf(folder)
     config = _config(hf, tokenizer)
+    check(config)
     return config, _params(files, config, np.dtype(dtype)), tokenizer
   except ValueError as e:
     raise ValueError(f'{folder}: {e}') from e

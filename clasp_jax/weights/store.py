@@ -101,10 +101,12 @@ def _remove_unreachable(cache_dir: str, entry: str, source: dict[str, str]) -> N
       shutil.rmtree(other, ignore_errors=True)
 
 
-def _restore(entry: str) -> Loaded:
-  """Reads a complete entry; params come back as host numpy arrays."""
+def _restore(entry: str, check: Callable[[LlamaConfig], None]) -> Loaded:
+  """Reads a complete entry, `check`ing its config before its params; params come back as
+  host numpy arrays."""
   with open(os.path.join(entry, _CONFIG), encoding='utf-8') as f:
     config = config_from_dict(json.load(f))
+  check(config)
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(os.path.join(entry, _PARAMS))
   tokenizer = Tokenizer.from_folder(os.path.join(entry, _TOKENIZER), config.bos_token_id,
@@ -113,7 +115,8 @@ def _restore(entry: str) -> Loaded:
 
 
 def cached_load(source_path: str, loader_fn: Callable[[], Loaded], cache_dir: str,
-                dtype: np.dtype) -> Loaded:
+                dtype: np.dtype, check: Callable[[LlamaConfig], None] = lambda _: None
+                ) -> Loaded:
   """Loads through the cache: restores a matching entry, else runs `loader_fn` and saves it.
 
   Args:
@@ -121,6 +124,8 @@ def cached_load(source_path: str, loader_fn: Callable[[], Loaded], cache_dir: st
     loader_fn: returns (config, params, tokenizer) converted from the source.
     cache_dir: where entries live (created if missing; `~` is expanded).
     dtype: the params dtype `loader_fn` produces; part of the key.
+    check: called with a cached entry's config before its params are read (`loader_fn` checks
+      a source's itself).
 
   Returns:
     (config, params, tokenizer); params are host numpy arrays.
@@ -128,7 +133,7 @@ def cached_load(source_path: str, loader_fn: Callable[[], Loaded], cache_dir: st
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
   entry = os.path.join(cache_dir, cache_key(source_path, dtype))
   if os.path.isfile(os.path.join(entry, _CONFIG)):
-    return _restore(entry)
+    return _restore(entry, check)
   loaded = loader_fn()
   source = dict(path=os.path.abspath(source_path), dtype=np.dtype(dtype).name)
   _save(entry, loaded, source)
