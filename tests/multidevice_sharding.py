@@ -158,7 +158,7 @@ def test_a_bad_mesh_stops_a_load_before_any_weight_is_read(tiny_hf_checkpoint, m
     raise AssertionError('a weight was read')
 
   monkeypatch.setattr(hf, '_params', never)
-  with pytest.raises(ValueError, match=r'num_heads \(4\) must be divisible by the '
+  with pytest.raises(ValueError, match=r'^num_heads \(4\) must be divisible by the '
                                        r'tensor-parallel size \(8\)'):
     weights.load(tiny_hf_checkpoint, mesh='tp:8')
 

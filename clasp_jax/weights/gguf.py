@@ -319,7 +319,10 @@ def load_gguf(path: str, dtype: np.dtype, check: Callable[[LlamaConfig], None] =
     rope_freqs = _dequantize(tensors[_ROPE_FREQS]) if _ROPE_FREQS in tensors else None
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
     config = _config(metadata, set(tensors), rope_freqs, tokenizer)
-    check(config)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from e
+  check(config)  # the caller's objection, not the file's: its own message
+  try:
     return config, _params(tensors, config, np.dtype(dtype)), tokenizer
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from e

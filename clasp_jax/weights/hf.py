@@ -185,7 +185,10 @@ def load_hf(folder: str, dtype: np.dtype, check: Callable[[LlamaConfig], None] =
       raise ValueError('no *.safetensors files')
     tokenizer = Tokenizer.from_hf(folder)
     config = _config(hf, tokenizer)
-    check(config)
+  except ValueError as e:
+    raise ValueError(f'{folder}: {e}') from e
+  check(config)  # the caller's objection, not the folder's: its own message
+  try:
     return config, _params(files, config, np.dtype(dtype)), tokenizer
   except ValueError as e:
     raise ValueError(f'{folder}: {e}') from e
