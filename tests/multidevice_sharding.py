@@ -2,9 +2,10 @@
 under XLA_FLAGS=--xla_force_host_platform_device_count=8 (skipped with fewer devices).
 
 On meshes of 2 and 4 devices (KV heads split, then each held by two devices) the tiny
-model's tokens equal the single-device run's (`CASES`); params and cache carry the rules' shardings; the loaders and the planted
-benchmark models place weights straight into them; the Pallas kernel runs per device on its
-own heads.
+model's tokens equal the single-device run's (`CASES`); params and cache carry the rules'
+shardings; the loaders and the planted benchmark models place weights straight into them; a
+bad mesh stops a load before any weight is read; the Pallas kernel runs per device on its own
+heads.
 """
 
 import functools
