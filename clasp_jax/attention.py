@@ -22,6 +22,11 @@ Together with matrix products whose shapes do not depend on the pass (see
 same way. This module is the plain `jnp` version: the CPU and TPU path, and the reference
 that `attention_pallas` (the fused GPU kernel) is tested against.
 
+One pass is exempt: the prefill of a new prompt in one pass, which starts at position 0 with
+nothing cached. Its rows are computed once, by the same program for every method of a decoder,
+so no other pass has to match them, and on a GPU it attends through cuDNN's fused causal
+attention (`prompt_attention`) rather than block by block.
+
 Every attention here and in `attention_pallas` takes the chunk's queries, keys and values as
 three arrays, or packed into one (`k` and `v` then None): [B, T, n, H/n + 2 KV/n, hd], shard
 i's query, key and value heads side by side, as the fused q/k/v product lays them out
@@ -238,3 +243,52 @@ def segment_attention(q_BTHh: jax.Array,
                   for p_BKGTS, (_, v_BSKh, _) in zip(jnp.split(probs_BKGTX, splits, -1),
                                                      segments))
   return out_BTKGh.reshape(B, T, H * hd)
+
+
+def prompt_attention(q_BTHh: jax.Array, k_BTKh: jax.Array | None, v_BTKh: jax.Array | None,
+                     cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
+                     layer: jax.Array | int, start: jax.Array, riders: Riders | None = None, *,
+                     implementation: str | None = 'cudnn') -> jax.Array:
+  """Causal grouped-query attention of a chunk at position 0 over its own keys: a new
+  prompt's one-pass prefill, before anything is cached.
+
+  One fused kernel on a GPU (cuDNN's flash attention, `jax.nn.dot_product_attention`) where
+  `cache_attention` runs a loop of small kernels per block of keys. Its reduction order is
+  cuDNN's: see the module docstring for why the prefill may differ from `cache_attention`.
+
+  Args:
+    q_BTHh, k_BTKh, v_BTKh: as `cache_attention`'s (k and v None: packed).
+    cache_k_LBSKh, cache_v_LBSKh: the (empty) cache, for its KV head count and dtype only.
+    layer: unused (the signature is `cache_attention`'s).
+    start: unused: the chunk must start at position 0.
+    riders: must be None.
+    implementation: `jax.nn.dot_product_attention`'s ('cudnn'; 'xla' runs anywhere).
+
+  Returns:
+    The attention output [B, T, H*hd] in the queries' dtype.
+  """
+  del layer, start
+  if riders is not None:
+    raise ValueError('the prompt attention takes no riders')
+  if k_BTKh is None:
+    q_BTHh, k_BTKh, v_BTKh = split_packed(q_BTHh, cache_k_LBSKh.shape[3])
+  B, T, H, hd = q_BTHh.shape
+  dtype = cache_k_LBSKh.dtype  # keys and values as a later pass would read them back
+  out_BTHh = jax.nn.dot_product_attention(q_BTHh.astype(dtype), k_BTKh.astype(dtype),
+                                          v_BTKh.astype(dtype), is_causal=True,
+                                          implementation=implementation)
+  return out_BTHh.reshape(B, T, H * hd).astype(q_BTHh.dtype)
+
+
+def fused_prompt_attention_runs(head_dim: int, dtype) -> bool:
+  """Whether cuDNN's fused attention (`prompt_attention`) takes heads of `head_dim` in `dtype`
+  on this machine: its own checks (cuDNN found, a GPU recent enough, 16-bit floats, the head
+  size) run as it is traced, without compiling or running anything."""
+  x = jax.ShapeDtypeStruct((1, 8, 1, head_dim), dtype)
+  attend = functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                             implementation='cudnn')
+  try:
+    jax.eval_shape(attend, x, x, x)
+  except (NotImplementedError, RuntimeError, ValueError):
+    return False
+  return True

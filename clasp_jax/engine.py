@@ -246,7 +246,8 @@ def _is_eos(config: LlamaConfig, tokens: jax.Array) -> jax.Array:
 
 def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: jax.Array,
              cache: KVCache, *, config: LlamaConfig, sampling: SamplingConfig,
-             chunk: int | None = None) -> DecodeState:
+             chunk: int | None = None,
+             prompt_attention: model_lib.Attention | None = None) -> DecodeState:
   """Runs the padded prompt, picks the first new token and builds the decode state.
 
   With a `chunk` (a power of two) shorter than the bucket the prompt runs as passes of that
@@ -259,11 +260,13 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
   The sampling key is made from `seed` (int32) here rather than passed in: making it on its
   own would be one more program for a new process to load before its first token.
 
-  The prefill is the same program for every method (plain `jnp` attention over the prompt,
-  no skip set: the policy puts a method's first skip set in force), so all of them start
-  from the same cache and first token, and a compilation cache serves them all. The empty
-  cache comes in as an argument: built inside, it would be a constant that XLA spends
-  minutes constant-folding attention over.
+  The prefill is the same program for every method of a decoder (no skip set: the policy
+  puts a method's first skip set in force), so all of them start from the same cache and
+  first token, and a compilation cache serves them all. A prompt run in one pass attends
+  through `prompt_attention` where one is given (see `resolve_prompt_attention`), passes
+  of a chunked prompt through `attention.cache_attention`, as later chunks read the cache.
+  The empty cache comes in as an argument: built inside, it would be a constant that XLA
+  spends minutes constant-folding attention over.
   """
   max_len = cache.max_len
   P = tokens_P.shape[0]
@@ -274,8 +277,10 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
     hidden states of the last prompt token (meaningful in the pass that holds it)."""
     tokens_1W = jax.lax.dynamic_slice_in_dim(tokens_P, first, width)[None]
     last_11 = jnp.clip(prompt_len - 1 - first, 0, width - 1).reshape(1, 1)
+    attention = (prompt_attention if prompt_attention is not None and width == P
+                 else attention_lib.cache_attention)
     out = model_lib.forward(params, config, tokens_1W, cache, out_idx_BP=last_11,
-                            attention=attention_lib.cache_attention)
+                            attention=attention)
     return out.cache, out.logits_BPV[0, 0], out.hiddens_LBPD[:, 0, 0]
 
   if C == P:
@@ -516,6 +521,22 @@ def resolve_attention(name: str, config: LlamaConfig | None = None, mesh=None, *
   return sharding_lib.shard_attention(attention, config, mesh, kernel=name == 'pallas')
 
 
+def resolve_prompt_attention(name: str, config: LlamaConfig, dtype, mesh=None
+                             ) -> model_lib.Attention | None:
+  """The attention of a prompt's one-pass prefill: cuDNN's fused kernel
+  (`attention.prompt_attention`) where `name` ('auto', 'xla' or 'pallas', as for
+  `resolve_attention`) gives fused kernels and cuDNN takes the model's heads in `dtype`;
+  else None, for `attention.cache_attention`. On a mesh each device attends with its own
+  heads (`sharding.shard_attention`)."""
+  if name == 'auto':
+    name = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
+  if name != 'pallas' or not attention_lib.fused_prompt_attention_runs(config.head_dim, dtype):
+    return None
+  if mesh is None:
+    return attention_lib.prompt_attention
+  return sharding_lib.shard_attention(attention_lib.prompt_attention, config, mesh, kernel=True)
+
+
 def resolve_rider_choice(name: str, mesh=None):
   """The CLaSp DP's step between layers for candidates riding a verify pass: the fused
   kernel (`clasp_pallas.next_riders_pallas`) where `name` ('auto', 'xla' or 'pallas', as for
@@ -549,7 +570,8 @@ class Decoder:
       the rows acceptance reads, instead of the pass's W-row product (see `row_logits`).
       Decoders compare exactly only with the same choice; None: `default_logits_by_row()`,
       the same for every method of a platform.
-    attention: 'auto', 'xla' or 'pallas' (see `resolve_attention`).
+    attention: 'auto', 'xla' or 'pallas' (see `resolve_attention`; the fused kernels also
+      give a prompt's one-pass prefill cuDNN's attention, `resolve_prompt_attention`).
     mesh: a `jax.sharding.Mesh` (or a spec, 'tp:N' or 'auto') to run tensor-parallel on,
       params and cache placed by `sharding`'s rules (params already there stay put); None:
       one device.
@@ -579,8 +601,10 @@ class Decoder:
     self._round_params = self.params
     # float32 means float32: on accelerators JAX's default would multiply in TF32 or bf16.
     precision = 'highest' if self.params['embed'].dtype == jnp.float32 else None
-    self._prefill_fn = functools.partial(_prefill, config=config, sampling=sampling,
-                                         chunk=prefill_chunk())
+    self._prefill_fn = functools.partial(
+        _prefill, config=config, sampling=sampling, chunk=prefill_chunk(),
+        prompt_attention=resolve_prompt_attention(attention, config,
+                                                  self.params['embed'].dtype, self.mesh))
     self._prefill = _CompiledFunction(self._prefill_fn, donate_argnums=(4,),
                                       precision=precision, placement=placement)
     attend = resolve_attention(attention, config, self.mesh)

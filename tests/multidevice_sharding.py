@@ -222,3 +222,27 @@ def test_pallas_kernel_reads_each_devices_packed_heads(riders):
   out = sharded(packed, None, None, *caches, 1, start, riders)
   want = attention.cache_attention(q, k, v, *caches, 1, start, riders)
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('packed', [False, True], ids=['three_arrays', 'packed'])
+def test_prompt_attention_runs_per_device_on_its_own_heads(packed):
+  """A prompt's one-pass attention (`attention.prompt_attention`, cuDNN's on a GPU, XLA's
+  here) per device on 2 devices gives the one-device cache attention's output at position
+  0, its q, k and v as three arrays or packed per shard."""
+  config = tiny.tiny_config()
+  mesh = sharding.make_mesh('tp:2')
+  rng = np.random.default_rng(2)
+  T, S = 16, 256
+  H, KV, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+  q, k, v = normal(1, T, H, hd), normal(1, T, KV, hd), normal(1, T, KV, hd)
+  caches = [normal(2, 1, S, KV, hd) for _ in range(2)]
+  inputs = (q, k, v)
+  if packed:
+    inputs = (jnp.stack([jnp.concatenate([x.reshape(1, T, 2, -1, hd)[:, :, i] for x in (q, k, v)],
+                                         axis=2) for i in range(2)], axis=2), None, None)
+  prompt = functools.partial(attention.prompt_attention, implementation='xla')
+  sharded = jax.jit(sharding.shard_attention(prompt, config, mesh, kernel=True))
+  out = sharded(*inputs, *caches, 1, 0)
+  want = attention.cache_attention(q, k, v, *caches, 1, jnp.int32(0))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
