@@ -4,6 +4,7 @@ weight-bytes roofline; optionally beside an older checkout measured in the same 
   python scripts/bench_decode.py --presets=smollm2-135m,llama3-8b --contexts=1024,4096 \
       --baseline=/path/to/older/checkout --out=docs/results/h200/decode.json
   python scripts/bench_decode.py --presets=llama3-8b,llama3-70b --mesh=none,tp:2
+  python scripts/bench_decode.py --what=prefill --contexts=128,1024,4096 --attention=auto,xla
 
 Writes the rows as JSON and a markdown table beside it (`.md`), rewritten after every row, and
 prints the table. See `clasp_jax/bench/decode.py` for what each figure is.
@@ -22,8 +23,11 @@ from clasp_jax.configs import models
 
 _PRESETS = flags.DEFINE_list('presets', ['smollm2-135m', 'llama3-8b'], 'Model shapes.')
 _CONTEXTS = flags.DEFINE_list('contexts', ['1024'], 'Tokens in the cache while decoding.')
+_WHATS = ('plain', 'draft', 'refresh', 'prefill')
 _WHAT = flags.DEFINE_list('what', ['plain', 'draft', 'refresh'], 'plain: plain decoding; '
-                          'draft: static M = L/2, DET 0; refresh: CLaSp M = L/2, LOI 1.')
+                          'draft: static M = L/2, DET 0; refresh: CLaSp M = L/2, LOI 1; '
+                          'prefill: the time to the first token from a prompt of each '
+                          'context.')
 _ATTENTION = flags.DEFINE_list('attention', ['auto'], "The new engine's cache attention: auto, "
                                'xla, pallas (each measured).')
 _BASELINE = flags.DEFINE_string('baseline', None, 'An older checkout to measure beside this '
@@ -50,6 +54,9 @@ def main(argv):
     meshes = ['' if m == 'none' else str(sharding.parse_mesh(m)) for m in _MESH.value]
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  unknown = set(_WHAT.value) - set(_WHATS)
+  if unknown:
+    raise app.UsageError(f'unknown --what {sorted(unknown)}; known: {list(_WHATS)}')
   if _LONG.value <= _SHORT.value:
     raise app.UsageError(f'--long ({_LONG.value}) must exceed --short ({_SHORT.value})')
   configs = {p: dataclasses.asdict(models.PRESETS[p]()) for p in _PRESETS.value}

@@ -77,3 +77,30 @@ def test_a_change_and_a_table_are_the_refresh_rows_excess_per_refresh_and_per_ta
   assert refresh['table_in_verify_passes'] == 6.0
   assert refresh['change_in_verify_passes'] == 8.0
   assert '| 2.00 | 6.00 | 0.25 | 8.00 |' in decode.markdown(rows)
+
+
+def test_a_prefill_case_times_one_token_generations_from_a_prompt_of_its_context(
+    monkeypatch):
+  """A 'prefill' case times 1-token generations from a prompt of its context's length, in
+  turns with the decoding cases (which keep their prompts of the context less the long
+  budget), and its row and table give the time to the first token alone."""
+  log = []
+
+  class Logged(_FakeDecoder):
+    def generate(self, prompt, max_new_tokens):
+      log.append((self.name, len(prompt), max_new_tokens))
+      return super().generate(prompt, max_new_tokens)
+
+  monkeypatch.setattr(decode, 'case_strategy', lambda what, config: what)
+  monkeypatch.setattr(decode, '_decoder', lambda params, config, what, attention, mesh:
+                      Logged(what, 1, []))
+  cases = [decode.Case('tiny', 256, 'plain'), decode.Case('tiny', 256, 'prefill')]
+  rows = decode.measure(cases, None, types.SimpleNamespace(vocab_size=100), short=16,
+                        long=80, reps=2)
+  turn = [('plain', 176, 16), ('plain', 176, 80), ('prefill', 256, 1)]
+  assert log == turn * 3
+  assert set(rows[1]) == {'seconds_to_first_token'} and rows[1]['seconds_to_first_token'] > 0
+  rows[1].update(dataclasses.asdict(cases[1]), engine='e', device_kind='cpu',
+                 seconds_to_first_token=0.0125)
+  assert decode.markdown(decode.summarize(rows[1:])).splitlines()[-1].endswith(
+      '| prefill |  |  |  |  |  |  |  |  | 12.50 |')

@@ -16,6 +16,8 @@ prompt, over the difference in tokens, so the prefill and per-call costs cancel:
                    over the host's refreshes per round (with the DP in the verify passes, a
                    segment returns to the host only where the set changes) it is the cost
                    of one change
+  prefill       = the time to the first token: a 1-token generation (the prefill's program
+                   and the call's own costs) from a prompt of the case's `context` tokens
 
 Random weights of a preset's shape (a random model writes degenerate text; speed does not
 care, and DET 0 fixes the drafts per round). The roofline is the time to read the weights
@@ -51,8 +53,10 @@ class Case:
 
   Attributes:
     preset: a `configs.models.PRESETS` name.
-    context: tokens in the cache while decoding (the prompt is this less the long budget).
-    what: 'plain', 'draft' (static, M = L/2, DET 0) or 'refresh' (CLaSp, M = L/2, LOI 1).
+    context: tokens in the cache while decoding (the prompt is this less the long budget;
+      for 'prefill', the prompt).
+    what: 'plain', 'draft' (static, M = L/2, DET 0), 'refresh' (CLaSp, M = L/2, LOI 1) or
+      'prefill' (plain decoding's first token).
     attention: the new engine's attention ('auto', 'xla', 'pallas'); ignored by old ones.
   """
 
@@ -158,12 +162,13 @@ def _timed(decoder, prompt, max_new_tokens) -> tuple[float, int, int, int]:
 
 
 def case_strategy(what: str, config):
-  """The strategy a case measures: 'plain' decoding; 'draft', static drafting at M = L / 2
+  """The strategy a case measures: 'plain' decoding (and its 'prefill'); 'draft', static
+  drafting at M = L / 2
   (every other layer), K = 8, DET 0; 'refresh', CLaSp at M = L / 2, LOI 1, layer-skip drafts
   only, K = 8, DET 0."""
   from clasp_jax import strategies  # pylint: disable=g-import-not-at-top
   L, K = config.num_layers, 8
-  if what == 'plain':
+  if what in ('plain', 'prefill'):
     return strategies.build('vanilla', config)
   if what == 'draft':
     return strategies.build('static', config, skip_set=tuple(range(1, L, 2))[:L // 2],
@@ -174,31 +179,37 @@ def case_strategy(what: str, config):
 
 def measure(cases: list[Case], params, config, short: int, long: int, reps: int,
             mesh=None) -> list[dict]:
-  """Each case's per-token (or per-round) seconds on one model, from two generation lengths.
+  """Each case's per-token (or per-round) seconds on one model, from two generation lengths;
+  a 'prefill' case's seconds to the first token, from 1-token generations.
 
   Every generation is compiled and run once untimed first. Then each of `reps` turns times
-  every case's short and long generation before the next turn, so that cases measured
-  together see the same machine: a drift of its speed during the run falls on all of them,
-  not on whichever ran last (`--interleave`; a case measured alone takes its turns alone).
+  every case's generations before the next turn, so that cases measured together see the
+  same machine: a drift of its speed during the run falls on all of them, not on whichever
+  ran last (`--interleave`; a case measured alone takes its turns alone).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   runs = []
   for case in cases:
     decoder = _decoder(params, config, case_strategy(case.what, config), case.attention, mesh)
-    prompt = np.random.RandomState(0).randint(0, config.vocab_size,
-                                              case.context - long).tolist()
-    for n in (short, long):
+    lengths = (1,) if case.what == 'prefill' else (short, long)
+    prompt_len = case.context if case.what == 'prefill' else case.context - long
+    prompt = np.random.RandomState(0).randint(0, config.vocab_size, prompt_len).tolist()
+    for n in lengths:
       decoder.generate(prompt, n)  # compiles
-    runs.append((decoder, prompt))
-  timed = [{short: [], long: []} for _ in cases]  # per case: length -> _timed's tuples
+    runs.append((decoder, prompt, lengths))
+  timed = [{n: [] for n in lengths} for _, _, lengths in runs]  # length -> _timed's tuples
   for _ in range(reps):
-    for (decoder, prompt), by_length in zip(runs, timed):
-      for n in (short, long):
+    for (decoder, prompt, lengths), by_length in zip(runs, timed):
+      for n in lengths:
         by_length[n].append(_timed(decoder, prompt, n))
   rows = []
-  for (decoder, _), by_length in zip(runs, timed):
+  for (decoder, _, lengths), by_length in zip(runs, timed):
+    medians = {n: sorted(by_length[n])[reps // 2] for n in lengths}
+    if lengths == (1,):
+      rows.append(dict(seconds_to_first_token=medians[1][0]))
+      continue
     (t_short, n_short, r_short, f_short), (t_long, n_long, r_long, f_long) = (
-        sorted(by_length[n])[reps // 2] for n in (short, long))
+        medians[short], medians[long])
     rounds = max(r_long - r_short, 1)
     rows.append(dict(seconds_per_token=(t_long - t_short) / max(n_long - n_short, 1),
                      seconds_per_round=(t_long - t_short) / rounds,
@@ -319,8 +330,9 @@ def markdown(rows: list[dict]) -> str:
   """The rows as a markdown table."""
   lines = ['| engine | mesh | preset | context | attention | what | ms/token | ms/round | '
            'roofline | draft step / plain step | refresh (verify passes) | '
-           'DP table (verify passes) | host refreshes / round | a change (verify passes) |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           'DP table (verify passes) | host refreshes / round | a change (verify passes) | '
+           'first token ms |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   def fmt(value, spec):
     return format(value, spec) if value is not None else ''
   for r in rows:
@@ -328,17 +340,20 @@ def markdown(rows: list[dict]) -> str:
     if 'error' in r:
       lines.append(f"| {r.get('engine', '')} | {mesh} | {r.get('preset', '')} | "
                    f"{r.get('context', '')} | {r.get('attention', '')} | {r.get('what', '')} | "
-                   f"error: {r['error']} | | | | | | | |")
+                   f"error: {r['error']} | | | | | | | | |")
       continue
+    ms = {k: 1e3 * r[k] if k in r else None
+          for k in ('seconds_per_token', 'seconds_per_round', 'seconds_to_first_token')}
     lines.append(
         f"| {r['engine']} | {mesh} | {r['preset']} | {r['context']} | {r['attention']} | "
         f"{r['what']} | "
-        f"{1e3 * r['seconds_per_token']:.3f} | {1e3 * r['seconds_per_round']:.3f} | "
+        f"{fmt(ms['seconds_per_token'], '.3f')} | {fmt(ms['seconds_per_round'], '.3f')} | "
         f"{fmt(r.get('roofline_fraction'), '.0%')} | {fmt(r.get('draft_step_fraction'), '.2f')} "
         f"| {fmt(r.get('refresh_in_verify_passes'), '.2f')} "
         f"| {fmt(r.get('table_in_verify_passes'), '.2f')} "
         f"| {fmt(r.get('refreshes_per_round'), '.2f')} "
-        f"| {fmt(r.get('change_in_verify_passes'), '.2f')} |")
+        f"| {fmt(r.get('change_in_verify_passes'), '.2f')} "
+        f"| {fmt(ms['seconds_to_first_token'], '.2f')} |")
   return '\n'.join(lines) + '\n'
 
 
