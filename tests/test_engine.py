@@ -40,6 +40,7 @@ def test_greedy_is_identical_to_vanilla(tiny_model, tiny_vanilla_outputs, method
     assert all(1 <= a <= decoder.strategy.num_draft_tokens + 1 for a in out.accept_lengths)
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="the CPU's pass width")
 def test_every_method_shares_the_cpus_pass_width(tiny_model):
   """On the CPU every method's decoder runs passes of `CPU_PASS_WIDTH` rows unless told
   otherwise (one width, so that they compare exactly), K + 1 for the default K; CLaSp's DP
@@ -194,6 +195,8 @@ def test_a_prefill_in_chunks_starts_where_one_pass_does(tiny_model, monkeypatch)
             == chunked.generate(prompt, tiny.MAX_NEW).token_ids)
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu',
+                    reason="reads XLA:CPU's programs, where a product stays a dot")
 @pytest.mark.parametrize('logits_by_row', [True, False])
 def test_logits_by_row_compute_the_lm_head_one_row_at_a_time(tiny_model, logits_by_row):
   """With `logits_by_row` no program of a decoder runs the LM head over a pass's W rows: a
