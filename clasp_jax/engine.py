@@ -272,19 +272,18 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
   P = tokens_P.shape[0]
   C = min(chunk or P, P)
 
-  def run(first, width, cache):
+  def run(first, width, cache, attention=attention_lib.cache_attention):
     """The pass over tokens [first, first + width): the cache it leaves, the logits and the
     hidden states of the last prompt token (meaningful in the pass that holds it)."""
     tokens_1W = jax.lax.dynamic_slice_in_dim(tokens_P, first, width)[None]
     last_11 = jnp.clip(prompt_len - 1 - first, 0, width - 1).reshape(1, 1)
-    attention = (prompt_attention if prompt_attention is not None and width == P
-                 else attention_lib.cache_attention)
     out = model_lib.forward(params, config, tokens_1W, cache, out_idx_BP=last_11,
                             attention=attention)
     return out.cache, out.logits_BPV[0, 0], out.hiddens_LBPD[:, 0, 0]
 
   if C == P:
-    cache, logits_V, hidden_LD = run(0, P, cache)
+    cache, logits_V, hidden_LD = run(0, P, cache,
+                                     prompt_attention or attention_lib.cache_attention)
   else:
     quarter = C // 4
     num_chunks, rest = prompt_len // C, prompt_len % C
@@ -500,14 +499,21 @@ def enable_compilation_cache(cache_dir: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def _attention_kind(name: str) -> str:
+  """'auto' as what it means here: 'pallas' (the fused kernels) on GPUs, 'xla' elsewhere;
+  other names as they are."""
+  if name == 'auto':
+    return 'pallas' if jax.default_backend() == 'gpu' else 'xla'
+  return name
+
+
 def resolve_attention(name: str, config: LlamaConfig | None = None, mesh=None, *,
                       prefix: bool = False):
   """The cache attention for 'auto' (the fused kernel on GPUs, plain `jnp` elsewhere),
   'xla' (plain `jnp` everywhere) or 'pallas' (the fused GPU kernel); on a mesh, as each
   device runs it on its own heads (`sharding.shard_attention`). `prefix`: the CLaSp DP's
   attention (`attention.prefix_attention`) of the same kind instead."""
-  if name == 'auto':
-    name = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
+  name = _attention_kind(name)
   if name == 'xla':
     attention = attention_lib.prefix_attention if prefix else attention_lib.cache_attention
   elif name == 'pallas':
@@ -528,9 +534,8 @@ def resolve_prompt_attention(name: str, config: LlamaConfig, dtype, mesh=None
   `resolve_attention`) gives fused kernels and cuDNN takes the model's heads in `dtype`;
   else None, for `attention.cache_attention`. On a mesh each device attends with its own
   heads (`sharding.shard_attention`)."""
-  if name == 'auto':
-    name = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
-  if name != 'pallas' or not attention_lib.fused_prompt_attention_runs(config.head_dim, dtype):
+  if (_attention_kind(name) != 'pallas'
+      or not attention_lib.fused_prompt_attention_runs(config.head_dim, dtype)):
     return None
   if mesh is None:
     return attention_lib.prompt_attention
@@ -542,9 +547,7 @@ def resolve_rider_choice(name: str, mesh=None):
   kernel (`clasp_pallas.next_riders_pallas`) where `name` ('auto', 'xla' or 'pallas', as for
   `resolve_attention`) gives the fused attention on one device, plain `jnp`
   (`clasp.next_riders`) elsewhere."""
-  if name == 'auto':
-    name = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
-  if name == 'pallas' and mesh is None:
+  if _attention_kind(name) == 'pallas' and mesh is None:
     from clasp_jax.strategies import clasp_pallas  # pylint: disable=g-import-not-at-top
     return clasp_pallas.next_riders_pallas
   return clasp_lib.next_riders

@@ -203,6 +203,15 @@ def test_pallas_kernel_runs_per_device_on_its_own_heads(mesh, riders):
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def _packed_per_shard(q_BTHh, k_BTKh, v_BTKh, n):
+  """q, k and v packed as the fused q/k/v product lays them out over n shards: [B, T, n,
+  H/n + 2 KV/n, hd], shard i's query, key and value heads side by side."""
+  B, T, _, hd = q_BTHh.shape
+  return jnp.stack([jnp.concatenate([x.reshape(B, T, n, -1, hd)[:, :, i]
+                                     for x in (q_BTHh, k_BTKh, v_BTKh)], axis=2)
+                    for i in range(n)], axis=2)
+
+
 @pytest.mark.parametrize('riders', RIDERS, ids=['tokens', 'riders'])
 def test_pallas_kernel_reads_each_devices_packed_heads(riders):
   """q, k and v packed per shard (device i's [q_i k_i v_i], as the fused q/k/v product lays
@@ -215,8 +224,7 @@ def test_pallas_kernel_reads_each_devices_packed_heads(riders):
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
   q, k, v = normal(1, T, H, hd), normal(1, T, KV, hd), normal(1, T, KV, hd)
   caches = [normal(2, 1, S, KV, hd) for _ in range(2)]
-  packed = jnp.stack([jnp.concatenate([x.reshape(1, T, 2, -1, hd)[:, :, i] for x in (q, k, v)],
-                                      axis=2) for i in range(2)], axis=2)
+  packed = _packed_per_shard(q, k, v, 2)
   kernel = functools.partial(attention_pallas.cache_attention_pallas, interpret=True)
   sharded = jax.jit(sharding.shard_attention(kernel, config, mesh, kernel=True))
   out = sharded(packed, None, None, *caches, 1, start, riders)
@@ -239,8 +247,7 @@ def test_prompt_attention_runs_per_device_on_its_own_heads(packed):
   caches = [normal(2, 1, S, KV, hd) for _ in range(2)]
   inputs = (q, k, v)
   if packed:
-    inputs = (jnp.stack([jnp.concatenate([x.reshape(1, T, 2, -1, hd)[:, :, i] for x in (q, k, v)],
-                                         axis=2) for i in range(2)], axis=2), None, None)
+    inputs = (_packed_per_shard(q, k, v, 2), None, None)
   prompt = functools.partial(attention.prompt_attention, implementation='xla')
   sharded = jax.jit(sharding.shard_attention(prompt, config, mesh, kernel=True))
   out = sharded(*inputs, *caches, 1, 0)

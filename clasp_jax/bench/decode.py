@@ -203,9 +203,9 @@ def measure(cases: list[Case], params, config, short: int, long: int, reps: int,
       for n in lengths:
         by_length[n].append(_timed(decoder, prompt, n))
   rows = []
-  for (decoder, _, lengths), by_length in zip(runs, timed):
+  for case, (decoder, _, lengths), by_length in zip(cases, runs, timed):
     medians = {n: sorted(by_length[n])[reps // 2] for n in lengths}
-    if lengths == (1,):
+    if case.what == 'prefill':
       rows.append(dict(seconds_to_first_token=medians[1][0]))
       continue
     (t_short, n_short, r_short, f_short), (t_long, n_long, r_long, f_long) = (
