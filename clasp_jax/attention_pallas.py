@@ -231,7 +231,7 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
     stride, kv_offsets = (H, KV), (0, 0)
 
   scalars = (start, layer) + (() if riders is None else (riders.pos,))
-  scalars = tuple(jnp.asarray(x, jnp.int32) for x in scalars)
+  scalars = tuple(_int32(x) for x in scalars)
   scalar_spec = pl.BlockSpec((), lambda k, r, p: ())
   def whole_spec(rows):
     return pl.BlockSpec((rows, hd), lambda k, r, p: (0, 0))
@@ -353,8 +353,15 @@ def fold(m_PKX: jax.Array, l_PKX: jax.Array, o_PKXh: jax.Array, end: jax.Array |
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
       interpret=interpret,
       name='cache_attention_fold',
-  )(jnp.asarray(end, jnp.int32), m_PKX, l_PKX, o_PKXh)
+  )(_int32(end), m_PKX, l_PKX, o_PKXh)
   return out.reshape(1, num_tokens, num_heads * hd) if dtype is not None else tuple(out)
+
+
+def _int32(x: jax.Array | int) -> jax.Array:
+  """An int32 scalar, without a conversion where `x` is one already: a Python int that a
+  jitted kernel wrapper received is a weakly typed int32, which jax 0.11 converts with a
+  no-op `convert` that the kernel inlined by hand would not have (`_traced_once`)."""
+  return x if isinstance(x, jax.Array) and x.dtype == jnp.int32 else jnp.asarray(x, jnp.int32)
 
 
 def _num_heads(q_BTHh: jax.Array, k_BTKh: jax.Array | None, num_kv: int) -> int:

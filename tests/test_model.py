@@ -54,6 +54,15 @@ def _one_torch_thread():
   torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _float32_products():
+  """Float32 products at full precision, as transformers computes them: a GPU multiplies
+  float32 through TF32 by default (logits off by ~4e-4 on the tiny model). `Decoder` asks for
+  this precision itself for float32 weights; these tests call the model directly."""
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
 def _full_logits(params, config, tokens_BT):
   """One forward over every token from an empty cache."""
   tokens_BT = jnp.asarray(tokens_BT, jnp.int32)

@@ -144,6 +144,7 @@ def test_bfloat16_draws_are_unbiased():
   assert abs(float(jnp.mean(draws.astype(jnp.float32)))) < 0.002  # 4 standard errors
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="the CPU's buffer assignment")
 def test_70b_generators_need_no_temporaries():
   """Compiled for the 70B shape (nothing allocated): on the CPU a layer, and the embedding
   with the LM head, are written in place. (On an H200, XLA keeps 1.4 GB and 4.2 GB of

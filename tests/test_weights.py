@@ -62,7 +62,7 @@ def _assert_trees_close(actual, expected, atol):
 
 
 def test_hf_folder_matches_torch_state_dict(tiny_hf_checkpoint):
-  model = weights.load(tiny_hf_checkpoint, dtype='float32')
+  model = weights.load(tiny_hf_checkpoint, dtype='float32', per_layer=False)  # stacked
   torch_model = transformers.LlamaForCausalLM.from_pretrained(tiny_hf_checkpoint)
   state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
 
@@ -199,7 +199,7 @@ def test_gguf_unpermutes_qk_and_reads_biases_and_llama3_rope(tiny_hf_checkpoint,
   path = str(tmp_path / 'tiny.gguf')
   _write_tiny_gguf(path, state_dict, tokens, biases, rope_freqs)
 
-  model = weights.load(path, dtype='float32')
+  model = weights.load(path, dtype='float32', per_layer=False)  # stacked, as expected
 
   expected = _expected_params(state_dict, 4)
   expected['layers'].update(biases)
