@@ -11,10 +11,13 @@ import sys
 import numpy as np
 import pytest
 
+from clasp_jax import engine
+from clasp_jax import weights
 from clasp_jax.cli import bench
 from clasp_jax.cli import flags as flags_lib
 from clasp_jax.cli import generate
 from clasp_jax.engine import Generation
+from clasp_jax.sampling import SamplingConfig
 
 # JAX logs every compilation, so the tests can tell that none happened.
 _ENV = dict(os.environ, JAX_LOG_COMPILES='1', JAX_PLATFORMS='cpu')
@@ -63,6 +66,7 @@ _GENERATE_REJECTIONS = [
     (['--prompt=hi', '--cache_dir=/proc/version'], '--cache_dir=/proc/version: exists and is not '
      'a folder'),
     (['--prompt=hi', '--max_new_tokens=-1'], '--max_new_tokens=-1'),
+    (['--prompt=hi', '--pass_width=0'], '--pass_width=0'),
     (['--prompt=hi', '--temperature=-1'], 'temperature must be >= 0'),
     (['--prompt=hi', '--temperature=1', '--top_p=1.5'], 'top_p must be in (0, 1]'),
     (['--prompt=hi', '--method=static', '--skip_set=2,x'], '--skip_set must list layer indices'),
@@ -241,6 +245,17 @@ def test_stats_line_leaves_compilation_out_of_the_speed():
   generation = _generation(wall_time=12.0, compile_seconds=0.0, accept_lengths=accepted)
   assert generate.stats_line(generation, speculative=False) == (
       'prompt tokens 5 | new tokens 20 | decoding 12.0 s, 1.7 tokens/s | compiling 0.0 s')
+
+
+def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags):
+  """--pass_width sets the rows of every method's passes; unset, the platform's."""
+  model = weights.load(tiny_hf_checkpoint)
+  parse_flags('--prompt=p')
+  assert bench.make_generator(model, 'vanilla', SamplingConfig(), {}).pass_width == (
+      engine.default_pass_width())
+  parse_flags('--prompt=p', '--pass_width=1')
+  assert [bench.make_generator(model, m, SamplingConfig(), {}).pass_width
+          for m in ('vanilla', 'clasp')] == [1, 1]
 
 
 def test_method_variants_override_flags_for_one_method():

@@ -116,7 +116,8 @@ def generate_from_flags() -> Generation:
   sampling = flags_lib.sampling_config()
   strategy_kwargs = flags_lib.strategy_kwargs()
   model = flags_lib.load_model()
-  decoder = make_decoder(model, FLAGS.method, **dataclasses.asdict(sampling), **strategy_kwargs)
+  decoder = make_decoder(model, FLAGS.method, **dataclasses.asdict(sampling),
+                         pass_width=FLAGS.pass_width, **strategy_kwargs)
   prompt_ids = encode_prompt(model, prompt, chat=FLAGS.chat)
   flags_lib.progress('compiling, then generating (the first run compiles; later ones load the '
                      'compiled programs from --cache_dir) ...')

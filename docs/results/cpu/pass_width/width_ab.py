@@ -1,8 +1,9 @@
-"""Methods at pass widths 16 and 9 (K + 1 for the default K = 8), beside transformers' greedy
-`generate`, taking turns per prompt.
+"""Methods at pass widths 16 and 9 (K + 1 for the default K = 8), or those of $WIDTHS, beside
+transformers' greedy `generate`, taking turns per prompt.
 
   python docs/results/cpu/pass_width/width_ab.py                        # width_ab.json
   METHODS=vanilla,clasp OUT=width_ab_clasp.json python docs/results/cpu/pass_width/width_ab.py
+  WIDTHS=9,1 METHODS=hf,vanilla,clasp OUT=width_1.json python docs/results/cpu/pass_width/width_ab.py
 
 One Spec-Bench question per group (its first turn, chat template), 128 new tokens, after a
 warm-up generation of 8 tokens per prompt and method; tokens/s over the whole calls (the
@@ -19,7 +20,7 @@ qs = specbench.load_questions(os.path.join(HERE, '../../../../../shared/data/spe
 prompts = [clasp_jax.encode_prompt(model, q['turns'][0], chat=True) for q in qs]
 METHODS = os.environ.get('METHODS', 'hf,vanilla,pld').split(',')
 runs = {'hf': hf_reference.load_reference(model).generate} if 'hf' in METHODS else {}
-for w in (16, 9):
+for w in (int(w) for w in os.environ.get('WIDTHS', '16,9').split(',')):
   for name in METHODS:
     if name != 'hf':
       runs[f'{name}_w{w}'] = clasp_jax.Decoder(model.params, model.config,
