@@ -254,8 +254,9 @@ def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags):
   assert bench.make_generator(model, 'vanilla', SamplingConfig(), {}).pass_width == (
       engine.default_pass_width())
   parse_flags('--prompt=p', '--pass_width=1')
-  assert [bench.make_generator(model, m, SamplingConfig(), {}).pass_width
-          for m in ('vanilla', 'clasp')] == [1, 1]
+  decoders = [bench.make_generator(model, m, SamplingConfig(), {}) for m in ('vanilla', 'clasp')]
+  assert [d.pass_width for d in decoders] == [1, 1]
+  assert bench._method_settings(decoders[0]) == '`Vanilla()`, passes of 1 row'  # the summary
 
 
 def test_method_variants_override_flags_for_one_method():

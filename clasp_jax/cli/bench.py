@@ -172,12 +172,13 @@ def _typed_argv() -> list[str]:
 
 
 def _method_settings(generator: specbench.Generator) -> str:
-  """How a method decodes: its strategy's settings (paths in them portable), or the transformers
-  reference."""
+  """How a method decodes: its strategy's settings (paths in them portable) and its passes'
+  width, or the transformers reference."""
   if isinstance(generator, hf_reference.HFReference):
     return 'transformers `generate`, greedy, float32 (PyTorch)'
   settings = re.sub(r"'(/[^']*)'", lambda m: repr(portable_path(m[1])), str(generator.strategy))
-  return f'`{settings}`'
+  rows = generator.pass_width
+  return f'`{settings}`, passes of {rows} row{"s" if rows > 1 else ""}'
 
 
 def run_header(model: weights.LoadedModel, generators: dict[str, specbench.Generator],
