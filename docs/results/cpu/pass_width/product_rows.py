@@ -24,6 +24,8 @@ for M in (1, 2, 3, 4, 6, 8, 9, 12, 16):
   product(x_MK, w_KN).block_until_ready()
   times = []
   for _ in range(7):
-    t = time.perf_counter(); product(x_MK, w_KN).block_until_ready(); times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    product(x_MK, w_KN).block_until_ready()
+    times.append(time.perf_counter() - t)
   t = sorted(times)[3]
   print(f'M = {M:2d}: {t * 1e3:5.1f} ms, the weights at {w_KN.nbytes / t / 1e9:4.1f} GB/s')

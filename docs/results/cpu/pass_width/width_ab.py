@@ -3,7 +3,8 @@ transformers' greedy `generate`, taking turns per prompt.
 
   python docs/results/cpu/pass_width/width_ab.py                        # width_ab.json
   METHODS=vanilla,clasp OUT=width_ab_clasp.json python docs/results/cpu/pass_width/width_ab.py
-  WIDTHS=9,1 METHODS=hf,vanilla,clasp OUT=width_1.json python docs/results/cpu/pass_width/width_ab.py
+  WIDTHS=9,1 METHODS=hf,vanilla,clasp OUT=width_1.json \
+      python docs/results/cpu/pass_width/width_ab.py
 
 One Spec-Bench question per group (its first turn, chat template), 128 new tokens, after a
 warm-up generation of 8 tokens per prompt and method; tokens/s over the whole calls (the
