@@ -25,6 +25,8 @@ import numpy as np
 from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax import weights
+from clasp_jax.engine import CPU_PASS_WIDTH
+from clasp_jax.engine import DEFAULT_PASS_WIDTH
 from clasp_jax.engine import enable_compilation_cache
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.weights import store
@@ -53,9 +55,10 @@ flags.DEFINE_string('mesh', None, "Devices to shard the model over, tensor paral
 flags.DEFINE_integer('max_new_tokens', 256, 'Most new tokens per generation (per turn in '
                      'clasp-bench).', lower_bound=1)
 flags.DEFINE_integer('pass_width', None, "Rows of every full-model pass; unset: the platform's "
-                     '(9 on a CPU, 16 on accelerators). Methods give the same tokens only at '
-                     'one width. On a CPU, 1 makes plain decoding about 1.3x faster and drafting '
-                     'far slower (K + 1 passes a verify): for plain decoding alone.', lower_bound=1)
+                     f'({CPU_PASS_WIDTH} on a CPU, {DEFAULT_PASS_WIDTH} on accelerators). '
+                     'Methods give the same tokens only at one width. On a CPU, 1 makes plain '
+                     'decoding about 1.3x faster and drafting far slower (K + 1 passes a '
+                     'verify): for plain decoding alone.', lower_bound=1)
 flags.DEFINE_float('temperature', 0.0, '0: greedy; otherwise the sampling temperature.')
 flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens (0: all).')
 flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1: all tokens).')
