@@ -453,14 +453,15 @@ class _CompiledFunction:
   Compiling explicitly (rather than on a jitted call) lets `Decoder.compile` prepare a
   request without running it, and lets a generation report how long it spent compiling.
   On a mesh (`placement`) it is compiled for arguments in the sharding rules' places, and
-  its outputs are pinned there.
+  its outputs are pinned there. `per_layer` picks the XLA options of a program over per-layer
+  weights (`xla_options.compiler_options`).
   """
 
   def __init__(self, fn, donate_argnums: tuple[int, ...] = (), precision: str | None = None,
-               placement: sharding_lib.Placement | None = None):
+               placement: sharding_lib.Placement | None = None, per_layer: bool = False):
     self._jitted = jax.jit(fn if placement is None else placement.pin(fn),
                            donate_argnums=donate_argnums,
-                           compiler_options=xla_options.compiler_options())
+                           compiler_options=xla_options.compiler_options(per_layer))
     self._precision = precision
     self._placement = placement
     self._compiled: dict[Any, Any] = {}
@@ -563,9 +564,10 @@ class Decoder:
     sampling: greedy (default) or sampling settings.
     tokenizer: optional; used to decode the text of each generation.
     fast_path: per-layer weight buffers looped over in Python, and a draft over the active
-      layers' buffers alone (what pays on GPU and TPU), instead of a `lax.scan` over stacked
-      weights with a `lax.cond` per layer (the reference). None picks by backend. Both give
-      identical tokens.
+      layers' buffers alone (what pays on GPU and TPU, and for 1-row passes on a CPU), instead
+      of a `lax.scan` over stacked weights with a `lax.cond` per layer (the reference). None
+      picks by backend and pass width (`model.per_layer_by_default`). Both give identical
+      tokens.
     pass_width: tokens per full-model pass (see the module docstring). Decoders compare
       exactly only at the same width; None: `default_pass_width()`, the same for every
       method of a platform.
@@ -596,7 +598,7 @@ class Decoder:
     self.sampling, self.tokenizer, self.pass_width = sampling, tokenizer, pass_width
     self.logits_by_row = logits_by_row
     if fast_path is None:
-      fast_path = model_lib.per_layer_by_default()
+      fast_path = model_lib.per_layer_by_default(pass_width)
     self.fast_path = fast_path
     self.params = sharding_lib.place_params(params, config, self.mesh, per_layer=fast_path)
     placement = None if self.mesh is None else sharding_lib.Placement(config, self.mesh)
@@ -608,8 +610,11 @@ class Decoder:
         _prefill, config=config, sampling=sampling, chunk=prefill_chunk(),
         prompt_attention=resolve_prompt_attention(attention, config,
                                                   self.params['embed'].dtype, self.mesh))
-    self._prefill = _CompiledFunction(self._prefill_fn, donate_argnums=(4,),
-                                      precision=precision, placement=placement)
+    # Every program of the decoder: its precision, its placement on the mesh, and the XLA
+    # options of its layer layout.
+    compiled = functools.partial(_CompiledFunction, precision=precision, placement=placement,
+                                 per_layer=fast_path)
+    self._prefill = compiled(self._prefill_fn, donate_argnums=(4,))
     attend = resolve_attention(attention, config, self.mesh)
     prefix_attend = resolve_attention(attention, config, self.mesh, prefix=True)
     # The CLaSp DP inside verify passes: F candidates in the rows a verify pass pads.
@@ -623,19 +628,18 @@ class Decoder:
     if strategy.lookup_strategy is not None:
       kinds['lookup'] = (strategy.lookup_strategy, True, 0)
     self._segments = {
-        kind: _CompiledFunction(
+        kind: compiled(
             functools.partial(_segment, strategy=runs, draft=draft, width=pass_width,
                               logits_by_row=logits_by_row, attention=attend,
                               placement=placement, config=config, sampling=sampling,
                               search_rows=rows,
                               choose_riders=resolve_rider_choice(attention, self.mesh)),
-            donate_argnums=(1,), precision=precision, placement=placement)
+            donate_argnums=(1,))
         for kind, (runs, draft, rows) in kinds.items()}
     # M is traced: one compile serves every M.
-    self._choose_skip_set = _CompiledFunction(
+    self._choose_skip_set = compiled(
         functools.partial(_choose_skip_set, config=config, strategy=strategy,
-                          attention=prefix_attend),
-        precision=precision, placement=placement)
+                          attention=prefix_attend))
     self.refresh_seconds = []
     self._start_generation()
 

@@ -325,10 +325,20 @@ def fuse_projections(lp: Params, num_shards: int = 1, fuse_qkv: bool = True) -> 
   return fused
 
 
-def per_layer_by_default() -> bool:
-  """Whether the per-layer layout (`unstack_layers`) is the default: on GPUs and TPUs, where it
-  pays; the CPU keeps the stacked reference layout."""
-  return jax.default_backend() != 'cpu'
+def per_layer_by_default(pass_width: int | None = None) -> bool:
+  """Whether the per-layer layout (`unstack_layers`) is the default for passes `pass_width`
+  rows wide (None: the platform's default width): on GPUs and TPUs, where it pays; on a CPU
+  for 1-row passes only.
+
+  A CPU reads a 1-row product's weights at memory speed, so the stacked layout's per-step copy
+  of each layer's weights costs more than the product itself (plain decoding of SmolLM2-135M
+  at width 1: 1.34x faster per layer on a 2-core Xeon, docs/results/cpu/width_1_per_layer/).
+  A wider pass computes, rather than waits for memory, and there the stacked layout, whose
+  products read the copies from the caches, is faster (docs/results/cpu/per_layer_products/).
+  """
+  if jax.default_backend() != 'cpu':
+    return True
+  return pass_width == 1
 
 
 def unstack_layers(params: Params, num_shards: int = 1, fuse_qkv: bool = True) -> Params:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -248,14 +249,18 @@ def test_stats_line_leaves_compilation_out_of_the_speed():
 
 
 def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags):
-  """--pass_width sets the rows of every method's passes; unset, the platform's."""
+  """--pass_width sets the rows of every method's passes; unset, the platform's. The model is
+  loaded in the layer layout those decoders run on (1-row passes: per layer everywhere)."""
   model = weights.load(tiny_hf_checkpoint)
   parse_flags('--prompt=p')
   assert bench.make_generator(model, 'vanilla', SamplingConfig(), {}).pass_width == (
       engine.default_pass_width())
+  assert flags_lib.load_kwargs()['per_layer'] == (jax.default_backend() != 'cpu')
   parse_flags('--prompt=p', '--pass_width=1')
+  assert flags_lib.load_kwargs()['per_layer']
   decoders = [bench.make_generator(model, m, SamplingConfig(), {}) for m in ('vanilla', 'clasp')]
   assert [d.pass_width for d in decoders] == [1, 1]
+  assert [d.fast_path for d in decoders] == [True, True]
   assert bench._method_settings(decoders[0]) == '`Vanilla()`, passes of 1 row'  # the summary
 
 

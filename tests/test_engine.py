@@ -229,6 +229,23 @@ def test_cpu_programs_hold_no_ynnpack_fusion(tiny_model):
   assert '__ynn_fusion' not in program.lower(decoder.params, state=state).compile().as_text()
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the layouts of CPU programs')
+def test_cpu_runs_one_row_passes_per_layer_and_copies_no_cache(tiny_model):
+  """On a CPU, 1-row passes run on per-layer buffers and wider ones on the stacked layout
+  (`model.per_layer_by_default`). The per-layer plain step, compiled with copy insertion's
+  region analysis (`xla_options.CPU_PER_LAYER_OPTIONS`), copies no whole KV cache: without
+  it XLA copies the cache four times a step."""
+  config, params = tiny_model
+  assert not Decoder(params, config, strategies.Vanilla()).fast_path
+  decoder = Decoder(params, config, strategies.Vanilla(), pass_width=1)
+  assert decoder.fast_path
+  programs = {name: (function, args) for name, function, args in decoder._programs(20, 8)}  # pylint: disable=protected-access
+  plain, args = programs['plain']
+  cache_shape = ','.join(map(str, args[1].cache.k_LBSKh.shape))
+  assert re.search(rf'f32\[{cache_shape}\]', plain.compiled(*args).as_text())
+  assert not re.search(rf'= f32\[{cache_shape}\]\S* copy\(', plain.compiled(*args).as_text())
+
+
 @pytest.mark.parametrize('prompt,max_new,match', [
     ([], 10, 'empty'),
     ([5] * 500, 100, 'exceeds the model context'),

@@ -22,6 +22,7 @@ from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
+from clasp_jax import model as model_lib
 from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax import weights
@@ -215,7 +216,8 @@ def model_name() -> str:
 
 
 def load_kwargs() -> dict[str, Any]:
-  """The keyword arguments of `weights.load` from --model, --dtype, --cache_dir and --mesh.
+  """The keyword arguments of `weights.load` from --model, --dtype, --cache_dir and --mesh, and
+  the layer layout that --pass_width's decoders run on (so that no second copy is made).
 
   First joins a multi-host job when the environment describes one (TPU slices, SLURM: see
   `sharding.maybe_initialize_distributed`), so that the mesh spans every host's devices.
@@ -228,7 +230,8 @@ def load_kwargs() -> dict[str, Any]:
   set_preallocation()
   return dict(path=os.path.expanduser(FLAGS.model) if FLAGS.model else None,
               dtype=None if FLAGS.dtype == 'auto' else FLAGS.dtype, cache_dir=cache_dir(),
-              mesh=sharding.make_mesh(FLAGS.mesh))
+              mesh=sharding.make_mesh(FLAGS.mesh),
+              per_layer=model_lib.per_layer_by_default(FLAGS.pass_width))
 
 
 def set_preallocation(environ: MutableMapping[str, str] = os.environ) -> None:
