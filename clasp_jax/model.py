@@ -332,7 +332,7 @@ def per_layer_by_default(pass_width: int | None = None) -> bool:
 
   A CPU reads a 1-row product's weights at memory speed, so the stacked layout's per-step copy
   of each layer's weights costs more than the product itself (plain decoding of SmolLM2-135M
-  at width 1: 1.34x faster per layer on a 2-core Xeon, docs/results/cpu/width_1_per_layer/).
+  at width 1: 1.40x faster per layer on a 2-core Xeon, docs/results/cpu/width_1_per_layer/).
   A wider pass computes, rather than waits for memory, and there the stacked layout, whose
   products read the copies from the caches, is faster (docs/results/cpu/per_layer_products/).
   """

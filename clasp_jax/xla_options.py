@@ -11,8 +11,8 @@ CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 #: On a CPU, programs over per-layer weight buffers (`model.unstack_layers`) also take copy
 #: insertion's region analysis. Without it XLA copies the whole KV cache four times a plain step
-#: around the unrolled layers' attention loops (at SmolLM2-135M's 2048-position cache, 14 ms of
-#: a 50 ms step on a 2-core Xeon; docs/results/cpu/width_1_per_layer/). Over the stacked
+#: around the unrolled layers' attention loops (SmolLM2-135M's 2048-position cache: 13.5 ms of
+#: a 49 ms step on a 2-core Xeon; docs/results/cpu/width_1_per_layer/). Over the stacked
 #: layout, whose loop has no such copies, it made plain decoding 8% slower there.
 CPU_PER_LAYER_OPTIONS = {**CPU_COMPILER_OPTIONS,
                          'xla_cpu_copy_insertion_use_region_analysis': True}

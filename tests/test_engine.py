@@ -239,11 +239,13 @@ def test_cpu_runs_one_row_passes_per_layer_and_copies_no_cache(tiny_model):
   assert not Decoder(params, config, strategies.Vanilla()).fast_path
   decoder = Decoder(params, config, strategies.Vanilla(), pass_width=1)
   assert decoder.fast_path
-  programs = {name: (function, args) for name, function, args in decoder._programs(20, 8)}  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  programs = {name: (function, args) for name, function, args in decoder._programs(20, 8)}
   plain, args = programs['plain']
   cache_shape = ','.join(map(str, args[1].cache.k_LBSKh.shape))
-  assert re.search(rf'f32\[{cache_shape}\]', plain.compiled(*args).as_text())
-  assert not re.search(rf'= f32\[{cache_shape}\]\S* copy\(', plain.compiled(*args).as_text())
+  text = plain.compiled(*args).as_text()
+  assert re.search(rf'f32\[{cache_shape}\]', text)
+  assert not re.search(rf'= f32\[{cache_shape}\]\S* copy\(', text)
 
 
 @pytest.mark.parametrize('prompt,max_new,match', [
