@@ -248,9 +248,12 @@ def test_stats_line_leaves_compilation_out_of_the_speed():
       'prompt tokens 5 | new tokens 20 | decoding 12.0 s, 1.7 tokens/s | compiling 0.0 s')
 
 
-def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags):
+def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags, monkeypatch):
   """--pass_width sets the rows of every method's passes; unset, the platform's. The model is
   loaded in the layer layout those decoders run on (1-row passes: per layer everywhere)."""
+  # `load_kwargs` fills in the preallocation setting: this test's process keeps its own.
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_PREALLOCATE', os.environ.get(
+      'XLA_PYTHON_CLIENT_PREALLOCATE', 'false'))
   model = weights.load(tiny_hf_checkpoint)
   parse_flags('--prompt=p')
   assert bench.make_generator(model, 'vanilla', SamplingConfig(), {}).pass_width == (
