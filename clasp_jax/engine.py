@@ -566,8 +566,9 @@ class Decoder:
     fast_path: per-layer weight buffers looped over in Python, and a draft over the active
       layers' buffers alone (what pays on GPU and TPU, and for 1-row passes on a CPU), instead
       of a `lax.scan` over stacked weights with a `lax.cond` per layer (the reference). None
-      picks by backend and pass width (`model.per_layer_by_default`). Both give identical
-      tokens.
+      picks by backend and pass width (`model.per_layer_by_default`). Each is exact against
+      its own plain decoding; the two need not round alike. Params already per layer
+      (`load(per_layer=True)`) stay so: the reference then loops over their buffers.
     pass_width: tokens per full-model pass (see the module docstring). Decoders compare
       exactly only at the same width; None: `default_pass_width()`, the same for every
       method of a platform.
@@ -611,9 +612,9 @@ class Decoder:
         prompt_attention=resolve_prompt_attention(attention, config,
                                                   self.params['embed'].dtype, self.mesh))
     # Every program of the decoder: its precision, its placement on the mesh, and the XLA
-    # options of its layer layout.
+    # options of its params' layer layout.
     compiled = functools.partial(_CompiledFunction, precision=precision, placement=placement,
-                                 per_layer=fast_path)
+                                 per_layer=model_lib.is_per_layer(self.params))
     self._prefill = compiled(self._prefill_fn, donate_argnums=(4,))
     attend = resolve_attention(attention, config, self.mesh)
     prefix_attend = resolve_attention(attention, config, self.mesh, prefix=True)
