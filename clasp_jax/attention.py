@@ -16,6 +16,11 @@ values, so here:
   query's position change nothing for that query (its running maximum stays, its weights are
   exactly zero), so neither the chunk's width, nor the query's row in it, nor the cache's
   capacity changes the result.
+- One exception to the width: a 1-row chunk (every pass of a decoder at pass width 1, and
+  drafting steps) reduces the same blocks in the same order, but its products are laid out
+  for a single row, which on a CPU saves copying every block (`_row_attention`). Its bits may
+  differ from the same query's in a wider chunk. A decoder runs all of its full-model passes
+  at one width (`engine.full_pass`), so no committed token depends on which of the two ran.
 
 Together with matrix products whose shapes do not depend on the pass (see
 `engine.default_pass_width`) this makes every full-model pass compute a token's logits the
@@ -146,15 +151,26 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   """
   if k_BTKh is None:
     q_BTHh, k_BTKh, v_BTKh = split_packed(q_BTHh, cache_k_LBSKh.shape[3])
-  B, T, H, hd = q_BTHh.shape
-  KV = k_BTKh.shape[2]
-  G = H // KV
+  B, T = q_BTHh.shape[:2]
+  attend = _row_attention if B == T == 1 and riders is None else _chunk_attention
+  return attend(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start, riders)
+
+
+def _over_blocks(update, init, cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
+                 k_BTKh: jax.Array, v_BTKh: jax.Array, layer: jax.Array | int,
+                 start: jax.Array):
+  """Folds `update(carry, k_BSKh, v_BSKh, key_S)` over the blocks of keys a chunk of T rows at
+  `start` sees, in position order from position 0: each block's keys and values (the cache's
+  below `start`, the chunk's from it on) and their positions.
+
+  The blocks wholly below `start` skip the merge with the chunk (on a CPU its gather and
+  select cost ~15% of a decode step's attention at 800 tokens of context); the order of the
+  blocks, and so the result, stays the same bit for bit.
+  """
   size = ATTENTION_BLOCK
-  q_BKGTh = q_BTHh.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4)
-  last_T, own_T = row_limits(T, start, riders)
+  T = k_BTKh.shape[1]
 
   def block(b, carry, *, merge: bool):
-    m_BKGT, l_BKGT, o_BKGTh = carry
     block_start = b * size
     if merge:
       k_BSKh = merged_block(cache_k_LBSKh, k_BTKh, layer, start, block_start, size)
@@ -162,35 +178,116 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
     else:  # wholly below `start`: the cache's keys as they are, the same values unmerged
       k_BSKh = cached_block(cache_k_LBSKh, layer, block_start, size)
       v_BSKh = cached_block(cache_v_LBSKh, layer, block_start, size)
-    key_S = block_start + jnp.arange(size)
+    return update(carry, k_BSKh, v_BSKh, block_start + jnp.arange(size))
+
+  # Queries past the capacity (padding rows of a window that overhangs it) see up to its end.
+  num_blocks = jnp.minimum((start + T + size - 1) // size, cache_k_LBSKh.shape[2] // size)
+  num_cached = jnp.minimum(start // size, num_blocks)
+  carry = jax.lax.fori_loop(0, num_cached, functools.partial(block, merge=False), init)
+  return jax.lax.fori_loop(num_cached, num_blocks, functools.partial(block, merge=True), carry)
+
+
+def _softmax_step(carry, s_XS: jax.Array, visible_XS: jax.Array, weigh_values):
+  """One block's update of an online softmax: the running maximum m_X, sum l_X and output
+  o_XY (float32) after the block's scores s_XS (keys last), those not visible to a row
+  counted as absent. `weigh_values(p_XS)` is the block's weights times its values."""
+  m_X, l_X, o_XY = carry
+  s_XS = jnp.where(visible_XS, s_XS, -jnp.inf)
+  m_new_X = jnp.maximum(m_X, _reduce_keys(jnp.max, s_XS))
+  # Exactly 1 where the maximum did not move (a block wholly after the query included).
+  alpha_X = jnp.where(m_new_X == m_X, 1.0, jnp.exp(m_X - m_new_X))
+  p_XS = jnp.where(visible_XS, jnp.exp(s_XS - m_new_X[..., None]), 0.0)
+  l_X = l_X * alpha_X + _reduce_keys(jnp.sum, p_XS)
+  return m_new_X, l_X, o_XY * alpha_X[..., None] + weigh_values(p_XS)
+
+
+#: On a CPU `_reduce_keys` reduces a block's keys in groups of this many (XLA's CPU
+#: tree-reduction width).
+KEY_GROUP = 32
+
+
+def _reduce_keys(op, x_XS: jax.Array) -> jax.Array:
+  """`op(x, axis=-1)` over a block's keys; on a CPU as a reduction within groups of
+  KEY_GROUP keys, then one over the groups.
+
+  That is the order XLA's CPU compiler gives a reduction over more than 32 elements anyway
+  (its tree-reduction rewrite), but as a windowed reduction, slow there. The barrier keeps
+  the simplifier from merging the two reductions back into one. On a 2-core Xeon the
+  windowed reductions made the attention of a 769-token prompt's prefill 1.2x slower
+  (SmolLM2-135M's shapes; docs/results/cpu/cache_attention/).
+  """
+  if jax.default_backend() != 'cpu':
+    return op(x_XS, axis=-1)
+  groups_XG = op(x_XS.reshape(*x_XS.shape[:-1], -1, KEY_GROUP), axis=-1)
+  return op(jax.lax.optimization_barrier(groups_XG), axis=-1)
+
+
+def _chunk_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
+                     cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
+                     layer: jax.Array | int, start: jax.Array,
+                     riders: Riders | None) -> jax.Array:
+  """`cache_attention` of a chunk of any width: each block's products batched over the KV
+  heads (on a CPU, a transposing copy of the block's keys and values)."""
+  B, T, H, hd = q_BTHh.shape
+  KV = k_BTKh.shape[2]
+  G = H // KV
+  q_BKGTh = q_BTHh.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4)
+  last_T, own_T = row_limits(T, start, riders)
+
+  def update(carry, k_BSKh, v_BSKh, key_S):
     visible_TS = key_S[None, :] <= last_T[:, None]
     if own_T is not None:
       visible_TS |= key_S[None, :] == own_T[:, None]
     s_BKGTS = jnp.einsum('bkgth,bskh->bkgts', q_BKGTh, k_BSKh,
                          preferred_element_type=jnp.float32) / math.sqrt(hd)
-    s_BKGTS = jnp.where(visible_TS, s_BKGTS, -jnp.inf)
-    m_new_BKGT = jnp.maximum(m_BKGT, jnp.max(s_BKGTS, axis=-1))
-    # Exactly 1 where the maximum did not move (a block wholly after the query included).
-    alpha_BKGT = jnp.where(m_new_BKGT == m_BKGT, 1.0, jnp.exp(m_BKGT - m_new_BKGT))
-    p_BKGTS = jnp.where(visible_TS, jnp.exp(s_BKGTS - m_new_BKGT[..., None]), 0.0)
-    l_BKGT = l_BKGT * alpha_BKGT + jnp.sum(p_BKGTS, axis=-1)
-    pv_BKGTh = jnp.einsum('bkgts,bskh->bkgth', p_BKGTS.astype(v_BSKh.dtype), v_BSKh,
-                          preferred_element_type=jnp.float32)
-    return m_new_BKGT, l_BKGT, o_BKGTh * alpha_BKGT[..., None] + pv_BKGTh
+    return _softmax_step(carry, s_BKGTS, visible_TS, lambda p_BKGTS: jnp.einsum(
+        'bkgts,bskh->bkgth', p_BKGTS.astype(v_BSKh.dtype), v_BSKh,
+        preferred_element_type=jnp.float32))
 
-  # Queries past the capacity (padding rows of a window that overhangs it) see up to its end.
-  num_blocks = jnp.minimum((start + T + size - 1) // size, cache_k_LBSKh.shape[2] // size)
   init = (jnp.full((B, KV, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, KV, G, T), jnp.float32),
           jnp.zeros((B, KV, G, T, hd), jnp.float32))
-  # The blocks wholly below `start` skip the merge with the chunk (on a CPU its gather and
-  # select cost ~15% of a decode step's attention at 800 tokens of context); the order of
-  # the blocks, and so the result, stays the same bit for bit.
-  num_cached = jnp.minimum(start // size, num_blocks)
-  carry = jax.lax.fori_loop(0, num_cached, functools.partial(block, merge=False), init)
-  _, l_BKGT, o_BKGTh = jax.lax.fori_loop(num_cached, num_blocks,
-                                         functools.partial(block, merge=True), carry)
+  _, l_BKGT, o_BKGTh = _over_blocks(update, init, cache_k_LBSKh, cache_v_LBSKh, k_BTKh, v_BTKh,
+                                    layer, start)
   out_BKGTh = (o_BKGTh / l_BKGT[..., None]).astype(q_BTHh.dtype)
   return out_BKGTh.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+
+
+def _row_attention(q_11Hh: jax.Array, k_11Kh: jax.Array, v_11Kh: jax.Array,
+                   cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
+                   layer: jax.Array | int, start: jax.Array, riders: None) -> jax.Array:
+  """`cache_attention` of a 1-row chunk: the same blocks in the same order, each block's
+  products plain matrix products over its keys as they lie, every KV head side by side.
+
+  The query rows hold zeros outside their own KV head's columns, so a score sums exact zeros
+  besides its own head's terms, and each row keeps its own head's columns of the product with
+  the values. The batched products of `_chunk_attention` would first copy each block's keys
+  and values into heads-first order: on a 2-core Xeon this path made a token of plain
+  decoding at width 1 1.10x faster after 660-769 tokens (SmolLM2-135M;
+  docs/results/cpu/cache_attention/).
+  """
+  del riders  # none: `cache_attention` sends a chunk with riders to `_chunk_attention`
+  _, _, H, hd = q_11Hh.shape
+  KV = cache_k_LBSKh.shape[3]
+  G = H // KV
+  dtype = cache_k_LBSKh.dtype
+  eye_KK = jnp.eye(KV, dtype=q_11Hh.dtype)
+  # Row k * G + g holds query head (k, g) in the columns of its KV head k, zeros elsewhere.
+  q_XY = (q_11Hh[0, 0].reshape(KV, G, 1, hd) * eye_KK[:, None, :, None]).reshape(H, KV * hd)
+
+  def update(carry, k_1SKh, v_1SKh, key_S):
+    k_SY, v_SY = (x[0].reshape(key_S.shape[0], KV * hd) for x in (k_1SKh, v_1SKh))
+    s_XS = jax.lax.dot_general(q_XY.astype(dtype), k_SY, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32) / math.sqrt(hd)
+    return _softmax_step(carry, s_XS, (key_S <= start)[None], lambda p_XS: jnp.dot(
+        p_XS.astype(dtype), v_SY, preferred_element_type=jnp.float32))
+
+  init = (jnp.full((H,), -jnp.inf, jnp.float32), jnp.zeros((H,), jnp.float32),
+          jnp.zeros((H, KV * hd), jnp.float32))
+  _, l_X, o_XY = _over_blocks(update, init, cache_k_LBSKh, cache_v_LBSKh, k_11Kh, v_11Kh,
+                              layer, start)
+  heads_K = jnp.arange(KV)
+  o_KGh = o_XY.reshape(KV, G, KV, hd)[heads_K, :, heads_K]  # each row's own head's columns
+  return (o_KGh.reshape(H, hd) / l_X[:, None]).astype(q_11Hh.dtype).reshape(1, 1, H * hd)
 
 
 def prefix_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
