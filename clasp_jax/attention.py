@@ -134,7 +134,9 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
 
   Query t sits at position start + t and sees every key at a position <= its own: cached
   keys of layer `layer` below `start`, the chunk's own keys from `start` on. The cache is
-  only read. Rows from `riders.first_row` on are riders (see `Riders`).
+  only read. Rows from `riders.first_row` on are riders (see `Riders`). A chunk of one row
+  and no riders takes `_row_attention`, any other `_chunk_attention` (see the module
+  docstring).
 
   Args:
     q_BTHh: roped queries of the chunk (or q, k and v packed, see `split_packed`).
