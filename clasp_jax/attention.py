@@ -273,12 +273,14 @@ def _row_attention(q_11Hh: jax.Array, k_11Kh: jax.Array, v_11Kh: jax.Array,
   G = H // KV
   dtype = cache_k_LBSKh.dtype
   eye_KK = jnp.eye(KV, dtype=q_11Hh.dtype)
-  # Row k * G + g holds query head (k, g) in the columns of its KV head k, zeros elsewhere.
-  q_XY = (q_11Hh[0, 0].reshape(KV, G, 1, hd) * eye_KK[:, None, :, None]).reshape(H, KV * hd)
+  # Row k * G + g holds query head (k, g) in the columns of its KV head k, zeros elsewhere;
+  # in the cache's dtype, as the blocks it multiplies.
+  q_XY = (q_11Hh[0, 0].reshape(KV, G, 1, hd) * eye_KK[:, None, :, None]).reshape(
+      H, KV * hd).astype(dtype)
 
   def update(carry, k_1SKh, v_1SKh, key_S):
     k_SY, v_SY = (x[0].reshape(key_S.shape[0], KV * hd) for x in (k_1SKh, v_1SKh))
-    s_XS = jax.lax.dot_general(q_XY.astype(dtype), k_SY, (((1,), (1,)), ((), ())),
+    s_XS = jax.lax.dot_general(q_XY, k_SY, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32) / math.sqrt(hd)
     return _softmax_step(carry, s_XS, (key_S <= start)[None], lambda p_XS: jnp.dot(
         p_XS.astype(dtype), v_SY, preferred_element_type=jnp.float32))
