@@ -2,7 +2,7 @@
 `Decoder.generate` with `fused_mlp.patch` applied: XLA's MLP against the fused kernel at
 several block sizes, one process, the variants in turns; ms/token from 32- and 160-token
 generations (medians of 5). Not yet run on a GPU."""
-import json, os, sys, time
+import json, os, time
 import numpy as np, jax
 from clasp_jax import strategies, mlp_pallas, model as model_lib
 from clasp_jax.bench import decode
