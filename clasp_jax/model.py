@@ -184,17 +184,38 @@ def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
           v_BTKh)
 
 
+def _closing_product(x_BTK: jax.Array, w_KD: jax.Array) -> jax.Array:
+  """`x @ W` for the products that close a sub-layer (o and down), back to the residual
+  stream's width D.
+
+  On a CPU a 1-row chunk's product runs as two products over the halves of K, summed in
+  float32. XLA's CPU compiler splits a 1-row product's work by its weight's bytes, about one
+  thread per 1.8 MB, so SmolLM2-135M's o product (1.3 MB) ran on one of two cores; the two
+  halves run side by side. On a 2-core Xeon the o product ran 1.6x and down about 1.1x faster,
+  and a token of plain decoding at width 1 1.04-1.07x (docs/results/cpu/row_products/). Wider
+  chunks, whose products compute rather than wait for memory, and accelerators take the one
+  product. Every pass of a decoder at width 1 has one row, so all of them take the same form.
+  """
+  B, T, K = x_BTK.shape
+  if jax.default_backend() != 'cpu' or B * T != 1 or K % 2:
+    return x_BTK @ w_KD
+  x_2k = x_BTK.reshape(2, K // 2)
+  w_2kD = w_KD.reshape(2, K // 2, w_KD.shape[1])  # the halves of K, as the weight lies
+  halves_2D = jnp.einsum('sk,skd->sd', x_2k, w_2kD, preferred_element_type=jnp.float32)
+  return (halves_2D[0] + halves_2D[1]).astype(x_BTK.dtype).reshape(B, T, -1)
+
+
 def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
                   attn_BTq: jax.Array) -> jax.Array:
   """Output projection, residual, and the SwiGLU MLP with its residual."""
-  x_BTD = x_BTD + attn_BTq @ lp['wo']
+  x_BTD = x_BTD + _closing_product(attn_BTq, lp['wo'])
   h_BTD = rms_norm(x_BTD, lp['mlp_norm'], config.rms_norm_eps)
   if 'w_gate_up' in lp:  # fused per shard (see `fuse_projections`)
     gate_BTnF, up_BTnF = jnp.split(_fused_matmul(h_BTD, lp['w_gate_up']), 2, axis=-1)
     act_BTF = (jax.nn.silu(gate_BTnF) * up_BTnF).reshape(x_BTD.shape[:-1] + (-1,))
   else:
     act_BTF = jax.nn.silu(h_BTD @ lp['w_gate']) * (h_BTD @ lp['w_up'])
-  return x_BTD + act_BTF @ lp['w_down']
+  return x_BTD + _closing_product(act_BTF, lp['w_down'])
 
 
 def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
@@ -552,7 +573,7 @@ def sublayer_stats(params: Params, config: LlamaConfig, tokens_BT: jax.Array, ca
     q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)  # or packed
     attn_BTq = attention_lib.cache_attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh,
                                              cache.v_LBSKh, a, start)
-    attn_BTD = attn_BTq @ lp['wo']
+    attn_BTD = _closing_product(attn_BTq, lp['wo'])
     mid_BTD = x_BTD + attn_BTD
     out_BTD = _finish_layer(lp, config, x_BTD, attn_BTq)
     mlp_BTD = out_BTD.astype(jnp.float32) - mid_BTD.astype(jnp.float32)
