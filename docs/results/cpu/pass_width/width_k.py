@@ -1,14 +1,21 @@
-"""The default method (`clasp`: prompt lookup first, M chosen online) and prompt lookup at
-three (pass width, K, layer layout) settings, beside plain decoding at width 1 and
-transformers' greedy `generate`: the embedded SmolLM2-135M-Instruct, float32.
+r"""Drafting methods at several (pass width, K, layer layout) settings, beside plain decoding
+and transformers' greedy `generate`: the embedded SmolLM2-135M-Instruct, float32.
 
-  python docs/results/cpu/pass_width/width_k.py     # from the repository root; width_k.txt
+  python docs/results/cpu/pass_width/width_k.py          # from the repository root
+  DECODERS=vanilla_w1=vanilla:1:8:auto,vanilla_w9=vanilla:9:8:auto,\
+vanilla_w3_pl=vanilla:3:2:pl,clasp_w9k8=clasp:9:8:auto,clasp_w3k2=clasp:3:2:stacked,\
+clasp_w3k2_pl=clasp:3:2:pl,clasp_w2k1_pl=clasp:2:1:pl python docs/results/cpu/pass_width/width_k.py
 
-Settings: width 9 with K = 8 and the stacked layout (the CPU's defaults), width 3 with K = 2
-and width 5 with K = 4, both on per-layer buffers (`_pl`). One Spec-Bench question per group
-(its first turn, chat template), 128 new tokens, after a warm-up of 8 tokens per prompt and
-decoder; the decoders take turns per prompt, the order rotated; tokens/s over whole calls,
-the prefill included.
+The first ran on commit 82170e2 (width_k.txt), the second on 9304cdd (width_k2.txt; it ran as a
+copy of this script with that list written in, merged here afterwards). $DECODERS lists
+name=method:width:K:layout, the layout `auto` (the decoder's default for its width), `stacked`
+or `pl` (per-layer buffers); unset, plain decoding at width 1 and, for the default method
+(`clasp`: prompt lookup first, M chosen online) and prompt lookup, width 9 with K = 8 (the
+CPU's defaults), width 3 with K = 2 and width 5 with K = 4 on per-layer buffers.
+
+One Spec-Bench question per group (its first turn, chat template), 128 new tokens, after a
+warm-up of 8 tokens per prompt and decoder; the decoders take turns per prompt, the order
+rotated; tokens/s over whole calls, the prefill included.
 """
 import os, time
 import clasp_jax
@@ -20,11 +27,14 @@ prompts = [clasp_jax.encode_prompt(model, q['turns'][0], chat=True) for q in qs]
 runs = {'hf': hf_reference.load_reference(model).generate}
 def dec(method, w, k, fast):
   return clasp_jax.Decoder(model.params, model.config, strategies.build(method, model.config, num_draft_tokens=k), pass_width=w, fast_path=fast).generate
-runs['vanilla_w1'] = dec('vanilla', 1, 8, None)
-for method in os.environ.get('METHODS', 'clasp,pld').split(','):
-  runs[f'{method}_w9k8'] = dec(method, 9, 8, None)
-  runs[f'{method}_w3k2_pl'] = dec(method, 3, 2, True)
-  runs[f'{method}_w5k4_pl'] = dec(method, 5, 4, True)
+DEFAULT = ','.join(['vanilla_w1=vanilla:1:8:auto'] + [
+    f'{m}_w{w}k{k}{tail}={m}:{w}:{k}:{layout}' for m in ('clasp', 'pld')
+    for w, k, tail, layout in ((9, 8, '', 'auto'), (3, 2, '_pl', 'pl'), (5, 4, '_pl', 'pl'))])
+LAYOUTS = {'auto': None, 'stacked': False, 'pl': True}
+for spec in os.environ.get('DECODERS', DEFAULT).split(','):
+  name, setting = spec.split('=')
+  method, w, k, layout = setting.split(':')
+  runs[name] = dec(method, int(w), int(k), LAYOUTS[layout])
 for k, gen in runs.items():
   t = time.perf_counter()
   for p in prompts:
