@@ -13,7 +13,8 @@ or `pl` (per-layer buffers); unset, plain decoding at width 1 and, for the defau
 (`clasp`: prompt lookup first, M chosen online) and prompt lookup, width 9 with K = 8 (the
 CPU's defaults), width 3 with K = 2 and width 5 with K = 4 on per-layer buffers.
 
-One Spec-Bench question per group (its first turn, chat template), 128 new tokens, after a
+One Spec-Bench question per group ($SPEC_GROUPS, comma-separated; unset: all six), its first
+turn in the chat template, 128 new tokens, after a
 warm-up of 8 tokens per prompt and decoder; the decoders take turns per prompt, the order
 rotated; tokens/s over whole calls, the prefill included.
 """
@@ -22,7 +23,9 @@ import clasp_jax
 from clasp_jax import strategies
 from clasp_jax.bench import hf_reference, specbench
 model = clasp_jax.load()
-qs = specbench.load_questions('../shared/data/spec_bench/question.jsonl', 1)
+groups = os.environ.get('SPEC_GROUPS')
+qs = specbench.load_questions('../shared/data/spec_bench/question.jsonl', 1,
+                              groups.split(',') if groups else None)
 prompts = [clasp_jax.encode_prompt(model, q['turns'][0], chat=True) for q in qs]
 runs = {'hf': hf_reference.load_reference(model).generate}
 def dec(method, w, k, fast):

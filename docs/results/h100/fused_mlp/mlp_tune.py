@@ -1,7 +1,7 @@
 """SmolLM2 shape (random bf16 weights, 1024 tokens of context), plain decoding through
 `Decoder.generate` with `fused_mlp.patch` applied: XLA's MLP against the fused kernel at
 several block sizes, one process, the variants in turns; ms/token from 32- and 160-token
-generations (medians of 5). Not yet run on a GPU."""
+generations (medians of 5). Ran on an H100: mlp_tune.json, README.md."""
 import json, os, time
 import numpy as np, jax
 from clasp_jax import strategies, mlp_pallas, model as model_lib
