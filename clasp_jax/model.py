@@ -346,20 +346,29 @@ def fuse_projections(lp: Params, num_shards: int = 1, fuse_qkv: bool = True) -> 
   return fused
 
 
+#: The widest pass that runs on per-layer buffers on a CPU by default. A plain step on a 2-vCPU
+#: Xeon (SmolLM2-135M's shape, per-layer over stacked time): 0.70 at width 1, 0.81 at 2 and 3,
+#: 0.93 at 5, 1.03 at 7, 1.23 at 9 (docs/results/cpu/pass_width/plain_steps.txt); the default
+#: method at width 3 with K = 2 ran 1.15x faster per layer (width_k2.txt). Width 5's 7% is left
+#: to the stacked layout, which compiles 3-5x faster, until other CPUs are measured.
+CPU_PER_LAYER_MAX_WIDTH = 3
+
+
 def per_layer_by_default(pass_width: int | None = None) -> bool:
   """Whether the per-layer layout (`unstack_layers`) is the default for passes `pass_width`
   rows wide (None: the platform's default width): on GPUs and TPUs, where it pays; on a CPU
-  for 1-row passes only.
+  for passes of up to `CPU_PER_LAYER_MAX_WIDTH` rows.
 
-  A CPU reads a 1-row product's weights at memory speed, so the stacked layout's per-step copy
-  of each layer's weights costs more than the product itself (plain decoding of SmolLM2-135M
-  at width 1: 1.40x faster per layer on a 2-core Xeon, docs/results/cpu/width_1_per_layer/).
-  A wider pass computes, rather than waits for memory, and there the stacked layout, whose
-  products read the copies from the caches, is faster (docs/results/cpu/per_layer_products/).
+  A CPU reads a narrow product's weights at memory speed, so the stacked layout's per-step
+  copy of each layer's weights costs more than the product itself (plain decoding of
+  SmolLM2-135M at width 1: 1.40x faster per layer on a 2-core Xeon,
+  docs/results/cpu/width_1_per_layer/). A wider pass computes, rather than waits for memory,
+  and there the stacked layout, whose products read the copies from the caches, is faster
+  (docs/results/cpu/per_layer_products/). Per-layer buffers also compile 3-5x longer.
   """
   if jax.default_backend() != 'cpu':
     return True
-  return pass_width == 1
+  return pass_width is not None and pass_width <= CPU_PER_LAYER_MAX_WIDTH
 
 
 def unstack_layers(params: Params, num_shards: int = 1, fuse_qkv: bool = True) -> Params:

@@ -231,12 +231,12 @@ def test_cpu_programs_hold_no_ynnpack_fusion(tiny_model):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the layouts of CPU programs')
-@pytest.mark.parametrize('per_layer_params,pass_width', [(False, 1), (True, None)],
-                         ids=['width_1', 'per_layer_params_at_width_9'])
+@pytest.mark.parametrize('per_layer_params,pass_width', [(False, 1), (False, 3), (True, None)],
+                         ids=['width_1', 'width_3', 'per_layer_params_at_width_9'])
 def test_cpu_programs_over_per_layer_buffers_copy_no_cache(tiny_model, per_layer_params,
                                                             pass_width):
-  """On a CPU, 1-row passes run on per-layer buffers and wider ones on the stacked layout
-  (`model.per_layer_by_default`). A plain step over per-layer buffers, compiled with copy
+  """On a CPU, passes of up to 3 rows run on per-layer buffers and wider ones on the stacked
+  layout (`model.per_layer_by_default`). A plain step over per-layer buffers, compiled with copy
   insertion's region analysis (`xla_options.CPU_PER_LAYER_OPTIONS`), copies no whole KV
   cache: without it XLA copies the cache four times a step. That holds too for params loaded
   per layer (`load(per_layer=True)`) in a decoder of the default width, which keeps them."""
@@ -245,7 +245,7 @@ def test_cpu_programs_over_per_layer_buffers_copy_no_cache(tiny_model, per_layer
   if per_layer_params:
     params = model_lib.unstack_layers(params)
   decoder = Decoder(params, config, strategies.Vanilla(), pass_width=pass_width)
-  assert decoder.fast_path == (pass_width == 1)
+  assert decoder.fast_path == (pass_width is not None)
   assert model_lib.is_per_layer(decoder.params)
   # pylint: disable-next=protected-access
   programs = {name: (function, args) for name, function, args in decoder._programs(20, 8)}

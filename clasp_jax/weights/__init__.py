@@ -123,8 +123,8 @@ def load(path: str | None = None, *, dtype: Any = None, cache_dir: str | None = 
       the params over, each device receiving only its own slices; None: the default device.
     per_layer: the per-layer layout (`model.unstack_layers`, what `Decoder`'s fast path runs)
       rather than stacked layers; None: per layer off the CPU, as the fast path's default. On
-      a CPU only decoders of pass width 1 want it: a decoder keeps per-layer params as they
-      are, and wider CPU passes run faster on stacked ones.
+      a CPU only decoders of narrow passes want it (`model.per_layer_by_default`): a decoder
+      keeps per-layer params as they are, and wider CPU passes run faster on stacked ones.
 
   Returns:
     The LoadedModel.
