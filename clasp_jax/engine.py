@@ -95,6 +95,9 @@ class Generation:
     refresh_times: seconds the host spent in each skip-set refresh between segments (the
       CLaSp DP, or reading a skip set from its newest table). Where the verify passes fill
       the table, the refreshes that keep the set happen on the device and are not here.
+    calibration_seconds: the part of `wall_time`, compilation excluded, that the method's
+      policy spent timing the device for its decisions (`adaptive.measure_costs`: a decoder's
+      first generation, unless the costs are remembered under a cache directory).
   """
 
   token_ids: list[int]
@@ -107,6 +110,7 @@ class Generation:
   draft_sources: list[str]
   skip_sets: np.ndarray
   refresh_times: list[float]
+  calibration_seconds: float = 0.0
 
   @property
   def new_tokens(self) -> int:
@@ -114,12 +118,13 @@ class Generation:
 
   @property
   def decode_seconds(self) -> float:
-    """Seconds of decoding: the wall time less compilation."""
-    return self.wall_time - self.compile_seconds
+    """Seconds of decoding: the wall time less compilation and calibration, which a decoder
+    pays once."""
+    return self.wall_time - self.compile_seconds - self.calibration_seconds
 
   @property
   def tokens_per_second(self) -> float:
-    """New tokens per second of decoding (compilation excluded)."""
+    """New tokens per second of decoding (compilation and calibration excluded)."""
     return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
   @property
@@ -891,6 +896,7 @@ class Decoder:
     streamed = self._stream(state, n, max_new_tokens, 0, on_tokens)
     self.refresh_seconds = []
     policy = self.strategy.make_policy(self, max_new_tokens)
+    calibrated_before = policy.calibration_seconds
     rounds = 0
     # A prefill that drew EOS or the whole budget leaves no round to run (nor to compile).
     done = max_new_tokens == 1 or bool(state.done)
@@ -915,6 +921,7 @@ class Decoder:
     return Generation(
         token_ids=tokens, text=text, prompt_tokens=n, wall_time=wall_time,
         compile_seconds=self.compile_seconds - compiled_before,
+        calibration_seconds=policy.calibration_seconds - calibrated_before,
         accept_lengths=accepted_R[:rounds].tolist(), draft_lengths=drafted_R[:rounds].tolist(),
         draft_sources=[DRAFT_SOURCES[i] for i in source_R[:rounds]], skip_sets=skip_RL[:rounds],
         refresh_times=self.refresh_seconds)

@@ -10,7 +10,7 @@ from clasp_jax import strategies
 from clasp_jax.engine import Decoder
 from clasp_jax.strategies import adaptive
 from clasp_jax.strategies.adaptive import Costs
-from clasp_jax.strategies.base import LOOKUP, PLAIN, SKIP
+from clasp_jax.strategies.base import LOOKUP, PLAIN, SKIP, Segment
 import tiny
 
 L = 30
@@ -443,6 +443,44 @@ def test_measured_costs_split_a_round_into_its_pieces(monkeypatch):
   measured = adaptive.measure_costs(decoder, state, tiny.MAX_NEW, (1, 4))
   for field in ('full_step', 'draft_base', 'draft_per_layer', 'verify', 'segment'):
     assert getattr(measured, field) == pytest.approx(getattr(truth, field)), field
+
+
+def test_measuring_the_costs_is_left_out_of_the_decoding_time(monkeypatch):
+  """A decoder's first generation measures the step costs; that time is the generation's
+  `calibration_seconds`, out of its decoding speed as compilation is, and a later generation
+  of the same decoder pays none."""
+  pause = 0.3
+
+  def slow_measure(decoder, state, max_new_tokens, skip_counts):
+    del decoder, state, max_new_tokens, skip_counts
+    time.sleep(pause)
+    return GPU_LIKE
+
+  monkeypatch.setattr(adaptive, 'measure_costs', slow_measure)
+  config = tiny.tiny_config()
+  decoder = Decoder(tiny.tiny_params(config), config,
+                    strategies.build('clasp', config, skip_layers='auto', num_draft_tokens=4))
+  prompt = tiny.prompts(config)[0]
+  first, second = decoder.generate(prompt, 16), decoder.generate(prompt, 16)
+  assert pause <= first.calibration_seconds < pause + 0.2
+  assert first.decode_seconds == pytest.approx(
+      first.wall_time - first.compile_seconds - first.calibration_seconds)
+  assert second.calibration_seconds == 0.0
+
+
+def test_on_a_cpu_each_measured_segment_runs_once(monkeypatch):
+  """On a CPU a segment's first run times as its next does: measuring runs it once, where
+  accelerators run it untimed first (their kernels load on a first run)."""
+  config = tiny.tiny_config()
+  decoder = Decoder(tiny.tiny_params(config), config,
+                    strategies.AdaptiveClasp(candidates=(1, 4), initial_skip_layers=1))
+  state = decoder.start(tiny.prompts(config)[0], tiny.MAX_NEW)
+  runs = []
+  run_segment = decoder.run_segment
+  monkeypatch.setattr(decoder, 'run_segment', lambda *a: runs.append(1) or run_segment(*a))
+  _, rounds, _ = adaptive._timed_segment(decoder, state, Segment(draft=False, rounds=3),
+                                         tiny.MAX_NEW)
+  assert rounds == 3 and len(runs) == 1
 
 
 def test_cost_table_is_remembered_per_pair_of_measured_m(tmp_path, monkeypatch):

@@ -226,18 +226,18 @@ def test_no_device_starts_before_the_preallocation_is_set():
   assert result.stdout.strip() == 'False', result.stderr
 
 
-def _generation(wall_time: float, compile_seconds: float,
-                accept_lengths: list[int]) -> Generation:
+def _generation(wall_time: float, compile_seconds: float, accept_lengths: list[int],
+                calibration_seconds: float = 0.0) -> Generation:
   rounds = len(accept_lengths)
   return Generation(token_ids=list(range(1 + sum(accept_lengths))), text='t', prompt_tokens=5,
                     wall_time=wall_time, compile_seconds=compile_seconds,
                     accept_lengths=accept_lengths,
                     draft_lengths=[4] * rounds, draft_sources=["skip"] * rounds,
                     skip_sets=np.zeros((rounds, 2), bool),
-                    refresh_times=[])
+                    refresh_times=[], calibration_seconds=calibration_seconds)
 
 
-def test_stats_line_leaves_compilation_out_of_the_speed():
+def test_stats_line_leaves_compilation_and_calibration_out_of_the_speed():
   accepted = [3, 4, 1, 3, 3, 5]  # 20 tokens
   generation = _generation(wall_time=12.0, compile_seconds=10.0, accept_lengths=accepted)
   assert generate.stats_line(generation, speculative=True) == (
@@ -246,6 +246,12 @@ def test_stats_line_leaves_compilation_out_of_the_speed():
   generation = _generation(wall_time=12.0, compile_seconds=0.0, accept_lengths=accepted)
   assert generate.stats_line(generation, speculative=False) == (
       'prompt tokens 5 | new tokens 20 | decoding 12.0 s, 1.7 tokens/s | compiling 0.0 s')
+  # The default method's first run, timing the device's step costs: out of the speed too.
+  generation = _generation(wall_time=12.0, compile_seconds=6.0, accept_lengths=accepted,
+                           calibration_seconds=4.0)
+  assert generate.stats_line(generation, speculative=True) == (
+      'prompt tokens 5 | new tokens 20 | decoding 2.0 s, 10.0 tokens/s | compiling 6.0 s | '
+      'timing the device 4.0 s | tau 3.17 | rounds 6')
 
 
 def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags, monkeypatch):

@@ -133,7 +133,8 @@ def stats_line(generation: Generation, speculative: bool) -> str:
 
   The decoding speed leaves compilation out: a one-off run spends much of its time compiling,
   which a reused decoder does not, so a speed over the whole time would understate the
-  method's. The compile time is shown on its own instead.
+  method's. The compile time is shown on its own instead, and so is the time the method spent
+  timing the device where it did (the default method's first run, `--cache_dir` unset or new).
 
   Args:
     generation: the generation to describe.
@@ -143,6 +144,8 @@ def stats_line(generation: Generation, speculative: bool) -> str:
            f'decoding {generation.decode_seconds:.1f} s, '
            f'{generation.tokens_per_second:.1f} tokens/s',
            f'compiling {generation.compile_seconds:.1f} s']
+  if generation.calibration_seconds >= 0.05:  # a measurement, not a read of remembered costs
+    parts.append(f'timing the device {generation.calibration_seconds:.1f} s')
   if speculative:
     parts += [f'tau {generation.mean_accepted:.2f}',
               f'rounds {len(generation.accept_lengths)}']

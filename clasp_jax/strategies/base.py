@@ -160,6 +160,9 @@ class Policy(abc.ABC):
 
   #: Whether `observe` wants each segment's per-round statistics.
   observes: bool = False
+  #: Seconds the policy has spent timing the device for its decisions (compilation excluded),
+  #: over all its generations: one-off work that a generation's decoding speed leaves out.
+  calibration_seconds: float = 0.0
 
   @abc.abstractmethod
   def next_segment(self, decoder, state: DecodeState) -> tuple[DecodeState, Segment]:
