@@ -458,15 +458,14 @@ class _CompiledFunction:
   Compiling explicitly (rather than on a jitted call) lets `Decoder.compile` prepare a
   request without running it, and lets a generation report how long it spent compiling.
   On a mesh (`placement`) it is compiled for arguments in the sharding rules' places, and
-  its outputs are pinned there. `per_layer` picks the XLA options of a program over per-layer
-  weights (`xla_options.compiler_options`).
+  its outputs are pinned there.
   """
 
   def __init__(self, fn, donate_argnums: tuple[int, ...] = (), precision: str | None = None,
-               placement: sharding_lib.Placement | None = None, per_layer: bool = False):
+               placement: sharding_lib.Placement | None = None):
     self._jitted = jax.jit(fn if placement is None else placement.pin(fn),
                            donate_argnums=donate_argnums,
-                           compiler_options=xla_options.compiler_options(per_layer))
+                           compiler_options=xla_options.compiler_options())
     self._precision = precision
     self._placement = placement
     self._compiled: dict[Any, Any] = {}
@@ -568,8 +567,9 @@ class Decoder:
     strategy: the decoding method.
     sampling: greedy (default) or sampling settings.
     tokenizer: optional; used to decode the text of each generation.
-    fast_path: per-layer weight buffers looped over in Python, and a draft over the active
-      layers' buffers alone (what pays on GPU and TPU, and for 1-row passes on a CPU), instead
+    fast_path: per-layer weight buffers read in place (`model.scan_layers`), and a draft over
+      the active layers' buffers alone (what pays on GPU and TPU, and for narrow passes on a
+      CPU), instead
       of a `lax.scan` over stacked weights with a `lax.cond` per layer (the reference). None
       picks by backend and pass width (`model.per_layer_by_default`). Each is exact against
       its own plain decoding; the two need not round alike. Params already per layer
@@ -616,10 +616,8 @@ class Decoder:
         _prefill, config=config, sampling=sampling, chunk=prefill_chunk(),
         prompt_attention=resolve_prompt_attention(attention, config,
                                                   self.params['embed'].dtype, self.mesh))
-    # Every program of the decoder: its precision, its placement on the mesh, and the XLA
-    # options of its params' layer layout.
-    compiled = functools.partial(_CompiledFunction, precision=precision, placement=placement,
-                                 per_layer=model_lib.is_per_layer(self.params))
+    # Every program of the decoder: its precision and its placement on the mesh.
+    compiled = functools.partial(_CompiledFunction, precision=precision, placement=placement)
     self._prefill = compiled(self._prefill_fn, donate_argnums=(4,))
     attend = resolve_attention(attention, config, self.mesh)
     prefix_attend = resolve_attention(attention, config, self.mesh, prefix=True)

@@ -14,10 +14,10 @@ gate/up (and q/k/v) fused per tensor-parallel shard: w_gate_up [D, n, 2F/n], w_q
 
 `forward` runs a chunk of T tokens at positions [cache.length, cache.length + T), writes their
 keys/values and advances the cache. The layers are applied with `lax.scan` over the stacked
-tree (the reference path), or unrolled over per-layer trees (`unstack_layers`, the
-accelerator path); a bool[L] `skip` vector turns layers into identities (one `lax.cond` per
-layer, reference path), and `layer_ids_A` runs only some layers' own trees (the accelerator
-draft). Attention over the cache is `attention.cache_attention`, whose reduction order does
+tree (the reference path), or over per-layer trees (`unstack_layers`): a `lax.scan` whose
+products pick the layer's own buffer on a CPU, unrolled on accelerators (`scan_layers`); a
+bool[L] `skip` vector turns layers into identities (one `lax.cond` per layer, reference path),
+and `layer_ids_A` runs only some layers' own trees (the per-layer draft). Attention over the cache is `attention.cache_attention`, whose reduction order does
 not depend on the pass a token sits in. `pseudo_token_layer` runs one layer on M independent
 pseudo-tokens sharing one position, for the CLaSp dynamic programme; a `Ride` carries such
 pseudo-tokens through a pass's padding rows instead, so one reading of the weights serves both.
@@ -157,6 +157,37 @@ def _apply_rope(x_BT_h: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array,
   return out_BT_h.astype(x_BT_h.dtype)
 
 
+#: The per-layer weights that are multiplied (rather than added or scaled): in a layer loop over
+#: per-layer buffers (`scan_layers` on a CPU) each is a `LayerChoice`.
+_PRODUCT_WEIGHTS = frozenset({'wq', 'wk', 'wv', 'w_qkv', 'wo', 'w_gate', 'w_up', 'w_gate_up',
+                              'w_down'})
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+  """One weight of every layer, the layer picked by a traced index: what a layer loop over
+  per-layer buffers hands a layer (`scan_layers`), multiplied in place by `_product`.
+
+  Attributes:
+    index: int32 scalar, the layer.
+    weights: the weight of each layer, its own buffer.
+  """
+
+  index: jax.Array
+  weights: tuple[jax.Array, ...]
+
+
+def _product(form: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
+             w: jax.Array | LayerChoice) -> jax.Array:
+  """`form(x, w)`, a product of x by a weight; for a `LayerChoice`, by the chosen layer's own
+  buffer: a `lax.switch` with one branch per layer, each a product of its own buffer read where
+  it lies. (A traced index into a stacked weight copies the layer's slice before the product:
+  on a CPU that costs more than a narrow product itself.)"""
+  if not isinstance(w, LayerChoice):
+    return form(x, w)
+  return jax.lax.switch(w.index, [lambda x, w=w_l: form(x, w) for w_l in w.weights], x)
+
+
 def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
          sin_BTh: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
   """Pre-attention norm and projections, q and k roped, as an attention's first three
@@ -167,14 +198,14 @@ def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
   hd = config.head_dim
   h_BTD = rms_norm(x_BTD, lp['attn_norm'], config.rms_norm_eps)
   if 'w_qkv' in lp:  # fused per shard: one product, one kernel for q, k and v after it
-    qkv_BTnY = _fused_matmul(h_BTD, lp['w_qkv'])
+    qkv_BTnY = _product(_fused_matmul, h_BTD, lp['w_qkv'])
     if config.attention_bias:
       qkv_BTnY = qkv_BTnY + lp['b_qkv']
     n = qkv_BTnY.shape[2]
     qkv_BTnNh = qkv_BTnY.reshape(B, T, n, -1, hd)
     roped_N = jnp.arange(qkv_BTnNh.shape[3]) < (config.num_heads + config.num_kv_heads) // n
     return _apply_rope(qkv_BTnNh, cos_BTh, sin_BTh, roped_N), None, None
-  q_BTq, k_BTk, v_BTk = h_BTD @ lp['wq'], h_BTD @ lp['wk'], h_BTD @ lp['wv']
+  q_BTq, k_BTk, v_BTk = (_product(jnp.matmul, h_BTD, lp[w]) for w in ('wq', 'wk', 'wv'))
   if config.attention_bias:
     q_BTq, k_BTk, v_BTk = q_BTq + lp['bq'], k_BTk + lp['bk'], v_BTk + lp['bv']
   q_BTHh = q_BTq.reshape(B, T, config.num_heads, hd)
@@ -208,14 +239,15 @@ def _closing_product(x_BTK: jax.Array, w_KD: jax.Array) -> jax.Array:
 def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
                   attn_BTq: jax.Array) -> jax.Array:
   """Output projection, residual, and the SwiGLU MLP with its residual."""
-  x_BTD = x_BTD + _closing_product(attn_BTq, lp['wo'])
+  x_BTD = x_BTD + _product(_closing_product, attn_BTq, lp['wo'])
   h_BTD = rms_norm(x_BTD, lp['mlp_norm'], config.rms_norm_eps)
   if 'w_gate_up' in lp:  # fused per shard (see `fuse_projections`)
-    gate_BTnF, up_BTnF = jnp.split(_fused_matmul(h_BTD, lp['w_gate_up']), 2, axis=-1)
+    gate_BTnF, up_BTnF = jnp.split(_product(_fused_matmul, h_BTD, lp['w_gate_up']), 2, axis=-1)
     act_BTF = (jax.nn.silu(gate_BTnF) * up_BTnF).reshape(x_BTD.shape[:-1] + (-1,))
   else:
-    act_BTF = jax.nn.silu(h_BTD @ lp['w_gate']) * (h_BTD @ lp['w_up'])
-  return x_BTD + _closing_product(act_BTF, lp['w_down'])
+    act_BTF = (jax.nn.silu(_product(jnp.matmul, h_BTD, lp['w_gate']))
+               * _product(jnp.matmul, h_BTD, lp['w_up']))
+  return x_BTD + _product(_closing_product, act_BTF, lp['w_down'])
 
 
 def decoder_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
@@ -347,11 +379,11 @@ def fuse_projections(lp: Params, num_shards: int = 1, fuse_qkv: bool = True) -> 
 
 
 #: The widest pass that runs on per-layer buffers on a CPU by default. A plain step on a 2-vCPU
-#: Xeon (SmolLM2-135M's shape, per-layer over stacked time): 0.70 at width 1, 0.81 at 2 and 3,
-#: 0.93 at 5, 1.03 at 7, 1.23 at 9 (docs/results/cpu/pass_width/plain_steps.txt); the default
-#: method at width 3 with K = 2 ran 1.15x faster per layer (width_k2.txt). Width 5's 7% is left
-#: to the stacked layout, which compiles 3-5x faster, until other CPUs are measured.
-CPU_PER_LAYER_MAX_WIDTH = 3
+#: Xeon (SmolLM2-135M's shape, per-layer over stacked time, the layer loop of `scan_layers`):
+#: 0.70 at width 1, 0.81 at 2, 0.80 at 3, 0.95 at 5, 0.99 at 7, 1.18 at 9
+#: (docs/results/cpu/pass_width/plain_steps_loop.txt); the default method at width 3 with K = 2
+#: ran 1.15x faster per layer (width_k2.txt). Both layouts compile alike since the loop.
+CPU_PER_LAYER_MAX_WIDTH = 5
 
 
 def per_layer_by_default(pass_width: int | None = None) -> bool:
@@ -364,7 +396,7 @@ def per_layer_by_default(pass_width: int | None = None) -> bool:
   SmolLM2-135M at width 1: 1.40x faster per layer on a 2-core Xeon,
   docs/results/cpu/width_1_per_layer/). A wider pass computes, rather than waits for memory,
   and there the stacked layout, whose products read the copies from the caches, is faster
-  (docs/results/cpu/per_layer_products/). Per-layer buffers also compile 3-5x longer.
+  (docs/results/cpu/per_layer_products/).
   """
   if jax.default_backend() != 'cpu':
     return True
@@ -374,10 +406,10 @@ def per_layer_by_default(pass_width: int | None = None) -> bool:
 def unstack_layers(params: Params, num_shards: int = 1, fuse_qkv: bool = True) -> Params:
   """Params whose layers are a tuple of L separate trees, projections fused.
 
-  On accelerators a layer loop over one stacked tree slices (copies) each layer's weights
-  every step, about twice the bytes of the step itself; separate buffers per layer, looped
-  over in Python (unrolled), are read in place. Done once, when a decoder is built (or the
-  weights are loaded). `num_shards` and `fuse_qkv` as in `fuse_projections`.
+  A layer loop over one stacked tree slices (copies) each layer's weights every step, about
+  twice the bytes of the step itself; separate buffers per layer are read in place
+  (`scan_layers`). Done once, when a decoder is built (or the weights are loaded).
+  `num_shards` and `fuse_qkv` as in `fuse_projections`.
   """
   if is_per_layer(params):
     return params
@@ -396,18 +428,46 @@ def active_layers(params: Params, skip_L) -> tuple[tuple[Params, ...], np.ndarra
   return tuple(params['layers'][i] for i in ids_A), ids_A
 
 
+def loops_over_layers() -> bool:
+  """Whether per-layer buffers run as a layer loop on the device (on a CPU) rather than
+  unrolled (on accelerators, which fuse and schedule across an unrolled program's layers and
+  pay for every conditional; see `scan_layers`)."""
+  return jax.default_backend() == 'cpu'
+
+
 def scan_layers(params: Params, fn, carry):
   """`carry, y_a = fn(a, layer_a_params, carry)` for every layer a of `params['layers']` in
   order; returns the last carry and the y's stacked on a leading axis.
 
-  A `lax.scan` over a stacked tree (the compact reference path; a is traced), a Python loop
-  (unrolled) over per-layer trees (the accelerator path; a is a Python int).
+  Three programs, one computation:
+  - a stacked tree: a `lax.scan` over it (the compact reference path; a is traced, and each
+    layer's weights are sliced out, a copy, every step);
+  - per-layer trees on a CPU (`loops_over_layers`): a `lax.scan` over the layer index whose
+    layer multiplies each of its weights as a `LayerChoice` (`_product`), read in place. It
+    runs as fast as the unrolled program did there and compiles one layer, not L: on a
+    2-vCPU Xeon, SmolLM2-135M's plain step took 0.70 of the stacked layout's time at width 1
+    and 0.80 at 3, as unrolled (0.70, 0.81), compiling in 2.5-2.9 s instead of 10.5-13.3,
+    and a `clasp-generate` run at width 3 compiled in 14.8 s instead of 52.4, decoding as
+    fast (docs/results/cpu/pass_width/);
+  - per-layer trees elsewhere: a Python loop (unrolled; a is a Python int), the accelerator
+    path.
   """
+  layers = params['layers']
   if not is_per_layer(params):
     return jax.lax.scan(lambda c, xs: fn(xs[1], xs[0], c), carry,
-                        (params['layers'], jnp.arange(num_layers_in(params))))
+                        (layers, jnp.arange(num_layers_in(params))))
+  if loops_over_layers():
+    vectors = {k: jnp.stack([lp[k] for lp in layers]) for k in layers[0]
+               if k not in _PRODUCT_WEIGHTS}  # norms and biases: small, sliced per layer
+
+    def step(c, a):
+      lp = {k: LayerChoice(a, tuple(lp[k] for lp in layers)) for k in layers[0]
+            if k in _PRODUCT_WEIGHTS}
+      return fn(a, {**lp, **{k: v_L[a] for k, v_L in vectors.items()}}, c)
+
+    return jax.lax.scan(step, carry, jnp.arange(len(layers)))
   ys = []
-  for a, lp in enumerate(params['layers']):
+  for a, lp in enumerate(layers):
     carry, y = fn(a, lp, carry)
     ys.append(y)
   return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
@@ -582,7 +642,7 @@ def sublayer_stats(params: Params, config: LlamaConfig, tokens_BT: jax.Array, ca
     q_BTHh, k_BTKh, v_BTKh = _qkv(lp, config, x_BTD, cos_BTh, sin_BTh)  # or packed
     attn_BTq = attention_lib.cache_attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh,
                                              cache.v_LBSKh, a, start)
-    attn_BTD = _closing_product(attn_BTq, lp['wo'])
+    attn_BTD = _product(_closing_product, attn_BTq, lp['wo'])
     mid_BTD = x_BTD + attn_BTD
     out_BTD = _finish_layer(lp, config, x_BTD, attn_BTq)
     mlp_BTD = out_BTD.astype(jnp.float32) - mid_BTD.astype(jnp.float32)

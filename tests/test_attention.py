@@ -44,11 +44,11 @@ def test_a_one_row_chunk_attends_as_a_wider_chunks_first_row(dtype, tol, start):
 
 
 def _cpu_program(T: int) -> str:
-  """The optimised CPU program of a T-row chunk's cache attention, as per-layer programs
+  """The optimised CPU program of a T-row chunk's cache attention, as a decoder's programs
   compile it."""
   q_1THh, k_1TKh, v_1TKh, cache_k, cache_v = _case(jnp.float32, T, 200)
   fn = jax.jit(attention.cache_attention, static_argnums=5,
-               compiler_options=xla_options.CPU_PER_LAYER_OPTIONS)
+               compiler_options=xla_options.compiler_options())
   return fn.lower(q_1THh, k_1TKh, v_1TKh, cache_k, cache_v, LAYER,
                   jnp.int32(200)).compile().as_text()
 

@@ -231,15 +231,15 @@ def test_cpu_programs_hold_no_ynnpack_fusion(tiny_model):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the layouts of CPU programs')
-@pytest.mark.parametrize('per_layer_params,pass_width', [(False, 1), (False, 3), (True, None)],
-                         ids=['width_1', 'width_3', 'per_layer_params_at_width_9'])
+@pytest.mark.parametrize('per_layer_params,pass_width', [(False, 1), (False, 5), (True, None)],
+                         ids=['width_1', 'width_5', 'per_layer_params_at_width_9'])
 def test_cpu_programs_over_per_layer_buffers_copy_no_cache(tiny_model, per_layer_params,
                                                             pass_width):
-  """On a CPU, passes of up to 3 rows run on per-layer buffers and wider ones on the stacked
-  layout (`model.per_layer_by_default`). A plain step over per-layer buffers, compiled with copy
-  insertion's region analysis (`xla_options.CPU_PER_LAYER_OPTIONS`), copies no whole KV
-  cache: without it XLA copies the cache four times a step. That holds too for params loaded
-  per layer (`load(per_layer=True)`) in a decoder of the default width, which keeps them."""
+  """On a CPU, passes of up to 5 rows run on per-layer buffers and wider ones on the stacked
+  layout (`model.per_layer_by_default`). A plain step over per-layer buffers, a layer loop
+  (`model.scan_layers`), copies no whole KV cache (unrolled, XLA's CPU compiler copied it four
+  times a step). That holds too for params loaded per layer (`load(per_layer=True)`) in a
+  decoder of the default width, which keeps them."""
   config, params = tiny_model
   assert not Decoder(params, config, strategies.Vanilla()).fast_path
   if per_layer_params:

@@ -7,6 +7,7 @@ model every other test decodes with.
 
 import dataclasses
 import functools
+import re
 
 import chex
 import jax
@@ -238,6 +239,41 @@ def test_incremental_decoding_equals_full_forward(tiny_model):
   # The check can fail: logits depend on the context (a model that ignored it would pass).
   assert _max_abs_diff(full_TV[30], _full_logits(params, config, tokens_T[None, 30:31])
                        .logits_BPV[0, 0]) > 1e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA:CPU's programs")
+@pytest.mark.parametrize('rows', [1, 3])
+def test_on_cpu_per_layer_buffers_run_as_a_layer_loop_reading_weights_in_place(
+    tiny_model, monkeypatch, rows):
+  """On a CPU, per-layer buffers run as one compiled layer in a loop, each product a switch
+  over the layers' own buffers (`model.scan_layers`): the unrolled program's (the
+  accelerators') computation, and, unlike the stacked layout's loop, no copy of a layer's
+  weights. (Not its bits: XLA fuses an unrolled layer's RoPE otherwise, and a cached key
+  came out a bit apart. A decoder runs every pass of a width through one program, so its
+  methods still compare exactly.)"""
+  config, stacked = tiny_model
+  per_layer = model_lib.unstack_layers(stacked)
+  tokens_BT = jnp.asarray(np.random.RandomState(3).randint(0, config.vocab_size, (1, rows)))
+  cache = _forward(per_layer, config, jnp.asarray(tiny.prompts(config)[0])[None],
+                   init_cache(config, 64)).cache
+
+  def program(params):
+    fn = jax.jit(functools.partial(model_lib.forward, config=config))
+    return fn.lower(params, tokens_BT=tokens_BT, cache=cache).compile()
+
+  looped = program(per_layer)
+  monkeypatch.setattr(model_lib, 'loops_over_layers', lambda: False)
+  unrolled = program(per_layer)
+  chex.assert_trees_all_close(looped(per_layer, tokens_BT=tokens_BT, cache=cache),
+                              unrolled(per_layer, tokens_BT=tokens_BT, cache=cache),
+                              atol=1e-6, rtol=0)
+  assert looped.as_text().count('conditional(') == 4  # q/k/v, o, gate/up and down
+  assert unrolled.as_text().count('conditional(') == 0
+  gate_up = ','.join(map(str, per_layer['layers'][0]['w_gate_up'].shape))
+  down = ','.join(map(str, per_layer['layers'][0]['w_down'].shape))
+  weight_shaped = rf'= f32\[({gate_up}|{down}|1,{down})\]\S* (fusion|copy|dynamic-slice)\('
+  assert not re.search(weight_shaped, looped.as_text())
+  assert re.search(weight_shaped, program(stacked).as_text())  # the stacked loop's copies
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA:CPU's programs")
