@@ -48,6 +48,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from clasp_jax import xla_options
+
 #: Keys are reduced in blocks of this many absolute positions; cache capacities are multiples.
 ATTENTION_BLOCK = 128
 
@@ -218,7 +220,7 @@ def _reduce_keys(op, x_XS: jax.Array) -> jax.Array:
   windowed reductions made the attention of a 769-token prompt's prefill 1.2x slower
   (SmolLM2-135M's shapes; docs/results/cpu/cache_attention/).
   """
-  if jax.default_backend() != 'cpu':
+  if xla_options.platform() != 'cpu':
     return op(x_XS, axis=-1)
   groups_XG = op(x_XS.reshape(*x_XS.shape[:-1], -1, KEY_GROUP), axis=-1)
   return op(jax.lax.optimization_barrier(groups_XG), axis=-1)

@@ -463,8 +463,9 @@ class _CompiledFunction:
 
   def __init__(self, fn, donate_argnums: tuple[int, ...] = (), precision: str | None = None,
                placement: sharding_lib.Placement | None = None):
-    self._jitted = jax.jit(fn if placement is None else placement.pin(fn),
-                           donate_argnums=donate_argnums,
+    self._fn = fn if placement is None else placement.pin(fn)
+    self._donate_argnums = donate_argnums
+    self._jitted = jax.jit(self._fn, donate_argnums=donate_argnums,
                            compiler_options=xla_options.compiler_options())
     self._precision = precision
     self._placement = placement
@@ -485,11 +486,15 @@ class _CompiledFunction:
     return executable
 
   def lower(self, *args, platform: str) -> jax.stages.Lowered:
-    """These arguments' program lowered for `platform`, not compiled (nor kept)."""
+    """These arguments' program lowered for `platform`, not compiled (nor kept): traced afresh
+    as that platform runs it (`xla_options.lowering_for`: the model's choices by platform
+    follow it, not this machine's backend), by a jit of its own, so that no trace made for
+    this machine is reused."""
     if self._placement is not None:
       args = self._placement.abstract(args)
-    with jax.default_matmul_precision(self._precision):
-      return self._jitted.trace(*args).lower(lowering_platforms=(platform,))
+    jitted = jax.jit(lambda *a: self._fn(*a), donate_argnums=self._donate_argnums)
+    with xla_options.lowering_for(platform), jax.default_matmul_precision(self._precision):
+      return jitted.trace(*args).lower(lowering_platforms=(platform,))
 
   def __call__(self, *args):
     return self.compiled(*args)(*args)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax import attention as attention_lib
+from clasp_jax import xla_options
 from clasp_jax.cache import KVCache
 from clasp_jax.config import LlamaConfig
 
@@ -228,7 +229,7 @@ def _closing_product(x_BTK: jax.Array, w_KD: jax.Array) -> jax.Array:
   product. Every pass of a decoder at width 1 has one row, so all of them take the same form.
   """
   B, T, K = x_BTK.shape
-  if jax.default_backend() != 'cpu' or B * T != 1 or K % 2:
+  if xla_options.platform() != 'cpu' or B * T != 1 or K % 2:
     return x_BTK @ w_KD
   x_2k = x_BTK.reshape(2, K // 2)
   w_2kD = w_KD.reshape(2, K // 2, w_KD.shape[1])  # the halves of K, as the weight lies
@@ -432,7 +433,7 @@ def loops_over_layers() -> bool:
   """Whether per-layer buffers run as a layer loop on the device (on a CPU) rather than
   unrolled (on accelerators, which fuse and schedule across an unrolled program's layers and
   pay for every conditional; see `scan_layers`)."""
-  return jax.default_backend() == 'cpu'
+  return xla_options.platform() == 'cpu'
 
 
 def scan_layers(params: Params, fn, carry):

@@ -256,6 +256,22 @@ def test_cpu_programs_over_per_layer_buffers_copy_no_cache(tiny_model, per_layer
   assert not re.search(rf'= f32\[{cache_shape}\]\S* copy\(', text)
 
 
+def test_lowering_for_an_accelerator_builds_its_program_not_this_machines(tiny_model):
+  """`Decoder.lower` builds the program of the platform it names: on any machine, per-layer
+  buffers lowered for a GPU are unrolled and for a CPU a layer loop whose products switch
+  between the layers' buffers (`model.scan_layers`), whatever was traced or compiled before."""
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.Vanilla(), fast_path=True)
+
+  def switches(platform):
+    return decoder.lower(20, 8, platform)['plain'].as_text().count('stablehlo.case')
+
+  assert switches('cpu') == 4  # q/k/v, o, gate/up and down
+  assert switches('cuda') == 0
+  decoder.compile(20, 8)
+  assert (switches('cuda'), switches('cpu')) == (0, 4)
+
+
 @pytest.mark.parametrize('prompt,max_new,match', [
     ([], 10, 'empty'),
     ([5] * 500, 100, 'exceeds the model context'),
