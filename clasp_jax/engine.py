@@ -574,11 +574,10 @@ class Decoder:
     tokenizer: optional; used to decode the text of each generation.
     fast_path: per-layer weight buffers read in place (`model.scan_layers`), and a draft over
       the active layers' buffers alone (what pays on GPU and TPU, and for narrow passes on a
-      CPU), instead
-      of a `lax.scan` over stacked weights with a `lax.cond` per layer (the reference). None
-      picks by backend and pass width (`model.per_layer_by_default`). Each is exact against
-      its own plain decoding; the two need not round alike. Params already per layer
-      (`load(per_layer=True)`) stay so: the reference then loops over their buffers.
+      CPU), instead of a `lax.scan` over stacked weights with a `lax.cond` per layer (the
+      reference). None picks by backend and pass width (`model.per_layer_by_default`). Each
+      is exact against its own plain decoding; the two need not round alike. Params already
+      per layer (`load(per_layer=True)`) stay so: the reference then loops over their buffers.
     pass_width: tokens per full-model pass (see the module docstring). Decoders compare
       exactly only at the same width; None: `default_pass_width()`, the same for every
       method of a platform.

@@ -17,10 +17,11 @@ keys/values and advances the cache. The layers are applied with `lax.scan` over 
 tree (the reference path), or over per-layer trees (`unstack_layers`): a `lax.scan` whose
 products pick the layer's own buffer on a CPU, unrolled on accelerators (`scan_layers`); a
 bool[L] `skip` vector turns layers into identities (one `lax.cond` per layer, reference path),
-and `layer_ids_A` runs only some layers' own trees (the per-layer draft). Attention over the cache is `attention.cache_attention`, whose reduction order does
-not depend on the pass a token sits in. `pseudo_token_layer` runs one layer on M independent
-pseudo-tokens sharing one position, for the CLaSp dynamic programme; a `Ride` carries such
-pseudo-tokens through a pass's padding rows instead, so one reading of the weights serves both.
+and `layer_ids_A` runs only some layers' own trees (the per-layer draft). Attention over the
+cache is `attention.cache_attention`, whose reduction order does not depend on the pass a
+token sits in. `pseudo_token_layer` runs one layer on M independent pseudo-tokens sharing one
+position, for the CLaSp dynamic programme; a `Ride` carries such pseudo-tokens through a pass's
+padding rows instead, so one reading of the weights serves both.
 """
 
 from __future__ import annotations
