@@ -7,7 +7,9 @@ tokens). `engine.full_pass` makes every pass the same computation; these tests c
 for bit, layer by layer, and then token for token for every method, on the CPU in bfloat16.
 """
 
+import contextlib
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,24 @@ def _first_difference(a_LD, b_LD) -> str:
   return 'hidden states equal'
 
 
+#: The layer programs the pass-level checks run: the stacked loop, per-layer buffers as a CPU
+#: runs them (a layer loop) and as accelerators do (unrolled, traced here with the CPU's loop
+#: turned off).
+LAYOUTS = ['stacked', 'per_layer', 'per_layer_unrolled']
+
+
+def _in_layout(params, layout, monkeypatch, request):
+  """`params` (stacked) in `layout`; for the unrolled program the CPU's layer loop is off for
+  the test, and the module's jitted passes are traced afresh before and after it."""
+  if layout == 'stacked':
+    return params
+  if layout == 'per_layer_unrolled':
+    monkeypatch.setattr(model_lib, 'loops_over_layers', lambda: False)
+    jax.clear_caches()
+    request.addfinalizer(jax.clear_caches)
+  return model_lib.unstack_layers(params)
+
+
 def _plain_and_verified(params, config, width, starts=(0, 3, 7, NUM_TOKENS - 1)):
   """Each of NUM_TOKENS tokens after a shared prefill, as plain steps and as the rows of verify
   passes over the rest from a few starting tokens: {('plain' or start, token): (logits_V,
@@ -78,14 +98,14 @@ def _plain_and_verified(params, config, width, starts=(0, 3, 7, NUM_TOKENS - 1))
 
 
 @pytest.mark.parametrize('width', [16, 4])  # one pass, and verify passes of several passes
-@pytest.mark.parametrize('fast_path', [False, True])
-def test_logits_are_bit_equal_in_every_row_of_every_pass(tiny_model, width, fast_path):
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_logits_are_bit_equal_in_every_row_of_every_pass(tiny_model, width, layout, monkeypatch,
+                                                         request):
   """bfloat16: token t's hidden states (every layer) and logits are bit-equal whether it was
   computed by a plain step or as any row of a verify pass that starts at any earlier token."""
   config, params = tiny_model
-  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
-  if fast_path:
-    params = model_lib.unstack_layers(params)
+  params = _in_layout(jax.tree.map(lambda w: w.astype(jnp.bfloat16), params), layout,
+                      monkeypatch, request)
   results = _plain_and_verified(params, config, width)
   mismatches = []
   for (start, t), (logits_V, hiddens_LD) in results.items():
@@ -97,15 +117,14 @@ def test_logits_are_bit_equal_in_every_row_of_every_pass(tiny_model, width, fast
 
 
 @pytest.mark.parametrize('width,num_tokens,num_riders', [(16, 5, 11), (4, 6, 2)])
-@pytest.mark.parametrize('fast_path', [False, True])
+@pytest.mark.parametrize('layout', LAYOUTS)
 def test_riders_leave_the_real_rows_bit_equal(tiny_model, width, num_tokens, num_riders,
-                                              fast_path):
+                                              layout, monkeypatch, request):
   """bfloat16: a pass carrying riders in its padding rows computes its tokens' logits,
   hidden states and cached keys and values bit for bit as the same pass without them."""
   config, params = tiny_model
-  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
-  if fast_path:
-    params = model_lib.unstack_layers(params)
+  params = _in_layout(jax.tree.map(lambda w: w.astype(jnp.bfloat16), params), layout,
+                      monkeypatch, request)
   rng = np.random.RandomState(0)
   cache = _prefill(params, config,
                    jnp.asarray(rng.randint(4, config.vocab_size, (1, PROMPT_LEN)), jnp.int32))
@@ -202,10 +221,23 @@ def bf16_model(tiny_model):
   return config, jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
 
 
-#: (fast_path, logits_by_row, pass_width) of the decoders compared: a CPU's defaults (the
-#: stacked layers, logits a row at a time), a CPU's at width 1 (per-layer buffers, their own
-#: XLA options) and an accelerator's (per-layer buffers, a pass's logits at once).
-PATHS = [(False, True, None), (True, True, 1), (True, False, None)]
+#: (fast_path, logits_by_row, pass_width, unrolled) of the decoders compared: a CPU's defaults
+#: (the stacked layers, logits a row at a time), a CPU's at width 1 (per-layer buffers in a
+#: layer loop) and an accelerator's (per-layer buffers unrolled, a pass's logits at once).
+PATHS = [(False, True, None, False), (True, True, 1, False), (True, False, None, True)]
+
+
+def _programs_of(path):
+  """While active, decoders compile the path's layer program: the accelerators' unrolled
+  layers (the CPU's layer loop turned off), or this machine's own."""
+  if not path[3]:
+    return contextlib.nullcontext()
+  return mock.patch.object(model_lib, 'loops_over_layers', lambda: False)
+
+
+def _decoder(params, config, strategy, path) -> Decoder:
+  return Decoder(params, config, strategy, fast_path=path[0], logits_by_row=path[1],
+                 pass_width=path[2])
 
 
 @pytest.fixture(scope='module')
@@ -213,11 +245,12 @@ def bf16_vanilla(bf16_model):
   """Plain decoding's tokens on each path: each path is checked against its own (two
   compiled programs of different shape need not round alike; two passes of one must)."""
   config, params = bf16_model
-  return {path: [Decoder(params, config, strategies.Vanilla(), fast_path=path[0],
-                         logits_by_row=path[1], pass_width=path[2]
-                         ).generate(p, tiny.MAX_NEW).token_ids
-                 for p in tiny.prompts(config)]
-          for path in PATHS}
+  tokens = {}
+  for path in PATHS:
+    with _programs_of(path):
+      decoder = _decoder(params, config, strategies.Vanilla(), path)
+      tokens[path] = [decoder.generate(p, tiny.MAX_NEW).token_ids for p in tiny.prompts(config)]
+  return tokens
 
 
 #: Every method on every path, except the two long-draft CLaSp cases at width 1: their point
@@ -234,10 +267,10 @@ def test_every_method_equals_plain_decoding_in_bfloat16(bf16_model, bf16_vanilla
   method, settings = METHODS[name]
   strategy = (strategies.AdaptiveClasp(**settings) if method == 'clasp_auto'
               else strategies.build(method, config, **settings))
-  decoder = Decoder(params, config, strategy, fast_path=path[0], logits_by_row=path[1],
-                    pass_width=path[2])
+  decoder = _decoder(params, config, strategy, path)
   if method == 'clasp_auto':
     tiny.set_costs(decoder)
-  outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config)]
+  with _programs_of(path):
+    outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config)]
   assert [o.token_ids for o in outs] == bf16_vanilla[path]
   assert any(d > 0 for o in outs for d in o.draft_lengths)  # it did draft
