@@ -383,8 +383,9 @@ def fuse_projections(lp: Params, num_shards: int = 1, fuse_qkv: bool = True) -> 
 #: The widest pass that runs on per-layer buffers on a CPU by default. A plain step on a 2-vCPU
 #: Xeon (SmolLM2-135M's shape, per-layer over stacked time, the layer loop of `scan_layers`):
 #: 0.70 at width 1, 0.81 at 2, 0.80 at 3, 0.95 at 5, 0.99 at 7, 1.18 at 9
-#: (docs/results/cpu/pass_width/plain_steps_loop.txt); the default method at width 3 with K = 2
-#: ran 1.15x faster per layer (width_k2.txt). Both layouts compile alike since the loop.
+#: (docs/results/cpu/pass_width/plain_steps_loop.txt; another Xeon: 0.73 to 0.84 up to 5, 0.99
+#: at 7, 0.95 at 9); the default method at width 3 with K = 2 ran 1.15x faster per layer
+#: (width_k2.txt). Both layouts compile alike since the loop.
 CPU_PER_LAYER_MAX_WIDTH = 5
 
 

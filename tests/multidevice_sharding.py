@@ -72,10 +72,14 @@ def test_tokens_equal_the_single_device_run(tiny_model, single_device, name, mes
     assert any(d > 0 for o in outs for d in o.draft_lengths)  # it did draft
 
 
-def test_lossless_within_a_mesh_in_bfloat16(tiny_model):
+@pytest.mark.parametrize('unrolled', [False, True], ids=['layer_loop', 'unrolled'])
+def test_lossless_within_a_mesh_in_bfloat16(tiny_model, unrolled, monkeypatch):
   """bfloat16 on 2 devices: CLaSp equals plain decoding on the same mesh token for token (the
   mesh's tokens may part from one device's at near-ties: the projections' partial sums are
-  added across devices in another order)."""
+  added across devices in another order), per-layer buffers in the CPU's layer loop and
+  unrolled, as accelerators run them."""
+  if unrolled:
+    monkeypatch.setattr(model_lib, 'loops_over_layers', lambda: False)
   config, params = tiny_model
   params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
   prompts = tiny.prompts(config, count=PROMPTS)

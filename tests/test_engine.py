@@ -259,9 +259,11 @@ def test_cpu_programs_over_per_layer_buffers_copy_no_cache(tiny_model, per_layer
 def test_lowering_for_an_accelerator_builds_its_program_not_this_machines(tiny_model):
   """`Decoder.lower` builds the program of the platform it names: on any machine, per-layer
   buffers lowered for a GPU are unrolled and for a CPU a layer loop whose products switch
-  between the layers' buffers (`model.scan_layers`), whatever was traced or compiled before."""
+  between the layers' buffers (`model.scan_layers`), whatever was traced or compiled before.
+  (The plain `jnp` attention, which both platforms run: a GPU's Pallas kernel has no CPU
+  lowering.)"""
   config, params = tiny_model
-  decoder = Decoder(params, config, strategies.Vanilla(), fast_path=True)
+  decoder = Decoder(params, config, strategies.Vanilla(), fast_path=True, attention='xla')
 
   def switches(platform):
     return decoder.lower(20, 8, platform)['plain'].as_text().count('stablehlo.case')
