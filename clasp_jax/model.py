@@ -460,13 +460,14 @@ def scan_layers(params: Params, fn, carry):
     return jax.lax.scan(lambda c, xs: fn(xs[1], xs[0], c), carry,
                         (layers, jnp.arange(num_layers_in(params))))
   if loops_over_layers():
-    vectors = {k: jnp.stack([lp[k] for lp in layers]) for k in layers[0]
-               if k not in _PRODUCT_WEIGHTS}  # norms and biases: small, sliced per layer
+    per_layer = {k: tuple(lp[k] for lp in layers) for k in layers[0]}
+    # Norms and biases are small: stacked once and sliced per layer.
+    vectors_L = {k: jnp.stack(ws) for k, ws in per_layer.items() if k not in _PRODUCT_WEIGHTS}
 
     def step(c, a):
-      lp = {k: LayerChoice(a, tuple(lp[k] for lp in layers)) for k in layers[0]
-            if k in _PRODUCT_WEIGHTS}
-      return fn(a, {**lp, **{k: v_L[a] for k, v_L in vectors.items()}}, c)
+      lp = {k: vectors_L[k][a] if k in vectors_L else LayerChoice(a, ws)
+            for k, ws in per_layer.items()}
+      return fn(a, lp, c)
 
     return jax.lax.scan(step, carry, jnp.arange(len(layers)))
   ys = []
