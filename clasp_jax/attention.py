@@ -23,7 +23,7 @@ values, so here:
   at one width (`engine.full_pass`), so no committed token depends on which of the two ran.
 
 Together with matrix products whose shapes do not depend on the pass (see
-`engine.default_pass_width`) this makes every full-model pass compute a token's logits the
+`widths.default_pass_width`) this makes every full-model pass compute a token's logits the
 same way. This module is the plain `jnp` version: the CPU and TPU path, and the reference
 that `attention_pallas` (the fused GPU kernel) is tested against.
 

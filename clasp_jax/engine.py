@@ -50,6 +50,7 @@ from clasp_jax import attention as attention_lib
 from clasp_jax import model as model_lib
 from clasp_jax import sampling as sampling_lib
 from clasp_jax import sharding as sharding_lib
+from clasp_jax import widths
 from clasp_jax import xla_options
 from clasp_jax.cache import KVCache
 from clasp_jax.config import LlamaConfig
@@ -59,15 +60,6 @@ from clasp_jax.state import DecodeState, SegmentReport
 from clasp_jax.strategies import clasp as clasp_lib
 from clasp_jax.strategies.base import DRAFT_SOURCES, LOOKUP, PLAIN, Segment, Strategy
 
-#: Tokens per full-model pass on GPUs and TPUs, where a 16-row pass costs about what a 1-row
-#: step costs (the weights are read once either way): it covers K + 1 for K up to 15 in one
-#: pass and leaves the rows past K + 1 to the DP (`Clasp.dp_in_verify`).
-DEFAULT_PASS_WIDTH = 16
-#: Tokens per full-model pass on a CPU, which computes rather than waits for memory, so rows
-#: cost time: K + 1 for the default K = 8. On a 2-core CPU, against 16 rows, plain decoding ran
-#: 1.11x and the default method 1.20x (docs/results/cpu/pass_width/). No row is left to the
-#: DP at K = 8: CLaSp runs it as a pass of its own there.
-CPU_PASS_WIDTH = 9
 #: Prompt tokens per prefill pass on a CPU (`prefill_chunk`).
 CPU_PREFILL_CHUNK = 256
 _MIN_PROMPT_BUCKET = 32
@@ -149,17 +141,11 @@ def prompt_bucket(num_tokens: int, max_len: int) -> int:
   return min(max(_MIN_PROMPT_BUCKET, _next_power_of_two(num_tokens)), max_len)
 
 
-def default_pass_width() -> int:
-  """The pass width of a decoder that does not choose one: one per platform, since decoders
-  compare exactly only at one width (`CPU_PASS_WIDTH` on a CPU, else `DEFAULT_PASS_WIDTH`)."""
-  return CPU_PASS_WIDTH if jax.default_backend() == 'cpu' else DEFAULT_PASS_WIDTH
-
-
 def default_logits_by_row() -> bool:
   """Whether a decoder that does not choose takes its logits a row at a time (`row_logits`):
-  on a CPU, where the LM head of a 9-row pass costs about three 1-row products (SmolLM2-135M,
-  docs/results/cpu/row_logits/), so a plain step pays for one row and a verify pass for the
-  rows up to its first rejection. Accelerators read the head once for every row of a pass."""
+  on a CPU, where the LM head's rows cost time (SmolLM2-135M: 9 rows about three 1-row
+  products, docs/results/cpu/row_logits/), so a plain step pays for one row and a verify pass
+  for the rows up to its first rejection. Accelerators read the head once for every row of a pass."""
   return jax.default_backend() == 'cpu'
 
 
@@ -168,11 +154,6 @@ def prefill_chunk() -> int | None:
   on a CPU, where a bucket's padding and the attention to blocks after a token cost time;
   accelerators run the bucket as one pass."""
   return CPU_PREFILL_CHUNK if jax.default_backend() == 'cpu' else None
-
-
-def verify_rows(num_draft_tokens: int, pass_width: int) -> int:
-  """Rows of a verify pass of K drafts: K + 1 rounded up to whole passes of `pass_width`."""
-  return -(-(num_draft_tokens + 1) // pass_width) * pass_width
 
 
 def cache_bucket(num_tokens: int, max_new_tokens: int, scratch: int) -> int:
@@ -200,7 +181,7 @@ def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: K
     length advanced past the padding, and the ride's per-layer outputs (None without one).
   """
   T = tokens_T.shape[0]
-  padded_P = jnp.zeros((verify_rows(T - 1, width),), jnp.int32).at[:T].set(tokens_T)
+  padded_P = jnp.zeros((widths.verify_rows(T - 1, width),), jnp.int32).at[:T].set(tokens_T)
   last = padded_P.shape[0] - width
   if ride is not None:
     if not (T <= ride.first_row and ride.rows.stop <= padded_P.shape[0]):
@@ -579,7 +560,7 @@ class Decoder:
       is exact against its own plain decoding; the two need not round alike. Params already
       per layer (`load(per_layer=True)`) stay so: the reference then loops over their buffers.
     pass_width: tokens per full-model pass (see the module docstring). Decoders compare
-      exactly only at the same width; None: `default_pass_width()`, the same for every
+      exactly only at the same width; None: `widths.default_pass_width()`, the same for every
       method of a platform.
     logits_by_row: each token's logits as a 1-row product of the LM head, computed only for
       the rows acceptance reads, instead of the pass's W-row product (see `row_logits`).
@@ -598,7 +579,7 @@ class Decoder:
                logits_by_row: bool | None = None, attention: str = 'auto', mesh=None):
     strategy.validate(config)
     if pass_width is None:
-      pass_width = default_pass_width()
+      pass_width = widths.default_pass_width()
     if logits_by_row is None:
       logits_by_row = default_logits_by_row()
     if pass_width < 1:
@@ -628,7 +609,7 @@ class Decoder:
     # The CLaSp DP inside verify passes: F candidates in the rows a verify pass pads.
     self._search_columns = strategy.search_columns(config)
     K = strategy.num_draft_tokens
-    search_rows = verify_rows(K, pass_width) - (K + 1) if self._search_columns else 0
+    search_rows = widths.verify_rows(K, pass_width) - (K + 1) if self._search_columns else 0
     self._search_columns *= search_rows > 0
     #: Verify passes that fill one DP table (1 when there is no such search).
     self.search_passes = -(-(self._search_columns - 1) // search_rows) if search_rows else 1
@@ -767,7 +748,7 @@ class Decoder:
   @property
   def verify_rows(self) -> int:
     """Rows of a drafting round's verify pass: K + 1 in whole passes of `pass_width`."""
-    return verify_rows(self.strategy.num_draft_tokens, self.pass_width)
+    return widths.verify_rows(self.strategy.num_draft_tokens, self.pass_width)
 
   def _segment_args(self, state, segment: Segment, max_new_tokens,
                     round_params: Params | None = None) -> tuple[Any, ...]:

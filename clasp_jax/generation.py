@@ -34,9 +34,10 @@ def make_decoder(model: LoadedModel, method: str = 'clasp', *, temperature: floa
                  **strategy_settings) -> Decoder:
   """A `Decoder` for `method` (see `strategies.build` for the settings), on the mesh the model
   was loaded onto (`load(mesh=...)`), its passes `pass_width` rows wide (None: the platform's,
-  see `Decoder`). Keep it to reuse its compiled functions across generations."""
+  see `Decoder`), K unset what one such pass verifies. Keep it to reuse its compiled functions
+  across generations."""
   sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-  strategy = strategies.build(method, model.config, **strategy_settings)
+  strategy = strategies.build(method, model.config, pass_width=pass_width, **strategy_settings)
   return Decoder(model.params, model.config, strategy, sampling, tokenizer=model.tokenizer,
                  mesh=model.mesh, pass_width=pass_width)
 

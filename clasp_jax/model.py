@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax import attention as attention_lib
+from clasp_jax import widths
 from clasp_jax import xla_options
 from clasp_jax.cache import KVCache
 from clasp_jax.config import LlamaConfig
@@ -403,7 +404,9 @@ def per_layer_by_default(pass_width: int | None = None) -> bool:
   """
   if jax.default_backend() != 'cpu':
     return True
-  return pass_width is not None and pass_width <= CPU_PER_LAYER_MAX_WIDTH
+  if pass_width is None:
+    pass_width = widths.default_pass_width()
+  return pass_width <= CPU_PER_LAYER_MAX_WIDTH
 
 
 def unstack_layers(params: Params, num_shards: int = 1, fuse_qkv: bool = True) -> Params:

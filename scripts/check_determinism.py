@@ -29,6 +29,7 @@ import numpy as np
 from clasp_jax import engine
 from clasp_jax import model as model_lib
 from clasp_jax import strategies
+from clasp_jax import widths
 from clasp_jax.bench import decode
 from clasp_jax.cache import init_cache
 from clasp_jax.configs import models
@@ -44,7 +45,7 @@ _METHODS = flags.DEFINE_list('methods', ['pld', 'static'], 'Drafting methods who
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 32, 'Tokens each decoder of that check '
                                    'generates.')
 
-_WIDTH = engine.DEFAULT_PASS_WIDTH
+_WIDTH = widths.DEFAULT_PASS_WIDTH
 
 
 def _equal(a, b) -> bool:

@@ -141,8 +141,9 @@ def smollm2_path() -> str:
 
 @pytest.fixture(scope='session')
 def smollm2(smollm2_path) -> weights.LoadedModel:
-  """The embedded model, loaded once per session in float32."""
-  return weights.load(smollm2_path, dtype='float32')
+  """The embedded model, loaded once per session in float32, its layers stacked as the
+  weight tests read them (decoders that run per-layer buffers make their own)."""
+  return weights.load(smollm2_path, dtype='float32', per_layer=False)
 
 
 @pytest.fixture(scope='session')

@@ -173,7 +173,7 @@ def test_load_places_weights_straight_into_their_shardings(tiny_hf_checkpoint, t
                                                            per_layer):
   """From the safetensors folder, then from the orbax cache: values as loaded on one device
   (fused for two shards in the per-layer layout), every leaf on the mesh by the rules."""
-  plain = weights.load(tiny_hf_checkpoint).params
+  plain = weights.load(tiny_hf_checkpoint, per_layer=False).params
   if per_layer:
     plain = model_lib.unstack_layers(plain, num_shards=2)
   for _ in range(2):  # converts and saves, then restores the cache entry

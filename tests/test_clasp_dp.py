@@ -12,6 +12,7 @@ from clasp_jax import attention
 from clasp_jax import attention_pallas
 from clasp_jax import engine
 from clasp_jax import model as model_lib
+from clasp_jax import widths
 from clasp_jax.cache import init_cache
 from clasp_jax.engine import Decoder
 from clasp_jax.strategies import clasp
@@ -180,7 +181,7 @@ def test_verify_passes_fill_the_standalone_dp_table(num_skip, num_draft_tokens, 
   decoder, state, table_LJ = _band_rounds(config, params, num_skip=num_skip,
                                           num_draft_tokens=num_draft_tokens,
                                           pass_width=pass_width, fast_path=fast_path)
-  spare = engine.verify_rows(num_draft_tokens, pass_width) - num_draft_tokens - 1
+  spare = widths.verify_rows(num_draft_tokens, pass_width) - num_draft_tokens - 1
   bands = -(-num_skip // spare)
   for band in range(bands):
     assert int(state.search.completed) == 0 and int(state.search.band) == band

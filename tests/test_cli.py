@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from clasp_jax import engine
 from clasp_jax import weights
+from clasp_jax import widths
 from clasp_jax.cli import bench
 from clasp_jax.cli import flags as flags_lib
 from clasp_jax.cli import generate
@@ -255,22 +255,24 @@ def test_stats_line_leaves_compilation_and_calibration_out_of_the_speed():
 
 
 def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags, monkeypatch):
-  """--pass_width sets the rows of every method's passes; unset, the platform's. The model is
-  loaded in the layer layout those decoders run on (1-row passes: per layer everywhere)."""
+  """--pass_width sets the rows of every method's passes, and K unset follows it (what one
+  pass verifies); unset, the platform's. The model is loaded in the layer layout those
+  decoders run on (1-row passes: per layer everywhere; 9-row ones stacked on a CPU)."""
   # `load_kwargs` fills in the preallocation setting: this test's process keeps its own.
   monkeypatch.setenv('XLA_PYTHON_CLIENT_PREALLOCATE', os.environ.get(
       'XLA_PYTHON_CLIENT_PREALLOCATE', 'false'))
   model = weights.load(tiny_hf_checkpoint)
-  parse_flags('--prompt=p')
-  assert bench.make_generator(model, 'vanilla', SamplingConfig(), {}).pass_width == (
-      engine.default_pass_width())
-  assert flags_lib.load_kwargs()['per_layer'] == (jax.default_backend() != 'cpu')
+  for width, k in ((None, widths.default_pass_width() - 1), (1, 1), (9, 8)):
+    parse_flags('--prompt=p', *([f'--pass_width={width}'] if width else []))
+    decoders = [bench.make_generator(model, m, SamplingConfig(), {}) for m in ('vanilla', 'pld')]
+    assert [d.pass_width for d in decoders] == [width or widths.default_pass_width()] * 2
+    assert decoders[1].strategy.num_draft_tokens == k
+    assert {d.fast_path for d in decoders} == {flags_lib.load_kwargs()['per_layer']}
+  assert decoders[0].fast_path == (jax.default_backend() != 'cpu')
   parse_flags('--prompt=p', '--pass_width=1')
-  assert flags_lib.load_kwargs()['per_layer']
-  decoders = [bench.make_generator(model, m, SamplingConfig(), {}) for m in ('vanilla', 'clasp')]
-  assert [d.pass_width for d in decoders] == [1, 1]
-  assert [d.fast_path for d in decoders] == [True, True]
-  assert bench._method_settings(decoders[0]) == '`Vanilla()`, passes of 1 row'  # the summary
+  vanilla = bench.make_generator(model, 'vanilla', SamplingConfig(), {})
+  assert vanilla.fast_path
+  assert bench._method_settings(vanilla) == '`Vanilla()`, passes of 1 row'  # the summary
 
 
 def test_method_variants_override_flags_for_one_method():

@@ -11,6 +11,7 @@ import pytest
 from clasp_jax import engine
 from clasp_jax import model as model_lib
 from clasp_jax import strategies
+from clasp_jax import widths
 from clasp_jax.engine import Decoder
 from clasp_jax.sampling import SamplingConfig
 import tiny
@@ -44,13 +45,15 @@ def test_greedy_is_identical_to_vanilla(tiny_model, tiny_vanilla_outputs, method
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason="the CPU's pass width")
 def test_every_method_shares_the_cpus_pass_width(tiny_model):
   """On the CPU every method's decoder runs passes of `CPU_PASS_WIDTH` rows unless told
-  otherwise (one width, so that they compare exactly), K + 1 for the default K; CLaSp's DP
-  then has no spare row of a verify pass to ride in and runs as a pass of its own, where a
-  16-row pass would carry it."""
+  otherwise (one width, so that they compare exactly), K + 1 for the default K, and drafts
+  that many: a verify is one pass. CLaSp's DP then has no spare row of a verify pass to ride
+  in and runs as a pass of its own, where a 16-row pass would carry it."""
   config, params = tiny_model
-  widths = {Decoder(params, config, strategies.build(m, config)).pass_width
-            for m in ('vanilla', 'pld', 'static', 'clasp', 'conflayers')}
-  assert widths == {engine.CPU_PASS_WIDTH} == {strategies.DEFAULT_NUM_DRAFT_TOKENS + 1}
+  decoders = [Decoder(params, config, strategies.build(m, config))
+              for m in ('vanilla', 'pld', 'static', 'clasp', 'conflayers')]
+  assert {d.pass_width for d in decoders} == {widths.CPU_PASS_WIDTH}
+  assert {d.strategy.num_draft_tokens + 1 for d in decoders[1:]} == {widths.CPU_PASS_WIDTH}
+  assert {d.verify_rows for d in decoders[1:]} == {widths.CPU_PASS_WIDTH}
   clasp = strategies.build('clasp', config, skip_layers=2)
   # pylint: disable=protected-access
   assert not Decoder(params, config, clasp)._search_columns  # the DP: a pass of its own
@@ -231,21 +234,22 @@ def test_cpu_programs_hold_no_ynnpack_fusion(tiny_model):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the layouts of CPU programs')
-@pytest.mark.parametrize('per_layer_params,pass_width', [(False, 1), (False, 5), (True, None)],
-                         ids=['width_1', 'width_5', 'per_layer_params_at_width_9'])
+@pytest.mark.parametrize('per_layer_params,pass_width', [(False, 1), (False, None), (True, 9)],
+                         ids=['width_1', 'default_width', 'per_layer_params_at_width_9'])
 def test_cpu_programs_over_per_layer_buffers_copy_no_cache(tiny_model, per_layer_params,
                                                             pass_width):
-  """On a CPU, passes of up to 5 rows run on per-layer buffers and wider ones on the stacked
-  layout (`model.per_layer_by_default`). A plain step over per-layer buffers, a layer loop
-  (`model.scan_layers`), copies no whole KV cache (unrolled, XLA's CPU compiler copied it four
-  times a step). That holds too for params loaded per layer (`load(per_layer=True)`) in a
-  decoder of the default width, which keeps them."""
+  """On a CPU, passes of up to 5 rows (the default 3 among them) run on per-layer buffers and
+  wider ones on the stacked layout (`model.per_layer_by_default`). A plain step over per-layer
+  buffers, a layer loop (`model.scan_layers`), copies no whole KV cache (unrolled, XLA's CPU
+  compiler copied it four times a step). That holds too for params loaded per layer
+  (`load(per_layer=True)`) in a decoder of a wide pass, which keeps them."""
   config, params = tiny_model
-  assert not Decoder(params, config, strategies.Vanilla()).fast_path
+  assert not Decoder(params, config, strategies.Vanilla(), pass_width=9).fast_path
+  assert Decoder(params, config, strategies.Vanilla(), pass_width=5).fast_path
   if per_layer_params:
     params = model_lib.unstack_layers(params)
   decoder = Decoder(params, config, strategies.Vanilla(), pass_width=pass_width)
-  assert decoder.fast_path == (pass_width is not None)
+  assert decoder.fast_path == (not per_layer_params)
   assert model_lib.is_per_layer(decoder.params)
   # pylint: disable-next=protected-access
   programs = {name: (function, args) for name, function, args in decoder._programs(20, 8)}

@@ -18,6 +18,7 @@ import pytest
 from clasp_jax import model as model_lib
 from clasp_jax import sharding
 from clasp_jax import strategies
+from clasp_jax import widths
 from clasp_jax.bench import planted
 from clasp_jax.bench import planted_sweep
 from clasp_jax.engine import Decoder
@@ -39,6 +40,8 @@ L = _config().num_layers
 # pass of up to 16 tokens is a plain step's pass, and the DP with the skip-set switch 2.4.
 ACCELERATOR_COSTS = adaptive.Costs(full_step=1.0, draft_base=0.1, draft_per_layer=0.84 / L,
                                    verify=1.0, dp=2.4)
+#: The accelerators' K, whose costs these tests model (a CPU's default K is 2).
+K = strategies.default_num_draft_tokens(widths.DEFAULT_PASS_WIDTH)
 
 
 def _modelled_rate(generations, costs=ACCELERATOR_COSTS) -> float:
@@ -92,12 +95,13 @@ def vanilla(spec, params, prompts):
 def clasp_planted_m(spec, params, prompts):
   """CLaSp with M = the number of planted layers."""
   return _generate(spec, params, prompts, strategies.build(
-      'clasp', spec.config, skip_layers=len(spec.planted), lookup=False))
+      'clasp', spec.config, skip_layers=len(spec.planted), lookup=False, num_draft_tokens=K))
 
 
 @pytest.fixture(scope='module')
 def auto(spec, params, prompts):
-  strategy = strategies.build('clasp', spec.config, skip_layers='auto', lookup=False)
+  strategy = strategies.build('clasp', spec.config, skip_layers='auto', lookup=False,
+                              num_draft_tokens=K)
   return _generate(spec, params, prompts, strategy, ACCELERATOR_COSTS)
 
 
@@ -238,7 +242,7 @@ def test_drafts_must_be_earned(spec, params, prompts, clasp_planted_m):
   """Skipping the planted layers drafts well; skipping as many other layers does not."""
   others = tuple(i for i in range(L) if i not in spec.planted)[:len(spec.planted)]
   static = _generate(spec, params, prompts, strategies.build('static', spec.config,
-                                                             skip_set=others))
+                                                             skip_set=others, num_draft_tokens=K))
   assert _tau(clasp_planted_m) > 4.0 and _tau(static) < 1.5
 
 
@@ -263,7 +267,8 @@ def test_auto_drafts_where_drafting_pays(auto, clasp_planted_m):
 @pytest.fixture(scope='module')
 def auto_unplanted(unplanted, prompts):
   spec, params = unplanted
-  strategy = strategies.build('clasp', spec.config, skip_layers='auto', lookup=False)
+  strategy = strategies.build('clasp', spec.config, skip_layers='auto', lookup=False,
+                              num_draft_tokens=K)
   return _generate(spec, params, prompts, strategy, ACCELERATOR_COSTS)
 
 

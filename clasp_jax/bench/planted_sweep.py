@@ -155,7 +155,7 @@ class SweepSettings:
 
   max_new_tokens: int = 256
   warmup: int = 2
-  num_draft_tokens: int = strategies.DEFAULT_NUM_DRAFT_TOKENS
+  num_draft_tokens: int = strategies.MAX_DEFAULT_NUM_DRAFT_TOKENS
   draft_exit_threshold: float = strategies.DEFAULT_DRAFT_EXIT_THRESHOLD
   loi: int = strategies.DEFAULT_LOI
   temperature: float = 0.0

@@ -26,8 +26,7 @@ from clasp_jax import model as model_lib
 from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax import weights
-from clasp_jax.engine import CPU_PASS_WIDTH
-from clasp_jax.engine import DEFAULT_PASS_WIDTH
+from clasp_jax import widths
 from clasp_jax.engine import enable_compilation_cache
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.weights import store
@@ -56,7 +55,7 @@ flags.DEFINE_string('mesh', None, "Devices to shard the model over, tensor paral
 flags.DEFINE_integer('max_new_tokens', 256, 'Most new tokens per generation (per turn in '
                      'clasp-bench).', lower_bound=1)
 flags.DEFINE_integer('pass_width', None, "Rows of every full-model pass; unset: the platform's "
-                     f'({CPU_PASS_WIDTH} on a CPU, {DEFAULT_PASS_WIDTH} on accelerators). '
+                     f'({widths.CPU_PASS_WIDTH} on a CPU, {widths.DEFAULT_PASS_WIDTH} on accelerators). '
                      'Methods give the same tokens only at one width. On a CPU, 1 made plain '
                      'decoding 1.3-1.6x faster (two 2-core CPUs) and drafting far slower (K + 1 '
                      'passes a verify): for plain decoding alone.', lower_bound=1)
@@ -72,8 +71,13 @@ flags.DEFINE_float('skip_ratio', None, 'M as a fraction of the layers, when --sk
                    f'unset (default {strategies.DEFAULT_SKIP_RATIO}).')
 flags.DEFINE_list('skip_set', None, 'Comma-separated layer indices the static draft skips; '
                   'unset: M layers spread evenly.')
-flags.DEFINE_integer('num_draft_tokens', strategies.DEFAULT_NUM_DRAFT_TOKENS,
-                     'K, the most draft tokens per round.')
+flags.DEFINE_integer('num_draft_tokens', None,
+                     'K, the most draft tokens per round; unset: as many as one pass verifies '
+                     '(--pass_width - 1), at most '
+                     f'{strategies.MAX_DEFAULT_NUM_DRAFT_TOKENS}: '
+                     f'{strategies.default_num_draft_tokens(widths.DEFAULT_PASS_WIDTH)} on '
+                     f'accelerators, {strategies.default_num_draft_tokens(widths.CPU_PASS_WIDTH)} '
+                     'on a CPU.')
 flags.DEFINE_float('draft_exit_threshold', strategies.DEFAULT_DRAFT_EXIT_THRESHOLD,
                    'DET: a layer-skip draft stops when its top probability falls below this.')
 flags.DEFINE_integer('loi', strategies.DEFAULT_LOI, 'CLaSp re-optimises its skip set every LOI '

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from clasp_jax import widths
 from clasp_jax.config import LlamaConfig
 from clasp_jax.strategies.adaptive import AdaptiveClasp, best_num_skip
 from clasp_jax.strategies.base import Drafts, Policy, SchedulePolicy, Segment, Strategy
@@ -21,13 +22,23 @@ from clasp_jax.strategies.vanilla import Vanilla
 METHODS = ('vanilla', 'clasp', 'static', 'pld', 'conflayers')
 
 # Defaults measured on SmolLM2-135M (docs/results/): see README "Choosing M, K, DET, LOI".
-DEFAULT_NUM_DRAFT_TOKENS = 8
+#: K where a pass has room for more: the GPUs' and TPUs' (`default_num_draft_tokens`).
+MAX_DEFAULT_NUM_DRAFT_TOKENS = 8
 DEFAULT_DRAFT_EXIT_THRESHOLD = 0.7
 DEFAULT_LOI = 4
 DEFAULT_SKIP_RATIO = 0.1
 # --skip_layers=auto: M is searched on a grid of tenths of L up to 0.6 L, starting at 0.2 L.
 AUTO_SKIP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 AUTO_INITIAL_SKIP_RATIO = 0.2
+
+
+def default_num_draft_tokens(pass_width: int | None = None) -> int:
+  """K when it is not chosen: as many drafts as one pass of `pass_width` rows verifies
+  (None: the platform's width), up to `MAX_DEFAULT_NUM_DRAFT_TOKENS`: 8 on GPUs and TPUs, 2 on
+  a CPU. More would take a second pass per verify, which on a CPU costs what a plain step
+  does; at width 1, 1 (drafting there only loses: `--pass_width=1` is for plain decoding)."""
+  width = widths.default_pass_width() if pass_width is None else pass_width
+  return max(1, min(MAX_DEFAULT_NUM_DRAFT_TOKENS, width - 1))
 
 
 def num_skip_for(config: LlamaConfig, skip_layers: int | str | None,
@@ -55,11 +66,14 @@ def auto_skip_grid(config: LlamaConfig) -> tuple[int, ...]:
   return tuple(sorted({min(L - 1, max(1, round(r * L))) for r in AUTO_SKIP_RATIOS}))
 
 
-def auto_clasp(config: LlamaConfig, *, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+def auto_clasp(config: LlamaConfig, *, num_draft_tokens: int | None = None,
                draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD,
                loi: int = DEFAULT_LOI, lookup: bool = True,
                cost_cache_dir: str | None = None, dp_in_verify: bool = True) -> AdaptiveClasp:
-  """CLaSp with M chosen online (`--skip_layers=auto`), its grid of M scaled to L."""
+  """CLaSp with M chosen online (`--skip_layers=auto`), its grid of M scaled to L (K: the
+  platform's default when None)."""
+  if num_draft_tokens is None:
+    num_draft_tokens = default_num_draft_tokens()
   grid = auto_skip_grid(config)
   initial = min(grid, key=lambda m: abs(m - AUTO_INITIAL_SKIP_RATIO * config.num_layers))
   return AdaptiveClasp(candidates=grid, initial_skip_layers=initial,
@@ -70,7 +84,7 @@ def auto_clasp(config: LlamaConfig, *, num_draft_tokens: int = DEFAULT_NUM_DRAFT
 
 def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = None,
           skip_ratio: float | None = None, skip_set: tuple[int, ...] | None = None,
-          num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+          num_draft_tokens: int | None = None, pass_width: int | None = None,
           draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD,
           loi: int = DEFAULT_LOI, lookup: bool = True, cost_cache_dir: str | None = None,
           conflayers_settings: Mapping[str, Any] | None = None,
@@ -83,13 +97,16 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
   only otherwise; False is the paper's CLaSp. `dp_in_verify` (clasp only) fills the DP's
   table inside the verify passes (`Clasp.dp_in_verify`). conflayers searches its own skip
   sets (the M settings do not apply); `conflayers_settings` overrides `ConfLayers` fields
-  besides K and DET.
+  besides K and DET. K unset: `default_num_draft_tokens(pass_width)`, what one pass of the
+  decoder's width verifies (`pass_width` None: the platform's).
 
   Raises:
     ValueError: for an unknown method or settings that do not fit the model.
   """
   if isinstance(skip_layers, str) and skip_layers != 'auto':
     raise ValueError(f"skip_layers must be an integer or 'auto', got {skip_layers!r}")
+  if num_draft_tokens is None:
+    num_draft_tokens = default_num_draft_tokens(pass_width)
   if method == 'vanilla':
     strategy = Vanilla()
   elif method == 'clasp':
@@ -126,5 +143,5 @@ def build(method: str, config: LlamaConfig, *, skip_layers: int | str | None = N
 
 __all__ = ['METHODS', 'AdaptiveClasp', 'Clasp', 'ConfLayers', 'Drafts', 'Policy', 'PromptLookup',
            'SchedulePolicy', 'Segment', 'StaticSkip', 'Strategy', 'Vanilla', 'auto_clasp',
-           'auto_skip_grid', 'best_num_skip', 'build', 'clasp_dp', 'evenly_spaced_skip_set',
-           'num_skip_for']
+           'auto_skip_grid', 'best_num_skip', 'build', 'clasp_dp', 'default_num_draft_tokens',
+           'evenly_spaced_skip_set', 'num_skip_for']

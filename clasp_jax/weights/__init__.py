@@ -122,9 +122,10 @@ def load(path: str | None = None, *, dtype: Any = None, cache_dir: str | None = 
     mesh: a `jax.sharding.Mesh` or a spec ('tp:N', 'auto'; see `sharding.parse_mesh`) to shard
       the params over, each device receiving only its own slices; None: the default device.
     per_layer: the per-layer layout (`model.unstack_layers`, what `Decoder`'s fast path runs)
-      rather than stacked layers; None: per layer off the CPU, as the fast path's default. On
-      a CPU only decoders of narrow passes want it (`model.per_layer_by_default`): a decoder
-      keeps per-layer params as they are, and wider CPU passes run faster on stacked ones.
+      rather than stacked layers; None: the layout of decoders of the platform's default pass
+      width (`model.per_layer_by_default`): per layer everywhere, a CPU's 3-row passes
+      included. A decoder keeps per-layer params as they are; on a CPU passes of more than 5
+      rows run faster on stacked ones.
 
   Returns:
     The LoadedModel.
