@@ -145,7 +145,8 @@ def default_logits_by_row() -> bool:
   """Whether a decoder that does not choose takes its logits a row at a time (`row_logits`):
   on a CPU, where the LM head's rows cost time (SmolLM2-135M: 9 rows about three 1-row
   products, docs/results/cpu/row_logits/), so a plain step pays for one row and a verify pass
-  for the rows up to its first rejection. Accelerators read the head once for every row of a pass."""
+  for the rows up to its first rejection. Accelerators read the head once for every row of a
+  pass."""
   return jax.default_backend() == 'cpu'
 
 
@@ -376,7 +377,7 @@ def _adopt_if_stale(state: DecodeState, at_refresh: jax.Array) -> tuple[DecodeSt
   stale = at_refresh & (search.completed > 0) & jnp.any(choice_L != state.skip_L)
   skip_L = jnp.where(stale, choice_L, state.skip_L)
   ids_A = state.draft_ids_A
-  if ids_A is not None:  # the accelerator path's active layers, in order
+  if ids_A is not None:  # the draft's active layers (`drafts_active_layers`), in order
     ids_A = jnp.nonzero(~skip_L, size=ids_A.shape[0])[0].astype(jnp.int32)
   return state.replace(skip_L=skip_L, draft_ids_A=ids_A), stale
 
@@ -553,11 +554,12 @@ class Decoder:
     strategy: the decoding method.
     sampling: greedy (default) or sampling settings.
     tokenizer: optional; used to decode the text of each generation.
-    fast_path: per-layer weight buffers read in place (`model.scan_layers`), and a draft over
-      the active layers' buffers alone (what pays on GPU and TPU, and for narrow passes on a
-      CPU), instead of a `lax.scan` over stacked weights with a `lax.cond` per layer (the
-      reference). None picks by backend and pass width (`model.per_layer_by_default`). Each
-      is exact against its own plain decoding; the two need not round alike. Params already
+    fast_path: per-layer weight buffers read in place (`model.scan_layers`; what pays on GPU
+      and TPU, and for narrow passes on a CPU), and off the CPU a draft over the active
+      layers' buffers alone (`drafts_active_layers`), instead of a `lax.scan` over stacked
+      weights with a `lax.cond` per layer (the reference). None picks by backend and pass
+      width (`model.per_layer_by_default`). Each is exact against its own plain decoding; the
+      two need not round alike. Params already
       per layer (`load(per_layer=True)`) stay so: the reference then loops over their buffers.
     pass_width: tokens per full-model pass (see the module docstring). Decoders compare
       exactly only at the same width; None: `widths.default_pass_width()`, the same for every
@@ -591,6 +593,12 @@ class Decoder:
     if fast_path is None:
       fast_path = model_lib.per_layer_by_default(pass_width)
     self.fast_path = fast_path
+    #: Whether a draft runs the active layers' own buffers, picked on the host at every change
+    #: of skip set (a program per M), rather than every layer's with the skipped ones passed
+    #: over by a `lax.cond` (one program for every M). The first on the fast path off the CPU,
+    #: where a conditional costs a read back to the host; a CPU's layer loop
+    #: (`model.loops_over_layers`) runs one for next to nothing.
+    self.drafts_active_layers = fast_path and not model_lib.loops_over_layers()
     self.params = sharding_lib.place_params(params, config, self.mesh, per_layer=fast_path)
     placement = None if self.mesh is None else sharding_lib.Placement(config, self.mesh)
     # What drafting rounds run with: the params, plus the active layers' trees on the fast path.
@@ -672,7 +680,7 @@ class Decoder:
       skip_L = self.choose_skip_set(state, num_skip)
     if in_force is None or not np.array_equal(skip_L, in_force):
       state = self.put_skip_set(state, skip_L)
-    elif self.fast_path:  # the state holds it (the device put it in force): its buffers only
+    elif self.drafts_active_layers:  # the state holds it (the device put it in force)
       self._use_layers(skip_L)
     self._skip_in_force = skip_L
     self.refresh_seconds.append(time.perf_counter() - start)
@@ -687,20 +695,20 @@ class Decoder:
   def put_skip_set(self, state: DecodeState, skip_L: jax.Array) -> DecodeState:
     """Makes `skip_L` the skip set the draft uses.
 
-    On the accelerator path the draft's layers are picked here, on the host: the active
-    layers' own weight buffers, passed to the rounds beside the params (not in the donated
-    state), so nothing is copied. The set and the indices go to the device as plain
+    Where drafts run the active layers alone (`drafts_active_layers`), they are picked here,
+    on the host: their own weight buffers, passed to the rounds beside the params (not in the
+    donated state), so nothing is copied. The set and the indices go to the device as plain
     transfers: `jnp.asarray` would compile a program for each new M's indices.
     """
     skip_L = np.asarray(skip_L, bool)
-    if not self.fast_path:
+    if not self.drafts_active_layers:
       return state.replace(skip_L=jax.device_put(skip_L))
     skip_L, ids_A = jax.device_put((skip_L, self._use_layers(skip_L)))  # one call for both
     return state.replace(skip_L=skip_L, draft_ids_A=ids_A)
 
   def _use_layers(self, skip_L: np.ndarray) -> np.ndarray:
     """Makes the drafting rounds run the active layers of `skip_L` from their own weight
-    buffers (the accelerator path); returns their indices."""
+    buffers (`drafts_active_layers`); returns their indices."""
     layers, ids_A = model_lib.active_layers(self.params, skip_L)
     self._round_params = dict(self.params, draft_layers=layers)
     return ids_A
@@ -777,7 +785,8 @@ class Decoder:
     """Compiles everything a request of this size may run, without running it.
 
     That is the prefill of its prompt bucket, the plain and drafting segments of its cache
-    capacity (on the accelerator path, a drafting segment for every M the strategy may use),
+    capacity (a drafting segment for every M the strategy may use where drafts run the active
+    layers alone, `drafts_active_layers`),
     the skip-set refresh, and the program that makes its empty cache. Benchmarks call it
     before timing; `generate` compiles what it meets otherwise.
 
@@ -820,7 +829,7 @@ class Decoder:
 
     yield segment_program('plain', Segment(draft=False))
     if self.strategy.num_draft_tokens:
-      if self.fast_path and self.strategy.skips_layers:
+      if self.drafts_active_layers and self.strategy.skips_layers:
         for num_skip in self.strategy.skip_counts(self.config):
           num_active = self.config.num_layers - num_skip
           yield segment_program(

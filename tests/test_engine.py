@@ -24,6 +24,19 @@ def _skip_set_changes(skip_sets_RL: np.ndarray) -> int:
   return int(np.any(np.diff(skip_sets_RL, axis=0), axis=1).sum())
 
 
+#: The layer programs a decoder may run: the stacked reference, per-layer buffers as this
+#: machine runs them (on a CPU a layer loop, drafting every M with one program), and per-layer
+#: buffers unrolled as accelerators run them, drafting over the active layers alone (the CPU's
+#: loop turned off).
+LAYER_PROGRAMS = ['stacked', 'per_layer', 'unrolled']
+
+
+def _decoder_of(layers, monkeypatch, params, config, strategy, **kwargs) -> Decoder:
+  if layers == 'unrolled':
+    monkeypatch.setattr(model_lib, 'loops_over_layers', lambda: False)
+  return Decoder(params, config, strategy, fast_path=layers != 'stacked', **kwargs)
+
+
 @pytest.mark.parametrize('method,settings', [
     ('clasp', dict(skip_layers=0, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
     ('clasp', dict(skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1)),
@@ -133,15 +146,14 @@ def test_streamed_tokens_are_the_generation(tiny_model, tiny_vanilla_outputs, me
     assert len(runs) >= 2 and len(runs[0]) == 1  # the prefill's token first, then segments'
 
 
-@pytest.mark.parametrize('fast_path', [False, True])
-def test_no_retrace_across_prompts_and_skip_sets(tiny_model, monkeypatch, fast_path):
+@pytest.mark.parametrize('layers', LAYER_PROGRAMS)
+def test_no_retrace_across_prompts_and_skip_sets(tiny_model, monkeypatch, layers):
   """After warm-up, new skip sets and acceptance counts reuse the compiled functions."""
   config, params = tiny_model
   for name in ('_prefill', '_round', '_choose_skip_set'):
     monkeypatch.setattr(engine, name, chex.assert_max_traces(getattr(engine, name), n=1))
-  decoder = Decoder(params, config, strategies.build(
-      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1),
-                    fast_path=fast_path)
+  decoder = _decoder_of(layers, monkeypatch, params, config, strategies.build(
+      'clasp', config, skip_layers=2, num_draft_tokens=4, draft_exit_threshold=0.0, loi=1))
   outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config, count=3)]
   skip_sets = {tuple(s) for o in outs for s in o.skip_sets.tolist()}
   assert len(skip_sets) > 1  # the DP really moved the skip set
@@ -149,18 +161,23 @@ def test_no_retrace_across_prompts_and_skip_sets(tiny_model, monkeypatch, fast_p
   chex.clear_trace_counter()
 
 
-@pytest.mark.parametrize('fast_path', [False, True])
-def test_compile_ahead_leaves_nothing_to_compile(tiny_model, fast_path, caplog):
+@pytest.mark.parametrize('layers', LAYER_PROGRAMS)
+def test_compile_ahead_leaves_nothing_to_compile(tiny_model, layers, monkeypatch, caplog):
   """After `Decoder.compile` for two prompt buckets, generations in both compile nothing,
   whatever M `auto` moves to: neither the decoder's own programs (whose seconds it counts)
   nor any other (JAX's log of every compile says so; a skip set put on the device with
   `jnp.asarray` compiled a program per new M)."""
   config, params = tiny_model
-  # `auto` on a grid of two M (a drafting program each on the fast path, compiled ahead); the
-  # reference path's programs are those of test_adaptive's `auto` (the same largest M).
+  # `auto` on a grid of two M: where drafts run the active layers alone (the accelerators'
+  # program) a drafting program each, compiled ahead; elsewhere one for both.
   strategy = strategies.AdaptiveClasp(candidates=(2, 4), initial_skip_layers=2,
                                       num_draft_tokens=4, draft_exit_threshold=0.0)
-  decoder = Decoder(params, config, strategy, fast_path=fast_path)
+  decoder = _decoder_of(layers, monkeypatch, params, config, strategy)
+  programs = decoder._programs(20, 8)  # pylint: disable=protected-access
+  drafts = [name for name, _, _ in programs if name.startswith('draft')]
+  assert drafts == (['draft M=2', 'draft M=4'] if decoder.drafts_active_layers else ['draft'])
+  if jax.default_backend() == 'cpu':
+    assert decoder.drafts_active_layers == (layers == 'unrolled')
   tiny.set_costs(decoder)
   prompts = [tiny.prompts(config, count=1, length=n)[0] for n in (20, 40)]  # buckets 32, 64
   for prompt in prompts:
@@ -429,24 +446,24 @@ def test_a_segment_reports_its_state(tiny_model):
     np.testing.assert_array_equal(np.asarray(getattr(report, name)), value, err_msg=name)
 
 
-@pytest.mark.parametrize('fast_path', [False, True])
-def test_segments_end_only_where_the_skip_set_changes(tiny_model, monkeypatch, fast_path):
+@pytest.mark.parametrize('layers', LAYER_PROGRAMS)
+def test_segments_end_only_where_the_skip_set_changes(tiny_model, monkeypatch, layers):
   """Where the verify passes fill the DP's table, CLaSp's rounds run on through the refreshes
   that keep the skip set: the same tokens and skip sets, round by round, as segments that
   return to the host at every refresh, with one segment per set in force. The device puts a
   new set in force itself: the host sends none after the first, and every drafting segment
   runs the weights of the layers the state says are active."""
   config, params = tiny_model
-  decoder = Decoder(params, config, strategies.Clasp(num_skip=2, num_draft_tokens=4,
-                                                     draft_exit_threshold=0.0, loi=1,
-                                                     lookup=False),
-                    fast_path=fast_path, pass_width=16)
+  decoder = _decoder_of(layers, monkeypatch, params, config,
+                        strategies.Clasp(num_skip=2, num_draft_tokens=4,
+                                         draft_exit_threshold=0.0, loi=1, lookup=False),
+                        pass_width=16)
   segments, puts = [], []
   run_segment, put_skip_set = decoder.run_segment, decoder.put_skip_set
 
   def counted(state, segment, max_new_tokens):
     segments.append(segment)
-    if fast_path:  # the draft's buffers are the active layers' (before the state is donated)
+    if decoder.drafts_active_layers:  # its buffers are those layers' (before the donation)
       ids_A = np.asarray(state.draft_ids_A)
       layers = decoder._round_params['draft_layers']  # pylint: disable=protected-access
       assert all(w is decoder.params['layers'][i] for w, i in zip(layers, ids_A, strict=True))

@@ -222,9 +222,12 @@ def bf16_model(tiny_model):
 
 
 #: (fast_path, logits_by_row, pass_width, unrolled) of the decoders compared: a CPU's defaults
-#: (the stacked layers, logits a row at a time), a CPU's at width 1 (per-layer buffers in a
-#: layer loop) and an accelerator's (per-layer buffers unrolled, a pass's logits at once).
-PATHS = [(False, True, None, False), (True, True, 1, False), (True, False, None, True)]
+#: (per-layer buffers in a layer loop, drafts passing over the skipped layers by `lax.cond`,
+#: logits a row at a time), the same on the stacked layers (the reference), a CPU's at width 1,
+#: and an accelerator's (per-layer buffers unrolled, drafts over the active layers' buffers, a
+#: pass's logits at once).
+PATHS = [(True, True, None, False), (False, True, None, False), (True, True, 1, False),
+         (True, False, None, True)]
 
 
 def _programs_of(path):
@@ -257,7 +260,8 @@ def bf16_vanilla(bf16_model):
 #: is a verify pass of several passes and the DP's table in a pass's spare rows, and at width 1
 #: every verify pass is K + 1 passes with no spare row (each would add ~25 s of compiling).
 CASES = [pytest.param(name, path, id=f'{name}-{path_id}')
-         for path, path_id in zip(PATHS, ['cpu_defaults', 'cpu_width_1', 'accelerator_defaults'])
+         for path, path_id in zip(PATHS, ['cpu_defaults', 'cpu_stacked', 'cpu_width_1',
+                                          'accelerator_defaults'])
          for name in METHODS if not (path[2] == 1 and name.startswith('clasp_M3_K'))]
 
 
@@ -267,10 +271,12 @@ def test_every_method_equals_plain_decoding_in_bfloat16(bf16_model, bf16_vanilla
   method, settings = METHODS[name]
   strategy = (strategies.AdaptiveClasp(**settings) if method == 'clasp_auto'
               else strategies.build(method, config, **settings))
-  decoder = _decoder(params, config, strategy, path)
-  if method == 'clasp_auto':
-    tiny.set_costs(decoder)
   with _programs_of(path):
+    decoder = _decoder(params, config, strategy, path)
+    if method == 'clasp_auto':
+      tiny.set_costs(decoder)
     outs = [decoder.generate(p, tiny.MAX_NEW) for p in tiny.prompts(config)]
+  unrolled = path[3] or jax.default_backend() != 'cpu'
+  assert decoder.drafts_active_layers == (path[0] and unrolled)
   assert [o.token_ids for o in outs] == bf16_vanilla[path]
   assert any(d > 0 for o in outs for d in o.draft_lengths)  # it did draft

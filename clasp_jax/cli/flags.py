@@ -55,10 +55,11 @@ flags.DEFINE_string('mesh', None, "Devices to shard the model over, tensor paral
 flags.DEFINE_integer('max_new_tokens', 256, 'Most new tokens per generation (per turn in '
                      'clasp-bench).', lower_bound=1)
 flags.DEFINE_integer('pass_width', None, "Rows of every full-model pass; unset: the platform's "
-                     f'({widths.CPU_PASS_WIDTH} on a CPU, {widths.DEFAULT_PASS_WIDTH} on accelerators). '
-                     'Methods give the same tokens only at one width. On a CPU, 1 made plain '
-                     'decoding 1.3-1.6x faster (two 2-core CPUs) and drafting far slower (K + 1 '
-                     'passes a verify): for plain decoding alone.', lower_bound=1)
+                     f'({widths.CPU_PASS_WIDTH} on a CPU, {widths.DEFAULT_PASS_WIDTH} on '
+                     'accelerators); --num_draft_tokens unset follows it. Methods give the same '
+                     'tokens only at one width. On a CPU, 1 made plain decoding 1.35x faster '
+                     'than 3 (a 2-core Xeon) and drafting far slower (K + 1 passes a verify): for '
+                     'plain decoding alone.', lower_bound=1)
 flags.DEFINE_float('temperature', 0.0, '0: greedy; otherwise the sampling temperature.')
 flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens (0: all).')
 flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1: all tokens).')

@@ -123,8 +123,9 @@ class Strategy(abc.ABC):
     return 0
 
   def skip_counts(self, config: LlamaConfig) -> tuple[int, ...]:
-    """Every M a drafting round of this strategy may run with: on the accelerator path each
-    compiles its own round, so a run compiles them all before timing anything."""
+    """Every M a drafting round of this strategy may run with: where drafts run the active
+    layers alone (`Decoder.drafts_active_layers`) each compiles its own round, so a run
+    compiles them all before timing anything."""
     return () if self.num_skip is None else (self.num_skip,)
 
   @abc.abstractmethod

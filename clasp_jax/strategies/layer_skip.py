@@ -39,8 +39,8 @@ def draft_with_skip(params, config, state, sampling, key, attention, *, num_draf
   """Drafts up to K tokens with the layers in `state.skip_L` skipped.
 
   Runs only the active layers' weights when the engine passes them as
-  `params['draft_layers']` (accelerators), else the per-layer `lax.cond` reference path;
-  both compute the same tokens. With `enabled` False (traced) it runs no step and proposes
+  `params['draft_layers']` (`Decoder.drafts_active_layers`: the fast path off the CPU), else
+  every layer with a `lax.cond` each; both compute the same tokens. With `enabled` False (traced) it runs no step and proposes
   nothing: the drafting loop's trip count, not a branch, so no buffer is copied.
 
   Returns:
@@ -52,9 +52,9 @@ def draft_with_skip(params, config, state, sampling, key, attention, *, num_draf
   last = state.tokens_N[state.num_tokens - 1]
   q_KV = None if sampling.greedy else jnp.zeros((K, V), jnp.float32)
 
-  if 'draft_layers' not in params:  # reference path: one lax.cond per layer
+  if 'draft_layers' not in params:  # one lax.cond per layer
     run = dict(params=params, skip_L=state.skip_L, attention=attention)
-  else:  # accelerator path: the active layers alone
+  else:  # the active layers alone
     run = dict(params=dict(params, layers=params['draft_layers']),
                layer_ids_A=state.draft_ids_A, attention=attention)
 
