@@ -559,8 +559,8 @@ class Decoder:
       layers' buffers alone (`drafts_active_layers`), instead of a `lax.scan` over stacked
       weights with a `lax.cond` per layer (the reference). None picks by backend and pass
       width (`model.per_layer_by_default`). Each is exact against its own plain decoding; the
-      two need not round alike. Params already
-      per layer (`load(per_layer=True)`) stay so: the reference then loops over their buffers.
+      two need not round alike. Params already per layer (`load(per_layer=True)`) stay so:
+      the reference then loops over their buffers.
     pass_width: tokens per full-model pass (see the module docstring). Decoders compare
       exactly only at the same width; None: `widths.default_pass_width()`, the same for every
       method of a platform.
@@ -601,7 +601,8 @@ class Decoder:
     self.drafts_active_layers = fast_path and not model_lib.loops_over_layers()
     self.params = sharding_lib.place_params(params, config, self.mesh, per_layer=fast_path)
     placement = None if self.mesh is None else sharding_lib.Placement(config, self.mesh)
-    # What drafting rounds run with: the params, plus the active layers' trees on the fast path.
+    # What drafting rounds run with: the params, plus the active layers' trees where drafts
+    # run those alone.
     self._round_params = self.params
     # float32 means float32: on accelerators JAX's default would multiply in TF32 or bf16.
     precision = 'highest' if self.params['embed'].dtype == jnp.float32 else None
@@ -786,9 +787,9 @@ class Decoder:
 
     That is the prefill of its prompt bucket, the plain and drafting segments of its cache
     capacity (a drafting segment for every M the strategy may use where drafts run the active
-    layers alone, `drafts_active_layers`),
-    the skip-set refresh, and the program that makes its empty cache. Benchmarks call it
-    before timing; `generate` compiles what it meets otherwise.
+    layers alone, `drafts_active_layers`), the skip-set refresh, and the program that makes
+    its empty cache. Benchmarks call it before timing; `generate` compiles what it meets
+    otherwise.
 
     Returns:
       The seconds spent compiling (0 when everything was compiled already).
