@@ -138,25 +138,29 @@ def _copy(state):
   return jax.tree.map(jnp.copy, state)
 
 
-def _timed_segment(decoder, state, segment: Segment, max_new_tokens: int):
-  """(seconds, rounds, drafts made with layers skipped) of one segment run on a copy of
-  `state`, on accelerators after an untimed run on another copy: a program's first run on a
-  GPU also loads its kernels (timed on its first run, a plain step of the 8B shape on an H200
-  measured 6.7 ms, against 4.6 ms through `generate`). On a CPU a first run times as the next
-  one does (SmolLM2-135M's five segments on a 2-core Xeon: within 3%), so it is timed at once,
-  halving what a first generation spends measuring."""
+def _timed_segment(decoder, state, segment: Segment, max_new_tokens: int, repeats: int = 1):
+  """(seconds, rounds, drafts made with layers skipped) of a segment run on copies of
+  `state`: the fastest of `repeats` runs, on accelerators after an untimed run on another
+  copy: a program's first run on a GPU also loads its kernels (timed on its first run, a plain
+  step of the 8B shape on an H200 measured 6.7 ms, against 4.6 ms through `generate`). On a
+  CPU a first run times as the next one does to within a few milliseconds (SmolLM2-135M's five
+  segments on a 2-core Xeon: within 3%), so it is timed at once, halving what a first
+  generation spends measuring."""
   decoder.compile_segment(state, segment)
   if jax.default_backend() != 'cpu':
     jax.block_until_ready(decoder.run_segment(_copy(state), segment, max_new_tokens))
-  state = _copy(state)
   rounds_before = int(state.num_rounds)
-  start = time.perf_counter()
-  _, report = decoder.run_segment(state, segment, max_new_tokens)
-  report = jax.device_get(report)
+  seconds = []
+  for _ in range(repeats):
+    run = _copy(state)
+    start = time.perf_counter()
+    _, report = decoder.run_segment(run, segment, max_new_tokens)
+    report = jax.device_get(report)
+    seconds.append(time.perf_counter() - start)
   rounds, drafted_R, source_R = report.num_rounds, report.drafted_R, report.source_R
-  seconds = time.perf_counter() - start
   ran = slice(rounds_before, int(rounds))
-  return seconds, int(rounds) - rounds_before, int(drafted_R[ran][source_R[ran] == SKIP].sum())
+  return (min(seconds), int(rounds) - rounds_before,
+          int(drafted_R[ran][source_R[ran] == SKIP].sum()))
 
 
 def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, int],
@@ -192,7 +196,10 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
         draft_limit=jax.device_put(np.int32(draft_limit)))
     return _timed_segment(decoder, start, Segment(True, rounds), max_new_tokens)
 
-  one_s, one_rounds, _ = _timed_segment(decoder, state, Segment(False, 1), max_new_tokens)
+  # `segment` is this run less a step: a few milliseconds, which a first run's own cost
+  # tripled on a CPU (SmolLM2-135M on a 2-core Xeon: 4.8-7.9 ms first, 0.1-2.4 ms after).
+  one_s, one_rounds, _ = _timed_segment(decoder, state, Segment(False, 1), max_new_tokens,
+                                        repeats=3)
   plain_s, plain_rounds, _ = _timed_segment(decoder, state, Segment(False, rounds),
                                             max_new_tokens)
   full_step = max(plain_s - one_s, 0.0) / max(plain_rounds - one_rounds, 1)
@@ -217,7 +224,7 @@ def measure_costs(decoder, state, max_new_tokens: int, skip_counts: tuple[int, i
 
 #: Part of every cached measurement's key, raised when `measure_costs` changes what it
 #: measures, so that costs measured the earlier way are measured again.
-COSTS_VERSION = 3
+COSTS_VERSION = 4
 
 
 def cached_costs(decoder, state, max_new_tokens: int, cache_dir: str | None) -> Costs:
