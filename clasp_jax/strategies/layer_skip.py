@@ -40,8 +40,9 @@ def draft_with_skip(params, config, state, sampling, key, attention, *, num_draf
 
   Runs only the active layers' weights when the engine passes them as
   `params['draft_layers']` (`Decoder.drafts_active_layers`: the fast path off the CPU), else
-  every layer with a `lax.cond` each; both compute the same tokens. With `enabled` False (traced) it runs no step and proposes
-  nothing: the drafting loop's trip count, not a branch, so no buffer is copied.
+  every layer with a `lax.cond` each; both compute the same tokens. With `enabled` False
+  (traced) it runs no step and proposes nothing: the drafting loop's trip count, not a branch,
+  so no buffer is copied.
 
   Returns:
     (Drafts, state) where the state's cache holds the drafts' rows of the layers that ran;
