@@ -593,12 +593,9 @@ class Decoder:
     if fast_path is None:
       fast_path = model_lib.per_layer_by_default(pass_width)
     self.fast_path = fast_path
-    #: Whether a draft runs the active layers' own buffers, picked on the host at every change
-    #: of skip set (a program per M), rather than every layer's with the skipped ones passed
-    #: over by a `lax.cond` (one program for every M). The first on the fast path off the CPU,
-    #: where a conditional costs a read back to the host; a CPU's layer loop
-    #: (`model.loops_over_layers`) runs one for next to nothing.
-    self.drafts_active_layers = fast_path and not model_lib.loops_over_layers()
+    #: Whether a draft runs the active layers' own buffers (`_drafts_run_active_layers`) on
+    #: this machine.
+    self.drafts_active_layers = self._drafts_run_active_layers()
     self.params = sharding_lib.place_params(params, config, self.mesh, per_layer=fast_path)
     placement = None if self.mesh is None else sharding_lib.Placement(config, self.mesh)
     # What drafting rounds run with: the params, plus the active layers' trees where drafts
@@ -803,18 +800,36 @@ class Decoder:
   def lower(self, num_prompt_tokens: int, max_new_tokens: int,
             platform: str) -> dict[str, jax.stages.Lowered]:
     """The programs `compile` would build, lowered for `platform` ('cuda', 'rocm', 'tpu' or
-    'cpu') and not compiled: what an accelerator would run, inspected from any machine.
+    'cpu') and not compiled: what an accelerator would run, inspected from any machine. The
+    decoder's settings are the ones it was built with (its pass width, layout, logits by row);
+    how its drafts run follows `platform` (`_drafts_run_active_layers`).
 
     Keyed by program: 'prefill', 'plain', 'draft M=<M>' (or 'draft'), 'lookup', 'refresh'.
     """
+    with xla_options.lowering_for(platform):
+      active_layers = self._drafts_run_active_layers()
     lowered = {}
-    for name, function, args in self._programs(num_prompt_tokens, max_new_tokens):
+    for name, function, args in self._programs(num_prompt_tokens, max_new_tokens,
+                                               active_layers):
       lowered[name] = function.lower(*args, platform=platform)
     return lowered
 
-  def _programs(self, num_prompt_tokens: int, max_new_tokens: int
+  def _drafts_run_active_layers(self) -> bool:
+    """Whether a draft on the platform being traced runs the active layers' own buffers,
+    picked on the host at every change of skip set (a program per M), rather than every
+    layer's with the skipped ones passed over by a `lax.cond` (one program for every M): on
+    the fast path off the CPU, where a conditional costs a read back to the host; a CPU's
+    layer loop (`model.loops_over_layers`) runs one for next to nothing."""
+    return self.fast_path and not model_lib.loops_over_layers()
+
+  def _programs(self, num_prompt_tokens: int, max_new_tokens: int,
+                active_layers: bool | None = None
                 ) -> Iterator[tuple[str, _CompiledFunction, tuple[Any, ...]]]:
-    """(name, compiled function, abstract arguments) of every program a request may run."""
+    """(name, compiled function, abstract arguments) of every program a request may run, its
+    drafts over the active layers alone where `active_layers` (None: as on this machine,
+    `drafts_active_layers`)."""
+    if active_layers is None:
+      active_layers = self.drafts_active_layers
     self.check_request([0] * num_prompt_tokens, max_new_tokens)
     bucket, capacity = self._shapes(num_prompt_tokens, max_new_tokens)
     args = (self.params, jax.ShapeDtypeStruct((bucket,), jnp.int32),
@@ -830,7 +845,7 @@ class Decoder:
 
     yield segment_program('plain', Segment(draft=False))
     if self.strategy.num_draft_tokens:
-      if self.drafts_active_layers and self.strategy.skips_layers:
+      if active_layers and self.strategy.skips_layers:
         for num_skip in self.strategy.skip_counts(self.config):
           num_active = self.config.num_layers - num_skip
           yield segment_program(

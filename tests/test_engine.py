@@ -295,6 +295,18 @@ def test_lowering_for_an_accelerator_builds_its_program_not_this_machines(tiny_m
   assert (switches('cuda'), switches('cpu')) == (0, 4)
 
 
+def test_lowering_for_an_accelerator_drafts_as_it_does(tiny_model):
+  """`Decoder.lower` for a GPU builds a draft program per M over the active layers' own
+  buffers, as a decoder on a GPU runs its drafts, though on this machine (a CPU) the same
+  decoder drafts with one program for every M; lowered for a CPU, that one program."""
+  config, params = tiny_model
+  static = strategies.build('static', config, skip_layers=1, num_draft_tokens=2)
+  decoder = Decoder(params, config, static, fast_path=True, attention='xla')
+  assert not decoder.drafts_active_layers
+  assert 'draft M=1' in decoder.lower(20, 8, 'cuda')
+  assert 'draft' in decoder.lower(20, 8, 'cpu')
+
+
 @pytest.mark.parametrize('prompt,max_new,match', [
     ([], 10, 'empty'),
     ([5] * 500, 100, 'exceeds the model context'),
