@@ -36,6 +36,7 @@ compiler's collectives inside the passes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import contextlib
 import dataclasses
 import functools
 import os
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax import attention as attention_lib
+from clasp_jax import cpu_product
 from clasp_jax import model as model_lib
 from clasp_jax import sampling as sampling_lib
 from clasp_jax import sharding as sharding_lib
@@ -444,13 +446,14 @@ class _CompiledFunction:
   """
 
   def __init__(self, fn, donate_argnums: tuple[int, ...] = (), precision: str | None = None,
-               placement: sharding_lib.Placement | None = None):
+               placement: sharding_lib.Placement | None = None, cpu_kernel: bool | None = None):
     self._fn = fn if placement is None else placement.pin(fn)
     self._donate_argnums = donate_argnums
     self._jitted = jax.jit(self._fn, donate_argnums=donate_argnums,
                            compiler_options=xla_options.compiler_options())
     self._precision = precision
     self._placement = placement
+    self._cpu_kernel = cpu_kernel
     self._compiled: dict[Any, Any] = {}
     self.seconds = 0.0
 
@@ -462,7 +465,7 @@ class _CompiledFunction:
       start = time.perf_counter()
       if self._placement is not None:
         args = self._placement.abstract(args)
-      with jax.default_matmul_precision(self._precision):
+      with self._tracing():
         executable = self._compiled[key] = self._jitted.lower(*args).compile()
       self.seconds += time.perf_counter() - start
     return executable
@@ -475,8 +478,15 @@ class _CompiledFunction:
     if self._placement is not None:
       args = self._placement.abstract(args)
     jitted = jax.jit(lambda *a: self._fn(*a), donate_argnums=self._donate_argnums)
-    with xla_options.lowering_for(platform), jax.default_matmul_precision(self._precision):
+    with xla_options.lowering_for(platform), self._tracing():
       return jitted.trace(*args).lower(lowering_platforms=(platform,))
+
+  @contextlib.contextmanager
+  def _tracing(self) -> Iterator[None]:
+    """The settings the function is traced under: its matmul precision and its CPU
+    products."""
+    with jax.default_matmul_precision(self._precision), cpu_product.use_kernel(self._cpu_kernel):
+      yield
 
   def __call__(self, *args):
     return self.compiled(*args)(*args)
@@ -573,12 +583,17 @@ class Decoder:
     mesh: a `jax.sharding.Mesh` (or a spec, 'tp:N' or 'auto') to run tensor-parallel on,
       params and cache placed by `sharding`'s rules (params already there stay put); None:
       one device.
+    cpu_kernel: on a CPU, a float32 pass's products by the hand-written kernel
+      (`cpu_product`), which reads a weight once for a pass's few rows, or (False) by XLA.
+      Decoders compare exactly only with the same choice; None: the kernel where it can be
+      built, for every method alike, on one device (a mesh multiplies by XLA).
   """
 
   def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
                sampling: SamplingConfig = SamplingConfig(), tokenizer=None,
                fast_path: bool | None = None, pass_width: int | None = None,
-               logits_by_row: bool | None = None, attention: str = 'auto', mesh=None):
+               logits_by_row: bool | None = None, attention: str = 'auto', mesh=None,
+               cpu_kernel: bool | None = None):
     strategy.validate(config)
     if pass_width is None:
       pass_width = widths.default_pass_width()
@@ -587,6 +602,13 @@ class Decoder:
     if pass_width < 1:
       raise ValueError(f'pass_width must be >= 1, got {pass_width}')
     self.mesh = sharding_lib.make_mesh(mesh)
+    if cpu_kernel and self.mesh is not None:
+      raise ValueError('cpu_kernel=True multiplies on one device; a mesh shards the products')
+    if cpu_kernel and jax.default_backend() == 'cpu' and not cpu_product.available():
+      raise ValueError('cpu_kernel=True, but the CPU product kernel could not be built (see the '
+                       'warning above)')
+    if self.mesh is not None:  # the kernel has no sharding rule: XLA would gather its weights
+      cpu_kernel = False
     self.config, self.strategy = config, strategy
     self.sampling, self.tokenizer, self.pass_width = sampling, tokenizer, pass_width
     self.logits_by_row = logits_by_row
@@ -607,8 +629,9 @@ class Decoder:
         _prefill, config=config, sampling=sampling, chunk=prefill_chunk(),
         prompt_attention=resolve_prompt_attention(attention, config,
                                                   self.params['embed'].dtype, self.mesh))
-    # Every program of the decoder: its precision and its placement on the mesh.
-    compiled = functools.partial(_CompiledFunction, precision=precision, placement=placement)
+    # Every program of the decoder: its precision, its placement on the mesh, its CPU products.
+    compiled = functools.partial(_CompiledFunction, precision=precision, placement=placement,
+                                 cpu_kernel=cpu_kernel)
     self._prefill = compiled(self._prefill_fn, donate_argnums=(4,))
     attend = resolve_attention(attention, config, self.mesh)
     prefix_attend = resolve_attention(attention, config, self.mesh, prefix=True)

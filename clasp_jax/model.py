@@ -21,7 +21,8 @@ and `layer_ids_A` runs only some layers' own trees (the per-layer draft). Attent
 cache is `attention.cache_attention`, whose reduction order does not depend on the pass a
 token sits in. `pseudo_token_layer` runs one layer on M independent pseudo-tokens sharing one
 position, for the CLaSp dynamic programme; a `Ride` carries such pseudo-tokens through a pass's
-padding rows instead, so one reading of the weights serves both.
+padding rows instead, so one reading of the weights serves both. Every product goes through
+`cpu_product.product`: XLA's, or on a CPU the kernel for 2- and 3-row passes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax import attention as attention_lib
+from clasp_jax import cpu_product
 from clasp_jax import widths
 from clasp_jax import xla_options
 from clasp_jax.cache import KVCache
@@ -208,7 +210,7 @@ def _qkv(lp: Params, config: LlamaConfig, x_BTD: jax.Array, cos_BTh: jax.Array,
     qkv_BTnNh = qkv_BTnY.reshape(B, T, n, -1, hd)
     roped_N = jnp.arange(qkv_BTnNh.shape[3]) < (config.num_heads + config.num_kv_heads) // n
     return _apply_rope(qkv_BTnNh, cos_BTh, sin_BTh, roped_N), None, None
-  q_BTq, k_BTk, v_BTk = (_product(jnp.matmul, h_BTD, lp[w]) for w in ('wq', 'wk', 'wv'))
+  q_BTq, k_BTk, v_BTk = (_product(cpu_product.product, h_BTD, lp[w]) for w in ('wq', 'wk', 'wv'))
   if config.attention_bias:
     q_BTq, k_BTk, v_BTk = q_BTq + lp['bq'], k_BTk + lp['bk'], v_BTk + lp['bv']
   q_BTHh = q_BTq.reshape(B, T, config.num_heads, hd)
@@ -227,12 +229,12 @@ def _closing_product(x_BTK: jax.Array, w_KD: jax.Array) -> jax.Array:
   thread per 1.8 MB, so SmolLM2-135M's o product (1.3 MB) ran on one of two cores; the two
   halves run side by side. On a 2-core Xeon the o product ran 1.6x and down about 1.1x faster,
   and a token of plain decoding at width 1 1.04-1.07x (docs/results/cpu/row_products/). Wider
-  chunks, whose products compute rather than wait for memory, and accelerators take the one
-  product. Every pass of a decoder at width 1 has one row, so all of them take the same form.
+  chunks and accelerators take `cpu_product.product` (on a CPU, the kernel for 2 or 3 rows).
+  Every pass of a decoder at width 1 has one row, so all of them take the same form.
   """
   B, T, K = x_BTK.shape
   if xla_options.platform() != 'cpu' or B * T != 1 or K % 2:
-    return x_BTK @ w_KD
+    return cpu_product.product(x_BTK, w_KD)
   x_2k = x_BTK.reshape(2, K // 2)
   w_2kD = w_KD.reshape(2, K // 2, w_KD.shape[1])  # the halves of K, as the weight lies
   halves_2D = jnp.einsum('sk,skd->sd', x_2k, w_2kD, preferred_element_type=jnp.float32)
@@ -248,8 +250,8 @@ def _finish_layer(lp: Params, config: LlamaConfig, x_BTD: jax.Array,
     gate_BTnF, up_BTnF = jnp.split(_product(_fused_matmul, h_BTD, lp['w_gate_up']), 2, axis=-1)
     act_BTF = (jax.nn.silu(gate_BTnF) * up_BTnF).reshape(x_BTD.shape[:-1] + (-1,))
   else:
-    act_BTF = (jax.nn.silu(_product(jnp.matmul, h_BTD, lp['w_gate']))
-               * _product(jnp.matmul, h_BTD, lp['w_up']))
+    act_BTF = (jax.nn.silu(_product(cpu_product.product, h_BTD, lp['w_gate']))
+               * _product(cpu_product.product, h_BTD, lp['w_up']))
   return x_BTD + _product(_closing_product, act_BTF, lp['w_down'])
 
 
@@ -346,7 +348,7 @@ def layer_params(params: Params, i: int | jax.Array) -> Params:
 def _fused_matmul(h_BTD: jax.Array, w_DnY: jax.Array) -> jax.Array:
   """`h @ W` for a fused weight [D, n, Y] of n shards: one matrix product, [B, T, n, Y]."""
   D, n, _ = w_DnY.shape
-  return (h_BTD @ w_DnY.reshape(D, -1)).reshape(h_BTD.shape[:-1] + (n, -1))
+  return cpu_product.product(h_BTD, w_DnY.reshape(D, -1)).reshape(h_BTD.shape[:-1] + (n, -1))
 
 
 def fuse_projections(lp: Params, num_shards: int = 1, fuse_qkv: bool = True) -> Params:

@@ -1,0 +1,143 @@
+"""The matrix product of a decoding pass's few rows on a CPU: a hand-written kernel
+(`cpu_product.cc`) beside the plain `x @ w` it is tested against.
+
+XLA's CPU products read a weight at memory speed for one row, but at a third to a half of it
+from two rows on, so a CPU's 3-row pass cost 1.4x a 1-row one. The kernel reads each weight
+once for up to `MAX_ROWS` rows, at memory speed: SmolLM2-135M's layer products for 3 rows in
+about the time of XLA's for 1 (docs/results/cpu/row_kernel/). It sums each output element in
+one fixed order, whatever the row count, so a row rounds the same in any pass the kernel runs;
+it rounds differently from XLA's multi-row products.
+
+The kernel is C++ built on first use with this machine's compiler (`c++`, for this machine's
+vectors) against jaxlib's FFI headers, and kept in a cache directory (`build_dir`) keyed by its
+source, the compiler and jaxlib. Where it cannot be built (no compiler), or off a CPU, or for
+other dtypes, for one row (XLA's product is as fast there) and for wider passes, `product` is
+`x @ w`.
+
+Which a decoder uses is its choice (`Decoder(cpu_kernel=...)`), set while its programs are
+traced (`use_kernel`): all of a decoder's passes multiply one way, so its methods stay exact
+against its plain decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import contextlib
+import contextvars
+import ctypes
+import functools
+import hashlib
+import importlib.resources
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from clasp_jax import xla_options
+
+#: The rows the kernel takes: a CPU's passes are 3 rows wide (`widths`). One row XLA reads at
+#: memory speed too; wider passes (prefill chunks) compute rather than wait for memory, and
+#: XLA's products are faster there.
+MIN_ROWS, MAX_ROWS = 2, 3
+
+_TARGET = 'clasp_jax_rows_product'
+_SOURCE = 'cpu_product.cc'
+
+_USE_KERNEL: contextvars.ContextVar[bool | None] = contextvars.ContextVar('use_kernel',
+                                                                         default=None)
+
+
+def build_dir() -> str:
+  """Where built kernels are kept: `$CLASP_JAX_CACHE`, else `$XDG_CACHE_HOME/clasp_jax`, else
+  `~/.cache/clasp_jax`."""
+  if 'CLASP_JAX_CACHE' in os.environ:
+    return os.environ['CLASP_JAX_CACHE']
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'clasp_jax')
+
+
+def _compile(source: bytes, library: str) -> None:
+  """Compiles the kernel's source into the shared library `library` (written whole, then
+  renamed into place, so that processes building it at once never load half a file)."""
+  compiler = shutil.which(os.environ.get('CXX', 'c++'))
+  if compiler is None:
+    raise OSError('no C++ compiler (c++ or $CXX) on PATH')
+  os.makedirs(os.path.dirname(library), exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as tmp:
+    src = os.path.join(tmp, _SOURCE)
+    with open(src, 'wb') as f:
+      f.write(source)
+    out = os.path.join(tmp, 'lib.so')
+    subprocess.run([compiler, '-O3', '-march=native', '-ffp-contract=fast', '-std=c++17',
+                    '-shared', '-fPIC', f'-I{jax.ffi.include_dir()}', src, '-o', out],
+                   check=True, capture_output=True)
+    os.replace(out, library)
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel is built (building it if need be) and registered with XLA; False, with
+  one logged warning, where it cannot be."""
+  source = importlib.resources.files('clasp_jax').joinpath(_SOURCE).read_bytes()
+  compiler = os.environ.get('CXX', 'c++')
+  key = hashlib.sha256(b'\0'.join([source, compiler.encode(), jax.__version__.encode(),
+                                   jax.ffi.include_dir().encode()])).hexdigest()[:16]
+  library = os.path.join(build_dir(), f'rows_product-{key}.so')
+  try:
+    if not os.path.exists(library):
+      _compile(source, library)
+    handler = ctypes.cdll.LoadLibrary(library).RowsProduct
+  except (OSError, subprocess.CalledProcessError) as e:
+    detail = e.stderr.decode()[-500:] if isinstance(e, subprocess.CalledProcessError) else e
+    logging.warning('the CPU product kernel could not be built (%s); XLA products instead',
+                    detail)
+    return False
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform='cpu')
+  return True
+
+
+@contextlib.contextmanager
+def use_kernel(on: bool | None) -> Iterator[None]:
+  """Products traced inside use the kernel where it applies (True), never (False), or where it
+  applies and is available (None, the default outside any such block). A jitted function keeps
+  the choice of its first trace: `jax.jit` does not see this setting."""
+  token = _USE_KERNEL.set(on)
+  try:
+    yield
+  finally:
+    _USE_KERNEL.reset(token)
+
+
+def applies(x_XK: jax.Array, w_KN: jax.Array) -> bool:
+  """Whether `product(x, w)` runs the kernel: on a CPU, float32, `MIN_ROWS` to `MAX_ROWS`
+  rows, the kernel wanted and available."""
+  on = _USE_KERNEL.get()
+  if on is False or xla_options.platform() != 'cpu':
+    return False
+  rows = x_XK.size // x_XK.shape[-1]
+  if x_XK.dtype != jnp.float32 or w_KN.dtype != jnp.float32 or not MIN_ROWS <= rows <= MAX_ROWS:
+    return False
+  return on or available()  # asked for, `kernel_product` says if it is missing
+
+
+def product(x_XK: jax.Array, w_KN: jax.Array) -> jax.Array:
+  """`x @ w` for x [..., K] and w [K, N]: the kernel where it applies (`applies`), else XLA's
+  product."""
+  if not applies(x_XK, w_KN):
+    return x_XK @ w_KN
+  return kernel_product(x_XK, w_KN)
+
+
+def kernel_product(x_XK: jax.Array, w_KN: jax.Array) -> jax.Array:
+  """`x @ w` for float32 x [..., K] and w [K, N] by the kernel, whatever the rows."""
+  if not available():
+    raise RuntimeError('the CPU product kernel was asked for but could not be built')
+  K, N = w_KN.shape
+  x_RK = x_XK.reshape(-1, K)
+  out_RN = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x_RK.shape[0], N), jnp.float32))(
+      x_RK, w_KN)
+  return out_RN.reshape(x_XK.shape[:-1] + (N,))
