@@ -3,9 +3,10 @@
 //
 // XLA's CPU products read a weight at memory speed for one row, but from two rows on they run
 // a general matrix product that packs the weight first, at a third to a half of that speed
-// (docs/results/cpu/pass_width/product_rows.txt). Here a block of columns keeps its rows'
-// sums in registers while it streams down the weight's K rows, prefetching ahead; the blocks
-// are shared out among XLA's CPU threads.
+// (docs/results/cpu/pass_width/product_rows.txt). Here each thread takes a range of columns
+// and walks down the weight a tile of kTileRows rows at a time, along the rows (sequential
+// reads, prefetched ahead); the rows' sums of a vector of columns stay in registers across a
+// tile and wait in `out` between tiles. Ranges are shared out among XLA's CPU threads.
 //
 // Every output element is summed in the same order, k = 0, 1, ..., K - 1, one multiply-add at
 // a time (fused where the machine has FMA: -ffp-contract=fast), whatever R and its thread: a
@@ -37,10 +38,10 @@ constexpr int kLanes = 4;
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
-constexpr int kBlockVectors = 8;                    // a block's width, in vectors (<= 8)
-constexpr int64_t kBlock = kBlockVectors * kLanes;  // a block's width, in columns
-constexpr int kMaxRows = 3;        // rows summed in one sweep of the weight
-constexpr int kPrefetchRows = 16;  // how far ahead down the weight to prefetch
+constexpr int kMaxRows = 3;          // rows summed in one sweep of the weight
+constexpr int64_t kTileRows = 16;    // weight rows a vector's sums stay in registers for
+constexpr int64_t kPrefetchRows = 8;  // how far ahead down the weight to prefetch
+constexpr int kRangesPerThread = 2;  // column ranges a product is cut into, per thread
 
 inline Vec Load(const float* p) {
   Vec v;
@@ -50,87 +51,65 @@ inline Vec Load(const float* p) {
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
-// out[r, n0 : n0 + V * kLanes] for the R rows of x.
-template <int R, int V>
-void Columns(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n0) {
-  Vec acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < V; ++j) acc[r][j] = Vec{};
-  const float* w_k = w + n0;
-  for (int64_t k = 0; k < K; ++k, w_k += N) {
-    for (int j = 0; j < V * kLanes; j += 64 / sizeof(float))  // a cache line at a time
-      __builtin_prefetch(w_k + kPrefetchRows * N + j, 0, 3);
-    Vec w_V[V];
-    for (int j = 0; j < V; ++j) w_V[j] = Load(w_k + j * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float x_rk = x[r * K + k];
-      for (int j = 0; j < V; ++j) acc[r][j] += x_rk * w_V[j];
+// out[r, c0 : c1] for the R rows of x.
+template <int R>
+void Range(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t c0,
+           int64_t c1) {
+  const int64_t whole = c0 + (c1 - c0) / kLanes * kLanes;  // columns in whole vectors
+  for (int r = 0; r < R; ++r) std::memset(out + r * N + c0, 0, (c1 - c0) * sizeof(float));
+  for (int64_t k0 = 0; k0 < K; k0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, K - k0);
+    const float* w_k = w + k0 * N;
+    for (int64_t c = c0; c < whole; c += kLanes) {
+      Vec acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = Load(out + r * N + c);
+      const bool line_start = (c - c0) % (64 / sizeof(float)) == 0;
+      for (int64_t kk = 0; kk < rows; ++kk) {
+        if (line_start) __builtin_prefetch(w_k + (kPrefetchRows + kk) * N + c, 0, 3);
+        const Vec w_v = Load(w_k + kk * N + c);
+        for (int r = 0; r < R; ++r) acc[r] += x[r * K + k0 + kk] * w_v;
+      }
+      for (int r = 0; r < R; ++r) Store(out + r * N + c, acc[r]);
     }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < V; ++j) Store(out + r * N + n0 + j * kLanes, acc[r][j]);
-}
-
-// out[r, n0 : n1] for the R rows of x, fewer columns than a vector's lanes. An explicit fused
-// multiply-add: left to contract `acc + x * w`, the compiler did so for some R and not others.
-template <int R>
-void Tail(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n0,
-          int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    float acc[R] = {};
-    for (int64_t k = 0; k < K; ++k)
-      for (int r = 0; r < R; ++r) acc[r] = std::fma(x[r * K + k], w[k * N + n], acc[r]);
-    for (int r = 0; r < R; ++r) out[r * N + n] = acc[r];
+    // The last columns, fewer than a vector's lanes. An explicit fused multiply-add: left to
+    // contract `acc + x * w`, the compiler did so for some R and not others.
+    for (int64_t c = whole; c < c1; ++c)
+      for (int64_t kk = 0; kk < rows; ++kk)
+        for (int r = 0; r < R; ++r)
+          out[r * N + c] = std::fma(x[r * K + k0 + kk], w_k[kk * N + c], out[r * N + c]);
   }
 }
 
-// Columns [block * kBlock, ...) of one block: a whole block, or the last one (narrower: as
-// many whole vectors as fit, then single columns).
-template <int R>
-void Block(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t block) {
-  const int64_t n0 = block * kBlock;
-  const int64_t n1 = std::min(N, n0 + kBlock), vectors = (n1 - n0) / kLanes;
-  switch (vectors) {
-    case 8: Columns<R, 8>(x, w, out, K, N, n0); break;
-    case 7: Columns<R, 7>(x, w, out, K, N, n0); break;
-    case 6: Columns<R, 6>(x, w, out, K, N, n0); break;
-    case 5: Columns<R, 5>(x, w, out, K, N, n0); break;
-    case 4: Columns<R, 4>(x, w, out, K, N, n0); break;
-    case 3: Columns<R, 3>(x, w, out, K, N, n0); break;
-    case 2: Columns<R, 2>(x, w, out, K, N, n0); break;
-    case 1: Columns<R, 1>(x, w, out, K, N, n0); break;
-    default: break;
-  }
-  Tail<R>(x, w, out, K, N, n0 + vectors * kLanes, n1);
-}
-
-void RowsBlock(const float* x, const float* w, float* out, int64_t R, int64_t K, int64_t N,
-               int64_t block) {
+void RowsRange(const float* x, const float* w, float* out, int64_t R, int64_t K, int64_t N,
+               int64_t c0, int64_t c1) {
   for (int64_t r0 = 0; r0 < R; r0 += kMaxRows) {
     const float* x_r = x + r0 * K;
     float* out_r = out + r0 * N;
     switch (std::min<int64_t>(R - r0, kMaxRows)) {
-      case 1: Block<1>(x_r, w, out_r, K, N, block); break;
-      case 2: Block<2>(x_r, w, out_r, K, N, block); break;
-      default: Block<3>(x_r, w, out_r, K, N, block); break;
+      case 1: Range<1>(x_r, w, out_r, K, N, c0, c1); break;
+      case 2: Range<2>(x_r, w, out_r, K, N, c0, c1); break;
+      default: Range<3>(x_r, w, out_r, K, N, c0, c1); break;
     }
   }
 }
 
-// The blocks still to compute, claimed one at a time by the calling thread and the pool's
-// helpers; shared with helpers that may start after the call has returned.
+// The column ranges still to compute, claimed one at a time by the calling thread and the
+// pool's helpers; shared with helpers that may start after the call has returned. Range i
+// holds the vectors [i V / n, (i + 1) V / n) of V, so its ends do not depend on R.
 struct Work {
   const float* x;
   const float* w;
   float* out;
-  int64_t R, K, N, blocks;
+  int64_t R, K, N, ranges;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
   void Run() {
+    const int64_t vectors = (N + kLanes - 1) / kLanes;
     int64_t finished = 0;
-    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks; ++finished)
-      RowsBlock(x, w, out, R, K, N, b);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < ranges; ++finished)
+      RowsRange(x, w, out, R, K, N, std::min(N, vectors * i / ranges * kLanes),
+                std::min(N, vectors * (i + 1) / ranges * kLanes));
     done.fetch_add(finished, std::memory_order_release);
   }
 };
@@ -147,13 +126,14 @@ ffi::Error RowsProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   work->R = x_dims[0];
   work->K = x_dims[1];
   work->N = w_dims[1];
-  work->blocks = (work->N + kBlock - 1) / kBlock;
-  // A helper a block, up to the pool's size; the caller works too, so none is waited for
-  // before it starts (a helper that starts late finds nothing left).
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), work->blocks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  work->ranges = std::min(threads * kRangesPerThread, (work->N + kLanes - 1) / kLanes);
+  // A helper for each other thread; the caller works too, so none is waited for before it
+  // starts (a helper that starts late finds nothing left).
+  for (int64_t i = 1; i < std::min(threads, work->ranges); ++i)
+    pool.Schedule([work] { work->Run(); });
   work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->blocks) std::this_thread::yield();
+  while (work->done.load(std::memory_order_acquire) < work->ranges) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
