@@ -10,7 +10,7 @@ it rounds differently from XLA's multi-row products.
 
 The kernel is C++ built on first use with this machine's compiler (`c++`, for this machine's
 vectors) against jaxlib's FFI headers, and kept in a cache directory (`build_dir`) keyed by its
-source, the compiler and jaxlib. Where it cannot be built (no compiler), or off a CPU, or for
+source, the compiler, jaxlib and the CPU. Where it cannot be built (no compiler), or off a CPU, or for
 other dtypes, for one row (XLA's product is as fast there) and for wider passes, `product` is
 `x @ w`.
 
@@ -30,6 +30,7 @@ import hashlib
 import importlib.resources
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -46,6 +47,9 @@ MIN_ROWS, MAX_ROWS = 2, 3
 
 _TARGET = 'clasp_jax_rows_product'
 _SOURCE = 'cpu_product.cc'
+
+#: The library registered with XLA, once registered.
+_registered: list[str] = []
 
 _USE_KERNEL: contextvars.ContextVar[bool | None] = contextvars.ContextVar('use_kernel',
                                                                          default=None)
@@ -78,14 +82,26 @@ def _compile(source: bytes, library: str) -> None:
     os.replace(out, library)
 
 
+def _cpu_identity() -> str:
+  """What -march=native builds for: the CPU's model and feature flags (Linux), else its
+  architecture. Part of the built kernel's key, so that a cache folder shared by machines of
+  different CPUs (a home on a network drive) never hands one a kernel built for another."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      lines = [l for l in f if l.startswith(('model name', 'flags', 'Features'))]
+    return ''.join(dict.fromkeys(lines))  # the first processor's lines, once each
+  except OSError:
+    return platform.machine() + platform.processor()
+
+
 @functools.cache
 def available() -> bool:
   """Whether the kernel is built (building it if need be) and registered with XLA; False, with
   one logged warning, where it cannot be."""
   source = importlib.resources.files('clasp_jax').joinpath(_SOURCE).read_bytes()
   compiler = os.environ.get('CXX', 'c++')
-  key = hashlib.sha256(b'\0'.join([source, compiler.encode(), jax.__version__.encode(),
-                                   jax.ffi.include_dir().encode()])).hexdigest()[:16]
+  key = hashlib.sha256('\0'.join([compiler, jax.__version__, jax.ffi.include_dir(),
+                                   _cpu_identity()]).encode() + source).hexdigest()[:16]
   library = os.path.join(build_dir(), f'rows_product-{key}.so')
   try:
     if not os.path.exists(library):
@@ -96,7 +112,9 @@ def available() -> bool:
     logging.warning('the CPU product kernel could not be built (%s); XLA products instead',
                     detail)
     return False
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform='cpu')
+  if not _registered:  # XLA takes one handler a name a process: the first library loaded
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform='cpu')
+    _registered.append(library)
   return True
 
 

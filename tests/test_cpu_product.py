@@ -103,6 +103,23 @@ def test_kernel_decoders_equal_plain_decoding_and_xla_products_agree():
       assert static.generate(prompt, 12).token_ids == plain.generate(prompt, 12).token_ids
 
 
+def test_the_kernel_is_built_once_into_its_cache_folder(monkeypatch, tmp_path):
+  monkeypatch.setenv('CLASP_JAX_CACHE', str(tmp_path))
+  cpu_product.available.cache_clear()
+  try:
+    assert cpu_product.available()
+    built = list(tmp_path.glob('rows_product-*.so'))
+    assert len(built) == 1 and not list(tmp_path.glob('tmp*'))  # no half-built leftovers
+    mtime = built[0].stat().st_mtime_ns
+    cpu_product.available.cache_clear()
+    assert cpu_product.available() and built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+    x_RK, w_KN = _case(3, 64, 256)
+    np.testing.assert_allclose(np.asarray(jax.jit(cpu_product.kernel_product)(x_RK, w_KN)),
+                               x_RK @ w_KN, rtol=1e-5, atol=1e-4)
+  finally:
+    cpu_product.available.cache_clear()
+
+
 @pytest.fixture
 def no_compiler(monkeypatch, tmp_path):
   """A machine without a C++ compiler and without a built kernel."""
