@@ -10,9 +10,9 @@ it rounds differently from XLA's multi-row products.
 
 The kernel is C++ built on first use with this machine's compiler (`c++`, for this machine's
 vectors) against jaxlib's FFI headers, and kept in a cache directory (`build_dir`) keyed by its
-source, the compiler, jaxlib and the CPU. Where it cannot be built (no compiler), or off a CPU, or for
-other dtypes, for one row (XLA's product is as fast there) and for wider passes, `product` is
-`x @ w`.
+source, the compiler, jaxlib and the CPU. Where it cannot be built (no compiler), or off a
+CPU, or for other dtypes, for one row (XLA's product is as fast there) and for wider passes,
+`product` is `x @ w`.
 
 Which a decoder uses is its choice (`Decoder(cpu_kernel=...)`), set while its programs are
 traced (`use_kernel`): all of a decoder's passes multiply one way, so its methods stay exact
@@ -64,19 +64,20 @@ def build_dir() -> str:
   return os.path.join(base, 'clasp_jax')
 
 
-def _compile(source: bytes, library: str) -> None:
-  """Compiles the kernel's source into the shared library `library` (written whole, then
-  renamed into place, so that processes building it at once never load half a file)."""
-  compiler = shutil.which(os.environ.get('CXX', 'c++'))
-  if compiler is None:
-    raise OSError('no C++ compiler (c++ or $CXX) on PATH')
+def _compile(compiler: str, source: bytes, library: str) -> None:
+  """Compiles the kernel's source with `compiler` into the shared library `library` (written
+  whole, then renamed into place, so that processes building it at once never load half a
+  file)."""
+  path = shutil.which(compiler)
+  if path is None:
+    raise OSError(f'no C++ compiler ({compiler}: c++ or $CXX) on PATH')
   os.makedirs(os.path.dirname(library), exist_ok=True)
   with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as tmp:
     src = os.path.join(tmp, _SOURCE)
     with open(src, 'wb') as f:
       f.write(source)
     out = os.path.join(tmp, 'lib.so')
-    subprocess.run([compiler, '-O3', '-march=native', '-ffp-contract=fast', '-std=c++17',
+    subprocess.run([path, '-O3', '-march=native', '-ffp-contract=fast', '-std=c++17',
                     '-shared', '-fPIC', f'-I{jax.ffi.include_dir()}', src, '-o', out],
                    check=True, capture_output=True)
     os.replace(out, library)
@@ -105,7 +106,7 @@ def available() -> bool:
   library = os.path.join(build_dir(), f'rows_product-{key}.so')
   try:
     if not os.path.exists(library):
-      _compile(source, library)
+      _compile(compiler, source, library)
     handler = ctypes.cdll.LoadLibrary(library).RowsProduct
   except (OSError, subprocess.CalledProcessError) as e:
     detail = e.stderr.decode()[-500:] if isinstance(e, subprocess.CalledProcessError) else e

@@ -19,8 +19,8 @@ import tiny
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a CPU kernel')
 
-# Whole blocks (128 columns on AVX-512), a narrower last block, whole vectors then single
-# columns, fewer columns than a vector, and SmolLM2-135M's k/v, o and down shapes.
+# Column ranges of whole vectors (16 lanes on AVX-512), a last range of whole vectors then
+# single columns, fewer columns than a vector, and SmolLM2-135M's k/v, o and down shapes.
 SHAPES = ((64, 256), (96, 200), (100, 77), (7, 5), (576, 192), (576, 576), (1536, 576))
 
 
@@ -91,7 +91,7 @@ def test_a_decoder_multiplies_as_it_chose():
   assert 'clasp_jax_rows_product' not in texts[False]
 
 
-def test_kernel_decoders_equal_plain_decoding_and_xla_products_agree():
+def test_drafting_equals_plain_decoding_with_either_products():
   config = tiny.tiny_config()
   params = tiny.tiny_params(config)
   prompts = tiny.prompts(config, count=2)
