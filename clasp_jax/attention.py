@@ -18,9 +18,12 @@ values, so here:
   capacity changes the result.
 - One exception to the width: a 1-row chunk (every pass of a decoder at pass width 1, and
   drafting steps) reduces the same blocks in the same order, but its products are laid out
-  for a single row, which on a CPU saves copying every block (`_row_attention`). Its bits may
+  for a single row, which on a CPU saves copying every block (`row_attention`). Its bits may
   differ from the same query's in a wider chunk. A decoder runs all of its full-model passes
-  at one width (`engine.full_pass`), so no committed token depends on which of the two ran.
+  at one width (`engine.full_pass`), so no committed token depends on which of the two ran;
+  or, where its passes compute their rows apart (`engine.Decoder`'s `rows_apart`, on a CPU),
+  every pass through `cpu_attention`'s kernel, which computes each row of any chunk as a
+  1-row chunk; `row_attention` for T rows is its plain `jnp` reference.
 
 Together with matrix products whose shapes do not depend on the pass (see
 `widths.default_pass_width`) this makes every full-model pass compute a token's logits the
@@ -137,7 +140,7 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   Query t sits at position start + t and sees every key at a position <= its own: cached
   keys of layer `layer` below `start`, the chunk's own keys from `start` on. The cache is
   only read. Rows from `riders.first_row` on are riders (see `Riders`). A chunk of one row
-  and no riders takes `_row_attention`, any other `_chunk_attention` (see the module
+  and no riders takes `row_attention`, any other `_chunk_attention` (see the module
   docstring).
 
   Args:
@@ -156,7 +159,7 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   if k_BTKh is None:
     q_BTHh, k_BTKh, v_BTKh = split_packed(q_BTHh, cache_k_LBSKh.shape[3])
   B, T = q_BTHh.shape[:2]
-  attend = _row_attention if B == T == 1 and riders is None else _chunk_attention
+  attend = row_attention if B == T == 1 and riders is None else _chunk_attention
   return attend(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start, riders)
 
 
@@ -256,44 +259,63 @@ def _chunk_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   return out_BKGTh.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
-def _row_attention(q_11Hh: jax.Array, k_11Kh: jax.Array, v_11Kh: jax.Array,
-                   cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
-                   layer: jax.Array | int, start: jax.Array, riders: None) -> jax.Array:
-  """`cache_attention` of a 1-row chunk: the same blocks in the same order, each block's
-  products plain matrix products over its keys as they lie, every KV head side by side.
+def row_attention(q_1THh: jax.Array, k_1TKh: jax.Array | None, v_1TKh: jax.Array | None,
+                  cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
+                  layer: jax.Array | int, start: jax.Array,
+                  riders: Riders | None = None) -> jax.Array:
+  """`cache_attention` of a chunk of T rows (batch 1), each row computed as a chunk of that
+  row alone would compute it: the same blocks in the same order, each block's products plain
+  matrix products of one row's queries over the block's keys as they lie, every KV head side
+  by side.
 
-  The query rows hold zeros outside their own KV head's columns, so a score sums exact zeros
+  A query's row holds zeros outside its own KV head's columns, so a score sums exact zeros
   besides its own head's terms, and each row keeps its own head's columns of the product with
-  the values. The batched products of `_chunk_attention` would first copy each block's keys
-  and values into heads-first order: on a 2-core Xeon this path made a token of plain
-  decoding at width 1 1.10x faster after 660-769 tokens (SmolLM2-135M;
-  docs/results/cpu/cache_attention/).
+  the values. For one row, the batched products of `_chunk_attention` would first copy each
+  block's keys and values into heads-first order: on a 2-core Xeon this path made a token of
+  plain decoding at width 1 1.10x faster after 660-769 tokens (SmolLM2-135M;
+  docs/results/cpu/cache_attention/). For more rows it costs a product per row, and computes
+  each row as that row alone would, up to how XLA compiles each program: the reference of the
+  CPU kernel (`cpu_attention`) that a decoder whose passes compute their rows apart runs.
+
+  Riders (see `Riders`) are rows like the others, each seeing what `row_limits` gives it.
   """
-  del riders  # none: `cache_attention` sends a chunk with riders to `_chunk_attention`
-  _, _, H, hd = q_11Hh.shape
+  if k_1TKh is None:
+    q_1THh, k_1TKh, v_1TKh = split_packed(q_1THh, cache_k_LBSKh.shape[3])
+  B, T, H, hd = q_1THh.shape
+  if B != 1:
+    raise ValueError(f'row_attention takes a batch of one, got {B}')
   KV = cache_k_LBSKh.shape[3]
   G = H // KV
   dtype = cache_k_LBSKh.dtype
-  eye_KK = jnp.eye(KV, dtype=q_11Hh.dtype)
-  # Row k * G + g holds query head (k, g) in the columns of its KV head k, zeros elsewhere;
-  # in the cache's dtype, as the blocks it multiplies.
-  q_XY = (q_11Hh[0, 0].reshape(KV, G, 1, hd) * eye_KK[:, None, :, None]).reshape(
-      H, KV * hd).astype(dtype)
+  eye_KK = jnp.eye(KV, dtype=q_1THh.dtype)
+  # Row k * G + g of a query holds head (k, g) in the columns of its KV head k, zeros
+  # elsewhere; in the cache's dtype, as the blocks it multiplies.
+  q_TXY = (q_1THh[0].reshape(T, KV, G, 1, hd) * eye_KK[None, :, None, :, None]).reshape(
+      T, H, KV * hd).astype(dtype)
+  last_T, own_T = row_limits(T, start, riders)
 
   def update(carry, k_1SKh, v_1SKh, key_S):
     k_SY, v_SY = (x[0].reshape(key_S.shape[0], KV * hd) for x in (k_1SKh, v_1SKh))
-    s_XS = jax.lax.dot_general(q_XY, k_SY, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32) / math.sqrt(hd)
-    return _softmax_step(carry, s_XS, (key_S <= start)[None], lambda p_XS: jnp.dot(
-        p_XS.astype(dtype), v_SY, preferred_element_type=jnp.float32))
+    rows = []
+    for t in range(T):  # one row's products at a time, as a 1-row chunk's
+      visible_1S = (key_S <= last_T[t])[None]
+      if own_T is not None:
+        visible_1S |= (key_S == own_T[t])[None]
+      s_XS = jax.lax.dot_general(q_TXY[t], k_SY, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32) / math.sqrt(hd)
+      rows.append(_softmax_step(
+          jax.tree.map(lambda c: c[t], carry), s_XS, visible_1S,
+          lambda p_XS: jnp.dot(p_XS.astype(dtype), v_SY, preferred_element_type=jnp.float32)))
+    return jax.tree.map(lambda *c: jnp.stack(c), *rows)
 
-  init = (jnp.full((H,), -jnp.inf, jnp.float32), jnp.zeros((H,), jnp.float32),
-          jnp.zeros((H, KV * hd), jnp.float32))
-  _, l_X, o_XY = _over_blocks(update, init, cache_k_LBSKh, cache_v_LBSKh, k_11Kh, v_11Kh,
-                              layer, start)
+  init = (jnp.full((T, H), -jnp.inf, jnp.float32), jnp.zeros((T, H), jnp.float32),
+          jnp.zeros((T, H, KV * hd), jnp.float32))
+  _, l_TX, o_TXY = _over_blocks(update, init, cache_k_LBSKh, cache_v_LBSKh, k_1TKh, v_1TKh,
+                                layer, start)
   heads_K = jnp.arange(KV)
-  o_KGh = o_XY.reshape(KV, G, KV, hd)[heads_K, :, heads_K]  # each row's own head's columns
-  return (o_KGh.reshape(H, hd) / l_X[:, None]).astype(q_11Hh.dtype).reshape(1, 1, H * hd)
+  o_KTGh = o_TXY.reshape(T, KV, G, KV, hd)[:, heads_K, :, heads_K]  # each row's own head's
+  out_THh = o_KTGh.transpose(1, 0, 2, 3).reshape(T, H, hd) / l_TX[..., None]
+  return out_THh.astype(q_1THh.dtype).reshape(1, T, H * hd)
 
 
 def prefix_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,

@@ -9,10 +9,10 @@ one fixed order, whatever the row count, so a row rounds the same in any pass th
 it rounds differently from XLA's multi-row products.
 
 The kernel is C++ built on first use with this machine's compiler (`c++`, for this machine's
-vectors) against jaxlib's FFI headers, and kept in a cache directory (`build_dir`) keyed by its
-source, the compiler, jaxlib and the CPU. Where it cannot be built (no compiler), or off a
-CPU, or for other dtypes, for one row (XLA's product is as fast there) and for wider passes,
-`product` is `x @ w`.
+vectors) against jaxlib's FFI headers, into one library with `cpu_attention`'s kernel, kept in
+a cache directory (`build_dir`) keyed by their sources, the compiler, jaxlib and the CPU.
+Where it cannot be built (no compiler), or off a CPU, or for other dtypes, and for passes wider
+than `MAX_ROWS`, `product` is `x @ w`.
 
 Which a decoder uses is its choice (`Decoder(cpu_kernel=...)`), set while its programs are
 traced (`use_kernel`): all of a decoder's passes multiply one way, so its methods stay exact
@@ -40,13 +40,16 @@ import jax.numpy as jnp
 
 from clasp_jax import xla_options
 
-#: The rows the kernel takes: a CPU's passes are 3 rows wide (`widths`). One row XLA reads at
-#: memory speed too; wider passes (prefill chunks) compute rather than wait for memory, and
-#: XLA's products are faster there.
-MIN_ROWS, MAX_ROWS = 2, 3
+#: The rows the kernel takes: a CPU's passes are 3 rows wide (`widths`), its plain steps 1 row
+#: where a decoder computes rows apart (`engine.Decoder`'s `rows_apart`: one row through the
+#: kernel rounds as the same row among three). Wider passes (prefill chunks) compute rather
+#: than wait for memory, and XLA's products are faster there.
+MIN_ROWS, MAX_ROWS = 1, 3
 
-_TARGET = 'clasp_jax_rows_product'
-_SOURCE = 'cpu_product.cc'
+#: This package's CPU kernels, built into one library: their sources, and the FFI target each
+#: handler symbol is registered as (`cpu_attention` runs the second).
+_SOURCES = ('cpu_product.cc', 'cpu_attention.cc')
+TARGETS = {'RowsProduct': 'clasp_jax_rows_product', 'RowAttention': 'clasp_jax_row_attention'}
 
 #: The library registered with XLA, once registered.
 _registered: list[str] = []
@@ -64,21 +67,22 @@ def build_dir() -> str:
   return os.path.join(base, 'clasp_jax')
 
 
-def _compile(compiler: str, source: bytes, library: str) -> None:
-  """Compiles the kernel's source with `compiler` into the shared library `library` (written
-  whole, then renamed into place, so that processes building it at once never load half a
-  file)."""
+def _compile(compiler: str, sources: dict[str, bytes], library: str) -> None:
+  """Compiles the kernels' sources (name: text) with `compiler` into the shared library
+  `library` (written whole, then renamed into place, so that processes building it at once
+  never load half a file)."""
   path = shutil.which(compiler)
   if path is None:
     raise OSError(f'no C++ compiler ({compiler}: c++ or $CXX) on PATH')
   os.makedirs(os.path.dirname(library), exist_ok=True)
   with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as tmp:
-    src = os.path.join(tmp, _SOURCE)
-    with open(src, 'wb') as f:
-      f.write(source)
+    paths = [os.path.join(tmp, name) for name in sources]
+    for path_i, text in zip(paths, sources.values()):
+      with open(path_i, 'wb') as f:
+        f.write(text)
     out = os.path.join(tmp, 'lib.so')
     subprocess.run([path, '-O3', '-march=native', '-ffp-contract=fast', '-std=c++17',
-                    '-shared', '-fPIC', f'-I{jax.ffi.include_dir()}', src, '-o', out],
+                    '-shared', '-fPIC', f'-I{jax.ffi.include_dir()}', *paths, '-o', out],
                    check=True, capture_output=True)
     os.replace(out, library)
 
@@ -97,24 +101,27 @@ def _cpu_identity() -> str:
 
 @functools.cache
 def available() -> bool:
-  """Whether the kernel is built (building it if need be) and registered with XLA; False, with
-  one logged warning, where it cannot be."""
-  source = importlib.resources.files('clasp_jax').joinpath(_SOURCE).read_bytes()
+  """Whether the CPU kernels (this module's product, `cpu_attention`'s attention) are built,
+  building them if need be, and registered with XLA; False, with one logged warning, where
+  they cannot be."""
+  package = importlib.resources.files('clasp_jax')
+  sources = {name: package.joinpath(name).read_bytes() for name in _SOURCES}
   compiler = os.environ.get('CXX', 'c++')
   key = hashlib.sha256('\0'.join([compiler, jax.__version__, jax.ffi.include_dir(),
-                                   _cpu_identity()]).encode() + source).hexdigest()[:16]
-  library = os.path.join(build_dir(), f'rows_product-{key}.so')
+                                   _cpu_identity()]).encode()
+                       + b'\0'.join(sources.values())).hexdigest()[:16]
+  library = os.path.join(build_dir(), f'cpu_kernels-{key}.so')
   try:
     if not os.path.exists(library):
-      _compile(compiler, source, library)
-    handler = ctypes.cdll.LoadLibrary(library).RowsProduct
-  except (OSError, subprocess.CalledProcessError) as e:
+      _compile(compiler, sources, library)
+    handlers = {symbol: getattr(ctypes.cdll.LoadLibrary(library), symbol) for symbol in TARGETS}
+  except (OSError, AttributeError, subprocess.CalledProcessError) as e:
     detail = e.stderr.decode()[-500:] if isinstance(e, subprocess.CalledProcessError) else e
-    logging.warning('the CPU product kernel could not be built (%s); XLA products instead',
-                    detail)
+    logging.warning('the CPU kernels could not be built (%s); XLA products instead', detail)
     return False
   if not _registered:  # XLA takes one handler a name a process: the first library loaded
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform='cpu')
+    for symbol, target in TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handlers[symbol]), platform='cpu')
     _registered.append(library)
   return True
 
@@ -157,6 +164,6 @@ def kernel_product(x_XK: jax.Array, w_KN: jax.Array) -> jax.Array:
     raise RuntimeError('the CPU product kernel was asked for but could not be built')
   K, N = w_KN.shape
   x_RK = x_XK.reshape(-1, K)
-  out_RN = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x_RK.shape[0], N), jnp.float32))(
-      x_RK, w_KN)
+  out_RN = jax.ffi.ffi_call(TARGETS['RowsProduct'],
+                            jax.ShapeDtypeStruct((x_RK.shape[0], N), jnp.float32))(x_RK, w_KN)
   return out_RN.reshape(x_XK.shape[:-1] + (N,))

@@ -20,7 +20,10 @@ the only real token of a plain step or row j of a verify pass: every drafting me
 tokens equal plain decoding's, in bfloat16 as in float32. On a CPU the LM head is the one
 product left out of the pass: each row's logits are a 1-row product of their own
 (`row_logits`), computed only for the rows acceptance reads, so that a plain step pays for one
-row of the head rather than `pass_width`.
+row of the head rather than `pass_width`. And on a CPU in float32 a pass computes each of its
+rows as a 1-row pass would (`Decoder`'s `rows_apart`: products and attention by kernels that
+compute a row in one order whatever the others), so there a plain step is a 1-row pass, at a
+1-row pass's price, and its token's bits are still those of the same row in a verify pass.
 
 Every shape is static for a given (prompt bucket, cache capacity, active layer count), so after
 the first generation nothing recompiles: drafts are padded to K, verification to whole passes,
@@ -48,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clasp_jax import attention as attention_lib
+from clasp_jax import cpu_attention
 from clasp_jax import cpu_product
 from clasp_jax import model as model_lib
 from clasp_jax import sampling as sampling_lib
@@ -544,6 +548,35 @@ def resolve_prompt_attention(name: str, config: LlamaConfig, dtype, mesh=None
   return sharding_lib.shard_attention(attention_lib.prompt_attention, config, mesh, kernel=True)
 
 
+def rows_apart_blocker(dtype, pass_width: int, logits_by_row: bool, cpu_kernel: bool | None,
+                       attention, mesh) -> str | None:
+  """Why a decoder's passes cannot compute their rows apart (`Decoder`'s `rows_apart`), or
+  None where they can.
+
+  A row's bits must not depend on its pass's other rows: each product and the attention are
+  the CPU kernels', which compute a row in one order whatever the others (`cpu_product`,
+  `cpu_attention`); each row's logits a 1-row product of their own (`row_logits`). (The plain
+  `jnp` attention row by row, `attention.row_attention`, is not enough: in the stacked
+  layout's programs XLA compiled it one way in a 3-row pass and another in a 1-row pass.)
+  """
+  if jax.default_backend() != 'cpu':
+    return f'the passes run on {jax.default_backend()}, not a CPU'
+  if mesh is not None:
+    return 'a mesh multiplies by XLA'
+  if jnp.dtype(dtype) != jnp.float32:
+    return f'the CPU kernels compute float32, not {jnp.dtype(dtype).name}'
+  if not 1 < pass_width <= cpu_product.MAX_ROWS:
+    return (f'a pass width of {pass_width} (rows are computed apart in passes of 2 to '
+            f'{cpu_product.MAX_ROWS} rows)')
+  if not logits_by_row:
+    return 'logits_by_row is off'
+  if cpu_kernel is False or not cpu_product.available():
+    return 'the CPU kernels are off (cpu_kernel=False) or could not be built'
+  if attention is not attention_lib.cache_attention:
+    return "the attention is the fused GPU kernel ('pallas'), not the CPU's"
+  return None
+
+
 def resolve_rider_choice(name: str, mesh=None):
   """The CLaSp DP's step between layers for candidates riding a verify pass: the fused
   kernel (`clasp_pallas.next_riders_pallas`) where `name` ('auto', 'xla' or 'pallas', as for
@@ -587,13 +620,20 @@ class Decoder:
       (`cpu_product`), which reads a weight once for a pass's few rows, or (False) by XLA.
       Decoders compare exactly only with the same choice; None: the kernel where it can be
       built, for every method alike, on one device (a mesh multiplies by XLA).
+    rows_apart: every full-model pass computes each of its rows as a 1-row pass of that token
+      would, bit for bit (the CPU kernels' products and attention), so that a plain step runs
+      as a 1-row pass, at a 1-row pass's price, beside `pass_width`-row verify passes, tokens
+      unchanged. For a CPU's float32 passes of 2 to `cpu_product.MAX_ROWS` rows with the
+      kernels and logits by row, on one device (`rows_apart_blocker`). Decoders compare
+      exactly only with the same choice; None: wherever it applies, for every method alike;
+      True where it does not: ValueError.
   """
 
   def __init__(self, params: Params, config: LlamaConfig, strategy: Strategy,
                sampling: SamplingConfig = SamplingConfig(), tokenizer=None,
                fast_path: bool | None = None, pass_width: int | None = None,
                logits_by_row: bool | None = None, attention: str = 'auto', mesh=None,
-               cpu_kernel: bool | None = None):
+               cpu_kernel: bool | None = None, rows_apart: bool | None = None):
     strategy.validate(config)
     if pass_width is None:
       pass_width = widths.default_pass_width()
@@ -635,6 +675,14 @@ class Decoder:
     self._prefill = compiled(self._prefill_fn, donate_argnums=(4,))
     attend = resolve_attention(attention, config, self.mesh)
     prefix_attend = resolve_attention(attention, config, self.mesh, prefix=True)
+    blocker = rows_apart_blocker(self.params['embed'].dtype, pass_width, logits_by_row,
+                                 cpu_kernel, attend, self.mesh)
+    if rows_apart and blocker:
+      raise ValueError(f'rows_apart=True, but {blocker}')
+    #: Whether every pass computes its rows apart, plain steps as 1-row passes (`rows_apart`).
+    self.rows_apart = rows_apart is not False and blocker is None
+    if self.rows_apart:
+      attend = cpu_attention.row_attention
     # The CLaSp DP inside verify passes: F candidates in the rows a verify pass pads.
     self._search_columns = strategy.search_columns(config)
     K = strategy.num_draft_tokens
@@ -645,9 +693,12 @@ class Decoder:
     kinds = {'plain': (strategy, False, 0), 'draft': (strategy, True, search_rows)}
     if strategy.lookup_strategy is not None:
       kinds['lookup'] = (strategy.lookup_strategy, True, 0)
+    #: Rows of a plain step's pass: one where the rows are computed apart, else `pass_width`.
+    self.plain_width = 1 if self.rows_apart else pass_width
     self._segments = {
         kind: compiled(
-            functools.partial(_segment, strategy=runs, draft=draft, width=pass_width,
+            functools.partial(_segment, strategy=runs, draft=draft,
+                              width=pass_width if draft else self.plain_width,
                               logits_by_row=logits_by_row, attention=attend,
                               placement=placement, config=config, sampling=sampling,
                               search_rows=rows,

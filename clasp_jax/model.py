@@ -22,7 +22,7 @@ cache is `attention.cache_attention`, whose reduction order does not depend on t
 token sits in. `pseudo_token_layer` runs one layer on M independent pseudo-tokens sharing one
 position, for the CLaSp dynamic programme; a `Ride` carries such pseudo-tokens through a pass's
 padding rows instead, so one reading of the weights serves both. Every product goes through
-`cpu_product.product`: XLA's, or on a CPU the kernel for 2- and 3-row passes.
+`cpu_product.product`: XLA's, or on a CPU the kernel for passes of 1 to 3 rows.
 """
 
 from __future__ import annotations
@@ -224,16 +224,18 @@ def _closing_product(x_BTK: jax.Array, w_KD: jax.Array) -> jax.Array:
   """`x @ W` for the products that close a sub-layer (o and down), back to the residual
   stream's width D.
 
-  On a CPU a 1-row chunk's product runs as two products over the halves of K, summed in
-  float32. XLA's CPU compiler splits a 1-row product's work by its weight's bytes, about one
-  thread per 1.8 MB, so SmolLM2-135M's o product (1.3 MB) ran on one of two cores; the two
-  halves run side by side. On a 2-core Xeon the o product ran 1.6x and down about 1.1x faster,
-  and a token of plain decoding at width 1 1.04-1.07x (docs/results/cpu/row_products/). Wider
-  chunks and accelerators take `cpu_product.product` (on a CPU, the kernel for 2 or 3 rows).
-  Every pass of a decoder at width 1 has one row, so all of them take the same form.
+  `cpu_product.product`, but for a 1-row chunk on a CPU without the kernel (bfloat16, or the
+  kernel off or missing): two products over the halves of K, summed in float32. XLA's CPU
+  compiler splits a 1-row product's work by its weight's bytes, about one thread per 1.8 MB,
+  so SmolLM2-135M's o product (1.3 MB) ran on one of two cores; the two halves run side by
+  side. On a 2-core Xeon the o product ran 1.6x and down about 1.1x faster, and a token of
+  plain decoding at width 1 1.04-1.07x (docs/results/cpu/row_products/). (The kernel shares
+  its columns among the threads whatever the weight's size.) Every pass of a decoder at width
+  1 has one row, so all of them take the same form.
   """
   B, T, K = x_BTK.shape
-  if xla_options.platform() != 'cpu' or B * T != 1 or K % 2:
+  if (xla_options.platform() != 'cpu' or B * T != 1 or K % 2
+      or cpu_product.applies(x_BTK, w_KD)):
     return cpu_product.product(x_BTK, w_KD)
   x_2k = x_BTK.reshape(2, K // 2)
   w_2kD = w_KD.reshape(2, K // 2, w_KD.shape[1])  # the halves of K, as the weight lies

@@ -3,7 +3,9 @@
 Every full-model pass of a decoder, a plain step as much as a verify pass, is `pass_width`
 tokens wide (`engine.full_pass`), so that a token's logits are the same bits whichever pass
 computed them. Decoders therefore compare exactly only at one width, and a decoder that does
-not choose takes its platform's.
+not choose takes its platform's. The exception: a decoder whose passes compute each row as a
+1-row pass would (`engine.Decoder`'s `rows_apart`, a CPU in float32) takes its plain steps 1
+row wide.
 """
 
 from __future__ import annotations

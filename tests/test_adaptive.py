@@ -521,7 +521,8 @@ def test_cost_table_is_remembered_per_pair_of_measured_m(tmp_path, monkeypatch):
 
   def costs(candidates):
     decoder = types.SimpleNamespace(
-        config=config, params=params, fast_path=False, pass_width=16, logits_by_row=False,
+        config=config, params=params, fast_path=False, pass_width=16, plain_width=16,
+        logits_by_row=False,
         searches_in_verify=True,
         strategy=strategies.AdaptiveClasp(candidates=candidates,
                                           initial_skip_layers=candidates[0]))

@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 
+from clasp_jax import cpu_product
 from clasp_jax import model as model_lib
 from clasp_jax import strategies
 from clasp_jax import weights
@@ -279,17 +280,20 @@ def test_on_cpu_per_layer_buffers_run_as_a_layer_loop_reading_weights_in_place(
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA:CPU's programs")
 @pytest.mark.parametrize('dtype, atol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_a_one_row_closing_product_runs_as_two_halves_on_cpu(dtype, atol):
-  """A 1-row chunk's o and down products run on a CPU as two products over the halves of K
-  (one batched product), within rounding of the one product; a 2-row chunk keeps the one."""
+  """Without the CPU product kernel (off here; bfloat16 never has it), a 1-row chunk's o and
+  down products run on a CPU as two products over the halves of K (one batched product),
+  within rounding of the one product; a 2-row chunk keeps the one."""
   x_BTK = jax.random.normal(jax.random.key(0), (1, 2, 96), jnp.float32).astype(dtype)
   w_KD = (jax.random.normal(jax.random.key(1), (96, 64), jnp.float32) / 10).astype(dtype)
   product = jax.jit(model_lib._closing_product)  # pylint: disable=protected-access
 
   def batched_dots(x):
-    hlo = product.lower(x, w_KD).compile().as_text()
+    with cpu_product.use_kernel(False):
+      hlo = product.lower(x, w_KD).compile().as_text()
     return [line for line in hlo.splitlines() if ' dot(' in line and 'lhs_batch_dims' in line]
 
-  one_row_1TD = product(x_BTK[:, :1], w_KD)
+  with cpu_product.use_kernel(False):
+    one_row_1TD = product(x_BTK[:, :1], w_KD)
   expected_1TD = jnp.dot(x_BTK[:, :1].astype(jnp.float32), w_KD.astype(jnp.float32))
   chex.assert_trees_all_close(one_row_1TD.astype(jnp.float32), expected_1TD, atol=atol, rtol=0)
   assert one_row_1TD.dtype == dtype

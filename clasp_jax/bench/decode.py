@@ -9,6 +9,8 @@ prompt, over the difference in tokens, so the prefill and per-call costs cancel:
   drafting round = the same per round, for a static skip set of M = L/2 with DET 0 (every
                    round drafts K tokens): draft step = (round - plain step) / K, since a
                    verify pass of up to `pass_width` tokens is the same pass as a plain step
+                   (not where plain steps run one row, `Decoder.rows_apart` on a CPU: there
+                   the figure also holds what the verify pass's other rows cost)
   refresh       = CLaSp's DP plus the skip-set switch, per round, at LOI 1 (layer-skip
                    drafts only: a round with a lookup draft costs less than a static round):
                    its round less the static round. A switch is paid only where the DP

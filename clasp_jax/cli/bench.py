@@ -177,8 +177,9 @@ def _method_settings(generator: specbench.Generator) -> str:
   if isinstance(generator, hf_reference.HFReference):
     return 'transformers `generate`, greedy, float32 (PyTorch)'
   settings = re.sub(r"'(/[^']*)'", lambda m: repr(portable_path(m[1])), str(generator.strategy))
-  rows = generator.pass_width
-  return f'`{settings}`, passes of {rows} row{"s" if rows > 1 else ""}'
+  rows, plain = generator.pass_width, generator.plain_width
+  steps = f', plain steps of {plain}' if plain != rows else ''
+  return f'`{settings}`, passes of {rows} row{"s" if rows > 1 else ""}{steps}'
 
 
 def run_header(model: weights.LoadedModel, generators: dict[str, specbench.Generator],

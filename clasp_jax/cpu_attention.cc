@@ -1,0 +1,235 @@
+// Decode attention over the KV cache for a CPU, each query row computed on its own: out[t, h]
+// for the T rows of a pass (batch 1), in float32, every row in one fixed order that depends
+// on nothing but its own position, so that a row of a 3-row pass computes what a 1-row pass
+// of its token computes, bit for bit (`Decoder`'s `rows_apart`).
+//
+// Row t at position start + t sees key p iff p <= last[t] or p == own[t] (the riders of the
+// CLaSp DP see the cache below their position and their own key: `attention.row_limits`). A
+// key at p in [start, start + T) is the chunk's row p - start, else the cache's. Keys go in
+// blocks of kBlock positions from position 0, up to the block holding the row's last visible
+// key, with an online softmax from block to block: in each block the scores of its visible
+// keys, their maximum, their weights and the weights' sum (each in kLanes partial results
+// folded in a fixed tree), the running sum and output scaled once and the output then added
+// to key by key in position order. A block without a visible key is skipped. No arithmetic
+// depends on T, on the other rows or on which thread runs a row.
+//
+// A task is one KV head of one row: its G query heads' scores for a block, key by key (each a
+// dot product of kLanes partial sums along the head dimension, added in a fixed tree), then
+// their weights and outputs. Tasks are shared out among XLA's CPU threads, the caller working
+// too.
+//
+// Built by `clasp_jax.cpu_product` beside the product kernel and registered with XLA as an
+// FFI target; `clasp_jax.cpu_attention` is its Python side, and `attention.row_attention` the
+// plain `jnp` version it is tested against.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 128;  // keys a block (attention.ATTENTION_BLOCK)
+
+// exp(x) for x <= 0 (a score less the running maximum): a Cephes-style polynomial, exactly 1
+// at 0, written for the compiler to vectorise over a block.
+inline float Exp(float x) {
+  const float v = std::max(x, -87.0f);
+  const float n = std::floor(v * 1.44269504088896341f + 0.5f);
+  float r = v - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+constexpr int kLanes = 16;  // partial sums and maxima (an AVX-512 vector's lanes)
+
+// lanes[0] after folding the upper half of the lanes onto the lower, halving until one is left:
+// a fixed tree, which the compiler keeps in vector registers.
+template <class Op>
+inline float Fold(float* lanes, Op op) {
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] = op(lanes[i], lanes[i + width]);
+  return lanes[0];
+}
+
+inline float Add(float a, float b) { return a + b; }
+inline float Max(float a, float b) { return std::max(a, b); }
+
+struct Work {
+  const float* q;        // [T, H, hd]
+  const float* k_chunk;  // [T, KV, hd]
+  const float* v_chunk;
+  const float* cache_k;  // [S, KV, hd], the layer's
+  const float* cache_v;
+  const int32_t* last;   // [T]
+  const int32_t* own;    // [T]
+  float* out;            // [T, H, hd]
+  int64_t T, H, KV, hd, S, start;
+  float scale;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  // The key (or value) row at position p for KV head kv, or nullptr past what is there.
+  const float* At(const float* chunk, const float* cache, int64_t p, int64_t kv) const {
+    if (p >= start && p < start + T) return chunk + ((p - start) * KV + kv) * hd;
+    if (p < S) return cache + (p * KV + kv) * hd;
+    return nullptr;
+  }
+
+  // The dot product of a query and a key, summed the same way for every pair.
+  float Dot(const float* a, const float* b) const {
+    float lanes[kLanes] = {};
+    const int64_t whole = hd / kLanes * kLanes;
+    for (int64_t d0 = 0; d0 < whole; d0 += kLanes)
+      for (int i = 0; i < kLanes; ++i) lanes[i] += a[d0 + i] * b[d0 + i];
+    for (int64_t d = whole; d < hd; ++d) lanes[d - whole] += a[d] * b[d];
+    return Fold(lanes, Add);
+  }
+
+  void Task(int64_t t, int64_t kv) const {
+    const int64_t G = H / KV;
+    const int64_t last_t = last[t], own_t = own[t];
+    const int64_t top = std::max(last_t, own_t);  // the last visible key
+    std::vector<float> m(G, -std::numeric_limits<float>::infinity()), l(G, 0.0f);
+    std::vector<float> o(G * hd, 0.0f), s(G * kBlock), p(G * kBlock), alpha(G);
+    const float* q_t = q + (t * H + kv * G) * hd;  // [G, hd]
+    bool visible[kBlock];
+    const float* values[kBlock];
+    for (int64_t b0 = 0; b0 <= top; b0 += kBlock) {
+      int64_t first = -1, end = 0;  // the block's visible keys lie in [first, end)
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const int64_t pos = b0 + j;
+        visible[j] = pos <= last_t || pos == own_t;
+        values[j] = visible[j] ? At(v_chunk, cache_v, pos, kv) : nullptr;
+        if (visible[j]) {
+          if (first < 0) first = j;
+          end = j + 1;
+        }
+      }
+      if (first < 0) continue;
+      // Scores s[g, j] = the sum over d of q[g, d] k[j, d]: kLanes partial sums along d, in
+      // order, then those added pairwise in a fixed tree.
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const float* key = b0 + j <= top ? At(k_chunk, cache_k, b0 + j, kv) : nullptr;
+        for (int64_t g = 0; g < G; ++g) s[g * kBlock + j] = key ? Dot(q_t + g * hd, key) : 0.0f;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* s_g = s.data() + g * kBlock;
+        float* p_g = p.data() + g * kBlock;
+        float lanes[kLanes];
+        std::fill(lanes, lanes + kLanes, -std::numeric_limits<float>::infinity());
+        for (int64_t j0 = 0; j0 < kBlock; j0 += kLanes)
+          for (int i = 0; i < kLanes; ++i) {
+            const float score = s_g[j0 + i] * scale;
+            s_g[j0 + i] = score;
+            lanes[i] = visible[j0 + i] ? std::max(lanes[i], score) : lanes[i];
+          }
+        const float m_new = std::max(m[g], Fold(lanes, Max));
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const float weight = Exp(visible[j] ? s_g[j] - m_new : -87.0f);
+          p_g[j] = visible[j] ? weight : 0.0f;
+        }
+        std::fill(lanes, lanes + kLanes, 0.0f);
+        for (int64_t j0 = 0; j0 < kBlock; j0 += kLanes)
+          for (int i = 0; i < kLanes; ++i) lanes[i] += p_g[j0 + i];
+        // Exactly 1 where the maximum did not move; 0 before the first visible key.
+        alpha[g] = m_new == m[g] ? 1.0f : std::isinf(m[g]) ? 0.0f : Exp(m[g] - m_new);
+        m[g] = m_new;
+        l[g] = l[g] * alpha[g] + Fold(lanes, Add);
+        for (int64_t d = 0; d < hd; ++d) o[g * hd + d] *= alpha[g];
+      }
+      // Outputs o[g] += p[g, j] v[j], key by key in order, every query head side by side.
+      for (int64_t j = first; j < end; ++j) {
+        if (!visible[j]) continue;
+        const float* value = values[j];
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = p[g * kBlock + j];
+          float* o_g = o.data() + g * hd;
+          for (int64_t d = 0; d < hd; ++d) o_g[d] += w * value[d];
+        }
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* out_g = out + (t * H + kv * G + g) * hd;
+      for (int64_t d = 0; d < hd; ++d) out_g[d] = o[g * hd + d] / l[g];
+    }
+  }
+
+  void Run() {
+    int64_t finished = 0;
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < T * KV; ++finished)
+      Task(i / KV, i % KV);
+    done.fetch_add(finished, std::memory_order_release);
+  }
+};
+
+ffi::Error RowAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                            ffi::Buffer<ffi::F32> k_chunk, ffi::Buffer<ffi::F32> v_chunk,
+                            ffi::Buffer<ffi::F32> cache_k, ffi::Buffer<ffi::F32> cache_v,
+                            ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> start,
+                            ffi::Buffer<ffi::S32> last, ffi::Buffer<ffi::S32> own,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  auto q_dims = q.dimensions(), c_dims = cache_k.dimensions();
+  if (q_dims.size() != 3 || c_dims.size() != 5 || c_dims[1] != 1)
+    return ffi::Error::InvalidArgument(
+        "row_attention takes q [T, H, hd] and caches [L, 1, S, KV, hd]");
+  auto work = std::make_shared<Work>();
+  work->T = q_dims[0];
+  work->H = q_dims[1];
+  work->hd = q_dims[2];
+  work->S = c_dims[2];
+  work->KV = c_dims[3];
+  const int64_t layer_size = work->S * work->KV * work->hd;
+  const int64_t l = layer.typed_data()[0];
+  work->q = q.typed_data();
+  work->k_chunk = k_chunk.typed_data();
+  work->v_chunk = v_chunk.typed_data();
+  work->cache_k = cache_k.typed_data() + l * layer_size;
+  work->cache_v = cache_v.typed_data() + l * layer_size;
+  work->start = start.typed_data()[0];
+  work->last = last.typed_data();
+  work->own = own.typed_data();
+  work->out = out->typed_data();
+  work->scale = 1.0f / std::sqrt(static_cast<float>(work->hd));
+  const int64_t tasks = work->T * work->KV;
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  for (int64_t i = 1; i < std::min(threads, tasks); ++i) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowAttention, RowAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
