@@ -13,10 +13,11 @@
 // to key by key in position order. A block without a visible key is skipped. No arithmetic
 // depends on T, on the other rows or on which thread runs a row.
 //
-// A task is one KV head of one row: its G query heads' scores for a block, key by key (each a
-// dot product of kLanes partial sums along the head dimension, added in a fixed tree), then
-// their weights and outputs. Tasks are shared out among XLA's CPU threads, the caller working
-// too.
+// A task is one KV head of one row: its G query heads' scores for a block, kLanes keys at a
+// time (each key's kLanes partial sums along the head dimension folded in a fixed tree, the
+// keys' folds side by side in vectors), then their weights and outputs. Tasks are shared out
+// among XLA's CPU threads, the caller working too. The head dimension is whole vectors of
+// kLanes.
 //
 // Built by `clasp_jax.cpu_product` beside the product kernel and registered with XLA as an
 // FFI target; `clasp_jax.cpu_attention` is its Python side, and `attention.row_attention` the
@@ -61,6 +62,27 @@ inline float Exp(float x) {
 }
 
 constexpr int kLanes = 16;  // partial sums and maxima (an AVX-512 vector's lanes)
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Mask __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Of a and b, each made of runs of 2 * width lanes, the lanes [offset, offset + width) of
+// each run, a's runs then b's: a fold's halves of kLanes / (2 width) keys a vector.
+inline Vec Pick(Vec a, Vec b, int width, int offset) {
+  Mask mask;
+  const int runs = kLanes / (2 * width);
+  for (int i = 0; i < kLanes; ++i) {
+    const int run = i / width, lane = i % width;
+    mask[i] = run < runs ? run * 2 * width + offset + lane
+                         : kLanes + (run - runs) * 2 * width + offset + lane;
+  }
+  return __builtin_shuffle(a, b, mask);
+}
 
 // lanes[0] after folding the upper half of the lanes onto the lower, halving until one is left:
 // a fixed tree, which the compiler keeps in vector registers.
@@ -95,14 +117,23 @@ struct Work {
     return nullptr;
   }
 
-  // The dot product of a query and a key, summed the same way for every pair.
-  float Dot(const float* a, const float* b) const {
-    float lanes[kLanes] = {};
-    const int64_t whole = hd / kLanes * kLanes;
-    for (int64_t d0 = 0; d0 < whole; d0 += kLanes)
-      for (int i = 0; i < kLanes; ++i) lanes[i] += a[d0 + i] * b[d0 + i];
-    for (int64_t d = whole; d < hd; ++d) lanes[d - whole] += a[d] * b[d];
-    return Fold(lanes, Add);
+  // The scores of query q_Y against kLanes keys (nullptr: a zero key): each key's products
+  // summed along the head dimension in kLanes partial sums, in order, which are then folded
+  // in a fixed tree (Fold's), the keys' folds side by side in vectors.
+  Vec Scores(const float* q_Y, const float* const* keys) const {
+    Vec partial[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      partial[j] = Vec{};
+      if (keys[j] == nullptr) continue;
+      for (int64_t d0 = 0; d0 < hd; d0 += kLanes) partial[j] += Load(q_Y + d0) * Load(keys[j] + d0);
+    }
+    // Halving: key j's lanes i and i + width added, two keys' halves side by side a vector.
+    int count = kLanes;
+    for (int width = kLanes / 2; width > 0; width /= 2, count /= 2)
+      for (int j = 0; j < count / 2; ++j)
+        partial[j] = Pick(partial[2 * j], partial[2 * j + 1], width, 0)
+                     + Pick(partial[2 * j], partial[2 * j + 1], width, width);
+    return partial[0];
   }
 
   void Task(int64_t t, int64_t kv) const {
@@ -126,11 +157,15 @@ struct Work {
         }
       }
       if (first < 0) continue;
-      // Scores s[g, j] = the sum over d of q[g, d] k[j, d]: kLanes partial sums along d, in
-      // order, then those added pairwise in a fixed tree.
-      for (int64_t j = 0; j < kBlock; ++j) {
-        const float* key = b0 + j <= top ? At(k_chunk, cache_k, b0 + j, kv) : nullptr;
-        for (int64_t g = 0; g < G; ++g) s[g * kBlock + j] = key ? Dot(q_t + g * hd, key) : 0.0f;
+      // Scores s[g, j] = the sum over d of q[g, d] k[j, d], kLanes keys at a time.
+      for (int64_t j0 = 0; j0 < kBlock; j0 += kLanes) {
+        const float* keys[kLanes];
+        for (int j = 0; j < kLanes; ++j)
+          keys[j] = b0 + j0 + j <= top ? At(k_chunk, cache_k, b0 + j0 + j, kv) : nullptr;
+        for (int64_t g = 0; g < G; ++g) {
+          const Vec scores = Scores(q_t + g * hd, keys);
+          std::memcpy(s.data() + g * kBlock + j0, &scores, sizeof(scores));
+        }
       }
       for (int64_t g = 0; g < G; ++g) {
         float* s_g = s.data() + g * kBlock;
@@ -189,9 +224,9 @@ ffi::Error RowAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                             ffi::Buffer<ffi::S32> last, ffi::Buffer<ffi::S32> own,
                             ffi::ResultBuffer<ffi::F32> out) {
   auto q_dims = q.dimensions(), c_dims = cache_k.dimensions();
-  if (q_dims.size() != 3 || c_dims.size() != 5 || c_dims[1] != 1)
+  if (q_dims.size() != 3 || c_dims.size() != 5 || c_dims[1] != 1 || q_dims[2] % kLanes)
     return ffi::Error::InvalidArgument(
-        "row_attention takes q [T, H, hd] and caches [L, 1, S, KV, hd]");
+        "row_attention takes q [T, H, hd] and caches [L, 1, S, KV, hd], hd a multiple of 16");
   auto work = std::make_shared<Work>();
   work->T = q_dims[0];
   work->H = q_dims[1];

@@ -9,7 +9,7 @@ row on its own, in an order that depends only on the row's position (see the `.c
 a block of keys once for a row's query heads; `attention.row_attention` gets the same
 independence from XLA only in some programs (a product per row: XLA compiled a row one way
 in a 3-row pass and another in a 1-row pass of the stacked layout), and cost a 3-row pass
-8-18% more than the batched attention after 400-1500 tokens on a 2-core AMD EPYC
+14-22% more than the batched attention after 400-1500 tokens on a 2-core AMD EPYC
 (docs/results/cpu/plain_one_row/). The two round differently: a decoder runs one of them for
 all its passes.
 
@@ -23,6 +23,9 @@ import jax.numpy as jnp
 
 from clasp_jax import attention as attention_lib
 from clasp_jax import cpu_product
+
+#: The kernel's head dimension is whole vectors of 16 lanes (LLaMA's are 64 or 128).
+HEAD_DIM_MULTIPLE = 16
 
 
 def row_attention(q_1THh: jax.Array, k_1TKh: jax.Array | None, v_1TKh: jax.Array | None,
@@ -45,6 +48,9 @@ def row_attention(q_1THh: jax.Array, k_1TKh: jax.Array | None, v_1TKh: jax.Array
   B, T, H, hd = q_1THh.shape
   if B != 1 or cache_k_LBSKh.shape[1] != 1:
     raise ValueError(f'the CPU attention kernel takes a batch of one, got {B}')
+  if hd % HEAD_DIM_MULTIPLE:
+    raise ValueError(f'the CPU attention kernel takes heads of a multiple of '
+                     f'{HEAD_DIM_MULTIPLE}, not {hd}')
   last_T, own_T = attention_lib.row_limits(T, start, riders)
   own_T = last_T if own_T is None else own_T
   scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(())

@@ -549,7 +549,7 @@ def resolve_prompt_attention(name: str, config: LlamaConfig, dtype, mesh=None
 
 
 def rows_apart_blocker(dtype, pass_width: int, logits_by_row: bool, cpu_kernel: bool | None,
-                       attention, mesh) -> str | None:
+                       attention, mesh, head_dim: int) -> str | None:
   """Why a decoder's passes cannot compute their rows apart (`Decoder`'s `rows_apart`), or
   None where they can.
 
@@ -574,6 +574,9 @@ def rows_apart_blocker(dtype, pass_width: int, logits_by_row: bool, cpu_kernel: 
     return 'the CPU kernels are off (cpu_kernel=False) or could not be built'
   if attention is not attention_lib.cache_attention:
     return "the attention is the fused GPU kernel ('pallas'), not the CPU's"
+  if head_dim % cpu_attention.HEAD_DIM_MULTIPLE:
+    return (f'the CPU attention kernel takes heads of a multiple of '
+            f'{cpu_attention.HEAD_DIM_MULTIPLE}, not {head_dim}')
   return None
 
 
@@ -676,7 +679,7 @@ class Decoder:
     attend = resolve_attention(attention, config, self.mesh)
     prefix_attend = resolve_attention(attention, config, self.mesh, prefix=True)
     blocker = rows_apart_blocker(self.params['embed'].dtype, pass_width, logits_by_row,
-                                 cpu_kernel, attend, self.mesh)
+                                 cpu_kernel, attend, self.mesh, config.head_dim)
     if rows_apart and blocker:
       raise ValueError(f'rows_apart=True, but {blocker}')
     #: Whether every pass computes its rows apart, plain steps as 1-row passes (`rows_apart`).

@@ -96,12 +96,13 @@ def test_a_cpu_decoder_takes_its_plain_steps_one_row_wide():
     (dict(pass_width=4), 'a pass width of 4'),
     (dict(mesh='tp:1'), 'a mesh'),
     (dict(attention='pallas'), 'the fused GPU kernel'),
+    (dict(config=dict(head_dim=8)), 'heads of a multiple of 16, not 8'),
 ])
 def test_where_rows_cannot_be_apart_a_decoder_says_why(settings, reason):
   """Unasked, such a decoder keeps its plain steps `pass_width` rows wide; asked, it says why
   it cannot at construction."""
-  config = tiny.tiny_config()
   settings = dict(settings)
+  config = tiny.tiny_config(**settings.pop('config', {}))
   params = tiny.tiny_params(config)
   dtype = settings.pop('dtype', None)
   if dtype is not None:
