@@ -16,23 +16,20 @@
 // A task is one KV head of one row: its G query heads' scores for a block, kLanes keys at a
 // time (each key's kLanes partial sums along the head dimension folded in a fixed tree, the
 // keys' folds side by side in vectors), then their weights and outputs. Tasks are shared out
-// among XLA's CPU threads, the caller working too. The head dimension is whole vectors of
-// kLanes.
+// among XLA's CPU threads (cpu_tasks.h). The head dimension is whole vectors of kLanes.
 //
 // Built by `clasp_jax.cpu_product` beside the product kernel and registered with XLA as an
 // FFI target; `clasp_jax.cpu_attention` is its Python side, and `attention.row_attention` the
 // plain `jnp` version it is tested against.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -107,8 +104,6 @@ struct Work {
   float* out;            // [T, H, hd]
   int64_t T, H, KV, hd, S, start;
   float scale;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   // The key (or value) row at position p for KV head kv, or nullptr past what is there.
   const float* At(const float* chunk, const float* cache, int64_t p, int64_t kv) const {
@@ -141,7 +136,7 @@ struct Work {
     const int64_t last_t = last[t], own_t = own[t];
     const int64_t top = std::max(last_t, own_t);  // the last visible key
     std::vector<float> m(G, -std::numeric_limits<float>::infinity()), l(G, 0.0f);
-    std::vector<float> o(G * hd, 0.0f), s(G * kBlock), p(G * kBlock), alpha(G);
+    std::vector<float> o(G * hd, 0.0f), s(G * kBlock), p(G * kBlock);
     const float* q_t = q + (t * H + kv * G) * hd;  // [G, hd]
     bool visible[kBlock];
     const float* values[kBlock];
@@ -187,10 +182,10 @@ struct Work {
         for (int64_t j0 = 0; j0 < kBlock; j0 += kLanes)
           for (int i = 0; i < kLanes; ++i) lanes[i] += p_g[j0 + i];
         // Exactly 1 where the maximum did not move; 0 before the first visible key.
-        alpha[g] = m_new == m[g] ? 1.0f : std::isinf(m[g]) ? 0.0f : Exp(m[g] - m_new);
+        const float alpha = m_new == m[g] ? 1.0f : std::isinf(m[g]) ? 0.0f : Exp(m[g] - m_new);
         m[g] = m_new;
-        l[g] = l[g] * alpha[g] + Fold(lanes, Add);
-        for (int64_t d = 0; d < hd; ++d) o[g * hd + d] *= alpha[g];
+        l[g] = l[g] * alpha + Fold(lanes, Add);
+        for (int64_t d = 0; d < hd; ++d) o[g * hd + d] *= alpha;
       }
       // Outputs o[g] += p[g, j] v[j], key by key in order, every query head side by side.
       for (int64_t j = first; j < end; ++j) {
@@ -209,12 +204,6 @@ struct Work {
     }
   }
 
-  void Run() {
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < T * KV; ++finished)
-      Task(i / KV, i % KV);
-    done.fetch_add(finished, std::memory_order_release);
-  }
 };
 
 ffi::Error RowAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
@@ -227,29 +216,27 @@ ffi::Error RowAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (q_dims.size() != 3 || c_dims.size() != 5 || c_dims[1] != 1 || q_dims[2] % kLanes)
     return ffi::Error::InvalidArgument(
         "row_attention takes q [T, H, hd] and caches [L, 1, S, KV, hd], hd a multiple of 16");
-  auto work = std::make_shared<Work>();
-  work->T = q_dims[0];
-  work->H = q_dims[1];
-  work->hd = q_dims[2];
-  work->S = c_dims[2];
-  work->KV = c_dims[3];
-  const int64_t layer_size = work->S * work->KV * work->hd;
+  Work work;
+  work.T = q_dims[0];
+  work.H = q_dims[1];
+  work.hd = q_dims[2];
+  work.S = c_dims[2];
+  work.KV = c_dims[3];
+  const int64_t layer_size = work.S * work.KV * work.hd;
   const int64_t l = layer.typed_data()[0];
-  work->q = q.typed_data();
-  work->k_chunk = k_chunk.typed_data();
-  work->v_chunk = v_chunk.typed_data();
-  work->cache_k = cache_k.typed_data() + l * layer_size;
-  work->cache_v = cache_v.typed_data() + l * layer_size;
-  work->start = start.typed_data()[0];
-  work->last = last.typed_data();
-  work->own = own.typed_data();
-  work->out = out->typed_data();
-  work->scale = 1.0f / std::sqrt(static_cast<float>(work->hd));
-  const int64_t tasks = work->T * work->KV;
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  for (int64_t i = 1; i < std::min(threads, tasks); ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+  work.q = q.typed_data();
+  work.k_chunk = k_chunk.typed_data();
+  work.v_chunk = v_chunk.typed_data();
+  work.cache_k = cache_k.typed_data() + l * layer_size;
+  work.cache_v = cache_v.typed_data() + l * layer_size;
+  work.start = start.typed_data()[0];
+  work.last = last.typed_data();
+  work.own = own.typed_data();
+  work.out = out->typed_data();
+  work.scale = 1.0f / std::sqrt(static_cast<float>(work.hd));
+  const Work* shared = &work;  // read only, and only while RunTasks waits for its tasks
+  clasp_jax::RunTasks(pool, work.T * work.KV,
+                      [shared](int64_t i) { shared->Task(i / shared->KV, i % shared->KV); });
   return ffi::Error::Success();
 }
 

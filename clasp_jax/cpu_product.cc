@@ -6,7 +6,8 @@
 // (docs/results/cpu/pass_width/product_rows.txt). Here each thread takes a range of columns
 // and walks down the weight a tile of kTileRows rows at a time, along the rows (sequential
 // reads, prefetched ahead); the rows' sums of a vector of columns stay in registers across a
-// tile and wait in `out` between tiles. Ranges are shared out among XLA's CPU threads.
+// tile and wait in `out` between tiles. Ranges are shared out among XLA's CPU threads
+// (cpu_tasks.h).
 //
 // Every output element is summed in the same order, k = 0, 1, ..., K - 1, one multiply-add at
 // a time (fused where the machine has FMA: -ffp-contract=fast), whatever R and its thread: a
@@ -16,13 +17,11 @@
 // (-march=native) and registered with XLA as an FFI target.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "cpu_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -93,47 +92,23 @@ void RowsRange(const float* x, const float* w, float* out, int64_t R, int64_t K,
   }
 }
 
-// The column ranges still to compute, claimed one at a time by the calling thread and the
-// pool's helpers; shared with helpers that may start after the call has returned. Range i
-// holds the vectors [i V / n, (i + 1) V / n) of V, so its ends do not depend on R.
-struct Work {
-  const float* x;
-  const float* w;
-  float* out;
-  int64_t R, K, N, ranges;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Run() {
-    const int64_t vectors = (N + kLanes - 1) / kLanes;
-    int64_t finished = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < ranges; ++finished)
-      RowsRange(x, w, out, R, K, N, std::min(N, vectors * i / ranges * kLanes),
-                std::min(N, vectors * (i + 1) / ranges * kLanes));
-    done.fetch_add(finished, std::memory_order_release);
-  }
-};
-
 ffi::Error RowsProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
   auto x_dims = x.dimensions(), w_dims = w.dimensions();
   if (x_dims.size() != 2 || w_dims.size() != 2 || x_dims[1] != w_dims[0])
     return ffi::Error::InvalidArgument("rows_product takes x [R, K] and w [K, N]");
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->out = out->typed_data();
-  work->R = x_dims[0];
-  work->K = x_dims[1];
-  work->N = w_dims[1];
+  const float* x_RK = x.typed_data();
+  const float* w_KN = w.typed_data();
+  float* out_RN = out->typed_data();
+  const int64_t R = x_dims[0], K = x_dims[1], N = w_dims[1];
+  const int64_t vectors = (N + kLanes - 1) / kLanes;
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  work->ranges = std::min(threads * kRangesPerThread, (work->N + kLanes - 1) / kLanes);
-  // A helper for each other thread; the caller works too, so none is waited for before it
-  // starts (a helper that starts late finds nothing left).
-  for (int64_t i = 1; i < std::min(threads, work->ranges); ++i)
-    pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->ranges) std::this_thread::yield();
+  const int64_t ranges = std::min(threads * kRangesPerThread, vectors);
+  // Range i holds the vectors [i V / n, (i + 1) V / n) of V, so its ends do not depend on R.
+  clasp_jax::RunTasks(pool, ranges, [=](int64_t i) {
+    RowsRange(x_RK, w_KN, out_RN, R, K, N, std::min(N, vectors * i / ranges * kLanes),
+              std::min(N, vectors * (i + 1) / ranges * kLanes));
+  });
   return ffi::Error::Success();
 }
 

@@ -46,9 +46,10 @@ from clasp_jax import xla_options
 #: than wait for memory, and XLA's products are faster there.
 MIN_ROWS, MAX_ROWS = 1, 3
 
-#: This package's CPU kernels, built into one library: their sources, and the FFI target each
-#: handler symbol is registered as (`cpu_attention` runs the second).
+#: This package's CPU kernels, built into one library: their sources, the header they share,
+#: and the FFI target each handler symbol is registered as (`cpu_attention` runs the second).
 _SOURCES = ('cpu_product.cc', 'cpu_attention.cc')
+_HEADERS = ('cpu_tasks.h',)
 TARGETS = {'RowsProduct': 'clasp_jax_rows_product', 'RowAttention': 'clasp_jax_row_attention'}
 
 #: The library registered with XLA, once registered.
@@ -67,19 +68,19 @@ def build_dir() -> str:
   return os.path.join(base, 'clasp_jax')
 
 
-def _compile(compiler: str, sources: dict[str, bytes], library: str) -> None:
-  """Compiles the kernels' sources (name: text) with `compiler` into the shared library
-  `library` (written whole, then renamed into place, so that processes building it at once
-  never load half a file)."""
+def _compile(compiler: str, files: dict[str, bytes], library: str) -> None:
+  """Compiles the kernels' sources, beside their headers (`files`, name: text), with
+  `compiler` into the shared library `library` (written whole, then renamed into place, so
+  that processes building it at once never load half a file)."""
   path = shutil.which(compiler)
   if path is None:
     raise OSError(f'no C++ compiler ({compiler}: c++ or $CXX) on PATH')
   os.makedirs(os.path.dirname(library), exist_ok=True)
   with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as tmp:
-    paths = [os.path.join(tmp, name) for name in sources]
-    for path_i, text in zip(paths, sources.values()):
-      with open(path_i, 'wb') as f:
+    for name, text in files.items():
+      with open(os.path.join(tmp, name), 'wb') as f:
         f.write(text)
+    paths = [os.path.join(tmp, name) for name in _SOURCES]
     out = os.path.join(tmp, 'lib.so')
     subprocess.run([path, '-O3', '-march=native', '-ffp-contract=fast', '-std=c++17',
                     '-shared', '-fPIC', f'-I{jax.ffi.include_dir()}', *paths, '-o', out],
@@ -105,15 +106,15 @@ def available() -> bool:
   building them if need be, and registered with XLA; False, with one logged warning, where
   they cannot be."""
   package = importlib.resources.files('clasp_jax')
-  sources = {name: package.joinpath(name).read_bytes() for name in _SOURCES}
+  files = {name: package.joinpath(name).read_bytes() for name in _SOURCES + _HEADERS}
   compiler = os.environ.get('CXX', 'c++')
   key = hashlib.sha256('\0'.join([compiler, jax.__version__, jax.ffi.include_dir(),
                                    _cpu_identity()]).encode()
-                       + b'\0'.join(sources.values())).hexdigest()[:16]
+                       + b'\0'.join(files.values())).hexdigest()[:16]
   library = os.path.join(build_dir(), f'cpu_kernels-{key}.so')
   try:
     if not os.path.exists(library):
-      _compile(compiler, sources, library)
+      _compile(compiler, files, library)
     handlers = {symbol: getattr(ctypes.cdll.LoadLibrary(library), symbol) for symbol in TARGETS}
   except (OSError, AttributeError, subprocess.CalledProcessError) as e:
     detail = e.stderr.decode()[-500:] if isinstance(e, subprocess.CalledProcessError) else e
