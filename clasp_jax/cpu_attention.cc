@@ -138,7 +138,7 @@ struct Work {
     std::vector<float> m(G, -std::numeric_limits<float>::infinity()), l(G, 0.0f);
     std::vector<float> o(G * hd, 0.0f), s(G * kBlock), p(G * kBlock);
     const float* q_t = q + (t * H + kv * G) * hd;  // [G, hd]
-    bool visible[kBlock];
+    int32_t visible[kBlock];  // 0 or 1: int32 lanes, so that the loops over a block vectorise
     const float* values[kBlock];
     for (int64_t b0 = 0; b0 <= top; b0 += kBlock) {
       int64_t first = -1, end = 0;  // the block's visible keys lie in [first, end)
@@ -175,7 +175,8 @@ struct Work {
           }
         const float m_new = std::max(m[g], Fold(lanes, Max));
         for (int64_t j = 0; j < kBlock; ++j) {
-          const float weight = Exp(visible[j] ? s_g[j] - m_new : -87.0f);
+          const float x = s_g[j] - m_new;
+          const float weight = Exp(visible[j] ? x : -87.0f);
           p_g[j] = visible[j] ? weight : 0.0f;
         }
         std::fill(lanes, lanes + kLanes, 0.0f);

@@ -50,6 +50,11 @@ MIN_ROWS, MAX_ROWS = 1, 3
 #: and the FFI target each handler symbol is registered as (`cpu_attention` runs the second).
 _SOURCES = ('cpu_product.cc', 'cpu_attention.cc')
 _HEADERS = ('cpu_tasks.h',)
+#: The compiler's flags (part of the built library's key). -ffp-contract=fast: products and
+#: sums as fused multiply-adds; -fno-trapping-math: the attention's exponentials over a block
+#: vectorise (the compiler may assume no floating-point trap). Neither reorders a sum, so a
+#: row's result still depends on nothing but its row.
+_FLAGS = ('-O3', '-march=native', '-ffp-contract=fast', '-fno-trapping-math', '-std=c++17')
 TARGETS = {'RowsProduct': 'clasp_jax_rows_product', 'RowAttention': 'clasp_jax_row_attention'}
 
 #: The library registered with XLA, once registered.
@@ -82,9 +87,8 @@ def _compile(compiler: str, files: dict[str, bytes], library: str) -> None:
         f.write(text)
     paths = [os.path.join(tmp, name) for name in _SOURCES]
     out = os.path.join(tmp, 'lib.so')
-    subprocess.run([path, '-O3', '-march=native', '-ffp-contract=fast', '-std=c++17',
-                    '-shared', '-fPIC', f'-I{jax.ffi.include_dir()}', *paths, '-o', out],
-                   check=True, capture_output=True)
+    subprocess.run([path, *_FLAGS, '-shared', '-fPIC', f'-I{jax.ffi.include_dir()}', *paths,
+                    '-o', out], check=True, capture_output=True)
     os.replace(out, library)
 
 
@@ -108,7 +112,7 @@ def available() -> bool:
   package = importlib.resources.files('clasp_jax')
   files = {name: package.joinpath(name).read_bytes() for name in _SOURCES + _HEADERS}
   compiler = os.environ.get('CXX', 'c++')
-  key = hashlib.sha256('\0'.join([compiler, jax.__version__, jax.ffi.include_dir(),
+  key = hashlib.sha256('\0'.join([compiler, *_FLAGS, jax.__version__, jax.ffi.include_dir(),
                                    _cpu_identity()]).encode()
                        + b'\0'.join(files.values())).hexdigest()[:16]
   library = os.path.join(build_dir(), f'cpu_kernels-{key}.so')
