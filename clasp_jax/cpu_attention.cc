@@ -131,6 +131,29 @@ struct Work {
     return partial[0];
   }
 
+  // o_Y += w[j] v[j] for the visible keys j in [first, end), in order: each element of o_Y
+  // gets its terms in key order, kSpan elements at a time kept in registers across the keys.
+  void AddValues(const float* w, const float* const* values, const int32_t* visible,
+                 int64_t first, int64_t end, float* o_Y) const {
+    constexpr int kSpan = 4;  // vectors of o_Y held at once
+    int64_t d0 = 0;
+    for (; d0 + kSpan * kLanes <= hd; d0 += kSpan * kLanes) {
+      Vec acc[kSpan];
+      for (int c = 0; c < kSpan; ++c) acc[c] = Load(o_Y + d0 + c * kLanes);
+      for (int64_t j = first; j < end; ++j) {
+        if (!visible[j]) continue;
+        for (int c = 0; c < kSpan; ++c) acc[c] += w[j] * Load(values[j] + d0 + c * kLanes);
+      }
+      std::memcpy(o_Y + d0, acc, sizeof(acc));
+    }
+    for (; d0 < hd; d0 += kLanes) {
+      Vec acc = Load(o_Y + d0);
+      for (int64_t j = first; j < end; ++j)
+        if (visible[j]) acc += w[j] * Load(values[j] + d0);
+      std::memcpy(o_Y + d0, &acc, sizeof(acc));
+    }
+  }
+
   void Task(int64_t t, int64_t kv) const {
     const int64_t G = H / KV;
     const int64_t last_t = last[t], own_t = own[t];
@@ -188,16 +211,9 @@ struct Work {
         l[g] = l[g] * alpha + Fold(lanes, Add);
         for (int64_t d = 0; d < hd; ++d) o[g * hd + d] *= alpha;
       }
-      // Outputs o[g] += p[g, j] v[j], key by key in order, every query head side by side.
-      for (int64_t j = first; j < end; ++j) {
-        if (!visible[j]) continue;
-        const float* value = values[j];
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = p[g * kBlock + j];
-          float* o_g = o.data() + g * hd;
-          for (int64_t d = 0; d < hd; ++d) o_g[d] += w * value[d];
-        }
-      }
+      // Outputs o[g] += p[g, j] v[j], key by key in order.
+      for (int64_t g = 0; g < G; ++g) AddValues(p.data() + g * kBlock, values, visible, first, end,
+                                                o.data() + g * hd);
     }
     for (int64_t g = 0; g < G; ++g) {
       float* out_g = out + (t * H + kv * G + g) * hd;

@@ -3,7 +3,7 @@ SmolLM2-135M shape: 9 query heads, 3 KV heads of 64, a 2048-position float32 cac
 values) for 1 and 3 rows after 400, 800 and 1500 cached positions: the 10th percentile of 300
 timed calls each, in microseconds, printed on one line after the label given.
 
-  PYTHONPATH=<checkout> python docs/results/cpu/attention_exp_vectorised/kernel_call.py <label>
+  PYTHONPATH=<checkout> python docs/results/cpu/attention_kernel_loops/kernel_call.py <label>
 
 (Each checkout builds its own kernel library: the library's key hashes its sources.)
 """
