@@ -101,6 +101,7 @@ struct Work {
   const float* cache_v;
   const int32_t* last;   // [T]
   const int32_t* own;    // [T]
+  const float* zeros;    // [hd]: the key of a position past the row's last (its score unused)
   float* out;            // [T, H, hd]
   int64_t T, H, KV, hd, S, start;
   float scale;
@@ -112,15 +113,15 @@ struct Work {
     return nullptr;
   }
 
-  // The scores of query q_Y against kLanes keys (nullptr: a zero key): each key's products
-  // summed along the head dimension in kLanes partial sums, in order, which are then folded
-  // in a fixed tree (Fold's), the keys' folds side by side in vectors.
+  // The scores of query q_Y against kLanes keys: each key's products summed along the head
+  // dimension in kLanes partial sums, in order, which are then folded in a fixed tree (Fold's),
+  // the keys' folds side by side in vectors. The keys' sums advance together, so that their
+  // multiply-adds do not wait on one another.
   Vec Scores(const float* q_Y, const float* const* keys) const {
-    Vec partial[kLanes];
-    for (int j = 0; j < kLanes; ++j) {
-      partial[j] = Vec{};
-      if (keys[j] == nullptr) continue;
-      for (int64_t d0 = 0; d0 < hd; d0 += kLanes) partial[j] += Load(q_Y + d0) * Load(keys[j] + d0);
+    Vec partial[kLanes] = {};
+    for (int64_t d0 = 0; d0 < hd; d0 += kLanes) {
+      const Vec q_d = Load(q_Y + d0);
+      for (int j = 0; j < kLanes; ++j) partial[j] += q_d * Load(keys[j] + d0);
     }
     // Halving: key j's lanes i and i + width added, two keys' halves side by side a vector.
     int count = kLanes;
@@ -178,8 +179,10 @@ struct Work {
       // Scores s[g, j] = the sum over d of q[g, d] k[j, d], kLanes keys at a time.
       for (int64_t j0 = 0; j0 < kBlock; j0 += kLanes) {
         const float* keys[kLanes];
-        for (int j = 0; j < kLanes; ++j)
-          keys[j] = b0 + j0 + j <= top ? At(k_chunk, cache_k, b0 + j0 + j, kv) : nullptr;
+        for (int j = 0; j < kLanes; ++j) {
+          const float* key = b0 + j0 + j <= top ? At(k_chunk, cache_k, b0 + j0 + j, kv) : nullptr;
+          keys[j] = key != nullptr ? key : zeros;
+        }
         for (int64_t g = 0; g < G; ++g) {
           const Vec scores = Scores(q_t + g * hd, keys);
           std::memcpy(s.data() + g * kBlock + j0, &scores, sizeof(scores));
@@ -251,6 +254,8 @@ ffi::Error RowAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   work.own = own.typed_data();
   work.out = out->typed_data();
   work.scale = 1.0f / std::sqrt(static_cast<float>(work.hd));
+  const std::vector<float> zeros(work.hd, 0.0f);
+  work.zeros = zeros.data();
   const Work* shared = &work;  // read only, and only while RunTasks waits for its tasks
   clasp_jax::RunTasks(pool, work.T * work.KV,
                       [shared](int64_t i) { shared->Task(i / shared->KV, i % shared->KV); });
