@@ -3,6 +3,7 @@ weights of the SmolLM2-135M shape, per-layer buffers, the kernel's products, a p
 prompt of P random tokens (ms, median of 15, the passes in turns).
 
   python docs/results/cpu/plain_one_row/passes.py      # from the repository root; passes.txt
+  python docs/results/cpu/plain_one_row/passes.py "3 rows, batched" "1 row, kernel"  # some
 
 - 3 rows, batched: `attention.cache_attention` (`_chunk_attention`), the verify pass of a
   decoder without rows apart, and its plain step (which pads its 1 token to 3 rows).
@@ -11,6 +12,7 @@ prompt of P random tokens (ms, median of 15, the passes in turns).
 - 1 row, jnp: `attention.row_attention` (what `cache_attention` runs for 1 row).
 - 1 row, kernel: the plain step of a decoder with rows apart.
 """
+import sys
 import time
 import numpy as np
 import jax
@@ -27,6 +29,8 @@ PASSES = {'3 rows, batched': (attention.cache_attention, 3),
           '3 rows, kernel': (cpu_attention.row_attention, 3),
           '1 row, jnp': (attention.row_attention, 1),
           '1 row, kernel': (cpu_attention.row_attention, 1)}
+if sys.argv[1:]:  # the columns named, in the order named
+  PASSES = {name: PASSES[name] for name in sys.argv[1:]}
 
 
 def compiled(attend, rows, args):
