@@ -132,27 +132,29 @@ struct Work {
     return partial[0];
   }
 
-  // o_Y += w[j] v[j] for the visible keys j in [first, end), in order: each element of o_Y
-  // gets its terms in key order, kSpan elements at a time kept in registers across the keys.
+  // o_Y[d0, d0 + kSpan kLanes) += w[j] v[j, d0, ...) for the visible keys j in [first, end), in
+  // key order, the span kept in registers across the keys.
+  template <int kSpan>
+  static void AddSpan(const float* w, const float* const* values, const int32_t* visible,
+                      int64_t first, int64_t end, int64_t d0, float* o_Y) {
+    Vec acc[kSpan];
+    for (int c = 0; c < kSpan; ++c) acc[c] = Load(o_Y + d0 + c * kLanes);
+    for (int64_t j = first; j < end; ++j) {
+      if (!visible[j]) continue;
+      for (int c = 0; c < kSpan; ++c) acc[c] += w[j] * Load(values[j] + d0 + c * kLanes);
+    }
+    std::memcpy(o_Y + d0, acc, sizeof(acc));
+  }
+
+  // o_Y += w[j] v[j] for the visible keys j in [first, end): each element of o_Y gets its
+  // terms in key order, 4 vectors of it at a time (then one at a time for the rest).
   void AddValues(const float* w, const float* const* values, const int32_t* visible,
                  int64_t first, int64_t end, float* o_Y) const {
-    constexpr int kSpan = 4;  // vectors of o_Y held at once
+    constexpr int kSpan = 4;
     int64_t d0 = 0;
-    for (; d0 + kSpan * kLanes <= hd; d0 += kSpan * kLanes) {
-      Vec acc[kSpan];
-      for (int c = 0; c < kSpan; ++c) acc[c] = Load(o_Y + d0 + c * kLanes);
-      for (int64_t j = first; j < end; ++j) {
-        if (!visible[j]) continue;
-        for (int c = 0; c < kSpan; ++c) acc[c] += w[j] * Load(values[j] + d0 + c * kLanes);
-      }
-      std::memcpy(o_Y + d0, acc, sizeof(acc));
-    }
-    for (; d0 < hd; d0 += kLanes) {
-      Vec acc = Load(o_Y + d0);
-      for (int64_t j = first; j < end; ++j)
-        if (visible[j]) acc += w[j] * Load(values[j] + d0);
-      std::memcpy(o_Y + d0, &acc, sizeof(acc));
-    }
+    for (; d0 + kSpan * kLanes <= hd; d0 += kSpan * kLanes)
+      AddSpan<kSpan>(w, values, visible, first, end, d0, o_Y);
+    for (; d0 < hd; d0 += kLanes) AddSpan<1>(w, values, visible, first, end, d0, o_Y);
   }
 
   void Task(int64_t t, int64_t kv) const {

@@ -28,6 +28,14 @@ from clasp_jax import cpu_product
 HEAD_DIM_MULTIPLE = 16
 
 
+def head_dim_problem(head_dim: int) -> str | None:
+  """Why the kernel cannot take heads of `head_dim`, or None where it can."""
+  if head_dim % HEAD_DIM_MULTIPLE:
+    return (f'the CPU attention kernel takes heads of a multiple of {HEAD_DIM_MULTIPLE}, '
+            f'not {head_dim}')
+  return None
+
+
 def row_attention(q_1THh: jax.Array, k_1TKh: jax.Array | None, v_1TKh: jax.Array | None,
                   cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
                   layer: jax.Array | int, start: jax.Array,
@@ -48,9 +56,9 @@ def row_attention(q_1THh: jax.Array, k_1TKh: jax.Array | None, v_1TKh: jax.Array
   B, T, H, hd = q_1THh.shape
   if B != 1 or cache_k_LBSKh.shape[1] != 1:
     raise ValueError(f'the CPU attention kernel takes a batch of one, got {B}')
-  if hd % HEAD_DIM_MULTIPLE:
-    raise ValueError(f'the CPU attention kernel takes heads of a multiple of '
-                     f'{HEAD_DIM_MULTIPLE}, not {hd}')
+  problem = head_dim_problem(hd)
+  if problem:
+    raise ValueError(problem)
   last_T, own_T = attention_lib.row_limits(T, start, riders)
   own_T = last_T if own_T is None else own_T
   scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(())

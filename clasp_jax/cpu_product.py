@@ -10,9 +10,9 @@ it rounds differently from XLA's multi-row products.
 
 The kernel is C++ built on first use with this machine's compiler (`c++`, for this machine's
 vectors) against jaxlib's FFI headers, into one library with `cpu_attention`'s kernel, kept in
-a cache directory (`build_dir`) keyed by their sources, the compiler, jaxlib and the CPU.
-Where it cannot be built (no compiler), or off a CPU, or for other dtypes, and for passes wider
-than `MAX_ROWS`, `product` is `x @ w`.
+a cache directory (`build_dir`) keyed by their sources, the compiler and its flags, jaxlib and
+the CPU. Where it cannot be built (no compiler), or off a CPU, or for other dtypes, and for
+passes wider than `MAX_ROWS`, `product` is `x @ w`.
 
 Which a decoder uses is its choice (`Decoder(cpu_kernel=...)`), set while its programs are
 traced (`use_kernel`): all of a decoder's passes multiply one way, so its methods stay exact

@@ -574,10 +574,7 @@ def rows_apart_blocker(dtype, pass_width: int, logits_by_row: bool, cpu_kernel: 
     return 'the CPU kernels are off (cpu_kernel=False) or could not be built'
   if attention is not attention_lib.cache_attention:
     return "the attention is the fused GPU kernel ('pallas'), not the CPU's"
-  if head_dim % cpu_attention.HEAD_DIM_MULTIPLE:
-    return (f'the CPU attention kernel takes heads of a multiple of '
-            f'{cpu_attention.HEAD_DIM_MULTIPLE}, not {head_dim}')
-  return None
+  return cpu_attention.head_dim_problem(head_dim)
 
 
 def resolve_rider_choice(name: str, mesh=None):

@@ -237,8 +237,9 @@ def cached_costs(decoder, state, max_new_tokens: int, cache_dir: str | None) -> 
   key = '|'.join(map(str, (jax.devices()[0].device_kind, config.num_layers, config.hidden_size,
                            config.intermediate_size, config.vocab_size, params['embed'].dtype,
                            strategy.num_draft_tokens, strategy.draft_exit_threshold,
-                           decoder.fast_path, decoder.pass_width, decoder.plain_width, decoder.logits_by_row,
-                           decoder.searches_in_verify, *pair, f'v{COSTS_VERSION}')))
+                           decoder.fast_path, decoder.pass_width, decoder.plain_width,
+                           decoder.logits_by_row, decoder.searches_in_verify, *pair,
+                           f'v{COSTS_VERSION}')))
   path = os.path.join(cache_dir, 'costs.json') if cache_dir else None
   table = {}
   if path and os.path.exists(path):
