@@ -440,6 +440,32 @@ def _signature(args) -> tuple[Any, ...]:
   return treedef, tuple((x.shape, x.dtype) for x in leaves)
 
 
+def _first_run_args(name: str, args: tuple[Any, ...], cache: KVCache) -> tuple[Any, ...]:
+  """A program's abstract arguments (`Decoder._programs`) made concrete for a run that decodes
+  nothing: a one-token prompt of zeros for the prefill, a state of zeros running no round for a
+  segment or the skip-set refresh, each with `cache` (the program's own: it may donate it)."""
+  def zero(x):
+    if not isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a sampling key
+      data = jax.eval_shape(jax.random.key_data, x)
+      return jax.random.wrap_key_data(np.zeros(data.shape, data.dtype))
+    return np.zeros(x.shape, x.dtype)
+
+  def zeros(tree):
+    return jax.tree.map(zero, tree)
+
+  if name == 'prefill':  # (params, tokens_P, num_tokens, seed, cache)
+    params, tokens_P, _, seed, _ = args
+    return params, zeros(tokens_P), np.int32(1), zeros(seed), cache
+  params, state, *rest = args
+  state, rest = zeros((state.replace(cache=cache), rest))
+  if name == 'refresh':  # (params, state, num_skip)
+    return params, state, *rest
+  max_new_tokens, _, refresh_every = rest  # a segment: (params, state, budget, rounds, period)
+  return params, state, max_new_tokens, np.int32(0), refresh_every
+
+
 class _CompiledFunction:
   """A jitted function compiled ahead of time, once per argument signature.
 
@@ -853,8 +879,9 @@ class Decoder:
         *self._segment_args(state, segment, max_new_tokens))
     return (out if out.search is not None else out.replace(search=state.search)), report
 
-  def compile(self, num_prompt_tokens: int, max_new_tokens: int) -> float:
-    """Compiles everything a request of this size may run, without running it.
+  def compile(self, num_prompt_tokens: int, max_new_tokens: int,
+              first_runs: bool | None = None) -> float:
+    """Compiles everything a request of this size may run, without running the request.
 
     That is the prefill of its prompt bucket, the plain and drafting segments of its cache
     capacity (a drafting segment for every M the strategy may use where drafts run the active
@@ -862,14 +889,37 @@ class Decoder:
     its empty cache. Benchmarks call it before timing; `generate` compiles what it meets
     otherwise.
 
+    A program's first run costs more than later ones on a GPU: XLA builds its cuDNN graphs
+    then and runs its command buffers op by op once (an H100 took 91-158 ms for a SmolLM2
+    prefill's first run, 2-6 ms later; `docs/results/h100/first_generation/`); and loading a
+    program drops the command buffers of every program loaded before, whose next run is a
+    first run again. So where `first_runs`, a call that compiled something then runs each of
+    the request's programs once, after loading them all, on zeros and decoding nothing, so
+    that the request's first generation runs as later ones do.
+
+    Args:
+      num_prompt_tokens: the prompt's length.
+      max_new_tokens: the request's token budget.
+      first_runs: run the programs once after compiling something (None: on a GPU, where
+        a first run costs more than later ones).
+
     Returns:
-      The seconds spent compiling (0 when everything was compiled already).
+      The seconds spent compiling (0 when everything was compiled already; the first runs
+      are not counted).
     """
     before = self.compile_seconds
-    for _, function, args in self._programs(num_prompt_tokens, max_new_tokens):
+    programs = list(self._programs(num_prompt_tokens, max_new_tokens))
+    for _, function, args in programs:
       function.compiled(*args)
-    self._cache_program(self._shapes(num_prompt_tokens, max_new_tokens)[1])
-    return self.compile_seconds - before
+    capacity = self._shapes(num_prompt_tokens, max_new_tokens)[1]
+    self._cache_program(capacity)
+    seconds = self.compile_seconds - before
+    if first_runs is None:
+      first_runs = jax.default_backend() == 'gpu'
+    if first_runs and seconds:
+      for name, function, args in programs:  # after every load: a load resets command buffers
+        jax.block_until_ready(function(*_first_run_args(name, args, self._new_cache(capacity))))
+    return seconds
 
   def lower(self, num_prompt_tokens: int, max_new_tokens: int,
             platform: str) -> dict[str, jax.stages.Lowered]:

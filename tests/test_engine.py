@@ -193,6 +193,40 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, layers, monkeypatch
   assert decoder.compile(len(prompts[0]), tiny.MAX_NEW) == 0.0
 
 
+@pytest.mark.parametrize('layers', ['stacked', 'unrolled'])
+def test_first_runs_run_each_program_once_and_change_nothing(tiny_model, layers, monkeypatch):
+  """`Decoder.compile` with `first_runs` (a GPU's default) runs each of the request's programs
+  once after compiling them, with the programs compiled and nothing more; a call that compiles
+  nothing runs none; generations after it give plain decoding's tokens, compiling nothing."""
+  config, params = tiny_model
+  strategy = strategies.AdaptiveClasp(candidates=(2, 4), initial_skip_layers=2,
+                                      num_draft_tokens=4, draft_exit_threshold=0.0)
+  decoders = [_decoder_of(layers, monkeypatch, params, config, strategy) for _ in range(2)]
+  ran = []
+  first_run_args = engine._first_run_args  # pylint: disable=protected-access
+  monkeypatch.setattr(engine, '_first_run_args',
+                      lambda name, *args: ran.append(name) or first_run_args(name, *args))
+  prompt = tiny.prompts(config, count=1)[0]
+  assert decoders[0].compile(len(prompt), tiny.MAX_NEW, first_runs=True) > 0
+  assert decoders[1].compile(len(prompt), tiny.MAX_NEW, first_runs=False) > 0
+  programs = list(decoders[0]._programs(len(prompt), tiny.MAX_NEW))  # pylint: disable=protected-access
+  assert ran == [name for name, _, _ in programs]
+  assert {'prefill', 'plain', 'refresh'} <= set(ran) and any(n.startswith('draft') for n in ran)
+
+  def executables(decoder):  # pylint: disable=protected-access
+    return sum(len(f._compiled) for f in {id(f): f for _, f, _ in decoder._programs(
+        len(prompt), tiny.MAX_NEW)}.values())
+
+  assert executables(decoders[0]) == executables(decoders[1])
+  assert decoders[0].compile(len(prompt), tiny.MAX_NEW, first_runs=True) == 0.0
+  assert len(ran) == len(programs)
+  plain = Decoder(params, config, strategies.Vanilla()).generate(prompt, tiny.MAX_NEW)
+  for decoder in decoders:
+    tiny.set_costs(decoder)
+    out = decoder.generate(prompt, tiny.MAX_NEW)
+    assert out.token_ids == plain.token_ids and out.compile_seconds == 0.0
+
+
 def test_a_prefill_in_chunks_starts_where_one_pass_does(tiny_model, monkeypatch):
   """A prompt run as passes of 32 tokens (`engine.prefill_chunk`, patched: any backend)
   leaves the cache rows, the first token and the target hidden state of one pass over the

@@ -15,9 +15,10 @@ losslessness), the skip set in force in each of its rounds (for the skip-set hea
 so that the summary can tell a method that never drafted from one that drafted in vain.
 
 A decoder compiles once per padded prompt length (its "bucket") and cache capacity, so before
-each timed turn everything the turn may run is compiled, untimed (`Decoder.compile`; a
+each timed turn everything the turn may run is compiled, untimed (`Decoder.compile`, which on a
+GPU also runs each new program once: a program's first run costs more than later ones; a
 generator without it, the transformers reference, gets one untimed generation per new bucket
-instead): no timed turn includes compilation.
+instead): no timed turn includes compilation or a program's first run.
 """
 
 from __future__ import annotations
