@@ -96,6 +96,9 @@ class Generation:
     calibration_seconds: the part of `wall_time`, compilation excluded, that the method's
       policy spent timing the device for its decisions (`adaptive.measure_costs`: a decoder's
       first generation, unless the costs are remembered under a cache directory).
+    first_token_seconds: the time to the first token: seconds from the call to the prefill's
+      token on the host, compilation excluded, where the generation streamed (the host waits
+      for that token then); None where it did not.
   """
 
   token_ids: list[int]
@@ -109,6 +112,7 @@ class Generation:
   skip_sets: np.ndarray
   refresh_times: list[float]
   calibration_seconds: float = 0.0
+  first_token_seconds: float | None = None
 
   @property
   def new_tokens(self) -> int:
@@ -124,6 +128,16 @@ class Generation:
   def tokens_per_second(self) -> float:
     """New tokens per second of decoding (compilation and calibration excluded)."""
     return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+  @property
+  def tokens_per_second_after_first(self) -> float | None:
+    """New tokens per second after the first token (the decoding alone, without the prefill
+    and a new program's first run in it); None without `first_token_seconds` or a second
+    token."""
+    if self.first_token_seconds is None or self.new_tokens < 2:
+      return None
+    seconds = self.decode_seconds - self.first_token_seconds
+    return (self.new_tokens - 1) / seconds if seconds > 0 else 0.0
 
   @property
   def skip_layers_per_round(self) -> list[int | None]:
@@ -1021,11 +1035,12 @@ class Decoder:
         it (the prefill's token, then each segment's), cut at EOS and the budget as the
         result is; the runs together are the result's `token_ids`.
     """
-    start = time.perf_counter()
+    start, since_start = time.perf_counter(), self.stopwatch()
     compiled_before = self.compile_seconds
     n = len(prompt_ids)
     state = self.start(prompt_ids, max_new_tokens, seed)  # checks the request first
     streamed = self._stream(state, n, max_new_tokens, 0, on_tokens)
+    first_token_seconds = since_start() if on_tokens is not None else None
     self.refresh_seconds = []
     policy = self.strategy.make_policy(self, max_new_tokens)
     calibrated_before = policy.calibration_seconds
@@ -1056,7 +1071,7 @@ class Decoder:
         calibration_seconds=policy.calibration_seconds - calibrated_before,
         accept_lengths=accepted_R[:rounds].tolist(), draft_lengths=drafted_R[:rounds].tolist(),
         draft_sources=[DRAFT_SOURCES[i] for i in source_R[:rounds]], skip_sets=skip_RL[:rounds],
-        refresh_times=self.refresh_seconds)
+        refresh_times=self.refresh_seconds, first_token_seconds=first_token_seconds)
 
   def _read(self, report: SegmentReport) -> SegmentReport:
     """A segment's report read back (one transfer, waiting for the segment), its DP table

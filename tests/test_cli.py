@@ -227,14 +227,16 @@ def test_no_device_starts_before_the_preallocation_is_set():
 
 
 def _generation(wall_time: float, compile_seconds: float, accept_lengths: list[int],
-                calibration_seconds: float = 0.0) -> Generation:
+                calibration_seconds: float = 0.0,
+                first_token_seconds: float | None = None) -> Generation:
   rounds = len(accept_lengths)
   return Generation(token_ids=list(range(1 + sum(accept_lengths))), text='t', prompt_tokens=5,
                     wall_time=wall_time, compile_seconds=compile_seconds,
                     accept_lengths=accept_lengths,
                     draft_lengths=[4] * rounds, draft_sources=["skip"] * rounds,
                     skip_sets=np.zeros((rounds, 2), bool),
-                    refresh_times=[], calibration_seconds=calibration_seconds)
+                    refresh_times=[], calibration_seconds=calibration_seconds,
+                    first_token_seconds=first_token_seconds)
 
 
 def test_stats_line_leaves_compilation_and_calibration_out_of_the_speed():
@@ -252,6 +254,17 @@ def test_stats_line_leaves_compilation_and_calibration_out_of_the_speed():
   assert generate.stats_line(generation, speculative=True) == (
       'prompt tokens 5 | new tokens 20 | decoding 2.0 s, 10.0 tokens/s | compiling 6.0 s | '
       'timing the device 4.0 s | tau 3.17 | rounds 6')
+  # Streamed: the time to the first token, and the speed of the 19 tokens after it.
+  generation = _generation(wall_time=12.0, compile_seconds=10.0, accept_lengths=accepted,
+                           first_token_seconds=0.1)
+  assert generate.stats_line(generation, speculative=False) == (
+      'prompt tokens 5 | new tokens 20 | first token 0.10 s | '
+      'decoding 2.0 s, 10.0 tokens/s (10.0 after the first) | compiling 10.0 s')
+  generation = _generation(wall_time=12.0, compile_seconds=10.0, accept_lengths=accepted,
+                           first_token_seconds=1.05)
+  assert generate.stats_line(generation, speculative=False) == (
+      'prompt tokens 5 | new tokens 20 | first token 1.05 s | '
+      'decoding 2.0 s, 10.0 tokens/s (20.0 after the first) | compiling 10.0 s')
 
 
 def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags, monkeypatch):

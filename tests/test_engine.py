@@ -144,6 +144,8 @@ def test_streamed_tokens_are_the_generation(tiny_model, tiny_vanilla_outputs, me
     assert [t for run in runs for t in run] == out.token_ids
     assert out.token_ids == want
     assert len(runs) >= 2 and len(runs[0]) == 1  # the prefill's token first, then segments'
+    assert 0 < out.first_token_seconds < out.decode_seconds
+  assert decoder.generate(prompt, 7).first_token_seconds is None  # not streamed: not waited for
 
 
 @pytest.mark.parametrize('layers', LAYER_PROGRAMS)

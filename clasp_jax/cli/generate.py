@@ -3,9 +3,10 @@
   clasp-generate --prompt="Why is the sky blue?" --chat --method=clasp
   clasp-generate --prompt_file=question.txt --chat      (--prompt_file=- reads standard input)
 
-Prints the text as it is generated, then one line: prompt tokens, new tokens, the time spent
-decoding and its tokens/s, the time spent compiling (apart: the first run compiles before its
-first token; later runs load the compiled programs from --cache_dir) and, for speculative
+Prints the text as it is generated, then one line: prompt tokens, new tokens, the time to the
+first token, the time spent decoding and its tokens/s (also after the first token), the time
+spent compiling (apart: the first run compiles before its first token; later runs load the
+compiled programs from --cache_dir) and, for speculative
 methods, tau (mean tokens per round) and the number of rounds. clasp-bench measures
 steady-state speed. Progress messages (loading, converting, compiling) go to stderr unless
 --quiet is given.
@@ -135,15 +136,22 @@ def stats_line(generation: Generation, speculative: bool) -> str:
   which a reused decoder does not, so a speed over the whole time would understate the
   method's. The compile time is shown on its own instead, and so is the time the method spent
   timing the device where it did (the default method's first run, `--cache_dir` unset or new).
+  The time to the first token is shown too, and the speed after it: in a short generation the
+  prefill, and in a new process each program's first run (on a GPU about 0.1 s for a small
+  model's prefill, `docs/results/h100/first_generation/`), weigh on the speed over all tokens.
 
   Args:
     generation: the generation to describe.
     speculative: whether the method drafts (then tau and the rounds are shown).
   """
-  parts = [f'prompt tokens {generation.prompt_tokens}', f'new tokens {generation.new_tokens}',
-           f'decoding {generation.decode_seconds:.1f} s, '
-           f'{generation.tokens_per_second:.1f} tokens/s',
-           f'compiling {generation.compile_seconds:.1f} s']
+  parts = [f'prompt tokens {generation.prompt_tokens}', f'new tokens {generation.new_tokens}']
+  if generation.first_token_seconds is not None:
+    parts.append(f'first token {generation.first_token_seconds:.2f} s')
+  decoding = (f'decoding {generation.decode_seconds:.1f} s, '
+              f'{generation.tokens_per_second:.1f} tokens/s')
+  if generation.tokens_per_second_after_first is not None:
+    decoding += f' ({generation.tokens_per_second_after_first:.1f} after the first)'
+  parts += [decoding, f'compiling {generation.compile_seconds:.1f} s']
   if generation.calibration_seconds >= 0.05:  # a measurement, not a read of remembered costs
     parts.append(f'timing the device {generation.calibration_seconds:.1f} s')
   if speculative:
