@@ -15,7 +15,8 @@
 //
 // A task is one KV head of one row: its G query heads' scores for a block, kLanes keys at a
 // time (each key's kLanes partial sums along the head dimension folded in a fixed tree, the
-// keys' folds side by side in vectors), then their weights and outputs. Tasks are shared out
+// keys' folds side by side in vectors; up to four heads share each load of a key), then their
+// weights and outputs. Tasks are shared out
 // among XLA's CPU threads (cpu_tasks.h). The head dimension is whole vectors of kLanes.
 //
 // Built by `clasp_jax.cpu_product` beside the product kernel and registered with XLA as an
@@ -90,6 +91,25 @@ inline float Fold(float* lanes, Op op) {
   return lanes[0];
 }
 
+// v[0] after folding count vectors pairwise, level by level, the first level's pairs picked
+// `width` lanes at a time and each next level's half as many (`Pick`): for kLanes vectors
+// from width kLanes / 2, each vector's fold side by side in one.
+template <int kCount, int kWidth>
+inline Vec FoldPairs(Vec* v) {
+  if constexpr (kCount == 1) {
+    return v[0];
+  } else {
+    for (int j = 0; j < kCount / 2; ++j)
+      v[j] = Pick(v[2 * j], v[2 * j + 1], kWidth, 0) + Pick(v[2 * j], v[2 * j + 1], kWidth, kWidth);
+    return FoldPairs<kCount / 2, kWidth / 2>(v);
+  }
+}
+
+// Query heads whose scores share the loads of their keys (`Work::ScoresOfHeads`), and the keys
+// of a pass for kG of them: as many as keep kG x kKeys partial sums within 24 vector registers.
+constexpr int kMaxHeads = 4;
+constexpr int KeysAtATime(int kG) { return kG == 1 ? kLanes : kG <= 3 ? kLanes / 2 : kLanes / 4; }
+
 inline float Add(float a, float b) { return a + b; }
 inline float Max(float a, float b) { return std::max(a, b); }
 
@@ -113,23 +133,50 @@ struct Work {
     return nullptr;
   }
 
-  // The scores of query q_Y against kLanes keys: each key's products summed along the head
-  // dimension in kLanes partial sums, in order, which are then folded in a fixed tree (Fold's),
-  // the keys' folds side by side in vectors. The keys' sums advance together, so that their
-  // multiply-adds do not wait on one another.
-  Vec Scores(const float* q_Y, const float* const* keys) const {
-    Vec partial[kLanes] = {};
-    for (int64_t d0 = 0; d0 < hd; d0 += kLanes) {
-      const Vec q_d = Load(q_Y + d0);
-      for (int j = 0; j < kLanes; ++j) partial[j] += q_d * Load(keys[j] + d0);
+  // The scores of kG query heads q_G [kG, hd] against kLanes keys, into s_G[g * kBlock + j]:
+  // each key's products with a head summed along the head dimension in kLanes partial sums, in
+  // order, which are then folded in a fixed tree (Fold's), the keys' folds side by side in
+  // vectors. The heads share each load of a key, and kKeys keys go at a time, their sums
+  // advancing together so that their multiply-adds do not wait on one another; each pass folds
+  // its keys as far as they go alone and the passes are folded together after, the same tree
+  // as for all kLanes keys at once.
+  template <int kG>
+  void ScoresOfHeads(const float* q_G, const float* const* keys, float* s_G) const {
+    constexpr int kKeys = KeysAtATime(kG), kPasses = kLanes / kKeys;
+    Vec folded[kG][kPasses];
+    for (int pass = 0; pass < kPasses; ++pass) {
+      Vec partial[kG][kKeys] = {};
+      for (int64_t d0 = 0; d0 < hd; d0 += kLanes) {
+        Vec q_d[kG];
+#pragma GCC unroll 4
+        for (int g = 0; g < kG; ++g) q_d[g] = Load(q_G + g * hd + d0);
+#pragma GCC unroll 16
+        for (int j = 0; j < kKeys; ++j) {
+          const Vec k_d = Load(keys[pass * kKeys + j] + d0);
+#pragma GCC unroll 4
+          for (int g = 0; g < kG; ++g) partial[g][j] += q_d[g] * k_d;
+        }
+      }
+      for (int g = 0; g < kG; ++g) folded[g][pass] = FoldPairs<kKeys, kLanes / 2>(partial[g]);
     }
-    // Halving: key j's lanes i and i + width added, two keys' halves side by side a vector.
-    int count = kLanes;
-    for (int width = kLanes / 2; width > 0; width /= 2, count /= 2)
-      for (int j = 0; j < count / 2; ++j)
-        partial[j] = Pick(partial[2 * j], partial[2 * j + 1], width, 0)
-                     + Pick(partial[2 * j], partial[2 * j + 1], width, width);
-    return partial[0];
+    for (int g = 0; g < kG; ++g) {
+      const Vec scores = FoldPairs<kPasses, kLanes / 2 / kKeys>(folded[g]);
+      std::memcpy(s_G + g * kBlock, &scores, sizeof(scores));
+    }
+  }
+
+  // The scores of query heads [g0, g0 + count) against kLanes keys (`ScoresOfHeads`), at most
+  // kMaxHeads heads at a time.
+  void Scores(const float* q_t, const float* const* keys, int64_t g0, int64_t count,
+              float* s) const {
+    const float* q_G = q_t + g0 * hd;
+    float* s_G = s + g0 * kBlock;
+    switch (count) {
+      case 1: return ScoresOfHeads<1>(q_G, keys, s_G);
+      case 2: return ScoresOfHeads<2>(q_G, keys, s_G);
+      case 3: return ScoresOfHeads<3>(q_G, keys, s_G);
+      default: return ScoresOfHeads<kMaxHeads>(q_G, keys, s_G);
+    }
   }
 
   // o_Y[d0, d0 + kSpan kLanes) += w[j] v[j, d0, ...) for the visible keys j in [first, end), in
@@ -185,10 +232,8 @@ struct Work {
           const float* key = b0 + j0 + j <= top ? At(k_chunk, cache_k, b0 + j0 + j, kv) : nullptr;
           keys[j] = key != nullptr ? key : zeros;
         }
-        for (int64_t g = 0; g < G; ++g) {
-          const Vec scores = Scores(q_t + g * hd, keys);
-          std::memcpy(s.data() + g * kBlock + j0, &scores, sizeof(scores));
-        }
+        for (int64_t g0 = 0; g0 < G; g0 += kMaxHeads)
+          Scores(q_t, keys, g0, std::min<int64_t>(kMaxHeads, G - g0), s.data() + j0);
       }
       for (int64_t g = 0; g < G; ++g) {
         float* s_g = s.data() + g * kBlock;

@@ -4,6 +4,7 @@ values) for 1 and 3 rows after 400, 800 and 1500 cached positions: the 10th perc
 timed calls each, in microseconds, printed on one line after the label given.
 
   PYTHONPATH=<checkout> python docs/results/cpu/attention_kernel_loops/kernel_call.py <label>
+  ... kernel_call.py <label> 32,8,128     # another shape: query heads, KV heads, head size
 
 (Each checkout builds its own kernel library: the library's key hashes its sources.)
 """
@@ -17,7 +18,8 @@ import numpy as np
 from clasp_jax import cpu_attention
 
 rng = np.random.default_rng(0)
-H, KV, hd, S = 9, 3, 64, 2048
+H, KV, hd = map(int, sys.argv[2].split(',')) if len(sys.argv) > 2 else (9, 3, 64)
+S = 2048
 cache_k = jnp.asarray(rng.standard_normal((1, 1, S, KV, hd)), jnp.float32)
 cache_v = jnp.asarray(rng.standard_normal((1, 1, S, KV, hd)), jnp.float32)
 cells = []
