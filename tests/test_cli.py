@@ -239,32 +239,32 @@ def _generation(wall_time: float, compile_seconds: float, accept_lengths: list[i
                     first_token_seconds=first_token_seconds)
 
 
-def test_stats_line_leaves_compilation_and_calibration_out_of_the_speed():
-  accepted = [3, 4, 1, 3, 3, 5]  # 20 tokens
-  generation = _generation(wall_time=12.0, compile_seconds=10.0, accept_lengths=accepted)
-  assert generate.stats_line(generation, speculative=True) == (
-      'prompt tokens 5 | new tokens 20 | decoding 2.0 s, 10.0 tokens/s | compiling 10.0 s | '
-      'tau 3.17 | rounds 6')
-  generation = _generation(wall_time=12.0, compile_seconds=0.0, accept_lengths=accepted)
-  assert generate.stats_line(generation, speculative=False) == (
-      'prompt tokens 5 | new tokens 20 | decoding 12.0 s, 1.7 tokens/s | compiling 0.0 s')
-  # The default method's first run, timing the device's step costs: out of the speed too.
-  generation = _generation(wall_time=12.0, compile_seconds=6.0, accept_lengths=accepted,
-                           calibration_seconds=4.0)
-  assert generate.stats_line(generation, speculative=True) == (
-      'prompt tokens 5 | new tokens 20 | decoding 2.0 s, 10.0 tokens/s | compiling 6.0 s | '
-      'timing the device 4.0 s | tau 3.17 | rounds 6')
-  # Streamed: the time to the first token, and the speed of the 19 tokens after it.
-  generation = _generation(wall_time=12.0, compile_seconds=10.0, accept_lengths=accepted,
-                           first_token_seconds=0.1)
-  assert generate.stats_line(generation, speculative=False) == (
-      'prompt tokens 5 | new tokens 20 | first token 0.10 s | '
-      'decoding 2.0 s, 10.0 tokens/s (10.0 after the first) | compiling 10.0 s')
-  generation = _generation(wall_time=12.0, compile_seconds=10.0, accept_lengths=accepted,
-                           first_token_seconds=1.05)
-  assert generate.stats_line(generation, speculative=False) == (
-      'prompt tokens 5 | new tokens 20 | first token 1.05 s | '
-      'decoding 2.0 s, 10.0 tokens/s (20.0 after the first) | compiling 10.0 s')
+STATS_LINES = [
+    (dict(compile_seconds=10.0), True,
+     'prompt tokens 5 | new tokens 20 | decoding 2.0 s, 10.0 tokens/s | compiling 10.0 s | '
+     'tau 3.17 | rounds 6'),
+    (dict(compile_seconds=0.0), False,
+     'prompt tokens 5 | new tokens 20 | decoding 12.0 s, 1.7 tokens/s | compiling 0.0 s'),
+    # The default method's first run, timing the device's step costs: out of the speed too.
+    (dict(compile_seconds=6.0, calibration_seconds=4.0), True,
+     'prompt tokens 5 | new tokens 20 | decoding 2.0 s, 10.0 tokens/s | compiling 6.0 s | '
+     'timing the device 4.0 s | tau 3.17 | rounds 6'),
+    # Streamed: the time to the first token, and the speed of the 19 tokens after it.
+    (dict(compile_seconds=10.0, first_token_seconds=0.1), False,
+     'prompt tokens 5 | new tokens 20 | first token 0.10 s | '
+     'decoding 2.0 s, 10.0 tokens/s (10.0 after the first) | compiling 10.0 s'),
+    (dict(compile_seconds=10.0, first_token_seconds=1.05), False,
+     'prompt tokens 5 | new tokens 20 | first token 1.05 s | '
+     'decoding 2.0 s, 10.0 tokens/s (20.0 after the first) | compiling 10.0 s'),
+]
+
+
+@pytest.mark.parametrize('times, speculative, line', STATS_LINES)
+def test_stats_line_leaves_compilation_and_calibration_out_of_the_speed(times, speculative,
+                                                                         line):
+  accepted = [3, 4, 1, 3, 3, 5]  # 20 tokens in 12 s of wall time
+  generation = _generation(wall_time=12.0, accept_lengths=accepted, **times)
+  assert generate.stats_line(generation, speculative=speculative) == line
 
 
 def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags, monkeypatch):
