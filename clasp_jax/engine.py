@@ -456,8 +456,9 @@ def _signature(args) -> tuple[Any, ...]:
 
 def _first_run_args(name: str, args: tuple[Any, ...], cache: KVCache) -> tuple[Any, ...]:
   """A program's abstract arguments (`Decoder._programs`) made concrete for a run that decodes
-  nothing: a one-token prompt of zeros for the prefill, a state of zeros running no round for a
-  segment or the skip-set refresh, each with `cache` (the program's own: it may donate it)."""
+  nothing: a one-token prompt of zeros for the prefill, a state of zeros for a segment (which
+  then runs no round) or for the skip-set refresh, each with `cache` (the program's own: it
+  may donate it)."""
   def zero(x):
     if not isinstance(x, jax.ShapeDtypeStruct):
       return x
