@@ -16,8 +16,8 @@
 // A task is one KV head of one row: its G query heads' scores for a block, kLanes keys at a
 // time (each key's kLanes partial sums along the head dimension folded in a fixed tree, the
 // keys' folds side by side in vectors; up to four heads share each load of a key), then their
-// weights and outputs. Tasks are shared out
-// among XLA's CPU threads (cpu_tasks.h). The head dimension is whole vectors of kLanes.
+// weights and outputs. Tasks are shared out among XLA's CPU threads (cpu_tasks.h). The head
+// dimension is whole vectors of kLanes.
 //
 // Built by `clasp_jax.cpu_product` beside the product kernel and registered with XLA as an
 // FFI target; `clasp_jax.cpu_attention` is its Python side, and `attention.row_attention` the
