@@ -198,22 +198,31 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, layers, monkeypatch
 @pytest.mark.parametrize('layers', ['stacked', 'unrolled'])
 def test_first_runs_run_each_program_once_and_change_nothing(tiny_model, layers, monkeypatch):
   """`Decoder.compile` with `first_runs` (a GPU's default) runs each of the request's programs
-  once after compiling them, with the programs compiled and nothing more; a call that compiles
-  nothing runs none; generations after it give plain decoding's tokens, compiling nothing."""
+  once after compiling them (a segment for one round), with the programs compiled and nothing
+  more; a call that compiles nothing runs none; generations after it give plain decoding's
+  tokens, compiling nothing."""
   config, params = tiny_model
   strategy = strategies.AdaptiveClasp(candidates=(2, 4), initial_skip_layers=2,
                                       num_draft_tokens=4, draft_exit_threshold=0.0)
   decoders = [_decoder_of(layers, monkeypatch, params, config, strategy) for _ in range(2)]
-  ran = []
+  ran, rounds = [], {}
   first_run_args = engine._first_run_args  # pylint: disable=protected-access
-  monkeypatch.setattr(engine, '_first_run_args',
-                      lambda name, *args: ran.append(name) or first_run_args(name, *args))
+
+  def recorded(name, *args):
+    ran.append(name)
+    run_args = first_run_args(name, *args)
+    if name not in ('prefill', 'refresh'):  # a segment: (params, state, budget, rounds, period)
+      rounds[name] = int(run_args[3])
+    return run_args
+
+  monkeypatch.setattr(engine, '_first_run_args', recorded)
   prompt = tiny.prompts(config, count=1)[0]
   assert decoders[0].compile(len(prompt), tiny.MAX_NEW, first_runs=True) > 0
   assert decoders[1].compile(len(prompt), tiny.MAX_NEW, first_runs=False) > 0
   programs = list(decoders[0]._programs(len(prompt), tiny.MAX_NEW))  # pylint: disable=protected-access
   assert ran == [name for name, _, _ in programs]
   assert {'prefill', 'plain', 'refresh'} <= set(ran) and any(n.startswith('draft') for n in ran)
+  assert set(rounds.values()) == {1}, rounds
 
   def executables(decoder):  # pylint: disable=protected-access
     return sum(len(f._compiled) for f in {id(f): f for _, f, _ in decoder._programs(
