@@ -26,8 +26,9 @@ def unrolled(module, num_layers, interpret):
   return jax.jit(f)
 
 
-def kernel_microseconds(fn, args, calls):
-  """Kernel name -> GPU microseconds per call of `fn(*args)`, over `calls` traced calls."""
+def kernel_events(fn, args, calls):
+  """(kernel name, GPU microseconds) of every kernel that `calls` traced calls of `fn(*args)`
+  ran."""
   folder = tempfile.mkdtemp()
   with jax.profiler.trace(folder, create_perfetto_trace=True):
     for _ in range(calls):
@@ -36,8 +37,13 @@ def kernel_microseconds(fn, args, calls):
   ev = json.load(gzip.open(path))['traceEvents']
   names = {e['pid']: e['args']['name'] for e in ev
            if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  return [(e['name'], e['dur']) for e in ev
+          if e.get('ph') == 'X' and 'GPU' in names.get(e['pid'], '')]
+
+
+def kernel_microseconds(fn, args, calls):
+  """Kernel name -> GPU microseconds per call of `fn(*args)`, over `calls` traced calls."""
   agg = collections.defaultdict(float)
-  for e in ev:
-    if e.get('ph') == 'X' and 'GPU' in names.get(e['pid'], ''):
-      agg[e['name']] += e['dur'] / calls
+  for name, dur in kernel_events(fn, args, calls):
+    agg[name] += dur / calls
   return agg
