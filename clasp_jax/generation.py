@@ -31,15 +31,17 @@ def encode_prompt(model: LoadedModel, prompt: str, *, chat: bool = False,
 
 def make_decoder(model: LoadedModel, method: str = 'clasp', *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, pass_width: int | None = None,
-                 **strategy_settings) -> Decoder:
+                 attention: str = 'auto', cpu_kernel: bool | None = None,
+                 rows_apart: bool | None = None, **strategy_settings) -> Decoder:
   """A `Decoder` for `method` (see `strategies.build` for the settings), on the mesh the model
-  was loaded onto (`load(mesh=...)`), its passes `pass_width` rows wide (None: the platform's,
-  see `Decoder`), K unset what one such pass verifies. Keep it to reuse its compiled functions
-  across generations."""
+  was loaded onto (`load(mesh=...)`), its passes `pass_width` rows wide (None: the platform's),
+  K unset what one such pass verifies; `attention`, `cpu_kernel` and `rows_apart` as
+  `Decoder` takes them. Keep it to reuse its compiled functions across generations."""
   sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
   strategy = strategies.build(method, model.config, pass_width=pass_width, **strategy_settings)
   return Decoder(model.params, model.config, strategy, sampling, tokenizer=model.tokenizer,
-                 mesh=model.mesh, pass_width=pass_width)
+                 mesh=model.mesh, pass_width=pass_width, attention=attention,
+                 cpu_kernel=cpu_kernel, rows_apart=rows_apart)
 
 
 def generate(model: LoadedModel, prompt: str, *, method: str = 'clasp', chat: bool = False,

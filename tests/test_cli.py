@@ -182,8 +182,13 @@ def test_a_run_says_what_it_does_on_stderr_and_nothing_else(tiny_hf_checkpoint, 
 
 @pytest.fixture
 def parse_flags():
-  """Parses the CLIs' flags in this process for one test, then restores their defaults."""
-  yield lambda *args: generate.FLAGS(['clasp-generate', *args])
+  """Parses the CLIs' flags in this process, each time from their defaults, which it restores
+  after the test."""
+  def parse(*args):
+    generate.FLAGS.unparse_flags()
+    return generate.FLAGS(['clasp-generate', *args])
+
+  yield parse
   generate.FLAGS.unparse_flags()
 
 
@@ -192,7 +197,6 @@ def test_prompt_file_and_stdin_give_the_prompt(parse_flags, tmp_path, monkeypatc
   path.write_text('Summarise:\n\nthe text\n\n')
   parse_flags(f'--prompt_file={path}')
   assert generate.read_prompt() == 'Summarise:\n\nthe text'
-  generate.FLAGS.unparse_flags()
   parse_flags('--prompt_file=-')
   monkeypatch.setattr(sys, 'stdin', io.TextIOWrapper(io.BytesIO('Résumé\n'.encode())))
   assert generate.read_prompt() == 'Résumé'
@@ -287,6 +291,28 @@ def test_pass_width_reaches_every_decoder(tiny_hf_checkpoint, parse_flags, monke
   vanilla = bench.make_generator(model, 'vanilla', SamplingConfig(), {})
   assert vanilla.fast_path
   assert bench._method_settings(vanilla) == '`Vanilla()`, passes of 1 row'  # the summary
+
+
+def test_pass_settings_reach_every_decoder(tiny_hf_checkpoint, parse_flags, monkeypatch):
+  """--cpu_kernel and --rows_apart reach every method's decoder: on a CPU in float32 a pass's
+  rows are apart unless asked not to be or the kernel is off. Rows apart where they cannot be,
+  or the GPU kernel without a GPU, is an error before anything compiles."""
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_PREALLOCATE', os.environ.get(
+      'XLA_PYTHON_CLIENT_PREALLOCATE', 'false'))
+  model = weights.load(tiny_hf_checkpoint)
+  on_cpu = jax.default_backend() == 'cpu'
+  for args, apart in (((), on_cpu), (('--rows_apart=off',), False),
+                      (('--cpu_kernel=off',), False), (('--attention=xla',), on_cpu)):
+    parse_flags('--prompt=p', *args)
+    decoders = [bench.make_generator(model, m, SamplingConfig(), {}) for m in ('vanilla', 'pld')]
+    assert [d.rows_apart for d in decoders] == [apart] * 2, args
+  parse_flags('--prompt=p', '--rows_apart=on', '--cpu_kernel=off')
+  with pytest.raises(ValueError, match='rows_apart=True, but'):
+    bench.make_generator(model, 'vanilla', SamplingConfig(), {})
+  if jax.default_backend() != 'gpu':
+    parse_flags('--prompt=p', '--attention=pallas')
+    with pytest.raises(ValueError, match='--attention=pallas is the fused GPU kernel'):
+      bench.make_generator(model, 'vanilla', SamplingConfig(), {})
 
 
 def test_method_variants_override_flags_for_one_method():

@@ -117,7 +117,7 @@ def make_generator(model: weights.LoadedModel, spec: str, sampling: SamplingConf
     return hf_reference.load_reference(model)
   if {'skip_layers', 'skip_ratio'} & set(overrides):  # a variant's M replaces the flags'
     strategy_kwargs = dict(strategy_kwargs, skip_layers=None, skip_ratio=None)
-  return make_decoder(model, method, **dataclasses.asdict(sampling), pass_width=FLAGS.pass_width,
+  return make_decoder(model, method, **dataclasses.asdict(sampling), **flags_lib.decoder_kwargs(),
                       **{**strategy_kwargs, **overrides})
 
 

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -60,6 +61,18 @@ flags.DEFINE_integer('pass_width', None, "Rows of every full-model pass; unset: 
                      'tokens only at one width. On a CPU, 1 made plain decoding 1.35x faster '
                      'than 3 (a 2-core Xeon) and drafting far slower (K + 1 passes a verify): for '
                      'plain decoding alone.', lower_bound=1)
+flags.DEFINE_enum('attention', 'auto', ('auto', 'xla', 'pallas'), "The cache attention: 'xla' "
+                  "the plain jnp version (the reference), 'pallas' the fused GPU kernel; auto: "
+                  'the kernel on one GPU, else the jnp version.')
+flags.DEFINE_enum('cpu_kernel', 'auto', ('auto', 'on', 'off'), "On a CPU, a float32 pass's "
+                  "products by the project's C++ kernel (built at first use with $CXX) or, off, "
+                  "by XLA's; auto: the kernel where it can be built, on one device. Methods give "
+                  'the same tokens only with one choice.')
+flags.DEFINE_enum('rows_apart', 'auto', ('auto', 'on', 'off'), 'On a CPU in float32 with the '
+                  "kernels: every pass computes each row as a 1-row pass would, so that plain "
+                  "steps run as 1-row passes beside wider verify passes, tokens unchanged; on: an "
+                  "error where it cannot; auto: wherever it can. Methods give the same tokens "
+                  'only with one choice.')
 flags.DEFINE_float('temperature', 0.0, '0: greedy; otherwise the sampling temperature.')
 flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens (0: all).')
 flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1: all tokens).')
@@ -284,6 +297,22 @@ def _is_cached(source: str, dtype: str | None, cache_dir_path: str) -> bool:
   dtype = np.dtype(weights.default_dtype() if dtype is None else jnp.dtype(dtype))
   entry = os.path.join(cache_dir_path, store.cache_key(source, dtype))
   return os.path.isfile(os.path.join(entry, _CACHE_ENTRY_MARK))
+
+
+def decoder_kwargs() -> dict[str, Any]:
+  """The keyword arguments of `make_decoder` that say how a decoder's passes run (the same for
+  every method of a run, so that they compare exactly): --pass_width, --attention,
+  --cpu_kernel and --rows_apart.
+
+  Raises:
+    ValueError: for --attention=pallas on a machine without a GPU.
+  """
+  if FLAGS.attention == 'pallas' and jax.default_backend() != 'gpu':
+    raise ValueError(f'--attention=pallas is the fused GPU kernel; this machine runs on '
+                     f'{jax.default_backend()}: use auto or xla')
+  choice = dict(auto=None, on=True, off=False)
+  return dict(pass_width=FLAGS.pass_width, attention=FLAGS.attention,
+              cpu_kernel=choice[FLAGS.cpu_kernel], rows_apart=choice[FLAGS.rows_apart])
 
 
 def sampling_config() -> SamplingConfig:

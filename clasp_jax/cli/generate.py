@@ -118,7 +118,7 @@ def generate_from_flags() -> Generation:
   strategy_kwargs = flags_lib.strategy_kwargs()
   model = flags_lib.load_model()
   decoder = make_decoder(model, FLAGS.method, **dataclasses.asdict(sampling),
-                         pass_width=FLAGS.pass_width, **strategy_kwargs)
+                         **flags_lib.decoder_kwargs(), **strategy_kwargs)
   prompt_ids = encode_prompt(model, prompt, chat=FLAGS.chat)
   flags_lib.progress('compiling, then generating (the first run compiles; later ones load the '
                      'compiled programs from --cache_dir) ...')
