@@ -195,6 +195,14 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, layers, monkeypatch
   assert decoder.compile(len(prompts[0]), tiny.MAX_NEW) == 0.0
 
 
+def test_a_segment_runs_at_least_one_round():
+  """A segment of no round is refused where it is made (a GPU program run for nothing,
+  which also slowed its later runs)."""
+  with pytest.raises(ValueError, match='at least one round, got rounds=0'):
+    strategies.Segment(draft=False, rounds=0)
+  assert strategies.Segment(draft=False, rounds=1).rounds == 1
+
+
 @pytest.mark.parametrize('layers', ['stacked', 'unrolled'])
 def test_first_runs_run_each_program_once_and_change_nothing(tiny_model, layers, monkeypatch):
   """`Decoder.compile` with `first_runs` (a GPU's default) runs each of the request's programs

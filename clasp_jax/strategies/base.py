@@ -77,6 +77,12 @@ class Segment:
   lookup_only: bool = False
   refresh_every: int | None = None
 
+  def __post_init__(self):
+    # A segment of no round would run a program for nothing; on a GPU such a run also left
+    # the program's later runs slower (docs/results/h100/first_runs/).
+    if self.rounds is not None and self.rounds < 1:
+      raise ValueError(f'a segment runs at least one round, got rounds={self.rounds}')
+
   @property
   def kind(self) -> str:
     """'plain', 'draft' or 'lookup': which compiled program runs it."""
