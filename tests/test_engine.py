@@ -195,12 +195,17 @@ def test_compile_ahead_leaves_nothing_to_compile(tiny_model, layers, monkeypatch
   assert decoder.compile(len(prompts[0]), tiny.MAX_NEW) == 0.0
 
 
-def test_a_segment_runs_at_least_one_round():
+def test_a_segment_runs_at_least_one_round(tiny_model):
   """A segment of no round is refused where it is made (a GPU program run for nothing,
-  which also slowed its later runs)."""
+  which also slowed its later runs), and a policy setting that would make one where the
+  decoder is built."""
   with pytest.raises(ValueError, match='at least one round, got rounds=0'):
     strategies.Segment(draft=False, rounds=0)
   assert strategies.Segment(draft=False, rounds=1).rounds == 1
+  config, params = tiny_model
+  with pytest.raises(ValueError, match='probe_rounds must be >= 1, got 0'):
+    Decoder(params, config, strategies.AdaptiveClasp(candidates=(2, 4), initial_skip_layers=2,
+                                                     probe_rounds=0))
 
 
 @pytest.mark.parametrize('layers', ['stacked', 'unrolled'])

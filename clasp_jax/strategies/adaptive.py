@@ -608,6 +608,8 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
       raise ValueError(f'loi must be >= 1, got {self.loi}')
     if not 0.0 < self.probe_budget <= 1.0:
       raise ValueError(f'probe_budget must be in (0, 1], got {self.probe_budget}')
+    if self.probe_rounds < 1:
+      raise ValueError(f'probe_rounds must be >= 1, got {self.probe_rounds}')
 
   def refresh(self, params, config, state, num_skip, attention=attention_lib.prefix_attention):
     table_LJ = clasp_dp_table(params, config, state.cache, state.target_hidden_LD,
