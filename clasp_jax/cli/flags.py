@@ -63,7 +63,7 @@ flags.DEFINE_integer('pass_width', None, "Rows of every full-model pass; unset: 
                      'plain decoding alone.', lower_bound=1)
 flags.DEFINE_enum('attention', 'auto', ('auto', 'xla', 'pallas'), "The cache attention: 'xla' "
                   "the plain jnp version (the reference), 'pallas' the fused GPU kernel; auto: "
-                  'the kernel on one GPU, else the jnp version.')
+                  'the kernel on GPUs, else the jnp version.')
 flags.DEFINE_enum('cpu_kernel', 'auto', ('auto', 'on', 'off'), "On a CPU, a float32 pass's "
                   "products by the project's C++ kernel (built at first use with $CXX) or, off, "
                   "by XLA's; auto: the kernel where it can be built, on one device. Methods give "
