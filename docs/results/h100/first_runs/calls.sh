@@ -34,3 +34,10 @@ done; done
 for i in 1 2; do for fr in lib zero prefill; do
   FR=$fr python $R/bench_fr.py --model=$MODEL --methods=vanilla,clasp $S --cache_dir=$CACHE --out_dir=${fr}_$i
 done; done
+# E. a later call: bb66890 against b71f6c5 on the embedded model (OLD then the b71f6c5 archive;
+#    summaries.md, turns_gguf_e.json)
+for i in 1 2; do
+  clasp-bench --model=$GGUF --methods=vanilla,clasp $S --cache_dir=$CACHE --out_dir=head_$i
+  (cd $OLD && PYTHONPATH=. python -m clasp_jax.cli.bench --model=$GGUF --methods=vanilla,clasp \
+     $S --cache_dir=$CACHE_OLD --out_dir=old_$i)
+done
