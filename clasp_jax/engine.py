@@ -560,6 +560,16 @@ def _attention_kind(name: str) -> str:
   return name
 
 
+def attention_blocker(name: str) -> str | None:
+  """Why the attention `name` ('auto', 'xla' or 'pallas') cannot run on this machine, or None
+  where it can: the fused kernels are Triton's, for GPUs."""
+  backend = jax.default_backend()
+  if _attention_kind(name) == 'pallas' and backend != 'gpu':
+    return (f"attention='pallas' is the fused GPU kernel; this machine runs on {backend}: use "
+            "'auto' or 'xla'")
+  return None
+
+
 def resolve_attention(name: str, config: LlamaConfig | None = None, mesh=None, *,
                       prefix: bool = False):
   """The cache attention for 'auto' (the fused kernel on GPUs, plain `jnp` elsewhere),
@@ -698,6 +708,7 @@ class Decoder:
       cpu_kernel = False
     self.config, self.strategy = config, strategy
     self.sampling, self.tokenizer, self.pass_width = sampling, tokenizer, pass_width
+    self._attention = attention
     self.logits_by_row = logits_by_row
     if fast_path is None:
       fast_path = model_lib.per_layer_by_default(pass_width)
@@ -889,6 +900,7 @@ class Decoder:
 
   def compile_segment(self, state: DecodeState, segment: Segment) -> None:
     """Compiles the segment `run_segment` would run on this state (concrete or abstract)."""
+    self._check_runs_here()
     self._segments[segment.kind].compiled(*self._segment_args(state, segment, 0))
 
   def run_segment(self, state: DecodeState, segment: Segment,
@@ -928,6 +940,7 @@ class Decoder:
       The seconds spent compiling (0 when everything was compiled already; the first runs
       are not counted).
     """
+    self._check_runs_here()
     before = self.compile_seconds
     programs = list(self._programs(num_prompt_tokens, max_new_tokens))
     for _, function, args in programs:
@@ -958,6 +971,13 @@ class Decoder:
                                                active_layers):
       lowered[name] = function.lower(*args, platform=platform)
     return lowered
+
+  def _check_runs_here(self) -> None:
+    """Refuses, with one line, to build programs this machine cannot run (a decoder of the
+    GPU kernels may be built anywhere, for `lower`); XLA would fail deep in a lowering."""
+    blocker = attention_blocker(self._attention)
+    if blocker:
+      raise ValueError(blocker)
 
   def _drafts_run_active_layers(self) -> bool:
     """Whether a draft on the platform being traced runs the active layers' own buffers,
@@ -1008,6 +1028,7 @@ class Decoder:
   def start(self, prompt_ids: list[int], max_new_tokens: int, seed: int = 0) -> DecodeState:
     """The decode state after the prompt's prefill: the first token drawn, no round run yet
     (what `generate` runs its segments on; for benchmarks that time the pieces of a round)."""
+    self._check_runs_here()
     self.check_request(prompt_ids, max_new_tokens)
     if not np.iinfo(np.int32).min <= seed <= np.iinfo(np.int32).max:
       raise ValueError(f'seed must fit in 32 bits (signed), got {seed}')

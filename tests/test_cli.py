@@ -311,7 +311,7 @@ def test_pass_settings_reach_every_decoder(tiny_hf_checkpoint, parse_flags, monk
     bench.make_generator(model, 'vanilla', SamplingConfig(), {})
   if jax.default_backend() != 'gpu':
     parse_flags('--prompt=p', '--attention=pallas')
-    with pytest.raises(ValueError, match='--attention=pallas is the fused GPU kernel'):
+    with pytest.raises(ValueError, match="attention='pallas' is the fused GPU kernel"):
       bench.make_generator(model, 'vanilla', SamplingConfig(), {})
 
 

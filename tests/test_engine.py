@@ -561,3 +561,19 @@ def test_segments_end_only_where_the_skip_set_changes(tiny_model, monkeypatch, l
   assert on_change_segments == 1 + changes
   assert len(segments) == len(each.accept_lengths)
   assert len(puts) == 1 + changes  # from the host, at each change
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='the kernels run on a GPU')
+def test_the_gpu_kernels_are_refused_off_a_gpu_before_any_compile(tiny_model):
+  """A decoder of the fused GPU kernels builds anywhere and lowers for a GPU from anywhere;
+  compiling or running it here is a one-line error, not a failure inside the lowering."""
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.Vanilla(), attention='pallas')
+  assert 'plain' in decoder.lower(20, 8, 'cuda')
+  message = ("attention='pallas' is the fused GPU kernel; this machine runs on "
+             f'{jax.default_backend()}')
+  for build in (lambda: decoder.compile(20, 8), lambda: decoder.generate([1, 2, 3], 4),
+                lambda: decoder.start([1, 2, 3], 4)):
+    with pytest.raises(ValueError, match=message):
+      build()
+  assert decoder.compile_seconds == 0.0

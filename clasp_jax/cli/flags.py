@@ -19,7 +19,6 @@ from typing import Any, NoReturn
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,7 +27,7 @@ from clasp_jax import sharding
 from clasp_jax import strategies
 from clasp_jax import weights
 from clasp_jax import widths
-from clasp_jax.engine import enable_compilation_cache
+from clasp_jax import engine
 from clasp_jax.sampling import SamplingConfig
 from clasp_jax.weights import store
 
@@ -280,7 +279,7 @@ def load_model() -> weights.LoadedModel:
   """
   kwargs = load_kwargs()
   if kwargs['cache_dir'] is not None:
-    enable_compilation_cache(kwargs['cache_dir'])
+    engine.enable_compilation_cache(kwargs['cache_dir'])
   progress(f'loading {model_name()} ...')
   source = os.path.abspath(kwargs['path'] or weights.embedded_model_path())
   if os.path.exists(source):  # Otherwise `weights.load` says what is wrong.
@@ -307,9 +306,9 @@ def decoder_kwargs() -> dict[str, Any]:
   Raises:
     ValueError: for --attention=pallas on a machine without a GPU.
   """
-  if FLAGS.attention == 'pallas' and jax.default_backend() != 'gpu':
-    raise ValueError(f'--attention=pallas is the fused GPU kernel; this machine runs on '
-                     f'{jax.default_backend()}: use auto or xla')
+  blocker = engine.attention_blocker(FLAGS.attention)
+  if blocker:  # before the model loads
+    raise ValueError(blocker)
   choice = dict(auto=None, on=True, off=False)
   return dict(pass_width=FLAGS.pass_width, attention=FLAGS.attention,
               cpu_kernel=choice[FLAGS.cpu_kernel], rows_apart=choice[FLAGS.rows_apart])
