@@ -15,6 +15,12 @@ built so, not tuned so:
   positions never depends on the pass or the capacity). Splits wholly after the chunk run no
   block and write nothing. Every program handles one block of the KV head's query rows (all
   T * G of them unless that exceeds `MAX_ROW_BLOCK`), each row the same way.
+- One exception to the width, on a GPU: the row block and the fold's row tiles are sized by
+  the chunk, and a GPU reduction (a row's maximum and sum over a block of keys, the fold's
+  sum over splits) runs in the order of its tile's layout, so a row's bits may differ
+  between chunks of different row counts (an H100: `docs/results/h100/row_tiles/`). Every
+  full-model pass of a decoder has one width (`engine.full_pass`), so no committed token
+  depends on it; Pallas's interpret mode (the CPU tests) does not show it.
 - A second kernel folds the splits in position order, in groups of a fixed number of splits,
   up to the last one that holds a position the pass sees: a split after a query's position
   adds exact zeros to it, so where the fold stops changes nothing. The cache's capacity (how
