@@ -9,7 +9,7 @@ Bits: row t's output of a T-row pass against the same row of a 16-row pass (same
 start, the first T rows of the same q/k/v), for T in 1, 9 and MAX_ROW_BLOCK 16 / 32 / 64.
 Time: the attention at every layer of one program (gpu_trace.unrolled), GPU busy per layer.
 """
-import json, os, sys, time
+import json, os, sys
 import numpy as np, jax, jax.numpy as jnp
 from clasp_jax import attention_pallas as ap
 sys.path.insert(0, 'docs/results/h200/decode/attention_fold')
