@@ -134,7 +134,7 @@ def merged_block(cache_LBSKh: jax.Array, chunk_BTKh: jax.Array, layer: jax.Array
 def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
                     cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
                     layer: jax.Array | int, start: jax.Array,
-                    riders: Riders | None = None) -> jax.Array:
+                    riders: Riders | None = None, *, num_rows: int | None = None) -> jax.Array:
   """Causal grouped-query attention of a chunk over the cache and itself.
 
   Query t sits at position start + t and sees every key at a position <= its own: cached
@@ -152,6 +152,9 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
     layer: which layer's cache to read (static or traced).
     start: int32 scalar, the chunk's first position (start + T <= S).
     riders: optional rows of the chunk that are riders, not tokens.
+    num_rows: optional, the chunk's real rows where the rest pad it (static; none with
+      riders): no caller reads the padding rows' outputs, and the attention returns zeros
+      there (the fused GPU kernel does no work for them).
 
   Returns:
     The attention output [B, T, H*hd] in the queries' dtype.
@@ -160,7 +163,16 @@ def cache_attention(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
     q_BTHh, k_BTKh, v_BTKh = split_packed(q_BTHh, cache_k_LBSKh.shape[3])
   B, T = q_BTHh.shape[:2]
   attend = row_attention if B == T == 1 and riders is None else _chunk_attention
-  return attend(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start, riders)
+  return padding_zeroed(
+      attend(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start, riders),
+      num_rows)
+
+
+def padding_zeroed(out_BTX: jax.Array, num_rows: int | None) -> jax.Array:
+  """An attention output with the rows from `num_rows` on (the chunk's padding) zeroed."""
+  if num_rows is None:
+    return out_BTX
+  return jnp.where(jnp.arange(out_BTX.shape[1])[None, :, None] < num_rows, out_BTX, 0)
 
 
 def _over_blocks(update, init, cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,

@@ -13,19 +13,23 @@ built so, not tuned so:
 - Flash decoding: the grid runs over (KV head, row block, split), each split covering
   `split_size(KV)` absolute positions (a constant of the model, so the partition of
   positions never depends on the pass or the capacity). Splits wholly after the chunk run no
-  block and write nothing. Every program handles one block of the KV head's query rows (all
-  T * G of them unless that exceeds `MAX_ROW_BLOCK`), each row the same way.
-- One exception to the width, on a GPU: the row block and the fold's row tiles are sized by
-  the chunk, and a GPU reduction (a row's maximum and sum over a block of keys, the fold's
-  sum over splits) runs in the order of its tile's layout, so a row's bits may differ
-  between chunks of different row counts (an H100: `docs/results/h100/row_tiles/`). Every
-  full-model pass of a decoder has one width (`engine.full_pass`), so no committed token
-  depends on it; Pallas's interpret mode (the CPU tests) does not show it.
+  block and write nothing. Every program handles one block of the KV head's real query rows
+  (all of them unless that exceeds `MAX_ROW_BLOCK`), each row the same way.
+- On a GPU a sum over a tile's row runs in the order of the tile's layout, which its number
+  of rows sets, so the kernels keep none whose tile the pass sizes: a row's sum of weights
+  over a block of keys is a product with ones, as its dot products are (their order is the
+  matrix unit's, the same for every row block), and the fold sums splits in tiles of
+  `FOLD_ROWS` rows whatever the pass. With a `jnp.sum` there and fold tiles sized by the
+  chunk, a row's bits differed between a 1-, a 9- and a 16-row pass (an H100,
+  `docs/results/h100/row_tiles/`); Pallas's interpret mode shows some of it, not all.
 - A second kernel folds the splits in position order, in groups of a fixed number of splits,
   up to the last one that holds a position the pass sees: a split after a query's position
   adds exact zeros to it, so where the fold stops changes nothing. The cache's capacity (how
   many splits there are) does not change the result, and its empty splits are neither
   written nor read; their programs still start, and exit at once.
+- A chunk's padding rows (`num_rows`: a plain step's pass holds one token in 16 rows) are
+  neither loaded nor computed, and come out as zeros: a row's result does not depend on
+  which other rows are computed.
 
 The cache is only read, and only below `start`: positions from `start` on come from the
 chunk's own keys and values (cast to the cache's dtype), and positions after the chunk are
@@ -57,10 +61,12 @@ KEY_BLOCK = 64
 SPLIT_SIZE = 128
 SPLIT_SIZE_FEW_KV_HEADS = 64
 FEW_KV_HEADS = 8
-#: Most query rows (T * G of one KV head, padded to a power of two >= 16) one program holds.
+#: Most query rows (the real rows of one KV head, padded to a power of two >= 16) one program
+#: holds.
 MAX_ROW_BLOCK = 64
 #: The fold loads this many splits at once (a constant, so that its sums' order never depends
-#: on the cache's capacity), for blocks of at most FOLD_ROWS rows and FOLD_COLS columns.
+#: on the cache's capacity), for tiles of FOLD_ROWS rows (whatever the pass: the order of its
+#: sums follows the tile's layout) and at most FOLD_COLS columns.
 FOLD_GROUP = 16
 FOLD_ROWS = 16
 FOLD_COLS = 32
@@ -88,8 +94,8 @@ def split_size(num_kv_heads: int) -> int:
   return SPLIT_SIZE_FEW_KV_HEADS if num_kv_heads < FEW_KV_HEADS else SPLIT_SIZE
 
 
-def _split_kernel(start_ref, layer_ref, *refs, num_tokens: int, group: int, own_keys: bool,
-                  first_rider: int, split: int, stride: tuple[int, int],
+def _split_kernel(start_ref, layer_ref, *refs, num_tokens: int, num_rows: int, group: int,
+                  own_keys: bool, first_rider: int, split: int, stride: tuple[int, int],
                   kv_offsets: tuple[int, int]):
   """One (KV head, row block, split) program: the online softmax over the split's keys.
 
@@ -101,10 +107,12 @@ def _split_kernel(start_ref, layer_ref, *refs, num_tokens: int, group: int, own_
   H + 2 KV, offsets H and H + KV); cache_k_ref, cache_v_ref the whole [L, S, KV, hd] caches
   (batch squeezed); m_ref, l_ref [R] and o_ref [R, hd] the split's float32 statistics for the
   program's R rows (row r of the KV head being token r // G, query head r % G). Every input
-  is read in place: no layout copies around the call. `own_keys` False: every row sees the
-  cache below `start` only (see `prefix_attention`); tokens from `first_rider` on are riders
-  at position rider_pos (`attention.Riders`; none when it is `num_tokens`, and then the
-  kernel is the one of a pass without riders); `split` the positions a program covers.
+  is read in place: no layout copies around the call. Rows of tokens from `num_rows` on are
+  padding, loaded as zeros, and so are their keys: no row sees them. `own_keys` False: every
+  row sees the cache below `start` only (see `prefix_attention`); tokens from `first_rider`
+  on are riders at position rider_pos (`attention.Riders`; none when it is `num_tokens`, and
+  then the kernel is the one of a pass without riders); `split` the positions a program
+  covers.
   """
   riders = own_keys and first_rider < num_tokens
   rider_pos_ref, refs = (refs[0], refs[1:]) if riders else (None, refs)
@@ -117,11 +125,11 @@ def _split_kernel(start_ref, layer_ref, *refs, num_tokens: int, group: int, own_
   R, hd = o_ref.shape
   hd_h = jnp.arange(hd, dtype=jnp.int32)
   # The program's rows of this KV head: token x // G, query head kv * G + x % G; rows from
-  # T * G on are padding, loaded as zeros (their results are never read).
+  # num_rows * G on are padding, loaded as zeros (their results are never read).
   x_R = row_block * R + jnp.arange(R, dtype=jnp.int32)
   token_R = lax.div(x_R, group)
   q_row_R = token_R * stride[0] + kv * group + lax.rem(x_R, group)
-  real_R = x_R < num_tokens * group
+  real_R = x_R < num_rows * group
   q_Rh = plgpu.load(q_ref.at[jnp.where(real_R, q_row_R, 0)[:, None], hd_h[None, :]],
                     mask=jnp.broadcast_to(real_R[:, None], (R, hd)), other=0)
   # The last position each row sees in order (a rider also sees its own key, at own_R), and
@@ -131,7 +139,7 @@ def _split_kernel(start_ref, layer_ref, *refs, num_tokens: int, group: int, own_
     last_R = own_R
     if riders:
       last_R = jnp.where(token_R >= first_rider, rider_pos_ref[()] - 1, own_R)
-    end = start + num_tokens
+    end = start + num_rows
   else:
     last_R = jnp.full((R,), start - 1, jnp.int32)
     end = start
@@ -148,14 +156,14 @@ def _split_kernel(start_ref, layer_ref, *refs, num_tokens: int, group: int, own_
 
   def merged(cache_ref, chunk_ref, offset, block_start, pos_C):
     """[KEY_BLOCK, hd] keys (or values) at positions pos_C = [block_start, + KEY_BLOCK): the
-    cache's below `start`, the chunk's in [start, start + T), zeros after (as
+    cache's below `start`, the real rows' in [start, start + num_rows), zeros after (as
     `attention.merged_block`, except that it never reads the cache at or after `start`)."""
     shape = (KEY_BLOCK, hd)
     cached_Ch = plgpu.load(cache_ref.at[layer, pl.ds(block_start, KEY_BLOCK), kv, :],
                            mask=jnp.broadcast_to((pos_C < start)[:, None], shape), other=0)
     row_C = pos_C - start
-    in_chunk_C = (row_C >= 0) & (row_C < num_tokens)
-    chunk_row_C = jnp.clip(row_C, 0, num_tokens - 1) * stride[1] + offset + kv
+    in_chunk_C = (row_C >= 0) & (row_C < num_rows)
+    chunk_row_C = jnp.clip(row_C, 0, num_rows - 1) * stride[1] + offset + kv
     chunk_Ch = plgpu.load(chunk_ref.at[chunk_row_C[:, None], hd_h[None, :]],
                           mask=jnp.broadcast_to(in_chunk_C[:, None], shape), other=0)
     return jnp.where(in_chunk_C[:, None], chunk_Ch, cached_Ch)
@@ -179,9 +187,15 @@ def _split_kernel(start_ref, layer_ref, *refs, num_tokens: int, group: int, own_
     # Exactly 1 where the maximum did not move (a block wholly after the row included); the
     # where also keeps -inf - -inf (a row that has seen nothing yet) from making a NaN.
     alpha_R = jnp.where(m_new_R == m_R, 1.0, jnp.exp(m_R - m_new_R))
-    p_RC = jnp.where(visible_RC, jnp.exp(s_RC - m_new_R[:, None]), 0.0)
-    l_R = l_R * alpha_R + jnp.sum(p_RC, axis=1)
-    pv_Rh = lax.dot_general(p_RC.astype(v_Ch.dtype), v_Ch, (((1,), (0,)), ((), ())),
+    p_RC = jnp.where(visible_RC, jnp.exp(s_RC - m_new_R[:, None]), 0.0).astype(v_Ch.dtype)
+    # The weights' sum as a product with ones (see the module docstring; its 16 columns are
+    # the same sum, the maximum picks one): of the weights as they meet the values.
+    ones_C16 = jnp.ones((KEY_BLOCK, 16), v_Ch.dtype)
+    sum_R = lax.dot_general(p_RC, ones_C16, (((1,), (0,)), ((), ())),
+                            precision=lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32).max(axis=1)
+    l_R = l_R * alpha_R + sum_R
+    pv_Rh = lax.dot_general(p_RC, v_Ch, (((1,), (0,)), ((), ())),
                             precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     return m_new_R, l_R, o_Rh * alpha_R[:, None] + pv_Rh
 
@@ -203,7 +217,7 @@ def _split_kernel(start_ref, layer_ref, *refs, num_tokens: int, group: int, own_
 def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
                 cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array, layer: jax.Array | int,
                 start: jax.Array | int, riders: attention_lib.Riders | None = None, *,
-                own_keys: bool = True,
+                own_keys: bool = True, num_rows: int | None = None,
                 interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Runs the kernel: every split's online-softmax statistics, before the fold.
 
@@ -212,8 +226,8 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
 
   Returns:
     (m_PKX, l_PKX, o_PKXh), float32: per split P, KV head K and query row X (row t * G + g
-    is token t's query head g of that KV head; rows from T * G on are padding), the running
-    maximum, the sum of the weights and the unnormalized output. A split wholly at or after
+    is token t's query head g of that KV head; rows from num_rows * G on are padding), the
+    running maximum, the sum of the weights and the unnormalized output. A split wholly at or after
     the last position any query sees is left unwritten (`fold` reads none of them).
   """
   L, _, S, KV, hd = cache_k_LBSKh.shape
@@ -227,8 +241,11 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   split = split_size(KV)
   assert S % KEY_BLOCK == 0 and split % KEY_BLOCK == 0, (S, KEY_BLOCK, split)
   assert q_BTHh.dtype == dtype == cache_v_LBSKh.dtype, (q_BTHh.dtype, dtype)
-  rows = min(MAX_ROW_BLOCK, max(16, pl.next_power_of_2(T * G)))  # tl.dot wants >= 16
-  num_row_blocks = pl.cdiv(T * G, rows)
+  num_rows = T if num_rows is None else num_rows
+  assert 0 < num_rows <= T and (riders is None or num_rows == T), (num_rows, T, riders)
+  # The real rows in as few programs as hold them (tl.dot wants >= 16).
+  rows = min(MAX_ROW_BLOCK, max(16, pl.next_power_of_2(num_rows * G)))
+  num_row_blocks = pl.cdiv(num_rows * G, rows)
   num_splits = pl.cdiv(S, split)
   X = num_row_blocks * rows
   # Free reshapes: the kernel reads the chunk's rows where they are.
@@ -250,7 +267,8 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   cache_spec = pl.BlockSpec((L, None, S, KV, hd), lambda k, r, p: (0, 0, 0, 0, 0))
   stat_spec = pl.BlockSpec((None, None, rows), lambda k, r, p: (p, k, r))
   return pl.pallas_call(
-      functools.partial(_split_kernel, num_tokens=T, group=G, own_keys=own_keys,
+      functools.partial(_split_kernel, num_tokens=T, num_rows=num_rows, group=G,
+                        own_keys=own_keys,
                         first_rider=T if riders is None else riders.first_row, split=split,
                         stride=stride, kv_offsets=kv_offsets),
       grid=(KV, num_row_blocks, num_splits),
@@ -268,36 +286,40 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
 
 
 def _fold_kernel(end_ref, m_ref, l_ref, o_ref, *out_refs, split: int, group: int,
-                 heads: int, rows: int, cols: int, normalise: bool):
-  """One (KV head, row block, column block) program: its part of the splits' statistics
+                 heads: int, num_real: int, cols: int, normalise: bool):
+  """One (KV head, row tile, column block) program: its part of the splits' statistics
   folded in position order, `FOLD_GROUP` splits at a time.
 
   Refs: end_ref int32 scalar, one past the last position any row sees; m_ref, l_ref [P, X]
   and o_ref [P, X, hd], every split's statistics of the KV head's X rows (row x being token
-  x // G, query head x % G). `normalise` True: out_refs is the attention output
-  [T * heads, hd] (row t * heads + h: token t's head h); False: out_refs are the folded m
-  [rows], l [rows] and o [rows, cols].
+  x // G, query head x % G; the first `num_real` real). `normalise` True: out_refs is the
+  attention output [T * heads, hd] (row t * heads + h: token t's head h), zeros in the
+  padding rows; False: out_refs are the folded m [FOLD_ROWS], l [FOLD_ROWS] and
+  o [FOLD_ROWS, cols].
 
   A group's splits are loaded at once and merged as one softmax (their maximum, then their
   weighted sums); the groups are merged one after the other. A split holding no position
   below `end` is not read and counts as "nothing seen" (m = -inf, l = 0, o = 0), as is every
   split after a row's own position: its terms are exact zeros, so a row's result depends
-  neither on `end` nor on the number of splits, only on its position.
+  neither on `end` nor on the number of splits, only on its position. Every row is folded in
+  a tile of one shape, so in the same order whichever pass it is in.
   """
   kv = pl.program_id(0)
-  x_R = pl.program_id(1) * rows + jnp.arange(rows, dtype=jnp.int32)
+  x_R = pl.program_id(1) * FOLD_ROWS + jnp.arange(FOLD_ROWS, dtype=jnp.int32)
   c_C = pl.program_id(2) * cols + jnp.arange(cols, dtype=jnp.int32)
+  real_R = x_R < num_real
+  load_x_R = jnp.where(real_R, x_R, 0)  # in bounds; masked off below
   active = lax.div(end_ref[()] + split - 1, split)
 
   def merge_group(g, stats):
     p_Q = g * FOLD_GROUP + jnp.arange(FOLD_GROUP, dtype=jnp.int32)
     seen_Q = p_Q < active
     p_Q = jnp.where(seen_Q, p_Q, 0)  # in bounds; masked off below
-    mask_QR = jnp.broadcast_to(seen_Q[:, None], (FOLD_GROUP, rows))
-    m_QR = plgpu.load(m_ref.at[p_Q[:, None], x_R[None, :]], mask=mask_QR, other=-jnp.inf)
-    l_QR = plgpu.load(l_ref.at[p_Q[:, None], x_R[None, :]], mask=mask_QR, other=0.0)
-    o_QRC = plgpu.load(o_ref.at[p_Q[:, None, None], x_R[None, :, None], c_C[None, None, :]],
-                       mask=jnp.broadcast_to(seen_Q[:, None, None], (FOLD_GROUP, rows, cols)),
+    mask_QR = seen_Q[:, None] & real_R[None, :]
+    m_QR = plgpu.load(m_ref.at[p_Q[:, None], load_x_R[None, :]], mask=mask_QR, other=-jnp.inf)
+    l_QR = plgpu.load(l_ref.at[p_Q[:, None], load_x_R[None, :]], mask=mask_QR, other=0.0)
+    o_QRC = plgpu.load(o_ref.at[p_Q[:, None, None], load_x_R[None, :, None], c_C[None, None, :]],
+                       mask=jnp.broadcast_to(mask_QR[:, :, None], (FOLD_GROUP, FOLD_ROWS, cols)),
                        other=0.0)
     m_R = jnp.max(m_QR, axis=0)
     # Exactly 1 at the maximum (also where every split is -inf: no NaN), 0 for -inf.
@@ -305,8 +327,9 @@ def _fold_kernel(end_ref, m_ref, l_ref, o_ref, *out_refs, split: int, group: int
     return _merge(stats, (m_R, jnp.sum(l_QR * w_QR, axis=0),
                           jnp.sum(o_QRC * w_QR[:, :, None], axis=0)))
 
-  init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-          jnp.zeros((rows, cols), jnp.float32))
+  init = (jnp.full((FOLD_ROWS,), -jnp.inf, jnp.float32), jnp.zeros((FOLD_ROWS,), jnp.float32),
+          jnp.zeros((FOLD_ROWS, cols), jnp.float32))
+  # A tile of padding rows alone loads nothing (every load masked) and folds to zeros.
   m_R, l_R, o_RC = lax.fori_loop(0, lax.div(active + FOLD_GROUP - 1, FOLD_GROUP), merge_group,
                                  init)
   if not normalise:
@@ -314,13 +337,20 @@ def _fold_kernel(end_ref, m_ref, l_ref, o_ref, *out_refs, split: int, group: int
       ref[...] = value
     return
   (out_ref,) = out_refs
-  row_R = lax.div(x_R, group) * heads + kv * group + lax.rem(x_R, group)
-  plgpu.store(out_ref.at[row_R[:, None], c_C[None, :]],
-              (o_RC / l_R[:, None]).astype(out_ref.dtype))
+  in_out_R = x_R < out_ref.shape[0] // heads * group  # the tile's rows of the chunk's tokens
+  # Rows past the output point past its end (a masked store writes nothing there; in
+  # interpret mode, where masked rows are written back as they were, one pointing at a real
+  # row could undo that row's store).
+  row_R = jnp.where(in_out_R, lax.div(x_R, group) * heads + kv * group + lax.rem(x_R, group),
+                    out_ref.shape[0])
+  out_RC = jnp.where(real_R[:, None], o_RC / l_R[:, None], 0.0)  # padding rows: 0/0 -> 0
+  plgpu.store(out_ref.at[row_R[:, None], c_C[None, :]], out_RC.astype(out_ref.dtype),
+              mask=jnp.broadcast_to(in_out_R[:, None], (FOLD_ROWS, cols)))
 
 
 def fold(m_PKX: jax.Array, l_PKX: jax.Array, o_PKXh: jax.Array, end: jax.Array | int, *,
-         num_tokens: int, num_heads: int, dtype=None, interpret: bool = False):
+         num_tokens: int, num_heads: int, num_rows: int | None = None, dtype=None,
+         interpret: bool = False):
   """`split_stats`' splits folded in position order (see `_fold_kernel`), reading only the
   splits that hold a position below `end`.
 
@@ -329,43 +359,44 @@ def fold(m_PKX: jax.Array, l_PKX: jax.Array, o_PKXh: jax.Array, end: jax.Array |
     end: int32 scalar, one past the last position any query sees.
     num_tokens: T, the chunk's tokens.
     num_heads: H, query heads.
+    num_rows: the chunk's real tokens, as `split_stats` took them (None: all T).
     dtype: None: return the folded statistics; a dtype: return the normalised attention
       output in it.
     interpret: run the kernel in Pallas's interpret mode (CPU tests).
 
   Returns:
-    The attention output [1, T, H * hd] (`dtype` given), or (m_KX, l_KX, o_KXh) float32
-    over the T * G real rows of each KV head.
+    The attention output [1, T, H * hd] (`dtype` given; zeros in the rows of tokens from
+    `num_rows` on), or (m_KX, l_KX, o_KXh) float32 over the num_rows * G real rows of each
+    KV head.
   """
   P, KV, X, hd = o_PKXh.shape
   G = num_heads // KV
-  real = num_tokens * G
-  # Row blocks of the real rows alone, so that every row a program stores is its own.
-  rows = min(FOLD_ROWS, real & -real)
+  real = (num_tokens if num_rows is None else num_rows) * G
   cols = min(FOLD_COLS, hd)
-  grid = (KV, real // rows, hd // cols)
-  if dtype is not None:
-    out_specs = pl.BlockSpec((num_tokens * num_heads, hd), lambda k, r, c: (0, 0))
-    out_shape = jax.ShapeDtypeStruct((num_tokens * num_heads, hd), dtype)
-  else:
-    stat = pl.BlockSpec((None, rows), lambda k, r, c: (k, r))
-    out_specs = [stat, stat, pl.BlockSpec((None, rows, cols), lambda k, r, c: (k, r, c))]
-    out_shape = [jax.ShapeDtypeStruct((KV, real), jnp.float32)] * 2 + [
-        jax.ShapeDtypeStruct((KV, real, hd), jnp.float32)]
   stats = pl.BlockSpec((P, None, X), lambda k, r, c: (0, k, 0))
+  kernel = functools.partial(_fold_kernel, split=split_size(KV), group=G, heads=num_heads,
+                             num_real=real, cols=cols, normalise=dtype is not None)
+  in_specs = [pl.BlockSpec((), lambda k, r, c: ()), stats, stats,
+              pl.BlockSpec((P, None, X, hd), lambda k, r, c: (0, k, 0, 0))]
+  params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+  if dtype is not None:  # every row of the output written: the padding rows' tiles too
+    out = pl.pallas_call(
+        kernel, grid=(KV, pl.cdiv(num_tokens * G, FOLD_ROWS), hd // cols), in_specs=in_specs,
+        out_specs=pl.BlockSpec((num_tokens * num_heads, hd), lambda k, r, c: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((num_tokens * num_heads, hd), dtype),
+        compiler_params=params, interpret=interpret, name='cache_attention_fold',
+    )(_int32(end), m_PKX, l_PKX, o_PKXh)
+    return out.reshape(1, num_tokens, num_heads * hd)
+  tiles = pl.cdiv(real, FOLD_ROWS)
+  stat = pl.BlockSpec((None, FOLD_ROWS), lambda k, r, c: (k, r))
   out = pl.pallas_call(
-      functools.partial(_fold_kernel, split=split_size(KV), group=G, heads=num_heads,
-                        rows=rows, cols=cols, normalise=dtype is not None),
-      grid=grid,
-      in_specs=[pl.BlockSpec((), lambda k, r, c: ()), stats, stats,
-                pl.BlockSpec((P, None, X, hd), lambda k, r, c: (0, k, 0, 0))],
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-      interpret=interpret,
-      name='cache_attention_fold',
+      kernel, grid=(KV, tiles, hd // cols), in_specs=in_specs,
+      out_specs=[stat, stat, pl.BlockSpec((None, FOLD_ROWS, cols), lambda k, r, c: (k, r, c))],
+      out_shape=[jax.ShapeDtypeStruct((KV, tiles * FOLD_ROWS), jnp.float32)] * 2 + [
+          jax.ShapeDtypeStruct((KV, tiles * FOLD_ROWS, hd), jnp.float32)],
+      compiler_params=params, interpret=interpret, name='cache_attention_fold',
   )(_int32(end), m_PKX, l_PKX, o_PKXh)
-  return out.reshape(1, num_tokens, num_heads * hd) if dtype is not None else tuple(out)
+  return tuple(x[:, :real] for x in out)
 
 
 def _int32(x: jax.Array | int) -> jax.Array:
@@ -388,12 +419,12 @@ def _num_heads(q_BTHh: jax.Array, k_BTKh: jax.Array | None, num_kv: int) -> int:
 _traced_once = functools.partial(jax.jit, static_argnames=('interpret',), inline=True)
 
 
-@_traced_once
+@functools.partial(_traced_once, static_argnames=('interpret', 'num_rows'))
 def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
                            cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
                            layer: jax.Array | int, start: jax.Array | int,
                            riders: attention_lib.Riders | None = None, *,
-                           interpret: bool = False) -> jax.Array:
+                           num_rows: int | None = None, interpret: bool = False) -> jax.Array:
   """Causal grouped-query attention of a chunk over the cache and itself, fused.
 
   Same signature, semantics and reduction-order contract as `attention.cache_attention`:
@@ -412,6 +443,8 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
     layer: which layer's cache to read (a Python int or a traced int32 scalar).
     start: int32 scalar, the chunk's first position (start + T <= S).
     riders: optional rows of the chunk that are riders, not tokens.
+    num_rows: optional, the chunk's real rows (`attention.cache_attention`): the kernel
+      neither loads nor computes the others, and returns zeros there.
     interpret: run the kernel in Pallas's interpret mode (CPU tests).
 
   Returns:
@@ -420,9 +453,10 @@ def cache_attention_pallas(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Arr
   assert cache_k_LBSKh.shape[2] % attention_lib.ATTENTION_BLOCK == 0, cache_k_LBSKh.shape
   T = q_BTHh.shape[1]  # batch 1: `split_stats` checks it
   H = _num_heads(q_BTHh, k_BTKh, cache_k_LBSKh.shape[3])
+  n = T if num_rows is None else num_rows
   stats = split_stats(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start,
-                      riders, interpret=interpret)
-  return fold(*stats, start + T, num_tokens=T, num_heads=H, dtype=q_BTHh.dtype,
+                      riders, num_rows=n, interpret=interpret)
+  return fold(*stats, start + n, num_tokens=T, num_heads=H, num_rows=n, dtype=q_BTHh.dtype,
               interpret=interpret)
 
 

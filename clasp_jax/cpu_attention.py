@@ -39,7 +39,8 @@ def head_dim_problem(head_dim: int) -> str | None:
 def row_attention(q_1THh: jax.Array, k_1TKh: jax.Array | None, v_1TKh: jax.Array | None,
                   cache_k_LBSKh: jax.Array, cache_v_LBSKh: jax.Array,
                   layer: jax.Array | int, start: jax.Array,
-                  riders: attention_lib.Riders | None = None) -> jax.Array:
+                  riders: attention_lib.Riders | None = None, *,
+                  num_rows: int | None = None) -> jax.Array:
   """`attention.row_attention` by the kernel: each of the chunk's T rows (batch 1) attends as a
   chunk of that row alone would, riders (see `attention.Riders`) as the rows `row_limits`
   describes.
@@ -67,4 +68,5 @@ def row_attention(q_1THh: jax.Array, k_1TKh: jax.Array | None, v_1TKh: jax.Array
       q_1THh[0].astype(jnp.float32), k_1TKh[0].astype(jnp.float32),
       v_1TKh[0].astype(jnp.float32), cache_k_LBSKh, cache_v_LBSKh, scalar(layer),
       scalar(start), last_T.astype(jnp.int32), own_T.astype(jnp.int32))
-  return out_THh.reshape(1, T, H * hd).astype(q_1THh.dtype)
+  return attention_lib.padding_zeroed(out_THh.reshape(1, T, H * hd).astype(q_1THh.dtype),
+                                      num_rows)

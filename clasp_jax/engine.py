@@ -215,8 +215,11 @@ def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: K
     # step reads one: the LM head and last layer would shrink to a 1-row product, rounded
     # differently) or to padding it can see is constant.
     chunk_1W = jax.lax.optimization_barrier(padded_P[None, start:start + width])
+    # The attention alone may skip the padding rows: it computes each row in the same way
+    # whichever rows it computes, while the products keep the pass's width.
+    num_rows = T - start if start == last and ride is None and T - start < width else None
     out = model_lib.forward(params, config, chunk_1W, cache, attention=attention,
-                            ride=ride if start == last else None)
+                            ride=ride if start == last else None, num_rows=num_rows)
     logits_WV, hiddens_LWD = jax.lax.optimization_barrier(
         (out.logits_BPV[0] if logits else None, out.hiddens_LBPD[:, 0]))
     cache = out.cache

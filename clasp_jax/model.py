@@ -495,7 +495,7 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
             skip_L: jax.Array | None = None, layer_ids_A: jax.Array | None = None,
             out_idx_BP: jax.Array | None = None,
             attention: Attention = attention_lib.cache_attention,
-            ride: Ride | None = None) -> ForwardOutput:
+            ride: Ride | None = None, num_rows: int | None = None) -> ForwardOutput:
   """Runs a chunk of T tokens through the model, reading and writing the cache.
 
   The chunk sits at positions [cache.length, cache.length + T). Inside the layer loop the
@@ -520,6 +520,9 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
       signature and numerics contract).
     ride: optional pseudo-tokens carried in rows past the real tokens (see `Ride`); B = 1,
       every layer run (no `skip_L`, no `layer_ids_A`).
+    num_rows: optional, the chunk's real tokens where the rest pad it (no ride): the
+      attention may skip the padding rows (`attention.cache_attention`), whose outputs then
+      hold nothing meaningful.
 
   Returns:
     A `ForwardOutput`; its hidden states are [A+1, B, P, D].
@@ -533,6 +536,7 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     positions_BT = positions_BT.at[:, ride.rows].set(ride.pos)
   cos_BTh, sin_BTh = rope_tables(config, positions_BT)
   riders = None if ride is None else attention_lib.Riders(ride.first_row, ride.pos)
+  rows = {} if num_rows is None else {'num_rows': num_rows}
   x_BTD = params['embed'][tokens_BT]
 
   def select(x_BTD):
@@ -550,7 +554,7 @@ def forward(params: Params, config: LlamaConfig, tokens_BT: jax.Array, cache: KV
     def run(x_BTD):
       def attend(q_BTHh, k_BTKh, v_BTKh):  # k and v None: q packed
         return attention(q_BTHh, k_BTKh, v_BTKh, cache.k_LBSKh, cache.v_LBSKh, i, start,
-                         riders)
+                         riders, **rows)
       return decoder_layer(lp, config, x_BTD, cos_BTh, sin_BTh, attend)
 
     def keep(x_BTD):  # a skipped layer leaves its cache rows as they were

@@ -354,7 +354,8 @@ def shard_attention(attention: model_lib.Attention, config: LlamaConfig, mesh: M
   A single-device kernel (`kernel`: the Pallas GPU kernel), which the compiler cannot
   partition, runs per device on its own heads (`jax.shard_map`; heads are independent, no
   collective). The `jnp` attention is partitioned by the compiler, its inputs pinned to the
-  rules' shardings so that it keeps to them.
+  rules' shardings so that it keeps to them. Keywords (`num_rows`) reach `attention` as they
+  came.
   """
   n = tp_size(mesh)
   view = rules_mesh(config, mesh)
@@ -369,10 +370,10 @@ def shard_attention(attention: model_lib.Attention, config: LlamaConfig, mesh: M
   if kernel:
     out = PartitionSpec(None, None, axes[HEADS])
 
-    def mapped(q, k, v, cache_k, cache_v, layer, start, riders=None):
+    def mapped(q, k, v, cache_k, cache_v, layer, start, riders=None, **rows):
       def local(q, k, v, cache_k, cache_v, layer, start, pos):
         ride = () if riders is None else (attention_lib.Riders(riders.first_row, pos),)
-        return attention(q, k, v, cache_k, cache_v, layer, start, *ride)
+        return attention(q, k, v, cache_k, cache_v, layer, start, *ride, **rows)
 
       # The riders' position, a replicated scalar (unread without riders); their row static.
       scalars = (jnp.asarray(layer, jnp.int32), jnp.asarray(start, jnp.int32),
@@ -389,7 +390,7 @@ def shard_attention(attention: model_lib.Attention, config: LlamaConfig, mesh: M
     return mapped
 
   def constrained(q_BTHh, k_BTKh, v_BTKh, cache_k_LBSKh, cache_v_LBSKh, layer, start,
-                  riders=None):
+                  riders=None, **rows):
     pin = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(view, spec))
     ride = () if riders is None else (riders,)  # the DP's prefix attention takes none
     if k_BTKh is None:
@@ -397,7 +398,7 @@ def shard_attention(attention: model_lib.Attention, config: LlamaConfig, mesh: M
     else:
       q_BTHh, k_BTKh, v_BTKh = pin(q_BTHh, heads), pin(k_BTKh, kv), pin(v_BTKh, kv)
     return attention(q_BTHh, k_BTKh, v_BTKh, pin(cache_k_LBSKh, cache),
-                     pin(cache_v_LBSKh, cache), layer, start, *ride)
+                     pin(cache_v_LBSKh, cache), layer, start, *ride, **rows)
 
   return constrained
 

@@ -91,7 +91,9 @@ def test_matches_reference(dtype, tol, T, G):
                                    attention_pallas.SPLIT_SIZE])
 def test_depends_only_on_position_and_keys_up_to_it(dtype, split, monkeypatch, request):
   """Row 0 of a pass at start p equals row j of a pass at start p - j, whatever the other
-  rows, the keys after p or the cache's capacity; the cache at and after `start` is NaN.
+  rows, the keys after p, the cache's capacity or how many of the pass's rows are real
+  (`num_rows`, a plain step's one token against a verify pass's nine); the cache at and after
+  `start` is NaN.
   Both split sizes (KV = 2 takes the few-KV-heads one, here set to each), folded two splits
   at a time so that passes end in different groups (the kernels' traces are dropped before
   and after, as these constants are read when tracing)."""
@@ -100,14 +102,15 @@ def test_depends_only_on_position_and_keys_up_to_it(dtype, split, monkeypatch, r
   jax.clear_caches()
   request.addfinalizer(jax.clear_caches)
   T, G, S = 16, 3, 512
-  pallas = jax.jit(functools.partial(attention_pallas.cache_attention_pallas,
-                                     interpret=INTERPRET))
+  pallas = {n: jax.jit(functools.partial(attention_pallas.cache_attention_pallas,
+                                         num_rows=n, interpret=INTERPRET))
+            for n in (None, 1, 2, 9, 16)}
   rng = _rng(dtype, 'contract')
   true_k_XKh, true_v_XKh, q_Hh = (rng.standard_normal(shape, np.float32)
                                   for shape in ((2 * S, KV, HD), (2 * S, KV, HD), (G * KV, HD)))
   other_layer_SKh = rng.standard_normal((2 * S, KV, HD), np.float32)
 
-  def run(p, j, capacity):
+  def run(p, j, capacity, num_rows=None):
     """The pass at start p - j, in which the query at position p is row j."""
     start = p - j
     # The true keys and values up to p; fresh random ones after it (and in the queries of
@@ -123,7 +126,7 @@ def test_depends_only_on_position_and_keys_up_to_it(dtype, split, monkeypatch, r
     args = (jnp.asarray(q_THh[None], dtype), jnp.asarray(k_XKh[None, start:start + T], dtype),
             jnp.asarray(v_XKh[None, start:start + T], dtype), *caches, jnp.int32(1),
             jnp.int32(start))
-    out = pallas(*args)
+    out = pallas[num_rows](*args)
     m_PKX, _, _ = jax.eval_shape(functools.partial(attention_pallas.split_stats,
                                                    interpret=INTERPRET), *args)
     assert m_PKX.shape[0] == capacity // split
@@ -133,8 +136,12 @@ def test_depends_only_on_position_and_keys_up_to_it(dtype, split, monkeypatch, r
   for p in (64, 200, 263):
     row_0 = run(p, 0, S)
     assert not np.isnan(row_0).any(), p
+    assert np.array_equal(run(p, 0, S, num_rows=1), row_0), p
     for j in (1, 7, 15):
       assert np.array_equal(run(p, j, S), row_0), (p, j)
+      for num_rows in (2, 9, 16):
+        if j < num_rows:
+          assert np.array_equal(run(p, j, S, num_rows), row_0), (p, j, num_rows)
     for capacity in (S // 2, 2 * S):
       if p + T <= capacity:
         assert np.array_equal(run(p, 0, capacity), row_0), (p, capacity)
@@ -245,6 +252,26 @@ def test_a_program_traces_the_kernel_once_and_is_unchanged_by_it(monkeypatch):
                       attention_pallas.cache_attention_pallas.__wrapped__)
   assert program() == once
   assert len(traces) == 1 + config.num_layers
+
+
+@pytest.mark.parametrize('kernel', [
+    attention.cache_attention,
+    functools.partial(attention_pallas.cache_attention_pallas, interpret=INTERPRET)],
+    ids=['jnp', 'pallas'])
+@pytest.mark.parametrize('T,G,num_rows', [(16, 3, 1), (16, 4, 9), (16, 8, 3), (4, 1, 3)])
+def test_padding_rows_come_out_as_zeros(kernel, T, G, num_rows):
+  """With `num_rows`, the real rows are bit for bit what the whole chunk gives them and the
+  padding rows are zeros (packed q/k/v, as the model passes them)."""
+  S, start = 384, 300
+  q, k, v, cache_k, cache_v = _case(_rng('padding', T, G, num_rows), jnp.bfloat16, T, G, S,
+                                    start, GARBAGE)
+  packed_BTnNh = jnp.concatenate([q, k, v], axis=2)[:, :, None]
+  args = (packed_BTnNh, None, None, cache_k, cache_v, LAYER, jnp.int32(start))
+  whole = jax.jit(kernel)(*args)
+  real = jax.jit(functools.partial(kernel, num_rows=num_rows))(*args)
+  np.testing.assert_array_equal(np.asarray(real[:, :num_rows], np.float32),
+                                np.asarray(whole[:, :num_rows], np.float32))
+  assert not np.asarray(real[:, num_rows:], np.float32).any()
 
 
 @pytest.mark.parametrize('prefix', [False, True])

@@ -9,6 +9,7 @@ for bit, layer by layer, and then token for token for every method, on the CPU i
 
 import contextlib
 import functools
+import itertools
 from unittest import mock
 
 import jax
@@ -150,6 +151,34 @@ def test_the_check_can_fail(tiny_model):
   narrow = _plain_and_verified(params, config, 1, starts=(0,))
   assert any(not np.array_equal(np.asarray(wide[k][0]), np.asarray(narrow[k][0]))
              for k in wide if k[0] != 'plain')
+
+
+@pytest.mark.parametrize('width,num_tokens,riders,want', [
+    (16, 1, False, [1]),  # a plain step: one real row of 16
+    (16, 9, False, [9]),  # a verify pass
+    (16, 16, False, [None]),  # no padding
+    (4, 6, False, [None, 2]),  # two passes, the last padded
+    (16, 5, True, [None])])  # riders fill the padding
+def test_a_pass_tells_the_attention_its_real_rows(tiny_model, width, num_tokens, riders, want):
+  """Each pass of `full_pass` gives the attention the number of its real rows (`num_rows`)
+  where padding follows them and no rider rides in it, so that the fused kernel can skip it."""
+  config, params = tiny_model
+  seen = []
+
+  def attention(*args, num_rows=None):
+    seen.append(num_rows)
+    return engine.resolve_attention('xla')(*args, num_rows=num_rows)
+
+  cache = init_cache(config, 64, dtype=params['embed'].dtype)
+  tokens_T = jnp.arange(num_tokens, dtype=jnp.int32) + 4
+  ride = None
+  if riders:
+    ride = model_lib.Ride(first_row=num_tokens, pos=jnp.int32(0),
+                          init_FD=jnp.zeros((width - num_tokens, config.hidden_size)),
+                          after=lambda a, rows, x_BTD, out_BTD: (out_BTD, out_BTD[0, rows]))
+  jax.eval_shape(lambda: engine.full_pass(params, config, tokens_T, cache, width=width,
+                                          attention=attention, ride=ride))
+  assert [n for n, _ in itertools.groupby(seen)] == want  # a layer loop traces one layer
 
 
 @pytest.mark.parametrize('packed', [False, True])
