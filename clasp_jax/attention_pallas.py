@@ -15,6 +15,11 @@ built so, not tuned so:
   positions never depends on the pass or the capacity). Splits wholly after the chunk run no
   block and write nothing. Every program handles one block of the KV head's real query rows
   (all of them unless that exceeds `MAX_ROW_BLOCK`), each row the same way.
+- A second kernel folds the splits in position order, in groups of a fixed number of splits,
+  up to the last one that holds a position the pass sees: a split after a query's position
+  adds exact zeros to it, so where the fold stops changes nothing. The cache's capacity (how
+  many splits there are) does not change the result, and its empty splits are neither
+  written nor read; their programs still start, and exit at once.
 - On a GPU a sum over a tile's row runs in the order of the tile's layout, which its number
   of rows sets, so the kernels keep none whose tile the pass sizes: a row's sum of weights
   over a block of keys is a product with ones, as its dot products are (their order is the
@@ -22,11 +27,6 @@ built so, not tuned so:
   `FOLD_ROWS` rows whatever the pass. With a `jnp.sum` there and fold tiles sized by the
   chunk, a row's bits differed between a 1-, a 9- and a 16-row pass (an H100,
   `docs/results/h100/row_tiles/`); Pallas's interpret mode shows some of it, not all.
-- A second kernel folds the splits in position order, in groups of a fixed number of splits,
-  up to the last one that holds a position the pass sees: a split after a query's position
-  adds exact zeros to it, so where the fold stops changes nothing. The cache's capacity (how
-  many splits there are) does not change the result, and its empty splits are neither
-  written nor read; their programs still start, and exit at once.
 - A chunk's padding rows (`num_rows`: a plain step's pass holds one token in 16 rows) are
   neither loaded nor computed, and come out as zeros: a row's result does not depend on
   which other rows are computed.
@@ -227,8 +227,8 @@ def split_stats(q_BTHh: jax.Array, k_BTKh: jax.Array, v_BTKh: jax.Array,
   Returns:
     (m_PKX, l_PKX, o_PKXh), float32: per split P, KV head K and query row X (row t * G + g
     is token t's query head g of that KV head; rows from num_rows * G on are padding), the
-    running maximum, the sum of the weights and the unnormalized output. A split wholly at or after
-    the last position any query sees is left unwritten (`fold` reads none of them).
+    running maximum, the sum of the weights and the unnormalized output. A split wholly at or
+    after the last position any query sees is left unwritten (`fold` reads none of them).
   """
   L, _, S, KV, hd = cache_k_LBSKh.shape
   B, T = q_BTHh.shape[:2]

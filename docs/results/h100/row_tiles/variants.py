@@ -29,7 +29,7 @@ import numpy as np
 from clasp_jax import attention_pallas
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '../../h200/decode/attention_fold'))
-from gpu_trace import decode_inputs, kernel_microseconds  # noqa: E402
+from gpu_trace import decode_inputs, kernel_microseconds, unrolled  # noqa: E402
 
 # The weights' sum as base had it: of the float32 weights, before their cast to the values'.
 SUM_EDITS = [
@@ -62,18 +62,11 @@ SHAPES = ([('tiny', dict(L=2, KV=2, H=4, hd=64), 256, [], [60, 100])] if INTERPR
            ('l8b', dict(L=32, KV=8, H=32, hd=128), 8192, [4000], [4000, 4011])])
 
 
-def attention(name, num_rows):
-  """The variant's attention of a chunk with `num_rows` real rows (base: of its T rows)."""
-  module = MODULES[name]
-  if name == 'base':
-    return lambda *a: module.cache_attention_pallas(*a, interpret=INTERPRET)
-  return lambda *a: module.cache_attention_pallas(*a, num_rows=num_rows, interpret=INTERPRET)
-
-
-def unrolled(fn, num_layers):
-  """(packed q/k/v per layer, cache_k, cache_v, start) -> every layer's attention output."""
-  return jax.jit(lambda qs, ck, cv, st: tuple(fn(qs[i], None, None, ck, cv, i, st)
-                                              for i in range(num_layers)))
+def program(name, num_layers, num_rows):
+  """The variant's attention at every layer of one program, a chunk with `num_rows` real rows
+  (base: all of its rows)."""
+  rows = {} if name == 'base' else {'num_rows': num_rows}
+  return unrolled(MODULES[name], num_layers, INTERPRET, **rows)
 
 
 rows = []
@@ -90,7 +83,7 @@ for shape, s, capacity, time_starts, bit_starts in SHAPES:
     args = decode_inputs(L, KV, H, hd, capacity, start, 16)
     for name in MODULES:
       for n in (16,) if name == 'base' else (16, 9, 1):
-        f = unrolled(attention(name, n), L)
+        f = program(name, L, n)
         jax.block_until_ready(f(*args))
         us = kernel_microseconds(f, args, 5)
         emit(dict(part='A', shape=shape, capacity=capacity, start=start, variant=name,
@@ -110,7 +103,7 @@ for shape, s, capacity, time_starts, bit_starts in SHAPES:
     out = {}
     for start in bit_starts:
       for T, n in ((16, 16), (9, 9), (1, 1)) if name == 'base' else ((16, 16), (16, 9), (16, 1)):
-        f = unrolled(attention(name, n), Lb)
+        f = program(name, Lb, n)
         for j in range(16 if n == 1 else 1):
           out[start + j, n] = [np.asarray(o.astype(jnp.float32))[0]
                                for o in f(chunk(start + j, T), cache_k, cache_v,

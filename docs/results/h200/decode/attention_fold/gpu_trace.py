@@ -16,12 +16,13 @@ def decode_inputs(L, KV, H, hd, capacity, start, T):
   return qs, ck, cv, jnp.int32(start)
 
 
-def unrolled(module, num_layers, interpret):
+def unrolled(module, num_layers, interpret, **kwargs):
   """A jitted program calling `module.cache_attention_pallas` once per layer (unrolled, as the
-  accelerator path does) on packed q/k/v: (q_list, cache_k, cache_v, start) -> L outputs."""
+  accelerator path does) on packed q/k/v, with `kwargs` (`num_rows`):
+  (q_list, cache_k, cache_v, start) -> L outputs."""
   def f(q_list, ck, cv, start):
     return tuple(module.cache_attention_pallas(q_list[i], None, None, ck, cv, i, start,
-                                               interpret=interpret)
+                                               interpret=interpret, **kwargs)
                  for i in range(num_layers))
   return jax.jit(f)
 
