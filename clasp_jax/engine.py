@@ -339,7 +339,10 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   far as the drafts hold.
   """
   K = strategy.num_draft_tokens if draft else 0
-  rng, key_draft, key_accept = jax.random.split(state.rng, 3)
+  if K or not sampling.greedy:
+    rng, key_draft, key_accept = jax.random.split(state.rng, 3)
+  else:  # a greedy plain step draws nothing
+    rng = key_draft = key_accept = state.rng
   length = state.cache.length
   last = state.tokens_N[state.num_tokens - 1]
   if K:
@@ -379,12 +382,29 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   done = (jnp.any(_is_eos(config, committed_T) & (jnp.arange(K + 1) <= n))
           | (num_tokens - state.prompt_len >= max_new_tokens))
   r = state.num_rounds
-  return state.replace(
+  state = state.replace(
       cache=cache.rollback(length + n + 1), tokens_N=tokens_N, num_tokens=num_tokens,
-      target_hidden_LD=hiddens_LTD[:, n], rng=rng, done=done, num_rounds=r + 1,
+      target_hidden_LD=hiddens_LTD[:, n], rng=rng, done=done, num_rounds=r + 1, search=search)
+  if not K:  # a plain step's record is its segment's (`_record_plain_rounds`)
+    return state
+  return state.replace(
       accepted_R=state.accepted_R.at[r].set(n + 1), drafted_R=state.drafted_R.at[r].set(count),
-      source_R=state.source_R.at[r].set(source), skip_RL=state.skip_RL.at[r].set(state.skip_L),
-      search=search)
+      source_R=state.source_R.at[r].set(source), skip_RL=state.skip_RL.at[r].set(state.skip_L))
+
+
+def _record_plain_rounds(state: DecodeState, first: jax.Array, skip_L: jax.Array
+                         ) -> DecodeState:
+  """The records of a plain segment's rounds, from round `first` on, written at once: each
+  committed one token and drafted none, under `skip_L`, the set in force when the segment
+  began (one it adopts ends it). Written in the loop, they were four small kernels a token.
+  """
+  r_R = jnp.arange(state.accepted_R.shape[0])
+  ran_R = (r_R >= first) & (r_R < state.num_rounds)
+  return state.replace(
+      accepted_R=jnp.where(ran_R, 1, state.accepted_R),
+      drafted_R=jnp.where(ran_R, 0, state.drafted_R),
+      source_R=jnp.where(ran_R, PLAIN, state.source_R),
+      skip_RL=jnp.where(ran_R[:, None], skip_L[None, :], state.skip_RL))
 
 
 def _adopt_if_stale(state: DecodeState, at_refresh: jax.Array) -> tuple[DecodeState, jax.Array]:
@@ -407,7 +427,7 @@ def _adopt_if_stale(state: DecodeState, at_refresh: jax.Array) -> tuple[DecodeSt
 
 def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
              max_rounds: jax.Array, refresh_every: jax.Array, *,
-             placement: sharding_lib.Placement | None,
+             strategy: Strategy, draft: bool, placement: sharding_lib.Placement | None,
              **round_settings) -> tuple[DecodeState, SegmentReport]:
   """Rounds on the device until `max_rounds` of them ran, EOS or the token budget; the state
   and its report (what the host reads back).
@@ -430,10 +450,14 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
     state, rounds, stale = carry
     return (rounds < max_rounds) & ~state.done & ~stale
 
+  plain = not (draft and strategy.num_draft_tokens)
+
   def one(carry):
     state, rounds, _ = carry
-    state = _round(params, state, max_new_tokens, **round_settings)
-    counted = state.source_R[state.num_rounds - 1] != LOOKUP
+    state = _round(params, state, max_new_tokens, strategy=strategy, draft=draft,
+                   **round_settings)
+    counted = (jnp.ones((), bool) if plain
+               else state.source_R[state.num_rounds - 1] != LOOKUP)
     rounds = rounds + counted.astype(jnp.int32)
     stale = jnp.zeros((), bool)
     if state.search is not None:
@@ -442,7 +466,10 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
     return (state if placement is None else placement.constrain(state)), rounds, stale
 
   init = (state, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+  first, skip_L = state.num_rounds, state.skip_L
   state, _, _ = jax.lax.while_loop(more, one, init)
+  if plain:
+    state = _record_plain_rounds(state, first, skip_L)
   return state, SegmentReport.of(state)
 
 
