@@ -14,6 +14,7 @@ from clasp_jax import strategies
 from clasp_jax import widths
 from clasp_jax.engine import Decoder
 from clasp_jax.sampling import SamplingConfig
+from clasp_jax.strategies.base import PLAIN, SKIP
 import tiny
 
 pytestmark = pytest.mark.slow  # minutes in all on 2 cores: started first (conftest.py)
@@ -514,6 +515,33 @@ def test_a_segment_reports_its_state(tiny_model):
   assert int(report.num_rounds) == 3 and int(report.tables_completed) >= 1
   for name, value in expected.items():
     np.testing.assert_array_equal(np.asarray(getattr(report, name)), value, err_msg=name)
+
+
+def test_a_plain_segment_records_its_rounds_at_its_end(tiny_model):
+  """A plain segment writes its rounds' records once, after its loop: one token committed
+  and none drafted per round, the source 'plain' and the skip set in force, the rounds
+  before it as they were, the rounds after it not written."""
+  config, params = tiny_model
+  decoder = Decoder(params, config, strategies.StaticSkip(skip_layers=(1, 3), num_draft_tokens=4,
+                                                          draft_exit_threshold=0.0))
+  state = decoder.put_skip_set(decoder.start(tiny.prompts(config)[0], 64),
+                               np.isin(np.arange(config.num_layers), (1, 3)))
+  state, _ = decoder.run_segment(state, strategies.Segment(draft=True, rounds=2), 64)
+  before = {name: np.asarray(getattr(state, name))
+            for name in ('accepted_R', 'drafted_R', 'source_R', 'skip_RL')}
+  state, report = decoder.run_segment(state, strategies.Segment(draft=False, rounds=3), 64)
+  assert int(report.num_rounds) == 5
+  np.testing.assert_array_equal(np.asarray(report.accepted_R)[:5],
+                                np.r_[before['accepted_R'][:2], 1, 1, 1])
+  np.testing.assert_array_equal(np.asarray(report.drafted_R)[:5],
+                                np.r_[before['drafted_R'][:2], 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(report.source_R)[:5],
+                                np.r_[before['source_R'][:2], [PLAIN] * 3])
+  assert (before['source_R'][:2] == SKIP).all()
+  skip_RL = np.asarray(state.skip_RL)
+  np.testing.assert_array_equal(skip_RL[:2], before['skip_RL'][:2])
+  assert (skip_RL[2:5] == np.isin(np.arange(config.num_layers), (1, 3))).all()
+  assert not np.asarray(report.accepted_R)[5:].any() and not skip_RL[5:].any()
 
 
 @pytest.mark.parametrize('layers', LAYER_PROGRAMS)
