@@ -186,7 +186,8 @@ def cache_bucket(num_tokens: int, max_new_tokens: int, scratch: int) -> int:
 
 def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: KVCache, *,
               width: int, attention, ride: model_lib.Ride | None = None,
-              logits: bool = True) -> tuple[jax.Array | None, jax.Array, KVCache, Any]:
+              logits: bool = True, hiddens: bool = True
+              ) -> tuple[jax.Array | None, jax.Array | None, KVCache, Any]:
   """The full model over T tokens, as passes of exactly `width` tokens (the last padded).
 
   Every full-model pass of decoding goes through here, plain steps and verification alike,
@@ -194,13 +195,18 @@ def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: K
   docstring). The padding rows' keys and values land in the cache past the chunk, where
   nothing reads them before a later pass overwrites them. A `ride` (its `first_row` counted
   from the first token, at least T) runs in the padding rows of the last pass. With `logits`
-  False the pass stops before the LM head (see `row_logits`).
+  False the pass stops before the LM head (see `row_logits`); with `hiddens` False (and
+  `logits`) it returns no hidden states, and the program stacks no layer's output. Either way
+  every layer starts from a materialised input (`model.forward`), so what a layer computes
+  does not depend on what the pass returns.
 
   Returns:
     (logits_TV, hiddens_LTD, cache, ride_ys): float32 logits (None without `logits`) and the
-    L+1 pre-norm hidden states of the T tokens, the cache with every row written and its
-    length advanced past the padding, and the ride's per-layer outputs (None without one).
+    L+1 pre-norm hidden states of the T tokens (None without `hiddens`), the cache with every
+    row written and its length advanced past the padding, and the ride's per-layer outputs
+    (None without one).
   """
+  assert logits or hiddens, 'a pass returns its logits, its hidden states or both'
   T = tokens_T.shape[0]
   padded_P = jnp.zeros((widths.verify_rows(T - 1, width),), jnp.int32).at[:T].set(tokens_T)
   last = padded_P.shape[0] - width
@@ -209,7 +215,7 @@ def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: K
       raise ValueError(f'riders in rows {ride.rows} do not fit the padding of a pass of {T} '
                        f'tokens at width {width}')
     ride = dataclasses.replace(ride, first_row=ride.first_row - last)
-  logit_chunks, hiddens, ride_ys = [], [], None
+  logit_chunks, hidden_chunks, ride_ys = [], [], None
   for start in range(0, padded_P.shape[0], width):
     # The barriers keep XLA from specialising the pass to the rows its caller reads (a plain
     # step reads one: the LM head and last layer would shrink to a 1-row product, rounded
@@ -221,13 +227,14 @@ def full_pass(params: Params, config: LlamaConfig, tokens_T: jax.Array, cache: K
     out = model_lib.forward(params, config, chunk_1W, cache, attention=attention,
                             ride=ride if start == last else None, num_rows=num_rows)
     logits_WV, hiddens_LWD = jax.lax.optimization_barrier(
-        (out.logits_BPV[0] if logits else None, out.hiddens_LBPD[:, 0]))
+        (out.logits_BPV[0] if logits else None, out.hiddens_LBPD[:, 0] if hiddens else None))
     cache = out.cache
     logit_chunks.append(logits_WV)
-    hiddens.append(hiddens_LWD)
+    hidden_chunks.append(hiddens_LWD)
     ride_ys = out.ride_ys
   logits_TV = jnp.concatenate(logit_chunks)[:T] if logits else None
-  return logits_TV, jnp.concatenate(hiddens, axis=1)[:, :T], cache, ride_ys
+  hiddens_LTD = jnp.concatenate(hidden_chunks, axis=1)[:, :T] if hiddens else None
+  return logits_TV, hiddens_LTD, cache, ride_ys
 
 
 def row_logits(params: Params, config: LlamaConfig,
@@ -327,7 +334,7 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
            config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig, width: int,
            attention, draft: bool, logits_by_row: bool = False, search_rows: int = 0,
-           choose_riders=clasp_lib.next_riders) -> DecodeState:
+           choose_riders=clasp_lib.next_riders, keep_hiddens: bool = True) -> DecodeState:
   """One round: propose, verify `[last] + drafts` with the full model, commit, roll back.
 
   With `draft` False (or a strategy that never drafts) the round is one plain decoding step:
@@ -336,7 +343,8 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   the candidates attending in the pass's own attention (`attention.Riders`) and choosing
   between layers with `choose_riders` (`clasp.next_riders` or its kernel). With
   `logits_by_row` acceptance computes each row's logits on its own (`row_logits`), only as
-  far as the drafts hold.
+  far as the drafts hold. With `keep_hiddens` False (the decoder's strategy reads no hidden
+  states: `Strategy.reads_hidden_states`) the state keeps the hidden states it had.
   """
   K = strategy.num_draft_tokens if draft else 0
   if K or not sampling.greedy:
@@ -358,7 +366,8 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
                                        num_rows=search_rows, choose=choose_riders)
   logits_TV, hiddens_LTD, cache, ride_ys = full_pass(
       params, config, jnp.concatenate([last[None], tokens_K]), state.cache, width=width,
-      attention=attention, ride=ride, logits=not logits_by_row)
+      attention=attention, ride=ride, logits=not logits_by_row,
+      hiddens=keep_hiddens or logits_by_row)
   if search_rows:
     search = clasp_lib.finish_band(search, ride_ys)
   if q_KV is None and not sampling.greedy:
@@ -384,7 +393,8 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   r = state.num_rounds
   state = state.replace(
       cache=cache.rollback(length + n + 1), tokens_N=tokens_N, num_tokens=num_tokens,
-      target_hidden_LD=hiddens_LTD[:, n], rng=rng, done=done, num_rounds=r + 1, search=search)
+      target_hidden_LD=hiddens_LTD[:, n] if keep_hiddens else state.target_hidden_LD,
+      rng=rng, done=done, num_rounds=r + 1, search=search)
   if not K:  # a plain step's record is its segment's (`_record_plain_rounds`)
     return state
   return state.replace(
@@ -789,7 +799,7 @@ class Decoder:
                               width=pass_width if draft else self.plain_width,
                               logits_by_row=logits_by_row, attention=attend,
                               placement=placement, config=config, sampling=sampling,
-                              search_rows=rows,
+                              search_rows=rows, keep_hiddens=strategy.reads_hidden_states,
                               choose_riders=resolve_rider_choice(attention, self.mesh)),
             donate_argnums=(1,))
         for kind, (runs, draft, rows) in kinds.items()}

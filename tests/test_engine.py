@@ -517,6 +517,43 @@ def test_a_segment_reports_its_state(tiny_model):
     np.testing.assert_array_equal(np.asarray(getattr(report, name)), value, err_msg=name)
 
 
+def test_only_a_strategy_that_reads_hidden_states_stacks_them(tiny_model):
+  """A plain step's program stacks every layer's output only for a strategy whose refresh
+  reads them (CLaSp's DP): plain decoding's compiled program has no such stack."""
+  config, params = tiny_model
+
+  def stacks(strategy):
+    decoder = Decoder(params, config, strategy, fast_path=True, logits_by_row=False)
+    text = decoder.lower(20, 8, 'cpu')['plain'].compile().as_text()
+    return len(re.findall(rf'= f32\[{config.num_layers + 1},[^\n]*concatenate\(', text))
+
+  assert not strategies.Vanilla().reads_hidden_states
+  assert stacks(strategies.Vanilla()) == 0
+  clasp = strategies.Clasp(num_skip=2, num_draft_tokens=4, draft_exit_threshold=0.0)
+  assert clasp.reads_hidden_states and stacks(clasp) == 1
+
+
+@pytest.mark.parametrize('kind', ['plain', 'lookup'])
+def test_clasp_keeps_the_last_tokens_hidden_states_through_any_segment(tiny_model, kind):
+  """CLaSp's refresh reads the last accepted token's hidden states, so its plain and prompt
+  lookup segments keep them too (a lookup segment runs prompt lookup's rounds, a strategy
+  that reads none); plain decoding's segments leave the prefill's as they were."""
+  config, params = tiny_model
+  prompt = tiny.prompts(config)[0]
+  segment = strategies.Segment(draft=kind == 'lookup', rounds=2, lookup_only=kind == 'lookup')
+  for strategy, kept in [(strategies.Clasp(num_skip=2, num_draft_tokens=4,
+                                           draft_exit_threshold=0.0), True),
+                         (strategies.Vanilla(), False)]:
+    if kind == 'lookup' and not kept:
+      continue  # plain decoding runs no lookup segment
+    decoder = Decoder(params, config, strategy)
+    state = decoder.start(prompt, 64)
+    before_LD = np.asarray(state.target_hidden_LD)
+    state, _ = decoder.run_segment(state, segment, 64)
+    changed = not np.array_equal(np.asarray(state.target_hidden_LD), before_LD)
+    assert changed == kept, type(strategy).__name__
+
+
 def test_a_plain_segment_records_its_rounds_at_its_end(tiny_model):
   """A plain segment writes its rounds' records once, after its loop: one token committed
   and none drafted per round, the source 'plain' and the skip set in force, the rounds

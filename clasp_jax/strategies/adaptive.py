@@ -572,6 +572,7 @@ class AdaptiveClasp(layer_skip.LayerSkipDrafting, Strategy):
   switch_margin: float = 0.05
   cost_cache_dir: str | None = None
   dp_in_verify: bool = True
+  reads_hidden_states = True  # the DP's input
 
   @property
   def name(self) -> str:

@@ -104,6 +104,10 @@ class Strategy(abc.ABC):
   num_skip: int | None = None
   #: Whether drafts come from the model with layers skipped (the draft needs a skip set).
   skips_layers: bool = False
+  #: Whether it reads the last accepted token's hidden states (`state.target_hidden_LD`, a
+  #: CLaSp DP's input): rounds of a strategy that does not neither keep them nor stack every
+  #: layer's output to take them from.
+  reads_hidden_states: bool = False
 
   @property
   def name(self) -> str:

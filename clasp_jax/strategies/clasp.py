@@ -226,6 +226,7 @@ class Clasp(layer_skip.LayerSkipDrafting, Strategy):
   loi: int = 1
   lookup: bool = True
   dp_in_verify: bool = True
+  reads_hidden_states = True  # the DP's input
 
   @property
   def name(self) -> str:
