@@ -331,6 +331,11 @@ def _prefill(params: Params, tokens_P: jax.Array, prompt_len: jax.Array, seed: j
       skip_RL=jnp.zeros((max_rounds, config.num_layers), bool))
 
 
+def _drafts_per_round(strategy: Strategy, draft: bool) -> int:
+  """K, the draft slots of a round (0: a plain step), for a segment that drafts or not."""
+  return strategy.num_draft_tokens if draft else 0
+
+
 def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
            config: LlamaConfig, strategy: Strategy, sampling: SamplingConfig, width: int,
            attention, draft: bool, logits_by_row: bool = False, search_rows: int = 0,
@@ -346,7 +351,7 @@ def _round(params: Params, state: DecodeState, max_new_tokens: jax.Array, *,
   far as the drafts hold. With `keep_hiddens` False (the decoder's strategy reads no hidden
   states: `Strategy.reads_hidden_states`) the state keeps the hidden states it had.
   """
-  K = strategy.num_draft_tokens if draft else 0
+  K = _drafts_per_round(strategy, draft)
   if K or not sampling.greedy:
     rng, key_draft, key_accept = jax.random.split(state.rng, 3)
   else:  # a greedy plain step draws nothing
@@ -460,7 +465,7 @@ def _segment(params: Params, state: DecodeState, max_new_tokens: jax.Array,
     state, rounds, stale = carry
     return (rounds < max_rounds) & ~state.done & ~stale
 
-  plain = not (draft and strategy.num_draft_tokens)
+  plain = not _drafts_per_round(strategy, draft)  # its records written after the loop
 
   def one(carry):
     state, rounds, _ = carry
