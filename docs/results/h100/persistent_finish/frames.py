@@ -1,6 +1,6 @@
 """The persistent kernel's frame alone (96 programs): an empty kernel, and one with its two grid
 barriers, chained over 30 layers; microseconds a layer."""
-import functools, time, numpy as np, jax, jax.numpy as jnp
+import functools, time, jax, jax.numpy as jnp
 import persistent_finish as P
 ws = P.make_weights(P.CONFIG, P.CONFIG.num_layers, jnp.bfloat16)
 x = jnp.ones((16, 576), jnp.bfloat16)

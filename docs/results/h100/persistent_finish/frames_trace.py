@@ -1,6 +1,6 @@
 """Where a chain of 30 empty Pallas kernels spends its time: per kernel, GPU time and the gaps
 between kernels, from a profiler trace; beside XLA's closing halves and the persistent kernel."""
-import collections, functools, glob, gzip, json, os, tempfile, time
+import collections, functools, glob, gzip, json, os, tempfile
 import numpy as np, jax, jax.numpy as jnp
 import persistent_finish as P
 ws = P.make_weights(P.CONFIG, P.CONFIG.num_layers, jnp.bfloat16)
