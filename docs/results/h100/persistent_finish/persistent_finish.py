@@ -91,13 +91,13 @@ def _kernel(attn_ref, x_ref, wo_ref, nw_ref, wgu_ref, wd_ref, ctr_in_ref,
       _barrier(ctr_ref, 2 * layer, num_programs)
       _barrier(ctr_ref, 2 * layer + 1, num_programs)
     plgpu.store(y_ref.at[pl.ds(0, ROWS), pl.ds(0, BLOCK)],
-                plgpu.load(x_ref.at[pl.ds(0, ROWS), pl.ds(0, BLOCK)]), mask=jnp.full((ROWS, BLOCK), p == 0))
+                plgpu.load(x_ref.at[pl.ds(0, ROWS), pl.ds(0, BLOCK)]),
+                mask=jnp.full((ROWS, BLOCK), p == 0))
     return
   bf = x_ref.dtype
   nd, nf = D // BLOCK, F // BLOCK
   pd = jnp.minimum(p, nd - 1) * BLOCK   # a column block of D (programs past nd repeat the last)
   pf = jnp.minimum(p, nf - 1) * BLOCK
-  cols = pl.ds(0, ROWS)
   def store(ref, c0, val, n):
     plgpu.store(ref.at[pl.ds(0, ROWS), pl.ds(c0, BLOCK)], val.astype(bf),
                 mask=jnp.full(val.shape, p < n))
@@ -139,7 +139,9 @@ def _kernel(attn_ref, x_ref, wo_ref, nw_ref, wgu_ref, wd_ref, ctr_in_ref,
 
 
 def finish_pallas(w, x, attn, ctr, *, layer, eps, phases, num_warps, num_programs,
-                  prefetch=True, layout='nk'):
+                  prefetch=True, layout='nk', carried=()):
+  """The kernel over `phases`; `carried`: (x1, a) from the earlier phases' kernels, which
+  phase 2 alone reads in place of its own x1 and a outputs. Returns x1, a, y and ctr."""
   T, D = x.shape
   F = w['wd'].shape[1]
   full = lambda s: pl.BlockSpec(s, lambda p: (0,) * len(s))
@@ -149,10 +151,15 @@ def finish_pallas(w, x, attn, ctr, *, layer, eps, phases, num_warps, num_program
     args = (attn, x, w['wo_kn'], w['nw'], w['wgu_kn'].reshape(D, 2 * F), w['wd_kn'], ctr)
   out_shape = [jax.ShapeDtypeStruct((T, D), x.dtype), jax.ShapeDtypeStruct((T, F), x.dtype),
                jax.ShapeDtypeStruct((T, D), x.dtype), jax.ShapeDtypeStruct(ctr.shape, ctr.dtype)]
+  kernel = functools.partial(_kernel, phases=phases, layer=layer, D=D, F=F, eps=eps,
+                             num_programs=num_programs, prefetch=prefetch, layout=layout)
+  if carried:
+    def kernel(*refs, body=kernel):
+      *inputs, x1_in, a_in, _, _, y_ref, ctr_ref = refs
+      body(*inputs, x1_in, a_in, y_ref, ctr_ref)
+  args += tuple(carried)
   return pl.pallas_call(
-      functools.partial(_kernel, phases=phases, layer=layer, D=D, F=F, eps=eps,
-                        num_programs=num_programs, prefetch=prefetch, layout=layout),
-      grid=(num_programs,), in_specs=[full(a.shape) for a in args],
+      kernel, grid=(num_programs,), in_specs=[full(a.shape) for a in args],
       out_specs=[full(s.shape) for s in out_shape], out_shape=out_shape,
       input_output_aliases={6: 3},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
@@ -187,32 +194,10 @@ def chain(x, attn, ws, *, kind, eps, num_warps=4, prefetch=True, layout='nk', fr
                                     num_warps=num_warps, num_programs=D // BLOCK, layout=layout)
       _, a, _, ctr = finish_pallas(w, x1, attn, ctr, layer=l, eps=eps, phases=(1,),
                                    num_warps=num_warps, num_programs=F // BLOCK, layout=layout)
-      x = _phase2(w, x1, a, attn, ctr, l, eps, num_warps, layout)
+      _, _, x, ctr = finish_pallas(w, x1, attn, ctr, layer=l, eps=eps, phases=(2,),
+                                   num_warps=num_warps, num_programs=D // BLOCK, layout=layout,
+                                   carried=(x1, a))
   return x
-
-
-def _phase2(w, x1, a, attn, ctr, l, eps, num_warps, layout):
-  """Phase 2 alone: x1 and a enter as inputs in the x1/a output slots' places."""
-  T, D = x1.shape
-  F = a.shape[1]
-  def kernel(attn_ref, x_ref, wo_ref, nw_ref, wgu_ref, wd_ref, ctr_in_ref, x1_in, a_in,
-             x1_ref, a_ref, y_ref, ctr_ref):
-    del x1_ref, a_ref
-    _kernel(attn_ref, x_ref, wo_ref, nw_ref, wgu_ref, wd_ref, ctr_in_ref, x1_in, a_in, y_ref,
-            ctr_ref, phases=(2,), layer=l, D=D, F=F, eps=eps, num_programs=D // BLOCK,
-            layout=layout)
-  full = lambda s: pl.BlockSpec(s, lambda p: (0,) * len(s))
-  if layout == 'nk':
-    args = (attn, x1, w['wo'], w['nw'], w['wgu'], w['wd'], ctr, x1, a)
-  else:
-    args = (attn, x1, w['wo_kn'], w['nw'], w['wgu_kn'].reshape(D, 2 * F), w['wd_kn'], ctr, x1, a)
-  out_shape = [jax.ShapeDtypeStruct((T, D), x1.dtype), jax.ShapeDtypeStruct((T, F), x1.dtype),
-               jax.ShapeDtypeStruct((T, D), x1.dtype), jax.ShapeDtypeStruct(ctr.shape, ctr.dtype)]
-  return pl.pallas_call(
-      kernel, grid=(D // BLOCK,), in_specs=[full(a_.shape) for a_ in args],
-      out_specs=[full(s.shape) for s in out_shape], out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=INTERPRET, name='finish_2')(*args)[2]
 
 
 def make_weights(config, num_layers, dtype, seed=0):
