@@ -177,18 +177,17 @@ def chain(x, attn, ws, *, kind, eps, num_warps=4, prefetch=True, layout='nk', fr
   ctr = jnp.zeros((2 * len(ws),), jnp.int32)
   n_all = max(D, F) // BLOCK
   for l, w in enumerate(ws):
-    if kind == 'persistent' and fresh_ctr:  # zeroed counters of its own (a memset a layer)
-      _, _, x, _ = finish_pallas(w, x, attn, jnp.zeros((2,), jnp.int32), layer=0, eps=eps,
-                                 phases=(0, 1, 2), num_warps=num_warps, num_programs=n_all,
-                                 prefetch=prefetch, layout=layout)
-    elif kind in ('empty', 'barriers'):  # x only passes through: a chain of the frames
+    if kind in ('empty', 'barriers'):  # x only passes through: a chain of the frames
       _, _, x, ctr = finish_pallas(w, x, attn, ctr, layer=l, eps=eps,
                                    phases=() if kind == 'empty' else ('barriers',),
                                    num_warps=num_warps, num_programs=n_all)
     elif kind == 'persistent':
-      _, _, x, ctr = finish_pallas(w, x, attn, ctr, layer=l, eps=eps, phases=(0, 1, 2),
-                                   num_warps=num_warps, num_programs=n_all, prefetch=prefetch,
-                                   layout=layout)
+      # fresh_ctr: zeroed counters of its own (a memset a layer), not passed on
+      counters, layer = (jnp.zeros((2,), jnp.int32), 0) if fresh_ctr else (ctr, l)
+      _, _, x, counters = finish_pallas(w, x, attn, counters, layer=layer, eps=eps,
+                                        phases=(0, 1, 2), num_warps=num_warps,
+                                        num_programs=n_all, prefetch=prefetch, layout=layout)
+      ctr = ctr if fresh_ctr else counters
     else:  # split: one kernel a phase
       x1, _, _, ctr = finish_pallas(w, x, attn, ctr, layer=l, eps=eps, phases=(0,),
                                     num_warps=num_warps, num_programs=D // BLOCK, layout=layout)
